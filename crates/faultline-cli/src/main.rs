@@ -1,0 +1,4 @@
+//! The `faultline` command.
+#![forbid(unsafe_code)]
+
+fn main() {}

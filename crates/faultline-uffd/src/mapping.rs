@@ -1,0 +1,406 @@
+//! [`Mapping`]: memory this process owns and lets a userfaultfd fill.
+//!
+//! Memory registered with a userfaultfd changes underneath the program: a resolve ioctl fills a
+//! page that read as absent, MOVE takes pages away, REMOVE zaps them. Rust references (`&[u8]`)
+//! over such memory would be unsound, so a `Mapping` never hands one out: it is accessed through
+//! raw pointers and volatile reads and writes only (the discipline of rust-vmm's `vm-memory`).
+//! Because of that, registering a `Mapping` is safe, while registering an arbitrary address range
+//! is `unsafe` ([`crate::Uffd::register_raw`]).
+//!
+//! Kinds follow what userfaultfd distinguishes: private anonymous memory (MISSING, WP; resolved
+//! with COPY / ZEROPAGE / MOVE / POISON), shared memory from a memfd (MISSING, WP, MINOR; the page
+//! cache can be filled through a second mapping, [`Mapping::alias`], then mapped with CONTINUE),
+//! and hugetlbfs with 2 MiB pages, private (anonymous `MAP_HUGETLB`) or shared (a hugetlb memfd).
+#![allow(unsafe_code)]
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+
+use rustix::fs::MemfdFlags;
+use rustix::io::Errno;
+use rustix::mm::{Advice, MapFlags, MremapFlags, ProtFlags};
+
+use crate::error::{Error, RangeError};
+
+/// The base page size of x86_64 and most Linux targets.
+pub const PAGE_SIZE: usize = 4096;
+/// The size of a PMD-level huge page on x86_64.
+pub const HUGE_PAGE_SIZE: usize = 2 << 20;
+
+/// What kind of memory a [`Mapping`] is, which decides the register modes and ioctls it allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MemoryKind {
+    /// `MAP_PRIVATE | MAP_ANONYMOUS`.
+    PrivateAnonymous,
+    /// `MAP_SHARED` of a memfd (shmem).
+    Shmem,
+    /// `MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB` with 2 MiB pages.
+    HugetlbPrivate,
+    /// `MAP_SHARED` of a `MFD_HUGETLB` memfd with 2 MiB pages.
+    HugetlbShared,
+}
+
+impl MemoryKind {
+    /// The page size of this kind.
+    pub fn page_size(self) -> usize {
+        match self {
+            MemoryKind::PrivateAnonymous | MemoryKind::Shmem => PAGE_SIZE,
+            MemoryKind::HugetlbPrivate | MemoryKind::HugetlbShared => HUGE_PAGE_SIZE,
+        }
+    }
+    /// Whether this is hugetlbfs memory.
+    pub fn is_hugetlb(self) -> bool {
+        matches!(self, MemoryKind::HugetlbPrivate | MemoryKind::HugetlbShared)
+    }
+    /// Whether the memory has a page cache (shmem or shared hugetlbfs), which MINOR mode needs.
+    pub fn is_shared(self) -> bool {
+        matches!(self, MemoryKind::Shmem | MemoryKind::HugetlbShared)
+    }
+    /// All kinds.
+    pub const ALL: [MemoryKind; 4] = [
+        MemoryKind::PrivateAnonymous,
+        MemoryKind::Shmem,
+        MemoryKind::HugetlbPrivate,
+        MemoryKind::HugetlbShared,
+    ];
+}
+
+impl std::fmt::Display for MemoryKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MemoryKind::PrivateAnonymous => "private anonymous",
+            MemoryKind::Shmem => "shmem",
+            MemoryKind::HugetlbPrivate => "private hugetlbfs",
+            MemoryKind::HugetlbShared => "shared hugetlbfs",
+        })
+    }
+}
+
+/// A memory mapping owned by this process, accessed only through raw pointers and volatile
+/// operations, that can be registered with a userfaultfd. Unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    kind: MemoryKind,
+    fd: Option<OwnedFd>,
+}
+
+// SAFETY: the mapping is plain process memory; `Mapping` never creates references into it, and all
+// access is through volatile reads/writes of raw pointers, which are fine from any thread.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; shared access only performs volatile operations and kernel calls.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Map `len` bytes of `kind` memory (rounded up to the kind's page size).
+    pub fn new(kind: MemoryKind, len: usize) -> Result<Mapping, Error> {
+        let page = kind.page_size();
+        let len = len
+            .checked_next_multiple_of(page)
+            .filter(|l| *l > 0)
+            .ok_or(RangeError::Empty { start: 0 })?;
+        let prot = ProtFlags::READ | ProtFlags::WRITE;
+        let (ptr, fd) = match kind {
+            MemoryKind::PrivateAnonymous | MemoryKind::HugetlbPrivate => {
+                let mut flags = MapFlags::PRIVATE | MapFlags::NORESERVE;
+                if kind.is_hugetlb() {
+                    flags |= MapFlags::HUGETLB;
+                }
+                // SAFETY: a fresh anonymous mapping at an address the kernel picks aliases nothing.
+                let p =
+                    unsafe { rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, prot, flags) }
+                        .map_err(Error::os("mmap"))?;
+                (p, None)
+            }
+            MemoryKind::Shmem | MemoryKind::HugetlbShared => {
+                let mut mflags = MemfdFlags::CLOEXEC;
+                if kind.is_hugetlb() {
+                    mflags |= MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB;
+                }
+                let fd = rustix::fs::memfd_create("faultline", mflags)
+                    .map_err(Error::os("memfd_create"))?;
+                rustix::fs::ftruncate(&fd, len as u64).map_err(Error::os("ftruncate"))?;
+                let p = map_shared(&fd, len)?;
+                (p, Some(fd))
+            }
+        };
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(Error::Os {
+            operation: "mmap",
+            errno: Errno::NOMEM,
+        })?;
+        Ok(Mapping { ptr, len, kind, fd })
+    }
+
+    /// Private anonymous memory.
+    pub fn anonymous(len: usize) -> Result<Mapping, Error> {
+        Mapping::new(MemoryKind::PrivateAnonymous, len)
+    }
+
+    /// A second shared mapping of the same memfd (shmem / shared hugetlbfs only), not registered
+    /// with anything: writing through it fills the page cache, as a MINOR-mode handler does before
+    /// `UFFDIO_CONTINUE`.
+    pub fn alias(&self) -> Result<Mapping, Error> {
+        let fd = self.fd.as_ref().ok_or(Error::Os {
+            operation: "alias of a private mapping",
+            errno: Errno::INVAL,
+        })?;
+        let fd = fd.try_clone().map_err(|e| Error::Os {
+            operation: "dup",
+            errno: Errno::from_io_error(&e).unwrap_or(Errno::IO),
+        })?;
+        let p = map_shared(&fd, self.len)?;
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or(Error::Os {
+            operation: "mmap",
+            errno: Errno::NOMEM,
+        })?;
+        Ok(Mapping {
+            ptr,
+            len: self.len,
+            kind: self.kind,
+            fd: Some(fd),
+        })
+    }
+
+    /// Start address.
+    pub fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+    /// Raw pointer to the start. Access through it must be volatile or by the kernel.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Always false: a mapping has at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The kind of memory.
+    pub fn kind(&self) -> MemoryKind {
+        self.kind
+    }
+    /// The page size.
+    pub fn page_size(&self) -> usize {
+        self.kind.page_size()
+    }
+    /// The memfd behind a shared mapping.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(|f| f.as_fd())
+    }
+
+    /// Check `offset..offset+len` is inside the mapping; returns the absolute address.
+    pub fn check(&self, offset: usize, len: usize) -> Result<u64, RangeError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(self.addr() + offset as u64),
+            _ => Err(RangeError::OutOfBounds {
+                offset: offset as u64,
+                len: len as u64,
+                mapping_len: self.len as u64,
+            }),
+        }
+    }
+
+    /// Read one byte (a volatile load: touching a missing registered page faults here).
+    pub fn read_u8(&self, offset: usize) -> Result<u8, RangeError> {
+        self.check(offset, 1)?;
+        // SAFETY: in bounds of a live mapping; volatile, no reference is created.
+        Ok(unsafe { self.ptr.as_ptr().add(offset).read_volatile() })
+    }
+
+    /// Write one byte (a volatile store).
+    pub fn write_u8(&self, offset: usize, value: u8) -> Result<(), RangeError> {
+        self.check(offset, 1)?;
+        // SAFETY: in bounds of a live, writable mapping; volatile, no reference is created.
+        unsafe { self.ptr.as_ptr().add(offset).write_volatile(value) };
+        Ok(())
+    }
+
+    /// Copy `buf.len()` bytes at `offset` into `buf` with volatile loads (8 bytes at a time).
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), RangeError> {
+        self.check(offset, buf.len())?;
+        let base = self.ptr.as_ptr();
+        let mut i = 0;
+        while i < buf.len() {
+            let here = offset + i;
+            if here % 8 == 0 && buf.len() - i >= 8 {
+                // SAFETY: in bounds (checked above), 8-byte aligned because the mapping is
+                // page-aligned and `here` is a multiple of 8; volatile load.
+                let w = unsafe { base.add(here).cast::<u64>().read_volatile() };
+                buf[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+                i += 8;
+            } else {
+                // SAFETY: in bounds (checked above); volatile load of one byte.
+                buf[i] = unsafe { base.add(here).read_volatile() };
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copy `data` to `offset` with volatile stores (8 bytes at a time).
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), RangeError> {
+        self.check(offset, data.len())?;
+        let base = self.ptr.as_ptr();
+        let mut i = 0;
+        while i < data.len() {
+            let here = offset + i;
+            if here % 8 == 0 && data.len() - i >= 8 {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&data[i..i + 8]);
+                // SAFETY: in bounds, 8-byte aligned (see `read`); volatile store.
+                unsafe {
+                    base.add(here)
+                        .cast::<u64>()
+                        .write_volatile(u64::from_ne_bytes(w))
+                };
+                i += 8;
+            } else {
+                // SAFETY: in bounds; volatile store of one byte.
+                unsafe { base.add(here).write_volatile(data[i]) };
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// `madvise(MADV_DONTNEED)` on a page-aligned sub-range: drops the pages (a registered range
+    /// with EVENT_REMOVE reports a REMOVE event, and the pages fault again when touched).
+    pub fn discard(&self, offset: usize, len: usize) -> Result<(), Error> {
+        self.advise(offset, len, Advice::LinuxDontNeed)
+    }
+
+    /// `madvise(MADV_REMOVE)`: frees the backing store of shared memory (punches a hole).
+    pub fn remove(&self, offset: usize, len: usize) -> Result<(), Error> {
+        self.advise(offset, len, Advice::LinuxRemove)
+    }
+
+    fn advise(&self, offset: usize, len: usize, advice: Advice) -> Result<(), Error> {
+        let addr = self.check(offset, len)?;
+        crate::error::check_range(addr, len as u64, self.page_size() as u64)?;
+        // SAFETY: the range lies inside this mapping, which holds no Rust references; dropping
+        // its pages only changes what later volatile reads return.
+        unsafe { rustix::mm::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice) }
+            .map_err(Error::os("madvise"))
+    }
+
+    /// Move the mapping to a new address with `mremap(MREMAP_MAYMOVE | MREMAP_FIXED)`-free
+    /// semantics: grows or moves as the kernel chooses. With EVENT_REMAP negotiated on a registered
+    /// range, the handler receives a REMAP event (and `mremap` waits until it has been read).
+    pub fn remap(mut self, new_len: usize) -> Result<Mapping, (Mapping, Error)> {
+        let new_len = match new_len.checked_next_multiple_of(self.page_size()) {
+            Some(l) if l > 0 => l,
+            _ => return Err((self, RangeError::Empty { start: 0 }.into())),
+        };
+        // Force a move: reserve a fresh area and move onto it, so the REMAP event is guaranteed.
+        let target = match Mapping::new(self.kind, new_len) {
+            Ok(t) => t,
+            Err(e) => return Err((self, e)),
+        };
+        let dst = target.ptr.as_ptr();
+        std::mem::forget(target);
+        // SAFETY: `self` owns `self.len` bytes at `self.ptr`; `dst` is a reservation we own of
+        // `new_len` bytes, which MREMAP_FIXED replaces. No references exist into either.
+        let r = unsafe {
+            rustix::mm::mremap_fixed(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                new_len,
+                MremapFlags::MAYMOVE,
+                dst.cast(),
+            )
+        };
+        match r {
+            Ok(p) => {
+                self.ptr = NonNull::new(p.cast::<u8>()).expect("mremap never returns null");
+                self.len = new_len;
+                Ok(self)
+            }
+            Err(e) => {
+                // SAFETY: the reservation at `dst` is ours and nothing points into it.
+                let _ = unsafe { rustix::mm::munmap(dst.cast(), new_len) };
+                Err((self, Error::os("mremap")(e)))
+            }
+        }
+    }
+}
+
+fn map_shared(fd: &OwnedFd, len: usize) -> Result<*mut core::ffi::c_void, Error> {
+    // SAFETY: a fresh shared mapping of our own memfd at an address the kernel picks; it aliases
+    // only other `Mapping`s of the same memfd, which are also never referenced directly.
+    unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::SHARED,
+            fd,
+            0,
+        )
+    }
+    .map_err(Error::os("mmap"))
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we own this mapping and nothing refers into it once `self` is dropped.
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Reserve at least `pages` huge pages in `/proc/sys/vm/nr_hugepages`; returns whether they are
+/// available (free). Tests that need hugetlb pages call this and skip with a message when false.
+pub fn reserve_huge_pages(pages: u64) -> bool {
+    let free = || -> Option<u64> {
+        let s = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .ok()?;
+        s.trim().parse().ok()
+    };
+    if free().unwrap_or(0) >= pages {
+        return true;
+    }
+    let Ok(cur) = std::fs::read_to_string("/proc/sys/vm/nr_hugepages") else {
+        return false;
+    };
+    let cur: u64 = cur.trim().parse().unwrap_or(0);
+    let want = cur + pages - free().unwrap_or(0).min(pages);
+    let _ = std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string());
+    free().unwrap_or(0) >= pages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volatile_read_write_round_trip() {
+        let m = Mapping::anonymous(3 * PAGE_SIZE).expect("mmap");
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        m.write(3, &data).expect("write");
+        let mut back = vec![0u8; data.len()];
+        m.read(3, &mut back).expect("read");
+        assert_eq!(back, data);
+        assert_eq!(m.read_u8(3 * PAGE_SIZE - 1), Ok(0));
+        assert!(matches!(
+            m.read_u8(3 * PAGE_SIZE),
+            Err(RangeError::OutOfBounds { .. })
+        ));
+        assert!(m.write(3 * PAGE_SIZE - 2, &[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn alias_shares_the_page_cache() {
+        let m = Mapping::new(MemoryKind::Shmem, PAGE_SIZE).expect("memfd");
+        let a = m.alias().expect("alias");
+        a.write(100, b"hello").expect("write");
+        let mut b = [0u8; 5];
+        m.read(100, &mut b).expect("read");
+        assert_eq!(&b, b"hello");
+        assert!(Mapping::anonymous(PAGE_SIZE)
+            .expect("mmap")
+            .alias()
+            .is_err());
+    }
+}

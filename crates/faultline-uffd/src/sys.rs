@@ -1,0 +1,311 @@
+//! The kernel boundary: uapi structs, ioctl opcodes and the raw calls.
+//!
+//! Every `unsafe` block of the crate that talks to the kernel lives here. The structs come from
+//! `linux-raw-sys` (generated from the kernel's uapi headers); the opcodes that `linux-raw-sys` does
+//! not carry (`UFFDIO_MOVE`, `UFFDIO_POISON`, `USERFAULTFD_IOC_NEW`, `PAGEMAP_SCAN`) are computed
+//! here with the kernel's `_IOWR`/`_IO` encoding. The unit tests at the bottom pin every size and
+//! number to the values of the Linux 6.18 uapi, so neither the system headers (which may be older
+//! than the running kernel) nor a dependency update can silently change them.
+//!
+//! The functions here are thin: they issue one ioctl and hand back the errno and the kernel's
+//! progress field untouched. Interpretation (partial progress, typed error kinds) is in
+//! [`crate::resolve`].
+#![allow(unsafe_code)]
+
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use rustix::io::Errno;
+use rustix::ioctl::{self, Ioctl, IoctlOutput, Opcode, Updater};
+
+pub use linux_raw_sys::general::{
+    page_region, pm_scan_arg, uffd_msg, uffdio_api, uffdio_continue, uffdio_copy, uffdio_move,
+    uffdio_poison, uffdio_range, uffdio_register, uffdio_writeprotect, uffdio_zeropage,
+};
+
+/// `UFFD_API`: the only API version the kernel knows.
+pub const UFFD_API: u64 = linux_raw_sys::general::UFFD_API as u64;
+/// `UFFD_USER_MODE_ONLY`: the flag for `userfaultfd(2)` / `USERFAULTFD_IOC_NEW`.
+pub const UFFD_USER_MODE_ONLY: u32 = linux_raw_sys::general::UFFD_USER_MODE_ONLY;
+/// `UFFDIO` ioctl group (`0xAA`).
+const UFFDIO: u8 = 0xAA;
+
+/// `_UFFDIO_*` ioctl numbers (bit positions in the `ioctls` masks the kernel returns).
+pub mod nr {
+    /// `_UFFDIO_REGISTER`
+    pub const REGISTER: u8 = 0x00;
+    /// `_UFFDIO_UNREGISTER`
+    pub const UNREGISTER: u8 = 0x01;
+    /// `_UFFDIO_WAKE`
+    pub const WAKE: u8 = 0x02;
+    /// `_UFFDIO_COPY`
+    pub const COPY: u8 = 0x03;
+    /// `_UFFDIO_ZEROPAGE`
+    pub const ZEROPAGE: u8 = 0x04;
+    /// `_UFFDIO_MOVE`
+    pub const MOVE: u8 = 0x05;
+    /// `_UFFDIO_WRITEPROTECT`
+    pub const WRITEPROTECT: u8 = 0x06;
+    /// `_UFFDIO_CONTINUE`
+    pub const CONTINUE: u8 = 0x07;
+    /// `_UFFDIO_POISON`
+    pub const POISON: u8 = 0x08;
+    /// `_UFFDIO_API`
+    pub const API: u8 = 0x3F;
+}
+
+/// `UFFDIO_API`: `_IOWR(UFFDIO, _UFFDIO_API, struct uffdio_api)`.
+pub const UFFDIO_API: Opcode = ioctl::opcode::read_write::<uffdio_api>(UFFDIO, nr::API);
+/// `UFFDIO_REGISTER`: `_IOWR(UFFDIO, _UFFDIO_REGISTER, struct uffdio_register)`.
+pub const UFFDIO_REGISTER: Opcode =
+    ioctl::opcode::read_write::<uffdio_register>(UFFDIO, nr::REGISTER);
+/// `UFFDIO_UNREGISTER`: `_IOR(UFFDIO, _UFFDIO_UNREGISTER, struct uffdio_range)`.
+pub const UFFDIO_UNREGISTER: Opcode = ioctl::opcode::read::<uffdio_range>(UFFDIO, nr::UNREGISTER);
+/// `UFFDIO_WAKE`: `_IOR(UFFDIO, _UFFDIO_WAKE, struct uffdio_range)`.
+pub const UFFDIO_WAKE: Opcode = ioctl::opcode::read::<uffdio_range>(UFFDIO, nr::WAKE);
+/// `UFFDIO_COPY`: `_IOWR(UFFDIO, _UFFDIO_COPY, struct uffdio_copy)`.
+pub const UFFDIO_COPY: Opcode = ioctl::opcode::read_write::<uffdio_copy>(UFFDIO, nr::COPY);
+/// `UFFDIO_ZEROPAGE`: `_IOWR(UFFDIO, _UFFDIO_ZEROPAGE, struct uffdio_zeropage)`.
+pub const UFFDIO_ZEROPAGE: Opcode =
+    ioctl::opcode::read_write::<uffdio_zeropage>(UFFDIO, nr::ZEROPAGE);
+/// `UFFDIO_MOVE`: `_IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)` (Linux 6.8).
+pub const UFFDIO_MOVE: Opcode = ioctl::opcode::read_write::<uffdio_move>(UFFDIO, nr::MOVE);
+/// `UFFDIO_WRITEPROTECT`: `_IOWR(UFFDIO, _UFFDIO_WRITEPROTECT, struct uffdio_writeprotect)`.
+pub const UFFDIO_WRITEPROTECT: Opcode =
+    ioctl::opcode::read_write::<uffdio_writeprotect>(UFFDIO, nr::WRITEPROTECT);
+/// `UFFDIO_CONTINUE`: `_IOWR(UFFDIO, _UFFDIO_CONTINUE, struct uffdio_continue)`.
+pub const UFFDIO_CONTINUE: Opcode =
+    ioctl::opcode::read_write::<uffdio_continue>(UFFDIO, nr::CONTINUE);
+/// `UFFDIO_POISON`: `_IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)` (Linux 6.6).
+pub const UFFDIO_POISON: Opcode = ioctl::opcode::read_write::<uffdio_poison>(UFFDIO, nr::POISON);
+/// `USERFAULTFD_IOC_NEW`: `_IO(USERFAULTFD_IOC, 0x00)` on `/dev/userfaultfd` (Linux 6.1).
+pub const USERFAULTFD_IOC_NEW: Opcode = ioctl::opcode::none(UFFDIO, 0x00);
+/// `PAGEMAP_SCAN`: `_IOWR('f', 16, struct pm_scan_arg)` on `/proc/<pid>/pagemap` (Linux 6.7).
+pub const PAGEMAP_SCAN: Opcode = ioctl::opcode::read_write::<pm_scan_arg>(b'f', 16);
+
+/// `PM_SCAN_WP_MATCHING`: write-protect the pages that match while scanning.
+pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+/// `PM_SCAN_CHECK_WPASYNC`: fail with EPERM unless the range is registered for async WP.
+pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+
+/// Size of one `struct uffd_msg` on the wire.
+pub const UFFD_MSG_SIZE: usize = 32;
+
+/// `userfaultfd(2)` with the given open flags (`O_CLOEXEC`, `O_NONBLOCK`, `UFFD_USER_MODE_ONLY`).
+pub fn userfaultfd_syscall(flags: u32) -> Result<OwnedFd, Errno> {
+    let flags = rustix::mm::UserfaultfdFlags::from_bits_retain(flags);
+    // SAFETY: creating a userfaultfd has no memory-safety precondition by itself; the returned fd
+    // is owned by the caller, and every operation that can change memory through it is guarded by
+    // this crate's API (registration of caller memory is `unsafe` or goes through `Mapping`).
+    unsafe { rustix::mm::userfaultfd(flags) }
+}
+
+/// An ioctl whose result is a new file descriptor returned as the ioctl's value.
+struct NewFd<const OPCODE: Opcode> {
+    arg: usize,
+}
+
+// SAFETY: `opcode` is the caller-chosen constant, the argument is passed as an integer (the
+// kernel does not dereference it for USERFAULTFD_IOC_NEW) and `output_from_ptr` turns the returned
+// non-negative value, a fresh fd the kernel installed for us, into an owned fd exactly once.
+unsafe impl<const OPCODE: Opcode> Ioctl for NewFd<OPCODE> {
+    type Output = OwnedFd;
+    const IS_MUTATING: bool = false;
+    fn opcode(&self) -> Opcode {
+        OPCODE
+    }
+    fn as_ptr(&mut self) -> *mut core::ffi::c_void {
+        self.arg as *mut core::ffi::c_void
+    }
+    unsafe fn output_from_ptr(
+        out: IoctlOutput,
+        _: *mut core::ffi::c_void,
+    ) -> rustix::io::Result<OwnedFd> {
+        // SAFETY: a successful USERFAULTFD_IOC_NEW returns a newly installed fd that nothing else
+        // owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(out as RawFd) })
+    }
+}
+
+/// `ioctl(/dev/userfaultfd, USERFAULTFD_IOC_NEW, flags)`.
+pub fn userfaultfd_dev_new(dev: BorrowedFd<'_>, flags: u32) -> Result<OwnedFd, Errno> {
+    let req = NewFd::<USERFAULTFD_IOC_NEW> {
+        arg: flags as usize,
+    };
+    // SAFETY: USERFAULTFD_IOC_NEW takes its flags as an integer argument and returns a new fd.
+    unsafe { ioctl::ioctl(dev, req) }
+}
+
+macro_rules! updater_call {
+    ($(#[$m:meta])* $name:ident, $opcode:ident, $ty:ty) => {
+        $(#[$m])*
+        pub fn $name(fd: BorrowedFd<'_>, arg: &mut $ty) -> Result<(), Errno> {
+            // SAFETY: the opcode was built from this struct's size and the kernel reads and writes
+            // exactly one `$ty` through the pointer, which is valid and exclusively borrowed for
+            // the whole call. The ioctl touches memory of the uffd's address space only through the
+            // ranges the caller registered (see the crate's safety model).
+            let req = unsafe { Updater::<$opcode, $ty>::new(arg) };
+            // SAFETY: see above; `req` is a correctly typed request for this opcode.
+            unsafe { ioctl::ioctl(fd, req) }
+        }
+    };
+}
+
+updater_call!(
+    /// `UFFDIO_API`.
+    api, UFFDIO_API, uffdio_api
+);
+updater_call!(
+    /// `UFFDIO_REGISTER`.
+    register, UFFDIO_REGISTER, uffdio_register
+);
+updater_call!(
+    /// `UFFDIO_COPY`.
+    copy, UFFDIO_COPY, uffdio_copy
+);
+updater_call!(
+    /// `UFFDIO_ZEROPAGE`.
+    zeropage, UFFDIO_ZEROPAGE, uffdio_zeropage
+);
+updater_call!(
+    /// `UFFDIO_MOVE`.
+    move_pages, UFFDIO_MOVE, uffdio_move
+);
+updater_call!(
+    /// `UFFDIO_WRITEPROTECT`.
+    writeprotect, UFFDIO_WRITEPROTECT, uffdio_writeprotect
+);
+updater_call!(
+    /// `UFFDIO_CONTINUE`.
+    continue_, UFFDIO_CONTINUE, uffdio_continue
+);
+updater_call!(
+    /// `UFFDIO_POISON`.
+    poison, UFFDIO_POISON, uffdio_poison
+);
+// UNREGISTER and WAKE are declared `_IOR` but the kernel only reads the range; an updater is the
+// right shape for the pointer-passing convention and the opcode carries the `_IOR` direction.
+updater_call!(
+    /// `UFFDIO_UNREGISTER`.
+    unregister, UFFDIO_UNREGISTER, uffdio_range
+);
+updater_call!(
+    /// `UFFDIO_WAKE`.
+    wake, UFFDIO_WAKE, uffdio_range
+);
+
+/// `PAGEMAP_SCAN` ioctl returning the number of `page_region`s the kernel filled.
+struct PagemapScan<'a> {
+    arg: &'a mut pm_scan_arg,
+}
+
+// SAFETY: PAGEMAP_SCAN reads and writes one `pm_scan_arg` (its `size` field says which) and writes
+// at most `vec_len` `page_region`s to `vec`; the caller of `pagemap_scan` guarantees `vec` points
+// to that many writable regions. The return value is a count, converted without reinterpretation.
+unsafe impl Ioctl for PagemapScan<'_> {
+    type Output = usize;
+    const IS_MUTATING: bool = true;
+    fn opcode(&self) -> Opcode {
+        PAGEMAP_SCAN
+    }
+    fn as_ptr(&mut self) -> *mut core::ffi::c_void {
+        (self.arg as *mut pm_scan_arg).cast()
+    }
+    unsafe fn output_from_ptr(
+        out: IoctlOutput,
+        _: *mut core::ffi::c_void,
+    ) -> rustix::io::Result<usize> {
+        usize::try_from(out).map_err(|_| Errno::INVAL)
+    }
+}
+
+/// `ioctl(pagemap, PAGEMAP_SCAN, arg)` writing into `out` (the function sets `vec`/`vec_len`).
+pub fn pagemap_scan(
+    pagemap: BorrowedFd<'_>,
+    arg: &mut pm_scan_arg,
+    out: &mut [page_region],
+) -> Result<usize, Errno> {
+    arg.size = core::mem::size_of::<pm_scan_arg>() as u64;
+    arg.vec = out.as_mut_ptr() as u64;
+    arg.vec_len = out.len() as u64;
+    let req = PagemapScan { arg };
+    // SAFETY: `vec`/`vec_len` describe `out`, which is exclusively borrowed for the call; the
+    // kernel writes at most `vec_len` entries and they are plain integers.
+    let n = unsafe { ioctl::ioctl(pagemap, req) }?;
+    Ok(n.min(out.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    /// Opcode values of the Linux 6.18 x86_64 uapi (`include/uapi/linux/userfaultfd.h`),
+    /// written out so that a wrong size or direction in the computation is caught.
+    #[test]
+    fn opcodes_match_the_kernel() {
+        assert_eq!(UFFDIO_API, 0xc018_aa3f);
+        assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
+        assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);
+        assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
+        assert_eq!(UFFDIO_COPY, 0xc028_aa03);
+        assert_eq!(UFFDIO_ZEROPAGE, 0xc020_aa04);
+        assert_eq!(UFFDIO_MOVE, 0xc028_aa05);
+        assert_eq!(UFFDIO_WRITEPROTECT, 0xc018_aa06);
+        assert_eq!(UFFDIO_CONTINUE, 0xc020_aa07);
+        assert_eq!(UFFDIO_POISON, 0xc020_aa08);
+        assert_eq!(USERFAULTFD_IOC_NEW, 0x0000_aa00);
+        assert_eq!(PAGEMAP_SCAN, 0xc060_6610);
+    }
+
+    #[test]
+    fn opcodes_agree_with_linux_raw_sys_where_it_has_them() {
+        use linux_raw_sys::ioctl as l;
+        assert_eq!(UFFDIO_API, l::UFFDIO_API as Opcode);
+        assert_eq!(UFFDIO_REGISTER, l::UFFDIO_REGISTER as Opcode);
+        assert_eq!(UFFDIO_UNREGISTER, l::UFFDIO_UNREGISTER as Opcode);
+        assert_eq!(UFFDIO_WAKE, l::UFFDIO_WAKE as Opcode);
+        assert_eq!(UFFDIO_COPY, l::UFFDIO_COPY as Opcode);
+        assert_eq!(UFFDIO_ZEROPAGE, l::UFFDIO_ZEROPAGE as Opcode);
+        assert_eq!(UFFDIO_WRITEPROTECT, l::UFFDIO_WRITEPROTECT as Opcode);
+        assert_eq!(UFFDIO_CONTINUE, l::UFFDIO_CONTINUE as Opcode);
+    }
+
+    #[test]
+    fn struct_sizes_match_the_kernel() {
+        assert_eq!(size_of::<uffd_msg>(), UFFD_MSG_SIZE);
+        assert_eq!(size_of::<uffdio_api>(), 24);
+        assert_eq!(size_of::<uffdio_range>(), 16);
+        assert_eq!(size_of::<uffdio_register>(), 32);
+        assert_eq!(size_of::<uffdio_copy>(), 40);
+        assert_eq!(size_of::<uffdio_zeropage>(), 32);
+        assert_eq!(size_of::<uffdio_writeprotect>(), 24);
+        assert_eq!(size_of::<uffdio_continue>(), 32);
+        assert_eq!(size_of::<uffdio_poison>(), 32);
+        assert_eq!(size_of::<uffdio_move>(), 40);
+        assert_eq!(size_of::<pm_scan_arg>(), 96);
+        assert_eq!(size_of::<page_region>(), 24);
+    }
+
+    #[test]
+    fn ioctl_numbers_and_constants() {
+        use linux_raw_sys::general as g;
+        assert_eq!(UFFD_API, 0xAA);
+        assert_eq!(UFFD_USER_MODE_ONLY, 1);
+        assert_eq!(nr::REGISTER as u32, g::_UFFDIO_REGISTER);
+        assert_eq!(nr::UNREGISTER as u32, g::_UFFDIO_UNREGISTER);
+        assert_eq!(nr::WAKE as u32, g::_UFFDIO_WAKE);
+        assert_eq!(nr::COPY as u32, g::_UFFDIO_COPY);
+        assert_eq!(nr::ZEROPAGE as u32, g::_UFFDIO_ZEROPAGE);
+        assert_eq!(nr::MOVE as u32, g::_UFFDIO_MOVE);
+        assert_eq!(nr::WRITEPROTECT as u32, g::_UFFDIO_WRITEPROTECT);
+        assert_eq!(nr::CONTINUE as u32, g::_UFFDIO_CONTINUE);
+        assert_eq!(nr::POISON as u32, g::_UFFDIO_POISON);
+        assert_eq!(nr::API as u32, g::_UFFDIO_API);
+        assert_eq!(g::UFFD_EVENT_PAGEFAULT, 0x12);
+        assert_eq!(g::UFFD_EVENT_FORK, 0x13);
+        assert_eq!(g::UFFD_EVENT_REMAP, 0x14);
+        assert_eq!(g::UFFD_EVENT_REMOVE, 0x15);
+        assert_eq!(g::UFFD_EVENT_UNMAP, 0x16);
+        assert_eq!(g::PAGE_IS_WRITTEN, 1 << 1);
+    }
+}

@@ -1,0 +1,1 @@
+//! Async event reading for tokio (the `tokio` cargo feature).
