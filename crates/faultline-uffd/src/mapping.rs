@@ -207,14 +207,14 @@ impl Mapping {
     pub fn read_u8(&self, offset: usize) -> Result<u8, RangeError> {
         self.check(offset, 1)?;
         // SAFETY: in bounds of a live mapping; volatile, no reference is created.
-        Ok(unsafe { self.ptr.as_ptr().add(offset).read_volatile() })
+        Ok(unsafe { self.ptr.as_ptr().wrapping_add(offset).read_volatile() })
     }
 
     /// Write one byte (a volatile store).
     pub fn write_u8(&self, offset: usize, value: u8) -> Result<(), RangeError> {
         self.check(offset, 1)?;
         // SAFETY: in bounds of a live, writable mapping; volatile, no reference is created.
-        unsafe { self.ptr.as_ptr().add(offset).write_volatile(value) };
+        unsafe { self.ptr.as_ptr().wrapping_add(offset).write_volatile(value) };
         Ok(())
     }
 
@@ -228,12 +228,12 @@ impl Mapping {
             if here % 8 == 0 && buf.len() - i >= 8 {
                 // SAFETY: in bounds (checked above), 8-byte aligned because the mapping is
                 // page-aligned and `here` is a multiple of 8; volatile load.
-                let w = unsafe { base.add(here).cast::<u64>().read_volatile() };
+                let w = unsafe { base.wrapping_add(here).cast::<u64>().read_volatile() };
                 buf[i..i + 8].copy_from_slice(&w.to_ne_bytes());
                 i += 8;
             } else {
                 // SAFETY: in bounds (checked above); volatile load of one byte.
-                buf[i] = unsafe { base.add(here).read_volatile() };
+                buf[i] = unsafe { base.wrapping_add(here).read_volatile() };
                 i += 1;
             }
         }
@@ -252,14 +252,14 @@ impl Mapping {
                 w.copy_from_slice(&data[i..i + 8]);
                 // SAFETY: in bounds, 8-byte aligned (see `read`); volatile store.
                 unsafe {
-                    base.add(here)
+                    base.wrapping_add(here)
                         .cast::<u64>()
                         .write_volatile(u64::from_ne_bytes(w))
                 };
                 i += 8;
             } else {
                 // SAFETY: in bounds; volatile store of one byte.
-                unsafe { base.add(here).write_volatile(data[i]) };
+                unsafe { base.wrapping_add(here).write_volatile(data[i]) };
                 i += 1;
             }
         }
@@ -282,7 +282,7 @@ impl Mapping {
         crate::error::check_range(addr, len as u64, self.page_size() as u64)?;
         // SAFETY: the range lies inside this mapping, which holds no Rust references; dropping
         // its pages only changes what later volatile reads return.
-        unsafe { rustix::mm::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice) }
+        unsafe { rustix::mm::madvise(self.ptr.as_ptr().wrapping_add(offset).cast(), len, advice) }
             .map_err(Error::os("madvise"))
     }
 
