@@ -1,0 +1,1285 @@
+//! The fault server: epoll over many userfaultfds, N worker threads, page-state bitmaps.
+//!
+//! Every worker blocks in `epoll_wait` on one shared epoll instance that watches every session's
+//! userfaultfd (level-triggered) and, optionally, a "watch" fd per session (a pidfd or the client's
+//! socket) whose readiness means the client is gone. A worker that sees a userfaultfd readable
+//! reads up to a buffer of messages with one `read(2)` (another worker may have emptied it: 0
+//! messages is normal traffic), applies the non-fault events (REMOVE, UNMAP, REMAP, FORK) in order,
+//! then serves the faults of the batch sorted by address, coalescing adjacent pages into one
+//! resolve.
+//!
+//! Resolves never use DONTWAKE: each one wakes every thread blocked on its range — including
+//! faults whose messages are still unread — so no `UFFDIO_WAKE` is ever needed (the stats count
+//! them; the count stays zero). A fault on a page another worker is resolving is dropped; a fault
+//! on a page believed present is resolved again (see [`crate::state`] for why that is both needed
+//! and sufficient).
+//!
+//! Ordering rules: while a REMOVE (or UNMAP/REMAP/FORK) message is unread, every resolve fails
+//! with EAGAIN; such work is deferred and retried after events were read, never dropped. A source
+//! read that fails is retried with backoff if the error is retryable; when it still fails, the page
+//! is poisoned (`UFFDIO_POISON`: the client gets SIGBUS there and only there) and the error is
+//! logged with region, offset and cause. A resolve answered ESRCH means the client is gone: the
+//! session ends, its fd is closed.
+//!
+//! Work order in each worker: demand faults first, then deferred retries that are due, then one
+//! chunk of background work (readahead ahead of a sequential stream, working-set prefetch,
+//! background fill), then back to `epoll_wait` with a zero timeout while background work remains.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use faultline_uffd::{
+    ContinueMode, CopyMode, Event, EventBuffer, ResolveErrorKind, Resolved, Uffd,
+    ZeropageMode,
+};
+use rustix::event::epoll;
+use rustix::io::Errno;
+
+use crate::policy::{Readahead, Streams, WorkingSet};
+use crate::region::{Backing, Region, RegionEntry, RegionError, RegionMap};
+use crate::source::SourceError;
+use crate::stats::{add, Counters, Stats};
+use crate::state::{PageState, PageStates};
+
+/// Server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Worker threads (default: number of CPUs).
+    pub workers: usize,
+    /// Readahead policy for demand faults.
+    pub readahead: Readahead,
+    /// Pin worker `i` to CPU `i % ncpus`.
+    pub pin_workers: bool,
+    /// Messages read per `read(2)`.
+    pub batch: usize,
+    /// Largest single resolve in bytes (background chunks and readahead windows are cut to it).
+    pub max_io: usize,
+    /// Bytes resolved first for a demand fault, so the faulting thread wakes early; the rest of
+    /// the window follows in `max_io` pieces.
+    pub first_chunk: usize,
+    /// Attempts for a retryable source error before the page is poisoned.
+    pub source_attempts: u32,
+    /// First backoff between attempts (doubles each time).
+    pub retry_backoff: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            readahead: Readahead::default(),
+            pin_workers: false,
+            batch: 64,
+            max_io: 1 << 20,
+            first_chunk: 64 << 10,
+            source_attempts: 4,
+            retry_backoff: Duration::from_millis(2),
+        }
+    }
+}
+
+/// Options of one session (one userfaultfd).
+#[derive(Debug, Default)]
+pub struct SessionOptions {
+    /// A name for logs.
+    pub label: String,
+    /// Record the order in which pages are first touched (readahead is turned off for the session
+    /// so that every touch is seen).
+    pub record_working_set: bool,
+    /// Replay a recorded working set ahead of demand.
+    pub prefetch: Option<WorkingSet>,
+    /// Fill every remaining page in the background.
+    pub background_fill: bool,
+    /// A file descriptor whose readiness (readable or hang-up) means the client is gone: a pidfd,
+    /// or the client's socket.
+    pub watch: Option<OwnedFd>,
+    /// Readahead for this session (default: the server's).
+    pub readahead: Option<Readahead>,
+}
+
+/// Errors of the server API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A region is invalid.
+    #[error(transparent)]
+    Region(#[from] RegionError),
+    /// A system call failed.
+    #[error("{operation} failed")]
+    Os {
+        /// What.
+        operation: &'static str,
+        /// Why.
+        #[source]
+        errno: Errno,
+    },
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// No such session.
+    #[error("no session {0}")]
+    NoSession(u64),
+}
+
+fn os(operation: &'static str) -> impl FnOnce(Errno) -> ServerError {
+    move |errno| ServerError::Os { operation, errno }
+}
+
+const NOTIFY_TOKEN: u64 = u64::MAX;
+
+/// What a background or deferred job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobKind {
+    Demand,
+    Readahead,
+    Prefetch,
+    Fill,
+}
+
+/// Pages of one region piece, claimed (`claimed`) or to be claimed when run.
+#[derive(Debug, Clone)]
+struct Job {
+    addr: u64,
+    pages: usize,
+    states: Arc<PageStates>,
+    state_index: usize,
+    kind: JobKind,
+    claimed: bool,
+    attempts: u32,
+    not_before: Instant,
+    fault_read: Option<Instant>,
+}
+
+struct Background {
+    ahead: VecDeque<Job>,
+    prefetch: VecDeque<u64>,
+    fill_cursor: Option<(usize, usize)>,
+}
+
+/// One userfaultfd and its regions.
+pub struct Session {
+    id: u64,
+    label: String,
+    uffd: Uffd,
+    regions: RwLock<RegionMap>,
+    stats: Counters,
+    deferred: Mutex<VecDeque<Job>>,
+    background: Mutex<Background>,
+    streams: Mutex<Streams>,
+    readahead: Readahead,
+    recording: Option<Mutex<Vec<u64>>>,
+    watch: Option<OwnedFd>,
+    closed: AtomicBool,
+    started: Instant,
+    ended: Mutex<Option<Instant>>,
+    changed: Condvar,
+    present_pages: AtomicU64,
+    total_pages: AtomicU64,
+    page_size: u64,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("id", &self.id).field("label", &self.label).finish()
+    }
+}
+
+/// A handle on a session.
+#[derive(Debug, Clone)]
+pub struct SessionHandle(Arc<Session>);
+
+impl SessionHandle {
+    /// The session id.
+    pub fn id(&self) -> u64 {
+        self.0.id
+    }
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        self.0.stats.snapshot()
+    }
+    /// The userfaultfd's own ioctl counts.
+    pub fn uffd_stats(&self) -> faultline_uffd::IoctlStats {
+        self.0.uffd.stats()
+    }
+    /// Whether the session ended (client gone or removed).
+    pub fn is_closed(&self) -> bool {
+        self.0.closed.load(Ordering::Acquire)
+    }
+    /// Pages resolved so far (excluding re-resolves).
+    pub fn present_pages(&self) -> u64 {
+        self.0.present_pages.load(Ordering::Acquire)
+    }
+    /// Pages in all regions.
+    pub fn total_pages(&self) -> u64 {
+        self.0.total_pages.load(Ordering::Acquire)
+    }
+    /// Whether every page of every region is present.
+    pub fn all_present(&self) -> bool {
+        self.0.regions.read().map(|r| r.all_present()).unwrap_or(false)
+    }
+    /// Whether the pages at these source offsets are all present.
+    pub fn offsets_present(&self, offsets: &[u64]) -> bool {
+        let Ok(regions) = self.0.regions.read() else { return false };
+        offsets.iter().all(|&off| match locate(&regions, off) {
+            Some((e, p)) => e.states.get(e.state_base + p) == PageState::Present,
+            None => true,
+        })
+    }
+    /// Wait until the session ends or `timeout` passes; returns whether it ended.
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = match self.0.ended.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        while g.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = match self.0.changed.wait_timeout(g, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        true
+    }
+    /// Wait until every page is present (or the session ends, or `timeout` passes); returns
+    /// whether every page is present.
+    pub fn wait_all_present(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = match self.0.ended.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        loop {
+            if self.all_present() {
+                return true;
+            }
+            let now = Instant::now();
+            if g.is_some() || now >= deadline {
+                return false;
+            }
+            g = match self.0.changed.wait_timeout(g, (deadline - now).min(Duration::from_millis(50))) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    /// The working set recorded so far (empty unless recording).
+    pub fn working_set(&self) -> WorkingSet {
+        let offsets = self
+            .0
+            .recording
+            .as_ref()
+            .and_then(|r| r.lock().ok().map(|v| v.clone()))
+            .unwrap_or_default();
+        WorkingSet { page_size: self.0.page_size, offsets }
+    }
+    /// How long the session has run (until it ended).
+    pub fn duration(&self) -> Duration {
+        let end = self.0.ended.lock().ok().and_then(|g| *g).unwrap_or_else(Instant::now);
+        end - self.0.started
+    }
+    /// The session's label.
+    pub fn label(&self) -> &str {
+        &self.0.label
+    }
+}
+
+/// Find the region piece and page holding source offset `off`.
+fn locate(regions: &RegionMap, off: u64) -> Option<(&RegionEntry, usize)> {
+    regions.entries().iter().find_map(|e| {
+        let r = &e.region;
+        (off >= r.source_offset && off < r.source_offset + r.len)
+            .then(|| (e, ((off - r.source_offset) / r.page_size()) as usize))
+    })
+}
+
+struct Shared {
+    config: ServerConfig,
+    epoll: OwnedFd,
+    notify: OwnedFd,
+    sessions: RwLock<HashMap<u64, Arc<Session>>>,
+    next_id: AtomicU64,
+    shutdown: AtomicBool,
+    total: Counters,
+    rr: AtomicU64,
+}
+
+/// A running fault server.
+pub struct Server {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("workers", &self.workers.len()).finish()
+    }
+}
+
+impl Server {
+    /// Start a server with `config.workers` worker threads.
+    pub fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(os("epoll_create"))?;
+        let notify = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )
+        .map_err(os("eventfd"))?;
+        epoll::add(&epoll, &notify, epoll::EventData::new_u64(NOTIFY_TOKEN), epoll::EventFlags::IN)
+            .map_err(os("epoll_ctl"))?;
+        let shared = Arc::new(Shared {
+            config,
+            epoll,
+            notify,
+            sessions: RwLock::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            shutdown: AtomicBool::new(false),
+            total: Counters::default(),
+            rr: AtomicU64::new(0),
+        });
+        let n = shared.config.workers.max(1);
+        let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..n {
+            let sh = Arc::clone(&shared);
+            let pin = sh.config.pin_workers.then_some(i % ncpu);
+            let h = std::thread::Builder::new()
+                .name(format!("faultline-w{i}"))
+                .spawn(move || Worker::new(sh, pin).run())
+                .map_err(|e| ServerError::Os {
+                    operation: "spawn worker",
+                    errno: Errno::from_io_error(&e).unwrap_or(Errno::AGAIN),
+                })?;
+            workers.push(h);
+        }
+        Ok(Server { shared, workers })
+    }
+
+    /// Serve `uffd` (already handshaken, its ranges registered) for `regions`.
+    pub fn add_session(
+        &self,
+        uffd: Uffd,
+        regions: Vec<Region>,
+        options: SessionOptions,
+    ) -> Result<SessionHandle, ServerError> {
+        let mut map = RegionMap::new();
+        for r in regions {
+            map.insert(RegionEntry::new(r))?;
+        }
+        self.shared.add(uffd, map, options).map(SessionHandle)
+    }
+
+    /// End a session: stop serving it and close its userfaultfd.
+    pub fn remove_session(&self, id: u64) -> Result<(), ServerError> {
+        let s = self.shared.session(id).ok_or(ServerError::NoSession(id))?;
+        self.shared.close(&s, "removed");
+        Ok(())
+    }
+
+    /// Add a region to a running session.
+    pub fn add_region(&self, id: u64, region: Region) -> Result<(), ServerError> {
+        let s = self.shared.session(id).ok_or(ServerError::NoSession(id))?;
+        let pages = region.pages() as u64;
+        s.regions.write().map_err(|_| ServerError::ShuttingDown)?.insert(RegionEntry::new(region))?;
+        s.total_pages.fetch_add(pages, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Handles on the live sessions.
+    pub fn sessions(&self) -> Vec<SessionHandle> {
+        self.shared
+            .sessions
+            .read()
+            .map(|m| m.values().cloned().map(SessionHandle).collect())
+            .unwrap_or_default()
+    }
+
+    /// Counters over all sessions, ended ones included.
+    pub fn stats(&self) -> Stats {
+        self.shared.total.snapshot()
+    }
+
+    /// Prometheus text for the server and each live session.
+    pub fn prometheus(&self) -> String {
+        let mut out = self.stats().to_prometheus("scope=\"total\"");
+        for s in self.sessions() {
+            out.push_str(&s.stats().to_prometheus(&format!("session=\"{}\"", s.id())));
+        }
+        out
+    }
+
+    /// Stop the workers and close every session.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        for _ in 0..self.workers.len() {
+            let _ = rustix::io::write(&self.shared.notify, &1u64.to_ne_bytes());
+        }
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+        let sessions: Vec<_> = self
+            .shared
+            .sessions
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        for s in sessions {
+            self.shared.close(&s, "server shut down");
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if !self.workers.is_empty() {
+            self.stop();
+        }
+    }
+}
+
+impl Shared {
+    fn session(&self, id: u64) -> Option<Arc<Session>> {
+        self.sessions.read().ok()?.get(&id).cloned()
+    }
+
+    fn add(&self, uffd: Uffd, map: RegionMap, o: SessionOptions) -> Result<Arc<Session>, ServerError> {
+        if self.shutdown.load(Ordering::Acquire) {
+            return Err(ServerError::ShuttingDown);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::AcqRel);
+        let total_pages: u64 = map.entries().iter().map(|e| e.region.pages() as u64).sum();
+        let page_size = map.entries().first().map(|e| e.region.page_size()).unwrap_or(4096);
+        let readahead = if o.record_working_set {
+            Readahead::Off
+        } else {
+            o.readahead.unwrap_or(self.config.readahead)
+        };
+        let prefetch: VecDeque<u64> = o.prefetch.map(|w| w.offsets.into()).unwrap_or_default();
+        let session = Arc::new(Session {
+            id,
+            label: if o.label.is_empty() { format!("session-{id}") } else { o.label },
+            uffd,
+            regions: RwLock::new(map),
+            stats: Counters::default(),
+            deferred: Mutex::new(VecDeque::new()),
+            background: Mutex::new(Background {
+                ahead: VecDeque::new(),
+                prefetch,
+                fill_cursor: o.background_fill.then_some((0, 0)),
+            }),
+            streams: Mutex::new(Streams::default()),
+            readahead,
+            recording: o.record_working_set.then(|| Mutex::new(Vec::new())),
+            watch: o.watch,
+            closed: AtomicBool::new(false),
+            started: Instant::now(),
+            ended: Mutex::new(None),
+            changed: Condvar::new(),
+            present_pages: AtomicU64::new(0),
+            total_pages: AtomicU64::new(total_pages),
+            page_size,
+        });
+        self.sessions.write().map_err(|_| ServerError::ShuttingDown)?.insert(id, Arc::clone(&session));
+        let flags = epoll::EventFlags::IN;
+        epoll::add(&self.epoll, &session.uffd, epoll::EventData::new_u64(id << 1), flags)
+            .map_err(os("epoll_ctl(userfaultfd)"))?;
+        if let Some(w) = &session.watch {
+            epoll::add(
+                &self.epoll,
+                w,
+                epoll::EventData::new_u64((id << 1) | 1),
+                epoll::EventFlags::IN | epoll::EventFlags::RDHUP | epoll::EventFlags::HUP,
+            )
+            .map_err(os("epoll_ctl(watch)"))?;
+        }
+        tracing::debug!(session = id, label = %session.label, pages = total_pages, "session started");
+        self.kick();
+        Ok(session)
+    }
+
+    /// Wake a worker blocked in epoll_wait (new background work).
+    fn kick(&self) {
+        let _ = rustix::io::write(&self.notify, &1u64.to_ne_bytes());
+    }
+
+    fn close(&self, s: &Arc<Session>, why: &str) {
+        if s.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = epoll::delete(&self.epoll, &s.uffd);
+        if let Some(w) = &s.watch {
+            let _ = epoll::delete(&self.epoll, w);
+        }
+        if let Ok(mut m) = self.sessions.write() {
+            m.remove(&s.id);
+        }
+        if let Ok(mut d) = s.deferred.lock() {
+            d.clear();
+        }
+        if let Ok(mut g) = s.ended.lock() {
+            *g = Some(Instant::now());
+        }
+        s.changed.notify_all();
+        let st = s.stats.snapshot();
+        tracing::info!(
+            session = s.id,
+            label = %s.label,
+            reason = why,
+            duration_ms = s.started.elapsed().as_millis() as u64,
+            summary = %st.to_json(),
+            "session ended"
+        );
+    }
+
+    fn has_background(&self) -> Option<Duration> {
+        let sessions = self.sessions.read().ok()?;
+        let mut soonest: Option<Duration> = None;
+        let now = Instant::now();
+        for s in sessions.values() {
+            if let Ok(b) = s.background.lock() {
+                if !b.ahead.is_empty() || !b.prefetch.is_empty() || b.fill_cursor.is_some() {
+                    return Some(Duration::ZERO);
+                }
+            }
+            if let Ok(d) = s.deferred.lock() {
+                for j in d.iter() {
+                    let wait = j.not_before.saturating_duration_since(now);
+                    soonest = Some(soonest.map_or(wait, |w| w.min(wait)));
+                }
+            }
+        }
+        soonest
+    }
+}
+
+/// What resolving a run of pages came to.
+enum RunEnd {
+    /// All pages done (resolved, found present or poisoned).
+    Done,
+    /// Pages from the given index on must be retried later (EAGAIN, retryable source error).
+    Defer(usize, bool),
+    /// The client is gone.
+    Gone,
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    pin: Option<usize>,
+    events: EventBuffer,
+    buf: Vec<u8>,
+    zeros: Vec<u8>,
+}
+
+impl Worker {
+    fn new(shared: Arc<Shared>, pin: Option<usize>) -> Worker {
+        let batch = shared.config.batch;
+        Worker { shared, pin, events: EventBuffer::new(batch), buf: Vec::new(), zeros: Vec::new() }
+    }
+
+    fn run(mut self) {
+        if let Some(cpu) = self.pin {
+            let mut set = rustix::thread::CpuSet::new();
+            set.set(cpu);
+            if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
+                tracing::warn!(cpu, error = %e, "cannot pin worker");
+            }
+        }
+        let mut ready: Vec<epoll::Event> = Vec::with_capacity(32);
+        while !self.shared.shutdown.load(Ordering::Acquire) {
+            let timeout = match self.shared.has_background() {
+                Some(d) if d.is_zero() => Some(rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 }),
+                Some(d) => Some(rustix::event::Timespec {
+                    tv_sec: d.as_secs() as i64,
+                    tv_nsec: i64::from(d.subsec_nanos()).max(100_000),
+                }),
+                None => Some(rustix::event::Timespec { tv_sec: 0, tv_nsec: 200_000_000 }),
+            };
+            ready.clear();
+            match epoll::wait(&self.shared.epoll, rustix::buffer::spare_capacity(&mut ready), timeout.as_ref()) {
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "epoll_wait failed; worker exits");
+                    return;
+                }
+            }
+            let mut demand = 0;
+            for ev in ready.iter() {
+                let token = ev.data.u64();
+                if token == NOTIFY_TOKEN {
+                    let mut b = [0u8; 8];
+                    let _ = rustix::io::read(&self.shared.notify, &mut b);
+                    continue;
+                }
+                let Some(s) = self.shared.session(token >> 1) else { continue };
+                if token & 1 == 1 {
+                    self.shared.close(&s, "client gone (watch fd ready)");
+                } else {
+                    demand += self.serve_ready(&s);
+                }
+            }
+            self.run_deferred();
+            if demand == 0 {
+                self.background_step();
+            }
+        }
+    }
+
+    /// Read and handle the queued messages of `s`. Returns the number of faults handled.
+    fn serve_ready(&mut self, s: &Arc<Session>) -> usize {
+        let mut handled = 0;
+        for _ in 0..4 {
+            if s.closed.load(Ordering::Acquire) {
+                break;
+            }
+            let n = match s.uffd.read_events(&mut self.events) {
+                Ok(n) => n,
+                Err(faultline_uffd::Error::Decode(e)) => {
+                    tracing::warn!(session = s.id, error = %e, "malformed userfaultfd message");
+                    self.events.len()
+                }
+                Err(e) => {
+                    tracing::error!(session = s.id, error = %e, "reading the userfaultfd failed");
+                    self.shared.close(s, "read failed");
+                    return handled;
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            let now = Instant::now();
+            let mut faults: Vec<(u64, Instant)> = Vec::with_capacity(n);
+            let events: Vec<Event> = self.events.drain().collect();
+            for ev in events {
+                match ev {
+                    Event::Pagefault { address, .. } => faults.push((address, now)),
+                    Event::Remove { start, end } => {
+                        add(&s.stats.events_remove, 1);
+                        add(&self.shared.total.events_remove, 1);
+                        self.on_remove(s, start, end);
+                    }
+                    Event::Unmap { start, end } => {
+                        add(&s.stats.events_unmap, 1);
+                        add(&self.shared.total.events_unmap, 1);
+                        if let Ok(mut r) = s.regions.write() {
+                            for e in r.remove_range(start, end) {
+                                let gone = e.region.pages() as u64;
+                                s.total_pages.fetch_sub(gone.min(s.total_pages.load(Ordering::Acquire)), Ordering::AcqRel);
+                            }
+                        }
+                    }
+                    Event::Remap { from, to, len } => {
+                        add(&s.stats.events_remap, 1);
+                        add(&self.shared.total.events_remap, 1);
+                        if let Ok(mut r) = s.regions.write() {
+                            r.remap(from, to, len);
+                        }
+                    }
+                    Event::Fork(child) => {
+                        add(&s.stats.events_fork, 1);
+                        add(&self.shared.total.events_fork, 1);
+                        self.adopt_fork(s, child);
+                    }
+                    Event::Unknown { code, .. } => {
+                        add(&s.stats.events_unknown, 1);
+                        add(&self.shared.total.events_unknown, 1);
+                        tracing::warn!(session = s.id, code, "unknown userfaultfd event");
+                    }
+                }
+            }
+            handled += faults.len();
+            self.serve_faults(s, &mut faults);
+            self.run_deferred_of(s);
+        }
+        handled
+    }
+
+    fn on_remove(&mut self, s: &Arc<Session>, start: u64, end: u64) {
+        let Ok(regions) = s.regions.read() else { return };
+        for e in regions.entries() {
+            let (rs, re) = (e.region.start, e.region.end());
+            let (a, b) = (start.max(rs), end.min(re));
+            if a >= b {
+                continue;
+            }
+            let ps = e.region.page_size();
+            let first = ((a - rs) / ps) as usize;
+            let last = ((b - rs).div_ceil(ps)) as usize;
+            e.states.remove(e.state_base + first..e.state_base + last);
+        }
+    }
+
+    fn adopt_fork(&mut self, parent: &Arc<Session>, child: Uffd) {
+        let map = {
+            let Ok(r) = parent.regions.read() else { return };
+            let mut copies: Vec<(Arc<PageStates>, Arc<PageStates>)> = Vec::new();
+            let mut map = RegionMap::new();
+            for e in r.entries() {
+                let states = match copies.iter().find(|(orig, _)| Arc::ptr_eq(orig, &e.states)) {
+                    Some((_, c)) => Arc::clone(c),
+                    None => {
+                        let c = Arc::new(e.states.fork_copy());
+                        copies.push((Arc::clone(&e.states), Arc::clone(&c)));
+                        c
+                    }
+                };
+                let mut child_entry = e.clone();
+                child_entry.states = states;
+                // A MINOR region's page cache is shared with the child: keep the backing.
+                if map.insert(child_entry).is_err() {
+                    tracing::warn!(session = parent.id, "fork: region could not be copied");
+                }
+            }
+            map
+        };
+        let opts = SessionOptions {
+            label: format!("{}-child", parent.label),
+            readahead: Some(parent.readahead),
+            ..SessionOptions::default()
+        };
+        match self.shared.add(child, map, opts) {
+            Ok(c) => tracing::info!(parent = parent.id, child = c.id, "adopted forked child"),
+            Err(e) => tracing::error!(parent = parent.id, error = %e, "cannot adopt forked child"),
+        }
+    }
+
+    /// Serve the faults of one batch: claim, coalesce, resolve.
+    fn serve_faults(&mut self, s: &Arc<Session>, faults: &mut [(u64, Instant)]) {
+        faults.sort_unstable_by_key(|f| f.0);
+        let mut runs: Vec<Job> = Vec::new();
+        let mut refaults: Vec<Job> = Vec::new();
+        let mut aheads: Vec<Job> = Vec::new();
+        {
+            let Ok(regions) = s.regions.read() else { return };
+            for &(addr, t) in faults.iter() {
+                add(&s.stats.faults, 1);
+                add(&self.shared.total.faults, 1);
+                let Some(e) = regions.find(addr) else {
+                    tracing::warn!(session = s.id, addr, "fault outside every region");
+                    continue;
+                };
+                let page = e.page_of(addr);
+                let idx = e.state_base + page;
+                match e.states.get(idx) {
+                    PageState::InFlight => {
+                        add(&s.stats.duplicate_faults, 1);
+                        add(&self.shared.total.duplicate_faults, 1);
+                        continue;
+                    }
+                    PageState::Present => {
+                        add(&s.stats.present_refaults, 1);
+                        add(&self.shared.total.present_refaults, 1);
+                        refaults.push(job(e, page, 1, JobKind::Demand, false, Some(t)));
+                        continue;
+                    }
+                    PageState::Missing => {}
+                }
+                if !e.states.try_claim(idx) {
+                    add(&s.stats.duplicate_faults, 1);
+                    add(&self.shared.total.duplicate_faults, 1);
+                    continue;
+                }
+                if let Some(rec) = &s.recording {
+                    if let Ok(mut v) = rec.lock() {
+                        v.push(e.source_offset_of(page));
+                    }
+                }
+                // Extend a run from the same batch that ends right here.
+                if let Some(last) = runs.last_mut() {
+                    if Arc::ptr_eq(&last.states, &e.states) && last.state_index + last.pages == idx {
+                        last.pages += 1;
+                        continue;
+                    }
+                }
+                let window = s
+                    .streams
+                    .lock()
+                    .map(|mut st| st.on_fault(s.readahead, e.region.start, page))
+                    .unwrap_or(crate::policy::Window { now: 1, ahead: 0 });
+                let mut n = 1;
+                let max_pages = e.region.pages();
+                while n < window.now && page + n < max_pages && e.states.try_claim(idx + n) {
+                    n += 1;
+                }
+                runs.push(job(e, page, n, JobKind::Demand, true, Some(t)));
+                if n > 1 {
+                    add(&s.stats.readahead_pages, n as u64 - 1);
+                    add(&self.shared.total.readahead_pages, n as u64 - 1);
+                }
+                if window.ahead > 0 && page + n < max_pages {
+                    let ahead = window.ahead.min(max_pages - page - n);
+                    aheads.push(job(e, page + n, ahead, JobKind::Readahead, false, None));
+                }
+            }
+        }
+        if !aheads.is_empty() {
+            if let Ok(mut b) = s.background.lock() {
+                b.ahead.extend(aheads);
+            }
+        }
+        for j in runs.into_iter().chain(refaults) {
+            self.run_job(s, j);
+        }
+    }
+
+    fn run_job(&mut self, s: &Arc<Session>, j: Job) {
+        let entry = {
+            let Ok(regions) = s.regions.read() else { return };
+            match regions.find(j.addr) {
+                Some(e)
+                    if Arc::ptr_eq(&e.states, &j.states)
+                        && e.state_base + e.page_of(j.addr) == j.state_index =>
+                {
+                    e.clone()
+                }
+                _ => {
+                    // The range moved or went away: give the claims back.
+                    if j.claimed {
+                        for i in 0..j.pages {
+                            j.states.release(j.state_index + i);
+                        }
+                    }
+                    return;
+                }
+            }
+        };
+        let first = entry.page_of(j.addr);
+        match self.resolve_run(s, &entry, first, j.pages, &j) {
+            RunEnd::Done => {}
+            RunEnd::Defer(done, retry_source) => {
+                let mut rest = j.clone();
+                rest.addr = entry.addr_of(first + done);
+                rest.pages = j.pages - done;
+                rest.state_index = j.state_index + done;
+                if retry_source {
+                    rest.attempts += 1;
+                    let backoff = self.shared.config.retry_backoff * 2u32.saturating_pow(rest.attempts.min(10));
+                    rest.not_before = Instant::now() + backoff;
+                } else {
+                    rest.not_before = Instant::now();
+                }
+                add(&s.stats.deferred, 1);
+                add(&self.shared.total.deferred, 1);
+                if let Ok(mut d) = s.deferred.lock() {
+                    d.push_back(rest);
+                }
+            }
+            RunEnd::Gone => self.shared.close(s, "client gone (ESRCH)"),
+        }
+    }
+
+    fn page_is_zero(e: &RegionEntry, page: usize) -> bool {
+        e.states.is_zero(e.state_base + page)
+            || e.region.source.is_zero(e.source_offset_of(page), e.region.page_size()) == Some(true)
+    }
+
+    /// Resolve pages `first..first+n` of `e`, claimed by the caller unless `j.claimed` is false
+    /// (a re-resolve of a page believed present).
+    fn resolve_run(&mut self, s: &Arc<Session>, e: &RegionEntry, first: usize, n: usize, j: &Job) -> RunEnd {
+        let ps = e.region.page_size() as usize;
+        let max_pages = (self.shared.config.max_io / ps).max(1);
+        let first_pages = (self.shared.config.first_chunk / ps).max(1);
+        let mut p = first;
+        let end = first + n;
+        let mut latency_recorded = j.fault_read.is_none();
+        while p < end {
+            let zero = Self::page_is_zero(e, p);
+            let cap = if p == first && j.kind == JobKind::Demand { first_pages } else { max_pages };
+            let mut q = p + 1;
+            while q < end && q - p < cap && Self::page_is_zero(e, q) == zero {
+                q += 1;
+            }
+            match self.resolve_pages(s, e, p, q - p, zero) {
+                Ok(done) => {
+                    let done = done.max(1).min(q - p);
+                    for i in p..p + done {
+                        self.mark_resolved(s, e, i, j);
+                    }
+                    let stat = match j.kind {
+                        JobKind::Prefetch => Some(&s.stats.prefetch_pages),
+                        JobKind::Fill => Some(&s.stats.fill_pages),
+                        JobKind::Readahead => Some(&s.stats.readahead_pages),
+                        JobKind::Demand => None,
+                    };
+                    if let Some(c) = stat {
+                        add(c, done as u64);
+                    }
+                    if !latency_recorded {
+                        if let Some(t) = j.fault_read {
+                            s.stats.record_latency(t.elapsed());
+                            self.shared.total.record_latency(t.elapsed());
+                        }
+                        latency_recorded = true;
+                    }
+                    p += done;
+                }
+                Err(Step::Exists) => {
+                    self.mark_resolved(s, e, p, j);
+                    p += 1;
+                }
+                Err(Step::Retry) => return RunEnd::Defer(p - first, false),
+                Err(Step::Gone) => return RunEnd::Gone,
+                Err(Step::Source(err)) => {
+                    add(&s.stats.source_errors, 1);
+                    add(&self.shared.total.source_errors, 1);
+                    if err.is_retryable() && j.attempts + 1 < self.shared.config.source_attempts {
+                        add(&s.stats.source_retries, 1);
+                        add(&self.shared.total.source_retries, 1);
+                        return RunEnd::Defer(p - first, true);
+                    }
+                    if q - p > 1 {
+                        // Find the bad page(s): resolve one page at a time.
+                        let one = Job { kind: j.kind, ..j.clone() };
+                        for i in p..q {
+                            match self.resolve_run(s, e, i, 1, &one) {
+                                RunEnd::Done => {}
+                                RunEnd::Gone => return RunEnd::Gone,
+                                RunEnd::Defer(_, src) => return RunEnd::Defer(i - first, src),
+                            }
+                        }
+                        p = q;
+                        continue;
+                    }
+                    match self.poison(s, e, p, &err) {
+                        Ok(()) => {
+                            self.mark_resolved(s, e, p, j);
+                            p += 1;
+                        }
+                        Err(Step::Retry) => return RunEnd::Defer(p - first, false),
+                        Err(Step::Gone) => return RunEnd::Gone,
+                        Err(_) => {
+                            self.mark_resolved(s, e, p, j);
+                            p += 1;
+                        }
+                    }
+                }
+                Err(Step::Failed) => {
+                    // Not registered / invalid: the range is not ours any more. Give it back.
+                    for i in p..end {
+                        if j.claimed {
+                            e.states.release(e.state_base + i);
+                        }
+                    }
+                    return RunEnd::Done;
+                }
+            }
+        }
+        RunEnd::Done
+    }
+
+    fn mark_resolved(&self, s: &Session, e: &RegionEntry, page: usize, j: &Job) {
+        let idx = e.state_base + page;
+        let newly = if j.claimed {
+            e.states.set_present(idx);
+            true
+        } else if e.states.get(idx) == PageState::Missing && e.states.try_claim(idx) {
+            e.states.set_present(idx);
+            true
+        } else {
+            false
+        };
+        if newly {
+            let n = s.present_pages.fetch_add(1, Ordering::AcqRel) + 1;
+            if n >= s.total_pages.load(Ordering::Acquire) {
+                // Take the lock so a waiter between its check and its wait cannot miss this.
+                drop(s.ended.lock());
+                s.changed.notify_all();
+            }
+        }
+    }
+
+    fn poison(&mut self, s: &Arc<Session>, e: &RegionEntry, page: usize, err: &SourceError) -> Result<(), Step> {
+        let addr = e.addr_of(page);
+        let ps = e.region.page_size();
+        tracing::error!(
+            session = s.id,
+            region = format_args!("{:#x}+{:#x}", e.region.start, e.region.len),
+            offset = e.source_offset_of(page),
+            cause = %err,
+            "source read failed; poisoning the page (the client gets SIGBUS there)"
+        );
+        add(&s.stats.poison, 1);
+        add(&self.shared.total.poison, 1);
+        match s.uffd.poison(addr, ps) {
+            Ok(_) => {
+                add(&s.stats.poisoned_pages, 1);
+                add(&self.shared.total.poisoned_pages, 1);
+                Ok(())
+            }
+            Err(e) => Err(self.classify(s, e.kind)),
+        }
+    }
+
+    fn classify(&self, s: &Session, kind: ResolveErrorKind) -> Step {
+        match kind {
+            ResolveErrorKind::AlreadyPresent => {
+                add(&s.stats.eexist, 1);
+                add(&self.shared.total.eexist, 1);
+                Step::Exists
+            }
+            ResolveErrorKind::Retry => {
+                add(&s.stats.eagain, 1);
+                add(&self.shared.total.eagain, 1);
+                Step::Retry
+            }
+            ResolveErrorKind::ProcessGone => Step::Gone,
+            ResolveErrorKind::OutOfMemory => Step::Retry,
+            _ => Step::Failed,
+        }
+    }
+
+    /// One resolve ioctl (or a few for a long zero run on hugetlbfs) for pages `p..p+n`.
+    /// Returns how many pages were done (partial progress is fine: the caller continues).
+    fn resolve_pages(&mut self, s: &Arc<Session>, e: &RegionEntry, p: usize, n: usize, zero: bool) -> Result<usize, Step> {
+        let ps = e.region.page_size();
+        let addr = e.addr_of(p);
+        let len = n as u64 * ps;
+        let off = e.source_offset_of(p);
+        let result: Result<Resolved, faultline_uffd::ResolveError> = match &e.region.backing {
+            Backing::Minor { cache } => {
+                let cache_off = (e.cache_offset + p as u64 * ps) as usize;
+                let write = if zero {
+                    self.ensure_zeros(len as usize);
+                    cache.write(cache_off, &self.zeros[..len as usize])
+                } else {
+                    self.buf.resize(len as usize, 0);
+                    e.region.source.read_at(off, &mut self.buf).map_err(Step::Source)?;
+                    cache.write(cache_off, &self.buf)
+                };
+                if write.is_err() {
+                    return Err(Step::Failed);
+                }
+                add(&s.stats.continue_, 1);
+                add(&self.shared.total.continue_, 1);
+                s.uffd.continue_minor(addr, len, ContinueMode::empty())
+            }
+            Backing::Copy if zero && !e.region.kind.is_hugetlb() => {
+                add(&s.stats.zeropage, 1);
+                add(&self.shared.total.zeropage, 1);
+                s.uffd.zeropage(addr, len, ZeropageMode::empty())
+            }
+            Backing::Copy => {
+                add(&s.stats.copy, 1);
+                add(&self.shared.total.copy, 1);
+                if zero {
+                    self.ensure_zeros(len as usize);
+                    s.uffd.copy(addr, &self.zeros[..len as usize], CopyMode::empty())
+                } else if let Some(ptr) = e.region.source.ptr_at(off, len) {
+                    s.uffd.copy_from_ptr(addr, ptr, len as usize, CopyMode::empty())
+                } else {
+                    self.buf.resize(len as usize, 0);
+                    e.region.source.read_at(off, &mut self.buf).map_err(Step::Source)?;
+                    s.uffd.copy(addr, &self.buf, CopyMode::empty())
+                }
+            }
+        };
+        match result {
+            Ok(r) => {
+                let bytes = r.bytes();
+                let pages = (bytes / ps) as usize;
+                add(&s.stats.bytes, bytes);
+                add(&self.shared.total.bytes, bytes);
+                add(&s.stats.pages, pages as u64);
+                add(&self.shared.total.pages, pages as u64);
+                if zero {
+                    add(&s.stats.zero_pages, pages as u64);
+                    add(&self.shared.total.zero_pages, pages as u64);
+                }
+                if pages == 0 {
+                    // Partial progress of less than a page cannot happen; treat as a retry.
+                    return Err(Step::Retry);
+                }
+                Ok(pages)
+            }
+            Err(err) => Err(self.classify(s, err.kind)),
+        }
+    }
+
+    fn ensure_zeros(&mut self, len: usize) {
+        if self.zeros.len() < len {
+            self.zeros = vec![0; len];
+        }
+    }
+
+    fn run_deferred(&mut self) {
+        let sessions: Vec<Arc<Session>> = self
+            .shared
+            .sessions
+            .read()
+            .map(|m| m.values().filter(|s| s.deferred.lock().map(|d| !d.is_empty()).unwrap_or(false)).cloned().collect())
+            .unwrap_or_default();
+        for s in sessions {
+            self.run_deferred_of(&s);
+        }
+    }
+
+    fn run_deferred_of(&mut self, s: &Arc<Session>) {
+        let now = Instant::now();
+        let due: Vec<Job> = match s.deferred.lock() {
+            Ok(mut d) => {
+                let (due, later): (Vec<Job>, Vec<Job>) = d.drain(..).partition(|j| j.not_before <= now);
+                d.extend(later);
+                due
+            }
+            Err(_) => return,
+        };
+        for j in due {
+            if s.closed.load(Ordering::Acquire) {
+                return;
+            }
+            self.run_job(s, j);
+        }
+    }
+
+    /// One chunk of background work from one session (round robin).
+    fn background_step(&mut self) {
+        let sessions: Vec<Arc<Session>> = self
+            .shared
+            .sessions
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        if sessions.is_empty() {
+            return;
+        }
+        let start = self.shared.rr.fetch_add(1, Ordering::Relaxed) as usize;
+        for k in 0..sessions.len() {
+            let s = &sessions[(start + k) % sessions.len()];
+            if let Some(j) = self.next_background_job(s) {
+                self.run_job(s, j);
+                return;
+            }
+        }
+    }
+
+    /// Claim the next background run of `s`: readahead windows, then prefetch, then fill.
+    fn next_background_job(&mut self, s: &Arc<Session>) -> Option<Job> {
+        let max_io = self.shared.config.max_io as u64;
+        let mut bg = s.background.lock().ok()?;
+        let regions = s.regions.read().ok()?;
+        while let Some(a) = bg.ahead.pop_front() {
+            if let Some(j) = claim_run(&regions, &a, max_io) {
+                if a.pages > j.pages {
+                    let mut rest = a.clone();
+                    let skip = j.state_index + j.pages - a.state_index;
+                    rest.addr = a.addr + skip as u64 * s.page_size;
+                    rest.pages = a.pages.saturating_sub(skip);
+                    rest.state_index = a.state_index + skip;
+                    if rest.pages > 0 {
+                        bg.ahead.push_front(rest);
+                    }
+                }
+                return Some(j);
+            }
+        }
+        while let Some(off) = bg.prefetch.pop_front() {
+            let Some((e, page)) = locate(&regions, off) else { continue };
+            if !e.states.try_claim(e.state_base + page) {
+                continue;
+            }
+            // Extend over following recorded offsets that are the next pages.
+            let mut n = 1;
+            let ps = e.region.page_size();
+            while (n as u64) * ps < max_io
+                && page + n < e.region.pages()
+                && bg.prefetch.front() == Some(&(off + n as u64 * ps))
+                && e.states.try_claim(e.state_base + page + n)
+            {
+                bg.prefetch.pop_front();
+                n += 1;
+            }
+            return Some(job(e, page, n, JobKind::Prefetch, true, None));
+        }
+        while let Some((ri, from)) = bg.fill_cursor {
+            let Some(e) = regions.entries().get(ri) else {
+                bg.fill_cursor = None;
+                break;
+            };
+            let pages = e.region.pages();
+            let next = (from..pages).find(|&p| e.states.get(e.state_base + p) == PageState::Missing);
+            let Some(p) = next else {
+                bg.fill_cursor = Some((ri + 1, 0));
+                continue;
+            };
+            let want = Job {
+                addr: e.addr_of(p),
+                pages: pages - p,
+                states: Arc::clone(&e.states),
+                state_index: e.state_base + p,
+                kind: JobKind::Fill,
+                claimed: false,
+                attempts: 0,
+                not_before: Instant::now(),
+                fault_read: None,
+            };
+            match claim_run(&regions, &want, max_io) {
+                Some(j) => {
+                    bg.fill_cursor = Some((ri, p + j.pages));
+                    return Some(j);
+                }
+                None => {
+                    bg.fill_cursor = Some((ri, p + 1));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Claim the first contiguous run of missing pages of `want` (at most `max_io` bytes).
+fn claim_run(regions: &RegionMap, want: &Job, max_io: u64) -> Option<Job> {
+    let e = regions.find(want.addr)?;
+    if !Arc::ptr_eq(&e.states, &want.states) {
+        return None;
+    }
+    let first = e.page_of(want.addr);
+    let ps = e.region.page_size();
+    let limit = ((max_io / ps).max(1) as usize).min(want.pages);
+    let end = (first + want.pages).min(e.region.pages());
+    let mut p = first;
+    while p < end && !e.states.try_claim(e.state_base + p) {
+        p += 1;
+    }
+    if p >= end {
+        return None;
+    }
+    let mut n = 1;
+    while n < limit && p + n < end && e.states.try_claim(e.state_base + p + n) {
+        n += 1;
+    }
+    Some(job(e, p, n, want.kind, true, None))
+}
+
+fn job(e: &RegionEntry, page: usize, pages: usize, kind: JobKind, claimed: bool, t: Option<Instant>) -> Job {
+    Job {
+        addr: e.addr_of(page),
+        pages,
+        states: Arc::clone(&e.states),
+        state_index: e.state_base + page,
+        kind,
+        claimed,
+        attempts: 0,
+        not_before: Instant::now(),
+        fault_read: t,
+    }
+}
+
+/// Why one resolve step did not make progress.
+enum Step {
+    Exists,
+    Retry,
+    Gone,
+    Failed,
+    Source(SourceError),
+}

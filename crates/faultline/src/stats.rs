@@ -1,0 +1,246 @@
+//! Counters and the fault-latency histogram, as a struct, JSON and Prometheus text.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Live counters of a session (or of the whole server).
+#[derive(Debug)]
+pub struct Counters {
+    pub(crate) faults: AtomicU64,
+    pub(crate) duplicate_faults: AtomicU64,
+    pub(crate) present_refaults: AtomicU64,
+    pub(crate) copy: AtomicU64,
+    pub(crate) zeropage: AtomicU64,
+    pub(crate) continue_: AtomicU64,
+    pub(crate) move_: AtomicU64,
+    pub(crate) poison: AtomicU64,
+    pub(crate) wake: AtomicU64,
+    pub(crate) bytes: AtomicU64,
+    pub(crate) pages: AtomicU64,
+    pub(crate) zero_pages: AtomicU64,
+    pub(crate) eexist: AtomicU64,
+    pub(crate) eagain: AtomicU64,
+    pub(crate) deferred: AtomicU64,
+    pub(crate) readahead_pages: AtomicU64,
+    pub(crate) prefetch_pages: AtomicU64,
+    pub(crate) fill_pages: AtomicU64,
+    pub(crate) source_errors: AtomicU64,
+    pub(crate) source_retries: AtomicU64,
+    pub(crate) poisoned_pages: AtomicU64,
+    pub(crate) events_remove: AtomicU64,
+    pub(crate) events_unmap: AtomicU64,
+    pub(crate) events_remap: AtomicU64,
+    pub(crate) events_fork: AtomicU64,
+    pub(crate) events_unknown: AtomicU64,
+    latency: Mutex<Histogram<u64>>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            faults: AtomicU64::new(0),
+            duplicate_faults: AtomicU64::new(0),
+            present_refaults: AtomicU64::new(0),
+            copy: AtomicU64::new(0),
+            zeropage: AtomicU64::new(0),
+            continue_: AtomicU64::new(0),
+            move_: AtomicU64::new(0),
+            poison: AtomicU64::new(0),
+            wake: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            pages: AtomicU64::new(0),
+            zero_pages: AtomicU64::new(0),
+            eexist: AtomicU64::new(0),
+            eagain: AtomicU64::new(0),
+            deferred: AtomicU64::new(0),
+            readahead_pages: AtomicU64::new(0),
+            prefetch_pages: AtomicU64::new(0),
+            fill_pages: AtomicU64::new(0),
+            source_errors: AtomicU64::new(0),
+            source_retries: AtomicU64::new(0),
+            poisoned_pages: AtomicU64::new(0),
+            events_remove: AtomicU64::new(0),
+            events_unmap: AtomicU64::new(0),
+            events_remap: AtomicU64::new(0),
+            events_fork: AtomicU64::new(0),
+            events_unknown: AtomicU64::new(0),
+            latency: Mutex::new(
+                Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds"),
+            ),
+        }
+    }
+}
+
+pub(crate) fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Counters {
+    /// Record one fault's latency (message read → page resolved).
+    pub(crate) fn record_latency(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
+        if let Ok(mut h) = self.latency.lock() {
+            h.saturating_record(ns);
+        }
+    }
+
+    /// A consistent-enough copy of the counters.
+    pub fn snapshot(&self) -> Stats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (p50, p99, max, n) = match self.latency.lock() {
+            Ok(h) if !h.is_empty() => {
+                (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max(), h.len())
+            }
+            _ => (0, 0, 0, 0),
+        };
+        Stats {
+            faults: l(&self.faults),
+            duplicate_faults: l(&self.duplicate_faults),
+            present_refaults: l(&self.present_refaults),
+            copy: l(&self.copy),
+            zeropage: l(&self.zeropage),
+            continue_: l(&self.continue_),
+            move_: l(&self.move_),
+            poison: l(&self.poison),
+            wake: l(&self.wake),
+            bytes: l(&self.bytes),
+            pages: l(&self.pages),
+            zero_pages: l(&self.zero_pages),
+            eexist: l(&self.eexist),
+            eagain: l(&self.eagain),
+            deferred: l(&self.deferred),
+            readahead_pages: l(&self.readahead_pages),
+            prefetch_pages: l(&self.prefetch_pages),
+            fill_pages: l(&self.fill_pages),
+            source_errors: l(&self.source_errors),
+            source_retries: l(&self.source_retries),
+            poisoned_pages: l(&self.poisoned_pages),
+            events_remove: l(&self.events_remove),
+            events_unmap: l(&self.events_unmap),
+            events_remap: l(&self.events_remap),
+            events_fork: l(&self.events_fork),
+            events_unknown: l(&self.events_unknown),
+            latency_samples: n,
+            latency_p50_ns: p50,
+            latency_p99_ns: p99,
+            latency_max_ns: max,
+        }
+    }
+}
+
+/// A snapshot of the counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Fault messages read.
+    pub faults: u64,
+    /// Faults on a page already in flight (woken by its resolver; no ioctl).
+    pub duplicate_faults: u64,
+    /// Faults on a page believed present (resolved again; normally EEXIST).
+    pub present_refaults: u64,
+    /// `UFFDIO_COPY` calls.
+    pub copy: u64,
+    /// `UFFDIO_ZEROPAGE` calls.
+    pub zeropage: u64,
+    /// `UFFDIO_CONTINUE` calls.
+    pub continue_: u64,
+    /// `UFFDIO_MOVE` calls.
+    pub move_: u64,
+    /// `UFFDIO_POISON` calls.
+    pub poison: u64,
+    /// `UFFDIO_WAKE` calls.
+    pub wake: u64,
+    /// Bytes resolved (all kinds).
+    pub bytes: u64,
+    /// Pages resolved (all kinds).
+    pub pages: u64,
+    /// Pages resolved as zeros.
+    pub zero_pages: u64,
+    /// Resolves answered EEXIST.
+    pub eexist: u64,
+    /// Resolves answered EAGAIN.
+    pub eagain: u64,
+    /// Resolves deferred (EAGAIN or a retryable source error).
+    pub deferred: u64,
+    /// Pages resolved by readahead beyond the faulting page.
+    pub readahead_pages: u64,
+    /// Pages resolved by working-set prefetch.
+    pub prefetch_pages: u64,
+    /// Pages resolved by background fill.
+    pub fill_pages: u64,
+    /// Source reads that failed.
+    pub source_errors: u64,
+    /// Source reads retried.
+    pub source_retries: u64,
+    /// Pages poisoned because their source could not be read.
+    pub poisoned_pages: u64,
+    /// REMOVE events.
+    pub events_remove: u64,
+    /// UNMAP events.
+    pub events_unmap: u64,
+    /// REMAP events.
+    pub events_remap: u64,
+    /// FORK events.
+    pub events_fork: u64,
+    /// Unknown events.
+    pub events_unknown: u64,
+    /// Faults with a latency sample.
+    pub latency_samples: u64,
+    /// Median fault latency (ns).
+    pub latency_p50_ns: u64,
+    /// 99th percentile fault latency (ns).
+    pub latency_p99_ns: u64,
+    /// Largest fault latency (ns).
+    pub latency_max_ns: u64,
+}
+
+impl Stats {
+    /// All resolve ioctls.
+    pub fn resolves(&self) -> u64 {
+        self.copy + self.zeropage + self.continue_ + self.move_ + self.poison
+    }
+
+    /// JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// Prometheus text exposition, each metric labelled with `labels` (e.g. `session="3"`).
+    pub fn to_prometheus(&self, labels: &str) -> String {
+        let v = serde_json::to_value(self).unwrap_or_default();
+        let mut out = String::new();
+        if let serde_json::Value::Object(map) = v {
+            for (k, val) in map {
+                let name = format!("faultline_{k}");
+                let kind = if k.starts_with("latency_") && k != "latency_samples" { "gauge" } else { "counter" };
+                out.push_str(&format!("# TYPE {name} {kind}\n{name}{{{labels}}} {val}\n"));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_json_and_prometheus() {
+        let c = Counters::default();
+        add(&c.faults, 3);
+        add(&c.copy, 2);
+        c.record_latency(Duration::from_micros(5));
+        c.record_latency(Duration::from_micros(7));
+        let s = c.snapshot();
+        assert_eq!((s.faults, s.copy, s.latency_samples), (3, 2, 2));
+        assert!(s.latency_p50_ns >= 4_990 && s.latency_max_ns <= 7_010);
+        let j: serde_json::Value = serde_json::from_str(&s.to_json()).expect("json");
+        assert_eq!(j["faults"], 3);
+        let p = s.to_prometheus("session=\"1\"");
+        assert!(p.contains("faultline_copy{session=\"1\"} 2\n"));
+        assert!(p.contains("# TYPE faultline_latency_p99_ns gauge"));
+    }
+}

@@ -1,0 +1,121 @@
+//! The fault server serves every page of in-process regions with the right bytes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use faultline::source::{MemorySource, PageSource};
+use faultline::{Readahead, Region, Server, ServerConfig, SessionOptions};
+use faultline_testing::fill_pattern;
+use faultline_uffd::{Features, Mapping, MemoryKind, RegisterMode, Uffd, PAGE_SIZE};
+
+/// A source of `pages` pattern pages where every fourth page is zero.
+fn source(pages: usize, seed: u64) -> Arc<MemorySource> {
+    let mut v = vec![0u8; pages * PAGE_SIZE];
+    for (p, chunk) in v.chunks_mut(PAGE_SIZE).enumerate() {
+        if p % 4 != 3 {
+            fill_pattern(seed, p as u64, chunk);
+        }
+    }
+    Arc::new(MemorySource::new(v))
+}
+
+fn verify(m: &Mapping, src: &MemorySource, pages: std::ops::Range<usize>) {
+    let mut got = vec![0u8; PAGE_SIZE];
+    let mut want = vec![0u8; PAGE_SIZE];
+    for p in pages {
+        m.read(p * PAGE_SIZE, &mut got).expect("read");
+        src.read_at((p * PAGE_SIZE) as u64, &mut want).expect("source");
+        assert_eq!(got, want, "page {p}");
+    }
+}
+
+fn serve_and_touch(config: ServerConfig, threads: usize, pages: usize) -> (faultline::Stats, faultline_uffd::IoctlStats) {
+    let src = source(pages, 7);
+    let uffd = Uffd::new(Features::empty()).expect("uffd");
+    let m = Arc::new(Mapping::anonymous(pages * PAGE_SIZE).expect("mmap"));
+    uffd.register(&m, RegisterMode::MISSING).expect("register");
+    let server = Server::start(config).expect("server");
+    let session = server
+        .add_session(uffd, vec![Region::for_mapping(&m, src.clone())], SessionOptions::default())
+        .expect("session");
+    let m2 = Arc::clone(&m);
+    let src2 = src.clone();
+    faultline_testing::within(Duration::from_secs(60), move || {
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (m, src) = (&m2, &src2);
+                s.spawn(move || {
+                    let per = pages / threads;
+                    verify(m, src, t * per..(t + 1) * per);
+                });
+            }
+        });
+    });
+    verify(&m, &src, 0..pages);
+    let st = session.stats();
+    let io = session.uffd_stats();
+    server.shutdown();
+    (st, io)
+}
+
+#[test]
+fn sequential_touch_with_adaptive_readahead_serves_every_byte() {
+    let (st, io) = serve_and_touch(ServerConfig { workers: 2, ..ServerConfig::default() }, 4, 4096);
+    assert_eq!(st.pages, 4096, "every page resolved exactly once: {st:?}");
+    assert_eq!(st.zero_pages, 1024);
+    assert_eq!(io.wake, 0, "resolves wake their sleepers: no UFFDIO_WAKE");
+    assert!(st.faults < 4096, "readahead must save faults: {st:?}");
+    assert_eq!(st.copy + st.zeropage, io.copy + io.zeropage, "server counts match the fd's ioctl counts");
+}
+
+#[test]
+fn no_readahead_one_resolve_per_touched_page() {
+    let config = ServerConfig { workers: 1, readahead: Readahead::Off, ..ServerConfig::default() };
+    let (st, io) = serve_and_touch(config, 1, 256);
+    assert_eq!(st.pages, 256);
+    assert_eq!(st.faults, 256, "{st:?}");
+    assert_eq!(io.wake, 0);
+    assert_eq!(st.latency_samples, 256);
+    assert!(st.latency_p50_ns > 0);
+}
+
+#[test]
+fn shmem_minor_backing_fills_the_page_cache_then_continues() {
+    if !faultline_testing::need_features("shmem_minor", Features::MINOR_SHMEM | Features::MISSING_SHMEM) {
+        return;
+    }
+    let pages = 512;
+    let src = source(pages, 9);
+    let uffd = Uffd::new(Features::MINOR_SHMEM | Features::MISSING_SHMEM).expect("uffd");
+    let m = Arc::new(Mapping::new(MemoryKind::Shmem, pages * PAGE_SIZE).expect("memfd"));
+    let cache = Arc::new(m.alias().expect("alias"));
+    uffd.register(&m, RegisterMode::MISSING | RegisterMode::MINOR).expect("register");
+    let server = Server::start(ServerConfig { workers: 2, ..ServerConfig::default() }).expect("server");
+    let region = Region::for_mapping(&m, src.clone())
+        .with_backing(faultline::Backing::Minor { cache });
+    let session = server.add_session(uffd, vec![region], SessionOptions::default()).expect("session");
+    let (m2, src2) = (Arc::clone(&m), src.clone());
+    faultline_testing::within(Duration::from_secs(30), move || verify(&m2, &src2, 0..pages));
+    let st = session.stats();
+    assert_eq!(st.pages, pages as u64);
+    assert!(st.continue_ > 0 && st.copy == 0, "{st:?}");
+    server.shutdown();
+}
+
+#[test]
+fn background_fill_makes_everything_present_without_touches() {
+    let pages = 2048;
+    let src = source(pages, 3);
+    let uffd = Uffd::new(Features::empty()).expect("uffd");
+    let m = Mapping::anonymous(pages * PAGE_SIZE).expect("mmap");
+    uffd.register(&m, RegisterMode::MISSING).expect("register");
+    let server = Server::start(ServerConfig { workers: 1, ..ServerConfig::default() }).expect("server");
+    let opts = SessionOptions { background_fill: true, ..SessionOptions::default() };
+    let session = server.add_session(uffd, vec![Region::for_mapping(&m, src.clone())], opts).expect("session");
+    assert!(session.wait_all_present(Duration::from_secs(30)), "background fill did not finish");
+    let st = session.stats();
+    assert_eq!(st.faults, 0);
+    assert_eq!(st.fill_pages, pages as u64);
+    verify(&m, &src, 0..pages);
+    server.shutdown();
+}
