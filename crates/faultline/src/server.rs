@@ -903,17 +903,20 @@ impl Worker {
             match self.resolve_pages(s, e, p, q - p, zero) {
                 Ok(done) => {
                     let done = done.max(1).min(q - p);
-                    for i in p..p + done {
-                        self.mark_resolved(s, e, i, j);
-                    }
+                    // Count before publishing the pages as present: a waiter woken by the last
+                    // page sees complete counters.
                     let stat = match j.kind {
-                        JobKind::Prefetch => Some(&s.stats.prefetch_pages),
-                        JobKind::Fill => Some(&s.stats.fill_pages),
-                        JobKind::Readahead => Some(&s.stats.readahead_pages),
+                        JobKind::Prefetch => Some((&s.stats.prefetch_pages, &self.shared.total.prefetch_pages)),
+                        JobKind::Fill => Some((&s.stats.fill_pages, &self.shared.total.fill_pages)),
+                        JobKind::Readahead => Some((&s.stats.readahead_pages, &self.shared.total.readahead_pages)),
                         JobKind::Demand => None,
                     };
-                    if let Some(c) = stat {
+                    if let Some((c, t)) = stat {
                         add(c, done as u64);
+                        add(t, done as u64);
+                    }
+                    for i in p..p + done {
+                        self.mark_resolved(s, e, i, j);
                     }
                     if !latency_recorded {
                         if let Some(t) = j.fault_read {
