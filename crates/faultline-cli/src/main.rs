@@ -3,6 +3,8 @@
 
 use std::time::Instant;
 
+mod bench;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use faultline_uffd::{
@@ -24,6 +26,8 @@ struct Cli {
 enum Command {
     /// Print the kernel's userfaultfd features and ioctls, and how the fd was created.
     Features,
+    /// End-to-end benchmark against baselines measured in the same run.
+    Bench(bench::BenchArgs),
     /// Serve faults on an embedded synthetic snapshot and verify every byte (no files needed).
     Demo {
         /// Size of the synthetic snapshot in MiB.
@@ -39,6 +43,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Features => features(),
+        Command::Bench(args) => bench::run(args).map(|_| ()),
         Command::Demo { size_mib, threads } => demo(size_mib, threads),
     }
 }

@@ -61,6 +61,9 @@ pub struct ServerConfig {
     /// Bytes resolved first for a demand fault, so the faulting thread wakes early; the rest of
     /// the window follows in `max_io` pieces.
     pub first_chunk: usize,
+    /// Shortest stretch of source zero pages resolved with ZEROPAGE (which maps the shared zero
+    /// page: no memory used); shorter stretches are copied along with their neighbours.
+    pub min_zero_run: usize,
     /// Attempts for a retryable source error before the page is poisoned.
     pub source_attempts: u32,
     /// First backoff between attempts (doubles each time).
@@ -76,6 +79,7 @@ impl Default for ServerConfig {
             batch: 64,
             max_io: 1 << 20,
             first_chunk: 64 << 10,
+            min_zero_run: 8,
             source_attempts: 4,
             retry_backoff: Duration::from_millis(2),
         }
@@ -630,9 +634,10 @@ impl Worker {
                 }
             }
             self.run_deferred();
-            if demand == 0 {
-                self.background_step();
-            }
+            // Demand first: the ready fds were served above; one background chunk, then back
+            // to epoll (with a zero timeout while background work remains).
+            let _ = demand;
+            self.background_step();
         }
     }
 
@@ -807,9 +812,18 @@ impl Worker {
                     .lock()
                     .map(|mut st| st.on_fault(s.readahead, e.region.start, page))
                     .unwrap_or(crate::policy::Window { now: 1, ahead: 0 });
-                let mut n = 1;
                 let max_pages = e.region.pages();
-                while n < window.now && page + n < max_pages && e.states.try_claim(idx + n) {
+                // Resolve the faulting page (and a first chunk after it) now, so the faulting
+                // thread wakes early; queue the rest of the window and the readahead beyond it as
+                // background work that any worker picks up (demand faults still go first).
+                let inline = match s.readahead {
+                    Readahead::Adaptive { .. } => {
+                        window.now.min((self.shared.config.first_chunk as u64 / e.region.page_size()).max(1) as usize)
+                    }
+                    _ => window.now,
+                };
+                let mut n = 1;
+                while n < inline && page + n < max_pages && e.states.try_claim(idx + n) {
                     n += 1;
                 }
                 runs.push(job(e, page, n, JobKind::Demand, true, Some(t)));
@@ -817,9 +831,10 @@ impl Worker {
                     add(&s.stats.readahead_pages, n as u64 - 1);
                     add(&self.shared.total.readahead_pages, n as u64 - 1);
                 }
-                if window.ahead > 0 && page + n < max_pages {
-                    let ahead = window.ahead.min(max_pages - page - n);
-                    aheads.push(job(e, page + n, ahead, JobKind::Readahead, false, None));
+                let rest = (window.now + window.ahead).saturating_sub(n);
+                if rest > 0 && page + n < max_pages {
+                    let rest = rest.min(max_pages - page - n);
+                    aheads.push(job(e, page + n, rest, JobKind::Readahead, false, None));
                 }
             }
         }
@@ -827,6 +842,7 @@ impl Worker {
             if let Ok(mut b) = s.background.lock() {
                 b.ahead.extend(aheads);
             }
+            self.shared.kick();
         }
         for j in runs.into_iter().chain(refaults) {
             self.run_job(s, j);
@@ -879,9 +895,61 @@ impl Worker {
         }
     }
 
-    fn page_is_zero(e: &RegionEntry, page: usize) -> bool {
-        e.states.is_zero(e.state_base + page)
-            || e.region.source.is_zero(e.source_offset_of(page), e.region.page_size()) == Some(true)
+    fn class(e: &RegionEntry, page: usize) -> PageClass {
+        if e.states.is_zero(e.state_base + page) {
+            PageClass::Removed
+        } else if e.region.source.is_zero(e.source_offset_of(page), e.region.page_size()) == Some(true) {
+            PageClass::SourceZero
+        } else {
+            PageClass::Data
+        }
+    }
+
+    /// Where the resolve starting at `p` ends (exclusive, at most `cap` pages, before `end`), and
+    /// whether it is a zero resolve. Removed pages are always zeros (balloon semantics). Short
+    /// stretches of zeros in the source are copied along with their neighbours: one ioctl instead
+    /// of three; stretches of at least `min_zero` pages become ZEROPAGE (no memory used).
+    fn plan(e: &RegionEntry, p: usize, end: usize, cap: usize, min_zero: usize) -> (usize, bool) {
+        let limit = end.min(p + cap);
+        let zero_stretch = |from: usize| {
+            let mut z = from;
+            while z < limit && Self::class(e, z) == PageClass::SourceZero {
+                z += 1;
+            }
+            z - from
+        };
+        match Self::class(e, p) {
+            PageClass::Removed => {
+                let mut q = p + 1;
+                while q < limit && Self::class(e, q) == PageClass::Removed {
+                    q += 1;
+                }
+                (q, true)
+            }
+            class => {
+                if class == PageClass::SourceZero {
+                    let z = zero_stretch(p);
+                    if z >= min_zero || p + z == limit {
+                        return (p + z, true);
+                    }
+                }
+                let mut q = p + 1;
+                while q < limit {
+                    match Self::class(e, q) {
+                        PageClass::Removed => break,
+                        PageClass::Data => q += 1,
+                        PageClass::SourceZero => {
+                            let z = zero_stretch(q);
+                            if z >= min_zero {
+                                break;
+                            }
+                            q += z;
+                        }
+                    }
+                }
+                (q, false)
+            }
+        }
     }
 
     /// Resolve pages `first..first+n` of `e`, claimed by the caller unless `j.claimed` is false
@@ -894,12 +962,8 @@ impl Worker {
         let end = first + n;
         let mut latency_recorded = j.fault_read.is_none();
         while p < end {
-            let zero = Self::page_is_zero(e, p);
             let cap = if p == first && j.kind == JobKind::Demand { first_pages } else { max_pages };
-            let mut q = p + 1;
-            while q < end && q - p < cap && Self::page_is_zero(e, q) == zero {
-                q += 1;
-            }
+            let (q, zero) = Self::plan(e, p, end, cap, self.shared.config.min_zero_run);
             match self.resolve_pages(s, e, p, q - p, zero) {
                 Ok(done) => {
                     let done = done.max(1).min(q - p);
@@ -1276,6 +1340,17 @@ fn job(e: &RegionEntry, page: usize, pages: usize, kind: JobKind, claimed: bool,
         not_before: Instant::now(),
         fault_read: t,
     }
+}
+
+/// What a page holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PageClass {
+    /// Source bytes.
+    Data,
+    /// The source says zeros.
+    SourceZero,
+    /// Removed by the client: must read as zeros whatever the source holds.
+    Removed,
 }
 
 /// Why one resolve step did not make progress.

@@ -8,11 +8,12 @@ use faultline::{Readahead, Region, Server, ServerConfig, SessionOptions};
 use faultline_testing::fill_pattern;
 use faultline_uffd::{Features, Mapping, MemoryKind, RegisterMode, Uffd, PAGE_SIZE};
 
-/// A source of `pages` pattern pages where every fourth page is zero.
+/// A source of `pages` pattern pages: zero in runs of 16 pages (one run in four), and every
+/// seventh page zero on its own.
 fn source(pages: usize, seed: u64) -> Arc<MemorySource> {
     let mut v = vec![0u8; pages * PAGE_SIZE];
     for (p, chunk) in v.chunks_mut(PAGE_SIZE).enumerate() {
-        if p % 4 != 3 {
+        if (p / 16) % 4 != 3 && p % 7 != 0 {
             fill_pattern(seed, p as u64, chunk);
         }
     }
@@ -62,7 +63,9 @@ fn serve_and_touch(config: ServerConfig, threads: usize, pages: usize) -> (fault
 fn sequential_touch_with_adaptive_readahead_serves_every_byte() {
     let (st, io) = serve_and_touch(ServerConfig { workers: 2, ..ServerConfig::default() }, 4, 4096);
     assert_eq!(st.pages, 4096, "every page resolved exactly once: {st:?}");
-    assert_eq!(st.zero_pages, 1024);
+    // Runs of 16 zero pages are ZEROPAGEd (a run cut by a chunk boundary may be copied);
+    // isolated zero pages are copied with their neighbours.
+    assert!((768..=1024).contains(&st.zero_pages), "{st:?}");
     assert_eq!(io.wake, 0, "resolves wake their sleepers: no UFFDIO_WAKE");
     assert!(st.faults < 4096, "readahead must save faults: {st:?}");
     assert_eq!(st.copy + st.zeropage, io.copy + io.zeropage, "server counts match the fd's ioctl counts");

@@ -195,13 +195,18 @@ impl<S: PageSource> FailureInjecting<S> {
                 continue;
             }
             let injected = match rule.failure {
-                Failure::FirstReads(_) => Injected::Fail { retry: Retry::Retryable, at: None },
-                Failure::RetryableAt { offset: at, .. } => {
-                    Injected::Fail { retry: Retry::Retryable, at: Some(at) }
-                }
-                Failure::PermanentAt { offset: at } => {
-                    Injected::Fail { retry: Retry::Permanent, at: Some(at) }
-                }
+                Failure::FirstReads(_) => Injected::Fail {
+                    retry: Retry::Retryable,
+                    at: None,
+                },
+                Failure::RetryableAt { offset: at, .. } => Injected::Fail {
+                    retry: Retry::Retryable,
+                    at: Some(at),
+                },
+                Failure::PermanentAt { offset: at } => Injected::Fail {
+                    retry: Retry::Permanent,
+                    at: Some(at),
+                },
                 Failure::ShortReadAt { offset: at } => Injected::Short { at },
                 Failure::Slow(_) => continue,
             };
@@ -283,6 +288,7 @@ impl<S: PageSource> PageSource for FailureInjecting<S> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap is how a test fails
 mod tests {
     use super::*;
     use crate::source::{MemorySource, ZeroSource};
@@ -309,13 +315,20 @@ mod tests {
         assert_eq!(s.is_zero(0, P), Some(false));
         assert_eq!(s.name(), "memory");
         assert_eq!(s.len(), 4 * P);
-        assert_eq!(s.stats(), FailureStats { reads: 1, ..FailureStats::default() });
+        assert_eq!(
+            s.stats(),
+            FailureStats {
+                reads: 1,
+                ..FailureStats::default()
+            }
+        );
     }
 
     #[test]
     fn first_reads_fail_then_succeed() {
         let d = data();
-        let s = FailureInjecting::new(MemorySource::new(d.clone())).with_rule(Failure::FirstReads(2));
+        let s =
+            FailureInjecting::new(MemorySource::new(d.clone())).with_rule(Failure::FirstReads(2));
         // While the rule is live, shortcuts are hidden so the failure is met.
         assert_eq!(s.ptr_at(3 * P, P), None);
         for _ in 0..2 {
@@ -327,14 +340,20 @@ mod tests {
         assert_eq!(page(&s, 0).unwrap(), d[..P as usize]);
         assert!(s.ptr_at(3 * P, P).is_some());
         let st = s.stats();
-        assert_eq!((st.reads, st.injected, st.retryable, st.permanent), (3, 2, 2, 0));
+        assert_eq!(
+            (st.reads, st.injected, st.retryable, st.permanent),
+            (3, 2, 2, 0)
+        );
     }
 
     #[test]
     fn retryable_at_fails_only_that_offset_the_given_times() {
         let d = data();
-        let s = FailureInjecting::new(MemorySource::new(d.clone()))
-            .with_rule(Failure::RetryableAt { offset: 2 * P + 10, times: 3 });
+        let s =
+            FailureInjecting::new(MemorySource::new(d.clone())).with_rule(Failure::RetryableAt {
+                offset: 2 * P + 10,
+                times: 3,
+            });
         assert!(page(&s, 1).is_ok());
         assert!(s.ptr_at(P, P).is_some());
         assert_eq!(s.ptr_at(2 * P, P), None);
@@ -363,7 +382,10 @@ mod tests {
         }
         assert!(page(&s, 0).is_ok());
         let st = s.stats();
-        assert_eq!((st.reads, st.permanent, st.injected, st.retryable), (6, 5, 5, 0));
+        assert_eq!(
+            (st.reads, st.permanent, st.injected, st.retryable),
+            (6, 5, 5, 0)
+        );
         s.clear_rules();
         assert!(page(&s, 1).is_ok());
         assert_eq!(s.is_zero(0, 2 * P), Some(true));
@@ -386,7 +408,10 @@ mod tests {
         let mut ok = vec![0u8; 100];
         s.read_at(P, &mut ok).unwrap();
         let st = s.stats();
-        assert_eq!((st.reads, st.short_reads, st.injected, st.permanent), (2, 1, 1, 0));
+        assert_eq!(
+            (st.reads, st.short_reads, st.injected, st.permanent),
+            (2, 1, 1, 0)
+        );
     }
 
     #[test]
@@ -403,7 +428,10 @@ mod tests {
         assert!(page(&s, 1).is_ok());
         assert!(t.elapsed() >= Duration::from_millis(60));
         let st = s.stats();
-        assert_eq!((st.reads, st.slowed, st.permanent, st.retryable), (3, 3, 1, 1));
+        assert_eq!(
+            (st.reads, st.slowed, st.permanent, st.retryable),
+            (3, 3, 1, 1)
+        );
     }
 
     #[test]
@@ -411,7 +439,13 @@ mod tests {
         let s = FailureInjecting::new(MemorySource::new(data())).with_rule(Failure::FirstReads(1));
         let e = page(&s, 4).unwrap_err();
         assert_eq!(e.retry, Retry::Permanent);
-        assert_eq!(s.stats(), FailureStats { reads: 1, ..FailureStats::default() });
+        assert_eq!(
+            s.stats(),
+            FailureStats {
+                reads: 1,
+                ..FailureStats::default()
+            }
+        );
         // The rule is still armed.
         assert!(page(&s, 0).unwrap_err().is_retryable());
     }

@@ -72,7 +72,12 @@ impl PageSource for FileSource {
             let at = offset + done as u64;
             match self.file.read_at(&mut buf[done..], at) {
                 Ok(0) => {
-                    return Err(SourceError::short_read(&self.name, offset, len, done as u64));
+                    return Err(SourceError::short_read(
+                        &self.name,
+                        offset,
+                        len,
+                        done as u64,
+                    ));
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -84,13 +89,16 @@ impl PageSource for FileSource {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap is how a test fails
 mod tests {
     use super::*;
     use crate::source::Retry;
     use std::io::Write;
 
     fn pattern(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i % 251) as u8 ^ (i / 4096) as u8).collect()
+        (0..len)
+            .map(|i| (i % 251) as u8 ^ (i / 4096) as u8)
+            .collect()
     }
 
     fn temp_with(bytes: &[u8]) -> tempfile::NamedTempFile {
@@ -121,7 +129,9 @@ mod tests {
     fn from_file_reads_the_same_bytes() {
         let data = pattern(3 * 4096);
         let f = temp_with(&data);
-        let s = FileSource::from_file(f.reopen().unwrap()).unwrap().with_name("snapshot");
+        let s = FileSource::from_file(f.reopen().unwrap())
+            .unwrap()
+            .with_name("snapshot");
         assert_eq!(s.name(), "snapshot");
         let mut all = vec![0u8; data.len()];
         s.read_at(0, &mut all).unwrap();

@@ -106,9 +106,7 @@ impl LayeredSource {
         pages: impl IntoIterator<Item = u64>,
     ) -> Result<LayeredSource, LayerError> {
         let page_size = self.page_size;
-        let at = pages
-            .into_iter()
-            .map(|p| (p, p.checked_mul(page_size).unwrap_or(u64::MAX)));
+        let at = pages.into_iter().map(|p| (p, p.saturating_mul(page_size)));
         self.with_diff_at(diff, at)
     }
 
@@ -119,9 +117,10 @@ impl LayeredSource {
         pages: impl IntoIterator<Item = u64>,
     ) -> Result<LayeredSource, LayerError> {
         let page_size = self.page_size;
-        let at = pages.into_iter().zip(0u64..).map(|(p, k)| {
-            (p, k.checked_mul(page_size).unwrap_or(u64::MAX))
-        });
+        let at = pages
+            .into_iter()
+            .zip(0u64..)
+            .map(|(p, k)| (p, k.saturating_mul(page_size)));
         self.with_diff_at(diff, at)
     }
 
@@ -264,21 +263,23 @@ impl PageSource for LayeredSource {
             let at = (run.start - offset) as usize;
             let part = &mut buf[at..at + run.len as usize];
             let layer = self.layer(run.layer);
-            layer.read_at(run.src_offset, part).map_err(|e| match run.layer {
-                // The base has our offsets: its error says all there is to say.
-                None => e,
-                Some(i) => SourceError {
-                    what: format!(
-                        "diff layer {i} ({}) at offset {:#x}: {}",
-                        e.source_name, run.src_offset, e.what
-                    ),
-                    offset,
-                    len,
-                    source_name: self.name.clone(),
-                    retry: e.retry,
-                    cause: e.cause,
-                },
-            })?;
+            layer
+                .read_at(run.src_offset, part)
+                .map_err(|e| match run.layer {
+                    // The base has our offsets: its error says all there is to say.
+                    None => e,
+                    Some(i) => SourceError {
+                        what: format!(
+                            "diff layer {i} ({}) at offset {:#x}: {}",
+                            e.source_name, run.src_offset, e.what
+                        ),
+                        offset,
+                        len,
+                        source_name: self.name.clone(),
+                        retry: e.retry,
+                        cause: e.cause,
+                    },
+                })?;
         }
         Ok(())
     }
@@ -312,9 +313,10 @@ impl PageSource for LayeredSource {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap is how a test fails
 mod tests {
     use super::*;
-    use crate::source::{FailureInjecting, Failure, MemorySource, Retry, ZeroSource};
+    use crate::source::{Failure, FailureInjecting, MemorySource, Retry, ZeroSource};
     use proptest::prelude::*;
 
     const P: u64 = 4096;
@@ -362,7 +364,10 @@ mod tests {
             .unwrap();
         assert_eq!(s.layer_of(3), Some(0));
         assert_eq!(s.layer_of(4), Some(1));
-        let runs: Vec<_> = s.runs(0, 8 * P).map(|r| (r.layer, r.start, r.len)).collect();
+        let runs: Vec<_> = s
+            .runs(0, 8 * P)
+            .map(|r| (r.layer, r.start, r.len))
+            .collect();
         assert_eq!(
             runs,
             vec![
@@ -395,15 +400,29 @@ mod tests {
             LayeredSource::new(base.clone(), 3000).unwrap_err(),
             LayerError::PageSize(3000)
         );
-        assert_eq!(LayeredSource::new(base.clone(), 0).unwrap_err(), LayerError::PageSize(0));
+        assert_eq!(
+            LayeredSource::new(base.clone(), 0).unwrap_err(),
+            LayerError::PageSize(0)
+        );
         let s = LayeredSource::new(base.clone(), P).unwrap();
         assert_eq!(
-            s.clone().with_packed_diff(mem(vec![0; P as usize]), [3]).unwrap_err(),
-            LayerError::PageOutside { page: 3, base_len: 2 * P + 100 }
+            s.clone()
+                .with_packed_diff(mem(vec![0; P as usize]), [3])
+                .unwrap_err(),
+            LayerError::PageOutside {
+                page: 3,
+                base_len: 2 * P + 100
+            }
         );
         assert!(matches!(
-            s.clone().with_packed_diff(mem(vec![0; P as usize]), [0, 1]).unwrap_err(),
-            LayerError::DiffTooShort { page: 1, offset: P, .. }
+            s.clone()
+                .with_packed_diff(mem(vec![0; P as usize]), [0, 1])
+                .unwrap_err(),
+            LayerError::DiffTooShort {
+                page: 1,
+                offset: P,
+                ..
+            }
         ));
         // The short last page needs only its 100 bytes in the diff.
         let s = s.with_packed_diff(mem(vec![7; 100]), [2]).unwrap();
@@ -411,7 +430,10 @@ mod tests {
         s.read_at(2 * P, &mut tail).unwrap();
         assert_eq!(tail, [7; 100]);
         assert!(s.read_at(2 * P, &mut [0u8; 101]).is_err());
-        assert!(LayeredSource::new(base, P).unwrap().with_diff(mem(vec![]), [u64::MAX]).is_err());
+        assert!(LayeredSource::new(base, P)
+            .unwrap()
+            .with_diff(mem(vec![]), [u64::MAX])
+            .is_err());
     }
 
     #[test]
@@ -432,21 +454,44 @@ mod tests {
         s.read_at(P, &mut buf[..P as usize]).unwrap();
     }
 
-    /// A random layered source: base bytes, page size, and diff layers each given as
-    /// `(page, fill byte)` lists, stored packed in memory.
-    fn layered_case() -> impl Strategy<Value = (u64, Vec<u8>, Vec<Vec<(u64, u8)>>)> {
-        (prop_oneof![Just(16u64), Just(512), Just(4096)], 0u64..10, 0u64..4096).prop_flat_map(
-            |(ps, pages, tail)| {
+    /// A diff layer of a test case: `(page, fill byte)` pairs.
+    type Layer = Vec<(u64, u8)>;
+
+    /// A random layered source: page size, base bytes, and diff layers each given as
+    /// `(page, fill byte)` lists, stored packed in memory. The base is built from one seed per
+    /// page (0: a zero page) rather than byte by byte, which keeps generation fast.
+    fn layered_case() -> impl Strategy<Value = (u64, Vec<u8>, Vec<Layer>)> {
+        (
+            prop_oneof![Just(16u64), Just(512), Just(4096)],
+            0u64..10,
+            0u64..4096,
+        )
+            .prop_flat_map(|(ps, pages, tail)| {
                 let len = pages * ps + tail % ps;
                 let npages = len.div_ceil(ps).max(1);
-                let base = proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>()], len as usize);
-                let layer = proptest::collection::vec((0..npages, prop_oneof![Just(0u8), any::<u8>()]), 0..6);
+                let seeds =
+                    proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>()], npages as usize);
+                let base = seeds.prop_map(move |seeds| {
+                    (0..len)
+                        .map(|i| {
+                            let seed = seeds[(i / ps) as usize];
+                            if seed == 0 {
+                                0
+                            } else {
+                                seed ^ (i % 7) as u8
+                            }
+                        })
+                        .collect::<Vec<u8>>()
+                });
+                let layer = proptest::collection::vec(
+                    (0..npages, prop_oneof![Just(0u8), any::<u8>()]),
+                    0..6,
+                );
                 (Just(ps), base, proptest::collection::vec(layer, 0..3))
-            },
-        )
+            })
     }
 
-    /// Where each byte of the model comes from: (layer, buffer, offset in it).
+    /// Where each byte of the model comes from: (diff layer or base, offset in that source).
     type Origin = (Option<usize>, u64);
 
     proptest! {

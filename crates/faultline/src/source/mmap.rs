@@ -35,9 +35,13 @@ use memmap2::Mmap;
 use super::memory::{bytes_are_zero, ZeroPages, ZERO_GRANULE};
 use super::{check_bounds, PageSource, SourceError};
 
-/// A read-only mapping of a file.
+/// A read-only shared mapping of a file, lending pointers into it for one-copy resolves.
 ///
-/// The file must not be truncated while the source lives (see the [module docs](self)).
+/// The file must keep its length while the source lives: copying from a page past a new, shorter
+/// end raises `SIGBUS` in this process (and a `UFFDIO_COPY` from a lent pointer fails with
+/// `EFAULT`). Writes to the file show through the mapping; the source copies out of it only
+/// through raw pointers, never through `&[u8]`, so a writer can change the bytes served but not
+/// break memory safety.
 #[derive(Debug)]
 pub struct MmapSource {
     map: Mmap,
@@ -180,6 +184,7 @@ impl PageSource for MmapSource {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap is how a test fails
 mod tests {
     use super::*;
     use crate::source::Retry;
@@ -228,7 +233,11 @@ mod tests {
         let data = pattern(4 * P);
         let f = temp_with(&data);
         let file = f.reopen().unwrap();
-        let s = MmapSource::options().populate(true).map_file(&file).unwrap().with_name("snap");
+        let s = MmapSource::options()
+            .populate(true)
+            .map_file(&file)
+            .unwrap()
+            .with_name("snap");
         drop(file);
         assert_eq!(s.name(), "snap");
         let mut all = vec![0u8; data.len()];

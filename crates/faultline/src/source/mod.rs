@@ -12,12 +12,12 @@
 
 use std::sync::Arc;
 
+pub mod failure;
 mod file;
 mod layered;
 mod memory;
 mod mmap;
 mod zero;
-pub mod failure;
 
 pub use failure::{Failure, FailureInjecting, FailureStats};
 pub use file::FileSource;
@@ -64,8 +64,12 @@ impl SourceError {
     pub fn from_io(source_name: &str, offset: u64, len: u64, e: std::io::Error) -> SourceError {
         use std::io::ErrorKind as K;
         let retry = match e.kind() {
-            K::Interrupted | K::WouldBlock | K::TimedOut | K::ConnectionReset
-            | K::ConnectionAborted | K::BrokenPipe => Retry::Retryable,
+            K::Interrupted
+            | K::WouldBlock
+            | K::TimedOut
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::BrokenPipe => Retry::Retryable,
             _ => Retry::Permanent,
         };
         SourceError {
@@ -185,13 +189,18 @@ pub fn check_bounds(name: &str, offset: u64, len: u64, source_len: u64) -> Resul
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap is how a test fails
 mod tests {
     use super::*;
     use std::io::{Error, ErrorKind};
 
     #[test]
     fn io_errors_are_classified() {
-        for kind in [ErrorKind::Interrupted, ErrorKind::WouldBlock, ErrorKind::TimedOut] {
+        for kind in [
+            ErrorKind::Interrupted,
+            ErrorKind::WouldBlock,
+            ErrorKind::TimedOut,
+        ] {
             let e = SourceError::from_io("f", 4096, 8, Error::from(kind));
             assert!(e.is_retryable(), "{kind:?}");
         }
@@ -200,7 +209,10 @@ mod tests {
         // The cause is kept as the source and not repeated in the message.
         let cause = std::error::Error::source(&e).unwrap().to_string();
         assert!(!e.to_string().contains(&cause), "{e}");
-        assert_eq!(e.to_string(), "reading 8 bytes at offset 0x1000 from f: I/O error");
+        assert_eq!(
+            e.to_string(),
+            "reading 8 bytes at offset 0x1000 from f: I/O error"
+        );
     }
 
     #[test]
@@ -226,7 +238,13 @@ mod tests {
         let mut buf = [0u8; 4];
         b.read_at(1, &mut buf).unwrap();
         assert_eq!(buf, [3; 4]);
-        assert_eq!((b.len(), b.is_zero(0, 4096), b.ptr_at(0, 1).is_some()), (4096, Some(false), true));
-        assert_eq!((a.len(), a.is_zero(0, 4096), a.name()), (4096, Some(true), "zero".to_string()));
+        assert_eq!(
+            (b.len(), b.is_zero(0, 4096), b.ptr_at(0, 1).is_some()),
+            (4096, Some(false), true)
+        );
+        assert_eq!(
+            (a.len(), a.is_zero(0, 4096), a.name()),
+            (4096, Some(true), "zero".to_string())
+        );
     }
 }

@@ -41,6 +41,7 @@ impl PageSource for ZeroSource {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap is how a test fails
 mod tests {
     use super::*;
     use crate::source::Retry;

@@ -1,0 +1,732 @@
+//! `faultline bench`: end-to-end fault serving against baselines measured in the same run.
+//!
+//! A region (default 1 GiB) is served from a page-cached file and touched from several threads
+//! (one read per page), then every byte is verified against the file. Variants:
+//! - `faultline`: the runtime's server (with CPU placement free and pinned);
+//! - `naive`: one thread, one message per read, one 4 KiB COPY per fault (the public examples);
+//! - `crate`: the same naive loop on the `userfaultfd` crate (feature `crate-baseline`);
+//! - `kernel`: the kernel's own path, a read-only file mapping of the same file;
+//! - `eager`: the whole file copied in 2 MiB `UFFDIO_COPY`s before any touch: the ceiling of
+//!   COPY-based serving.
+//!
+//! Fault overhead = the first touch pass minus a second pass over the now-present memory.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Args, ValueEnum};
+use faultline::source::{MmapSource, PageSource};
+use faultline::{Readahead, Region, Server, ServerConfig, SessionOptions, WorkingSet};
+use faultline_uffd::{CopyMode, Features, Mapping, MemoryKind, RegisterMode, Uffd};
+use serde::Serialize;
+
+/// Access pattern of the touch pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum Pattern {
+    /// Each thread walks its own contiguous slice in order.
+    Seq,
+    /// Each thread touches its slice in a random order.
+    Rand,
+    /// Every thread touches every page, all in the same order.
+    Storm,
+}
+
+/// CPU placement of the server's workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Placement {
+    /// The scheduler decides.
+    Free,
+    /// Worker i is pinned to CPU i.
+    Pinned,
+    /// Measure both.
+    Both,
+}
+
+/// Readahead choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReadaheadArg {
+    /// Only the faulting page.
+    Off,
+    /// A fixed window of `--readahead-pages`.
+    Fixed,
+    /// Grow on sequential faults up to `--readahead-pages`.
+    Adaptive,
+}
+
+/// `faultline bench` flags.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Region size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub size_mib: u64,
+    /// Page size: 4096, or 2097152 (hugetlbfs; huge pages are reserved as needed).
+    #[arg(long, default_value_t = 4096)]
+    pub page_size: u64,
+    /// Access pattern.
+    #[arg(long, value_enum, default_value_t = Pattern::Seq)]
+    pub pattern: Pattern,
+    /// Touching threads.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Server worker threads (default: number of CPUs).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Readahead policy.
+    #[arg(long, value_enum, default_value_t = ReadaheadArg::Adaptive)]
+    pub readahead: ReadaheadArg,
+    /// Readahead window (pages; the maximum for adaptive).
+    #[arg(long, default_value_t = 512)]
+    pub readahead_pages: usize,
+    /// Worker CPU placement.
+    #[arg(long, value_enum, default_value_t = Placement::Both)]
+    pub placement: Placement,
+    /// Baselines to measure, comma separated: kernel,naive,crate,eager.
+    #[arg(long, default_value = "kernel,naive,crate,eager")]
+    pub baselines: String,
+    /// Repeat every variant this many times; min and median are reported.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Also measure working-set record and prefetch replay (fraction of pages in the set, %).
+    #[arg(long)]
+    pub working_set_pct: Option<u32>,
+    /// Serve this file instead of a generated one.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// One measured variant.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// Variant name.
+    pub name: String,
+    /// First-touch pass, each repetition (ms).
+    pub touch_ms: Vec<f64>,
+    /// Present pass (ms, min).
+    pub present_ms: f64,
+    /// Fault overhead (ms, min over repetitions).
+    pub overhead_ms: f64,
+    /// Throughput of the first pass (MiB/s, best).
+    pub mib_s: f64,
+    /// Fault messages.
+    pub faults: u64,
+    /// Resolve ioctls.
+    pub resolves: u64,
+    /// UFFDIO_WAKE calls.
+    pub wakes: u64,
+    /// EEXIST answers.
+    pub eexist: u64,
+    /// Median fault latency (µs).
+    pub p50_us: f64,
+    /// 99th percentile fault latency (µs).
+    pub p99_us: f64,
+    /// Handler's own anonymous memory (bytes) while serving, where measured.
+    pub handler_bytes: Option<u64>,
+}
+
+impl Row {
+    fn min_ms(&self) -> f64 {
+        self.touch_ms.iter().cloned().fold(f64::INFINITY, f64::min)
+    }
+    fn median_ms(&self) -> f64 {
+        let mut v = self.touch_ms.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    }
+}
+
+/// The whole report.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Kernel release.
+    pub kernel: String,
+    /// Region size (bytes).
+    pub size: u64,
+    /// Page size.
+    pub page_size: u64,
+    /// Pattern.
+    pub pattern: Pattern,
+    /// Touching threads.
+    pub threads: usize,
+    /// Rows.
+    pub rows: Vec<Row>,
+    /// Ratios against baselines.
+    pub ratios: Vec<(String, f64)>,
+    /// Working-set results, if measured.
+    pub working_set: Option<WsReport>,
+}
+
+/// Working-set record/replay results.
+#[derive(Debug, Serialize)]
+pub struct WsReport {
+    /// Pages in the working set.
+    pub pages: usize,
+    /// Time until all were present when served on demand (ms).
+    pub on_demand_ms: f64,
+    /// Time until all were present with prefetch replay (ms).
+    pub prefetch_ms: f64,
+    /// on_demand / prefetch.
+    pub speedup: f64,
+}
+
+fn kind_for(page_size: u64) -> Result<MemoryKind> {
+    match page_size {
+        4096 => Ok(MemoryKind::PrivateAnonymous),
+        0x20_0000 => Ok(MemoryKind::HugetlbPrivate),
+        other => bail!("--page-size {other} is not supported (4096 or 2097152)"),
+    }
+}
+
+/// Deterministic snapshot-like content: a quarter of the pages zero in runs of 32 pages (free
+/// memory), a few isolated zero pages (one in 97), the rest pseudo-random.
+fn generate_file(path: &Path, size: u64, page: u64) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path)?);
+    let mut buf = vec![0u8; page as usize];
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for p in 0..size / page {
+        if (p / 32) % 4 == 3 || p % 97 == 0 {
+            buf.fill(0);
+        } else {
+            for w in buf.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        f.write_all(&buf)?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// Page order for one thread.
+fn order(pattern: Pattern, pages: usize, threads: usize, t: usize) -> Vec<usize> {
+    match pattern {
+        Pattern::Seq => {
+            let per = pages.div_ceil(threads);
+            (t * per..((t + 1) * per).min(pages)).collect()
+        }
+        Pattern::Rand => {
+            let per = pages.div_ceil(threads);
+            let mut v: Vec<usize> = (t * per..((t + 1) * per).min(pages)).collect();
+            let mut x = 0x2545_F491_4F6C_DD1Du64 ^ (t as u64 + 1);
+            for i in (1..v.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                v.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            v
+        }
+        Pattern::Storm => {
+            let mut v: Vec<usize> = (0..pages).collect();
+            let mut x = 0x1234_5678_9ABC_DEF1u64;
+            for i in (1..v.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                v.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            v
+        }
+    }
+}
+
+/// Touch every page of `orders` (one read per page) from one thread each; returns the time.
+fn touch(m: &Mapping, page: usize, orders: &[Vec<usize>]) -> Duration {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for o in orders {
+            s.spawn(move || {
+                let mut acc = 0u8;
+                for &p in o {
+                    acc ^= m.read_u8(p * page).unwrap_or(0);
+                }
+                std::hint::black_box(acc);
+            });
+        }
+    });
+    start.elapsed()
+}
+
+/// Compare every byte of `m` with `src`, in parallel.
+fn verify(m: &Mapping, src: &MmapSource, threads: usize) -> Result<()> {
+    let len = m.len();
+    let chunk = (len / threads.max(1)).next_multiple_of(1 << 20);
+    std::thread::scope(|s| -> Result<()> {
+        let hs: Vec<_> = (0..len.div_ceil(chunk))
+            .map(|i| {
+                s.spawn(move || -> Result<()> {
+                    let mut got = vec![0u8; 1 << 20];
+                    let mut want = vec![0u8; 1 << 20];
+                    let end = ((i + 1) * chunk).min(len);
+                    let mut off = i * chunk;
+                    while off < end {
+                        let n = (end - off).min(got.len());
+                        m.read(off, &mut got[..n])?;
+                        src.read_at(off as u64, &mut want[..n])?;
+                        if got[..n] != want[..n] {
+                            let at = got[..n].iter().zip(&want[..n]).position(|(a, b)| a != b).unwrap_or(0);
+                            bail!("byte {} differs from the file", off + at);
+                        }
+                        off += n;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().map_err(|_| anyhow::anyhow!("verifier panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+fn percentile(v: &mut [u64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    v[i] as f64 / 1000.0
+}
+
+/// Anonymous memory of this process outside `[skip_start, skip_end)`, from /proc/self/smaps.
+fn anon_outside(skip_start: u64, skip_end: u64) -> u64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/smaps") else { return 0 };
+    let mut total = 0;
+    let mut skip = false;
+    for line in s.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    skip = a < skip_end && skip_start < b;
+                    continue;
+                }
+            }
+        }
+        if let Some(rest) = line.strip_prefix("Anonymous:") {
+            if !skip {
+                total += rest.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
+            }
+        }
+    }
+    total
+}
+
+struct Ctx {
+    args: BenchArgs,
+    src: Arc<MmapSource>,
+    size: u64,
+    page: u64,
+    kind: MemoryKind,
+    orders: Vec<Vec<usize>>,
+}
+
+impl Ctx {
+    fn mapping(&self) -> Result<Mapping> {
+        if self.kind.is_hugetlb() {
+            let need = self.size / self.page;
+            ensure!(faultline_uffd::reserve_huge_pages(need), "cannot reserve {need} huge pages");
+        }
+        Ok(Mapping::new(self.kind, self.size as usize)?)
+    }
+
+    fn uffd(&self) -> Result<Uffd> {
+        let f = if self.kind.is_hugetlb() { Features::MISSING_HUGETLBFS } else { Features::empty() };
+        Ok(Uffd::new(f)?)
+    }
+
+    /// Touch, stop the handler, touch again, verify.
+    fn passes(&self, m: &Mapping, stop: impl FnOnce()) -> Result<(f64, f64)> {
+        let first = touch(m, self.page as usize, &self.orders);
+        stop();
+        let second = touch(m, self.page as usize, &self.orders);
+        verify(m, &self.src, self.args.threads.max(2))?;
+        Ok((first.as_secs_f64() * 1e3, second.as_secs_f64() * 1e3))
+    }
+
+    fn ours(&self, pinned: bool) -> Result<Row> {
+        let mut row = self.row(if pinned { "faultline (pinned)" } else { "faultline" });
+        for _ in 0..self.args.repeat.max(1) {
+            let m = self.mapping()?;
+            let uffd = self.uffd()?;
+            uffd.register(&m, RegisterMode::MISSING)?;
+            let readahead = match self.args.readahead {
+                ReadaheadArg::Off => Readahead::Off,
+                ReadaheadArg::Fixed => Readahead::Fixed { pages: self.args.readahead_pages },
+                ReadaheadArg::Adaptive => Readahead::Adaptive { min_pages: 1, max_pages: self.args.readahead_pages },
+            };
+            let mut config = ServerConfig { readahead, pin_workers: pinned, ..ServerConfig::default() };
+            if let Some(w) = self.args.workers {
+                config.workers = w;
+            }
+            let (ms, me) = (m.addr(), m.addr() + m.len() as u64);
+            let before = anon_outside(ms, me);
+            let server = Server::start(config)?;
+            let src: Arc<dyn PageSource> = self.src.clone();
+            let session = server.add_session(uffd, vec![Region::new(m.addr(), self.size, self.kind, src, 0)], SessionOptions::default())?;
+            let mut during = 0;
+            let (first, second) = self.passes(&m, || during = anon_outside(ms, me))?;
+            let st = session.stats();
+            let io = session.uffd_stats();
+            server.shutdown();
+            row.touch_ms.push(first);
+            self.fill(&mut row, first, second, st.faults, st.resolves(), io.wake, io.eexist);
+            row.p50_us = st.latency_p50_ns as f64 / 1e3;
+            row.p99_us = st.latency_p99_ns as f64 / 1e3;
+            row.handler_bytes = Some(during.saturating_sub(before));
+        }
+        Ok(row)
+    }
+
+    fn naive(&self) -> Result<Row> {
+        let mut row = self.row("naive (1 msg/read, 1 page/COPY)");
+        let src_ptr = self.src.ptr_at(0, self.size).context("mmap source lends no pointer")?;
+        for _ in 0..self.args.repeat.max(1) {
+            let m = self.mapping()?;
+            let uffd = self.uffd()?;
+            uffd.register(&m, RegisterMode::MISSING)?;
+            let stop = AtomicBool::new(false);
+            let (region, size, page) = (m.addr(), self.size, self.page);
+            let src_addr = src_ptr as usize;
+            let (r, st) = std::thread::scope(|s| {
+                let h = s.spawn(|| {
+                    faultline_testing::baseline::naive_faultline(&uffd, region, size, page, src_addr as *const u8, &stop)
+                });
+                let r = self.passes(&m, || stop.store(true, Ordering::Release));
+                stop.store(true, Ordering::Release);
+                (r, h.join())
+            });
+            let (first, second) = r?;
+            let mut st = st.map_err(|_| anyhow::anyhow!("naive handler panicked"))?;
+            row.touch_ms.push(first);
+            let io = uffd.stats();
+            self.fill(&mut row, first, second, st.faults, io.resolves(), io.wake, io.eexist);
+            row.p50_us = percentile(&mut st.latencies_ns, 0.5);
+            row.p99_us = percentile(&mut st.latencies_ns, 0.99);
+        }
+        Ok(row)
+    }
+
+    #[cfg(feature = "crate-baseline")]
+    fn crate_baseline(&self) -> Result<Option<Row>> {
+        let mut row = self.row("userfaultfd crate (naive)");
+        let src_ptr = self.src.ptr_at(0, self.size).context("mmap source lends no pointer")?;
+        for _ in 0..self.args.repeat.max(1) {
+            let m = self.mapping()?;
+            let uffd = userfaultfd::UffdBuilder::new()
+                .close_on_exec(true)
+                .non_blocking(true)
+                .user_mode_only(false)
+                .create()
+                .context("userfaultfd crate: create")?;
+            uffd.register(m.as_ptr().cast(), m.len()).context("userfaultfd crate: register")?;
+            let stop = AtomicBool::new(false);
+            let (region, size, page) = (m.addr(), self.size, self.page);
+            let src_addr = src_ptr as usize;
+            let (r, st) = std::thread::scope(|s| {
+                let h = s.spawn(|| {
+                    faultline_testing::baseline::naive_crate(&uffd, region, size, page, src_addr as *const u8, &stop)
+                });
+                let r = self.passes(&m, || stop.store(true, Ordering::Release));
+                stop.store(true, Ordering::Release);
+                (r, h.join())
+            });
+            let (first, second) = r?;
+            let mut st = st.map_err(|_| anyhow::anyhow!("crate handler panicked"))?;
+            row.touch_ms.push(first);
+            self.fill(&mut row, first, second, st.faults, st.copies + st.eexist, 0, st.eexist);
+            row.p50_us = percentile(&mut st.latencies_ns, 0.5);
+            row.p99_us = percentile(&mut st.latencies_ns, 0.99);
+        }
+        Ok(Some(row))
+    }
+
+    #[cfg(not(feature = "crate-baseline"))]
+    fn crate_baseline(&self) -> Result<Option<Row>> {
+        eprintln!("  (userfaultfd crate baseline skipped: build with --features crate-baseline)");
+        Ok(None)
+    }
+
+    fn kernel(&self) -> Result<Row> {
+        let mut row = self.row("kernel (file mapping)");
+        let path = self.src.name();
+        for _ in 0..self.args.repeat.max(1) {
+            let map = MmapSource::options().populate(false).open(&path)?;
+            let page = self.page as usize;
+            let run = |map: &MmapSource| {
+                let start = Instant::now();
+                std::thread::scope(|s| {
+                    for o in &self.orders {
+                        s.spawn(move || {
+                            let mut b = [0u8; 1];
+                            for &p in o {
+                                let _ = map.read_at((p * page) as u64, &mut b);
+                            }
+                        });
+                    }
+                });
+                start.elapsed().as_secs_f64() * 1e3
+            };
+            let first = run(&map);
+            let second = run(&map);
+            row.touch_ms.push(first);
+            self.fill(&mut row, first, second, 0, 0, 0, 0);
+        }
+        Ok(row)
+    }
+
+    fn eager(&self) -> Result<Row> {
+        let mut row = self.row("eager 2 MiB COPY (ceiling)");
+        let src_ptr = self.src.ptr_at(0, self.size).context("mmap source lends no pointer")? as usize;
+        for _ in 0..self.args.repeat.max(1) {
+            let m = self.mapping()?;
+            let uffd = self.uffd()?;
+            uffd.register(&m, RegisterMode::MISSING)?;
+            let chunk = (2u64 << 20).max(self.page);
+            let start = Instant::now();
+            let mut off = 0;
+            while off < self.size {
+                let n = chunk.min(self.size - off);
+                let src = (src_ptr + off as usize) as *const u8;
+                match uffd.copy_from_ptr(m.addr() + off, src, n as usize, CopyMode::empty()) {
+                    Ok(r) => off += r.bytes(),
+                    Err(e) if e.is_already_present() => off += self.page,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let first = start.elapsed().as_secs_f64() * 1e3;
+            let second = touch(&m, self.page as usize, &self.orders).as_secs_f64() * 1e3;
+            verify(&m, &self.src, self.args.threads.max(2))?;
+            row.touch_ms.push(first);
+            let io = uffd.stats();
+            row.faults = 0;
+            row.resolves = io.resolves();
+            row.present_ms = second;
+            row.mib_s = row.mib_s.max(self.size as f64 / (1 << 20) as f64 / (first / 1e3));
+        }
+        Ok(row)
+    }
+
+    fn row(&self, name: &str) -> Row {
+        Row {
+            name: name.to_string(),
+            touch_ms: Vec::new(),
+            present_ms: f64::INFINITY,
+            overhead_ms: f64::INFINITY,
+            mib_s: 0.0,
+            faults: 0,
+            resolves: 0,
+            wakes: 0,
+            eexist: 0,
+            p50_us: 0.0,
+            p99_us: 0.0,
+            handler_bytes: None,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fill(&self, row: &mut Row, first: f64, second: f64, faults: u64, resolves: u64, wakes: u64, eexist: u64) {
+        row.present_ms = row.present_ms.min(second);
+        row.overhead_ms = row.overhead_ms.min((first - second).max(0.0));
+        row.mib_s = row.mib_s.max(self.size as f64 / (1 << 20) as f64 / (first / 1e3));
+        row.faults = faults;
+        row.resolves = resolves;
+        row.wakes = wakes;
+        row.eexist = eexist;
+    }
+
+    /// Record a working set, then compare on-demand and prefetch replay of it.
+    fn working_set(&self, pct: u32) -> Result<WsReport> {
+        let pages = (self.size / self.page) as usize;
+        let want = (pages * pct.clamp(1, 100) as usize / 100).max(1);
+        // A restore-like working set: scattered pages, in a random order.
+        let mut set = order(Pattern::Storm, pages, 1, 0);
+        set.truncate(want);
+        let page = self.page as usize;
+        let src: Arc<dyn PageSource> = self.src.clone();
+        let run = |opts: SessionOptions, touch_set: bool| -> Result<(f64, WorkingSet)> {
+            let m = self.mapping()?;
+            let uffd = self.uffd()?;
+            uffd.register(&m, RegisterMode::MISSING)?;
+            let config = ServerConfig { readahead: Readahead::Off, ..ServerConfig::default() };
+            let server = Server::start(config)?;
+            let start = Instant::now();
+            let session = server.add_session(uffd, vec![Region::new(m.addr(), self.size, self.kind, src.clone(), 0)], opts)?;
+            let offsets: Vec<u64> = set.iter().map(|&p| (p * page) as u64).collect();
+            if touch_set {
+                for &p in &set {
+                    std::hint::black_box(m.read_u8(p * page)?);
+                }
+            } else {
+                while !session.offsets_present(&offsets) {
+                    std::thread::yield_now();
+                }
+            }
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            let ws = session.working_set();
+            server.shutdown();
+            Ok((ms, ws))
+        };
+        let (_, ws) = run(SessionOptions { record_working_set: true, ..SessionOptions::default() }, true)?;
+        ensure!(ws.offsets.len() == want, "recorded {} pages, touched {want}", ws.offsets.len());
+        let (on_demand_ms, _) = run(SessionOptions::default(), true)?;
+        let (prefetch_ms, _) = run(SessionOptions { prefetch: Some(ws), ..SessionOptions::default() }, false)?;
+        Ok(WsReport { pages: want, on_demand_ms, prefetch_ms, speedup: on_demand_ms / prefetch_ms })
+    }
+}
+
+/// Run the benchmark and print the table (and JSON if asked).
+pub fn run(args: BenchArgs) -> Result<Report> {
+    let page = args.page_size;
+    let kind = kind_for(page)?;
+    let size = (args.size_mib << 20).next_multiple_of(page);
+    ensure!(size > 0, "--size-mib must be positive");
+    let tmp;
+    let path = match &args.file {
+        Some(p) => p.clone(),
+        None => {
+            tmp = tempfile::Builder::new().prefix("faultline-bench").tempfile()?;
+            eprintln!("generating a {} MiB snapshot file ...", size >> 20);
+            generate_file(tmp.path(), size, page)?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let src = Arc::new(
+        MmapSource::options()
+            .populate(true)
+            .open(&path)
+            .with_context(|| format!("mapping {}", path.display()))?
+            .with_zero_scan(),
+    );
+    ensure!(src.len() >= size, "{} is smaller than --size-mib", path.display());
+    let pages = (size / page) as usize;
+    let threads = args.threads.max(1);
+    let orders = (0..if args.pattern == Pattern::Storm { threads } else { threads })
+        .map(|t| order(args.pattern, pages, threads, t))
+        .collect();
+    let ctx = Ctx { args, src, size, page, kind, orders };
+    let base: Vec<String> = ctx.args.baselines.split(',').map(|s| s.trim().to_string()).collect();
+    let mut rows = Vec::new();
+    let placements: &[bool] = match ctx.args.placement {
+        Placement::Free => &[false],
+        Placement::Pinned => &[true],
+        Placement::Both => &[false, true],
+    };
+    for &pinned in placements {
+        eprintln!("measuring faultline{} ...", if pinned { " (pinned)" } else { "" });
+        rows.push(ctx.ours(pinned)?);
+    }
+    if base.iter().any(|b| b == "naive") {
+        eprintln!("measuring the naive handler ...");
+        rows.push(ctx.naive()?);
+    }
+    if base.iter().any(|b| b == "crate") {
+        eprintln!("measuring the userfaultfd crate ...");
+        if let Some(r) = ctx.crate_baseline()? {
+            rows.push(r);
+        }
+    }
+    if base.iter().any(|b| b == "kernel") {
+        eprintln!("measuring the kernel's file mapping ...");
+        rows.push(ctx.kernel()?);
+    }
+    if base.iter().any(|b| b == "eager") {
+        eprintln!("measuring eager copy ...");
+        rows.push(ctx.eager()?);
+    }
+    let working_set = match ctx.args.working_set_pct {
+        Some(p) => {
+            eprintln!("measuring working-set record/replay ...");
+            Some(ctx.working_set(p)?)
+        }
+        None => None,
+    };
+    let mut ratios = Vec::new();
+    let find = |prefix: &str| rows.iter().find(|r| r.name.starts_with(prefix));
+    for ours in rows.iter().filter(|r| r.name.starts_with("faultline")) {
+        if let Some(e) = find("eager") {
+            ratios.push((format!("{} throughput / eager ceiling", ours.name), ours.mib_s / e.mib_s));
+        }
+        if let Some(n) = find("naive") {
+            ratios.push((format!("{} fault overhead / naive", ours.name), ours.overhead_ms / n.overhead_ms));
+            ratios.push((format!("{} first-touch time / naive", ours.name), ours.min_ms() / n.min_ms()));
+        }
+        if let Some(c) = find("userfaultfd crate") {
+            ratios.push((format!("{} fault overhead / userfaultfd crate", ours.name), ours.overhead_ms / c.overhead_ms));
+        }
+        if let Some(k) = find("kernel") {
+            ratios.push((format!("{} first-touch time / kernel file mapping", ours.name), ours.min_ms() / k.min_ms()));
+        }
+        if let Some(b) = ours.handler_bytes {
+            ratios.push((format!("{} handler memory / served memory", ours.name), b as f64 / size as f64));
+        }
+    }
+    if let (Some(n), Some(c)) = (find("naive"), find("userfaultfd crate")) {
+        ratios.push(("naive on faultline-uffd / naive on userfaultfd crate (overhead)".into(), n.overhead_ms / c.overhead_ms));
+    }
+    let report = Report {
+        kernel: rustix::system::uname().release().to_string_lossy().into_owned(),
+        size,
+        page_size: page,
+        pattern: ctx.args.pattern,
+        threads,
+        rows,
+        ratios,
+        working_set,
+    };
+    print_report(&report);
+    if let Some(p) = &ctx.args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(report)
+}
+
+fn print_report(r: &Report) {
+    println!(
+        "\nfaultline bench: {} MiB, {} B pages, pattern {:?}, {} touching threads, kernel {}",
+        r.size >> 20,
+        r.page_size,
+        r.pattern,
+        r.threads,
+        r.kernel
+    );
+    println!(
+        "{:<34} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8} {:>9}",
+        "variant", "min ms", "median", "overhead", "MiB/s", "faults", "resolves", "wakes", "p50 µs", "p99 µs", "handler"
+    );
+    for row in &r.rows {
+        println!(
+            "{:<34} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>9} {:>9} {:>6} {:>8.1} {:>8.1} {:>9}",
+            row.name,
+            row.min_ms(),
+            row.median_ms(),
+            row.overhead_ms,
+            row.mib_s,
+            row.faults,
+            row.resolves,
+            row.wakes,
+            row.p50_us,
+            row.p99_us,
+            row.handler_bytes.map(|b| format!("{} KiB", b >> 10)).unwrap_or_else(|| "-".into())
+        );
+    }
+    println!();
+    for (name, v) in &r.ratios {
+        println!("  {name:<62} {v:>8.3}");
+    }
+    if let Some(ws) = &r.working_set {
+        println!(
+            "  working set of {} pages: on demand {:.1} ms, prefetch replay {:.1} ms: {:.2}x faster",
+            ws.pages, ws.on_demand_ms, ws.prefetch_ms, ws.speedup
+        );
+    }
+}
