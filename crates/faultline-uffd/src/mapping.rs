@@ -295,11 +295,14 @@ impl Mapping {
             _ => return Err((self, RangeError::Empty { start: 0 }.into())),
         };
         // Force a move: reserve a fresh area and move onto it, so the REMAP event is guaranteed.
-        let target = match Mapping::new(self.kind, new_len) {
+        let mut target = match Mapping::new(self.kind, new_len) {
             Ok(t) => t,
             Err(e) => return Err((self, e)),
         };
         let dst = target.ptr.as_ptr();
+        // Only the reservation's address range is kept; its memfd (shared kinds) is closed here,
+        // else every remap would leak an fd and, for hugetlbfs, the file's huge page reservation.
+        drop(target.fd.take());
         std::mem::forget(target);
         // SAFETY: `self` owns `self.len` bytes at `self.ptr`; `dst` is a reservation we own of
         // `new_len` bytes, which MREMAP_FIXED replaces. No references exist into either.
