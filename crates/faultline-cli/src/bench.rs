@@ -121,12 +121,17 @@ pub struct Row {
     pub wakes: u64,
     /// EEXIST answers.
     pub eexist: u64,
+    /// Pages resolved successfully (each page once is the ideal).
+    pub pages_resolved: u64,
     /// Median fault latency (µs).
     pub p50_us: f64,
     /// 99th percentile fault latency (µs).
     pub p99_us: f64,
-    /// Handler's own anonymous memory (bytes) while serving, where measured.
+    /// Memory the server accounts for itself (bitmaps, buffers, histograms), bytes.
     pub handler_bytes: Option<u64>,
+    /// Growth of the process's anonymous memory outside the served region while serving (also
+    /// counts glibc's cached thread stacks and arenas), bytes.
+    pub handler_rss_delta: Option<u64>,
 }
 
 impl Row {
@@ -273,7 +278,11 @@ fn verify(m: &Mapping, src: &MmapSource, threads: usize) -> Result<()> {
                         m.read(off, &mut got[..n])?;
                         src.read_at(off as u64, &mut want[..n])?;
                         if got[..n] != want[..n] {
-                            let at = got[..n].iter().zip(&want[..n]).position(|(a, b)| a != b).unwrap_or(0);
+                            let at = got[..n]
+                                .iter()
+                                .zip(&want[..n])
+                                .position(|(a, b)| a != b)
+                                .unwrap_or(0);
                             bail!("byte {} differs from the file", off + at);
                         }
                         off += n;
@@ -283,7 +292,8 @@ fn verify(m: &Mapping, src: &MmapSource, threads: usize) -> Result<()> {
             })
             .collect();
         for h in hs {
-            h.join().map_err(|_| anyhow::anyhow!("verifier panicked"))??;
+            h.join()
+                .map_err(|_| anyhow::anyhow!("verifier panicked"))??;
         }
         Ok(())
     })
@@ -300,7 +310,9 @@ fn percentile(v: &mut [u64], q: f64) -> f64 {
 
 /// Anonymous memory of this process outside `[skip_start, skip_end)`, from /proc/self/smaps.
 fn anon_outside(skip_start: u64, skip_end: u64) -> u64 {
-    let Ok(s) = std::fs::read_to_string("/proc/self/smaps") else { return 0 };
+    let Ok(s) = std::fs::read_to_string("/proc/self/smaps") else {
+        return 0;
+    };
     let mut total = 0;
     let mut skip = false;
     for line in s.lines() {
@@ -314,7 +326,13 @@ fn anon_outside(skip_start: u64, skip_end: u64) -> u64 {
         }
         if let Some(rest) = line.strip_prefix("Anonymous:") {
             if !skip {
-                total += rest.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
+                total += rest
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    * 1024;
             }
         }
     }
@@ -328,19 +346,28 @@ struct Ctx {
     page: u64,
     kind: MemoryKind,
     orders: Vec<Vec<usize>>,
+    /// Anonymous memory of the process before any server ran.
+    anon_at_start: u64,
 }
 
 impl Ctx {
     fn mapping(&self) -> Result<Mapping> {
         if self.kind.is_hugetlb() {
             let need = self.size / self.page;
-            ensure!(faultline_uffd::reserve_huge_pages(need), "cannot reserve {need} huge pages");
+            ensure!(
+                faultline_uffd::reserve_huge_pages(need),
+                "cannot reserve {need} huge pages"
+            );
         }
         Ok(Mapping::new(self.kind, self.size as usize)?)
     }
 
     fn uffd(&self) -> Result<Uffd> {
-        let f = if self.kind.is_hugetlb() { Features::MISSING_HUGETLBFS } else { Features::empty() };
+        let f = if self.kind.is_hugetlb() {
+            Features::MISSING_HUGETLBFS
+        } else {
+            Features::empty()
+        };
         Ok(Uffd::new(f)?)
     }
 
@@ -354,17 +381,30 @@ impl Ctx {
     }
 
     fn ours(&self, pinned: bool) -> Result<Row> {
-        let mut row = self.row(if pinned { "faultline (pinned)" } else { "faultline" });
+        let mut row = self.row(if pinned {
+            "faultline (pinned)"
+        } else {
+            "faultline"
+        });
         for _ in 0..self.args.repeat.max(1) {
             let m = self.mapping()?;
             let uffd = self.uffd()?;
             uffd.register(&m, RegisterMode::MISSING)?;
             let readahead = match self.args.readahead {
                 ReadaheadArg::Off => Readahead::Off,
-                ReadaheadArg::Fixed => Readahead::Fixed { pages: self.args.readahead_pages },
-                ReadaheadArg::Adaptive => Readahead::Adaptive { min_pages: 1, max_pages: self.args.readahead_pages },
+                ReadaheadArg::Fixed => Readahead::Fixed {
+                    pages: self.args.readahead_pages,
+                },
+                ReadaheadArg::Adaptive => Readahead::Adaptive {
+                    min_pages: 1,
+                    max_pages: self.args.readahead_pages,
+                },
             };
-            let mut config = ServerConfig { readahead, pin_workers: pinned, ..ServerConfig::default() };
+            let mut config = ServerConfig {
+                readahead,
+                pin_workers: pinned,
+                ..ServerConfig::default()
+            };
             if let Some(w) = self.args.workers {
                 config.workers = w;
             }
@@ -372,24 +412,46 @@ impl Ctx {
             let before = anon_outside(ms, me);
             let server = Server::start(config)?;
             let src: Arc<dyn PageSource> = self.src.clone();
-            let session = server.add_session(uffd, vec![Region::new(m.addr(), self.size, self.kind, src, 0)], SessionOptions::default())?;
+            let session = server.add_session(
+                uffd,
+                vec![Region::new(m.addr(), self.size, self.kind, src, 0)],
+                SessionOptions::default(),
+            )?;
             let mut during = 0;
-            let (first, second) = self.passes(&m, || during = anon_outside(ms, me))?;
+            let mut footprint = 0;
+            let (first, second) = self.passes(&m, || {
+                during = anon_outside(ms, me);
+                footprint = server.footprint_bytes();
+            })?;
             let st = session.stats();
             let io = session.uffd_stats();
             server.shutdown();
             row.touch_ms.push(first);
-            self.fill(&mut row, first, second, st.faults, st.resolves(), io.wake, io.eexist);
+            self.fill(
+                &mut row,
+                first,
+                second,
+                st.faults,
+                st.resolves(),
+                io.wake,
+                io.eexist,
+            );
             row.p50_us = st.latency_p50_ns as f64 / 1e3;
             row.p99_us = st.latency_p99_ns as f64 / 1e3;
-            row.handler_bytes = Some(during.saturating_sub(before));
+            row.pages_resolved = st.pages;
+            let measured = during.saturating_sub(self.anon_at_start.min(before));
+            row.handler_bytes = Some(row.handler_bytes.unwrap_or(0).max(footprint));
+            row.handler_rss_delta = Some(row.handler_rss_delta.unwrap_or(0).max(measured));
         }
         Ok(row)
     }
 
     fn naive(&self) -> Result<Row> {
         let mut row = self.row("naive (1 msg/read, 1 page/COPY)");
-        let src_ptr = self.src.ptr_at(0, self.size).context("mmap source lends no pointer")?;
+        let src_ptr = self
+            .src
+            .ptr_at(0, self.size)
+            .context("mmap source lends no pointer")?;
         for _ in 0..self.args.repeat.max(1) {
             let m = self.mapping()?;
             let uffd = self.uffd()?;
@@ -399,7 +461,14 @@ impl Ctx {
             let src_addr = src_ptr as usize;
             let (r, st) = std::thread::scope(|s| {
                 let h = s.spawn(|| {
-                    faultline_testing::baseline::naive_faultline(&uffd, region, size, page, src_addr as *const u8, &stop)
+                    faultline_testing::baseline::naive_faultline(
+                        &uffd,
+                        region,
+                        size,
+                        page,
+                        src_addr as *const u8,
+                        &stop,
+                    )
                 });
                 let r = self.passes(&m, || stop.store(true, Ordering::Release));
                 stop.store(true, Ordering::Release);
@@ -409,7 +478,16 @@ impl Ctx {
             let mut st = st.map_err(|_| anyhow::anyhow!("naive handler panicked"))?;
             row.touch_ms.push(first);
             let io = uffd.stats();
-            self.fill(&mut row, first, second, st.faults, io.resolves(), io.wake, io.eexist);
+            self.fill(
+                &mut row,
+                first,
+                second,
+                st.faults,
+                io.resolves(),
+                io.wake,
+                io.eexist,
+            );
+            row.pages_resolved = st.copies;
             row.p50_us = percentile(&mut st.latencies_ns, 0.5);
             row.p99_us = percentile(&mut st.latencies_ns, 0.99);
         }
@@ -419,7 +497,10 @@ impl Ctx {
     #[cfg(feature = "crate-baseline")]
     fn crate_baseline(&self) -> Result<Option<Row>> {
         let mut row = self.row("userfaultfd crate (naive)");
-        let src_ptr = self.src.ptr_at(0, self.size).context("mmap source lends no pointer")?;
+        let src_ptr = self
+            .src
+            .ptr_at(0, self.size)
+            .context("mmap source lends no pointer")?;
         for _ in 0..self.args.repeat.max(1) {
             let m = self.mapping()?;
             let uffd = userfaultfd::UffdBuilder::new()
@@ -428,13 +509,21 @@ impl Ctx {
                 .user_mode_only(false)
                 .create()
                 .context("userfaultfd crate: create")?;
-            uffd.register(m.as_ptr().cast(), m.len()).context("userfaultfd crate: register")?;
+            uffd.register(m.as_ptr().cast(), m.len())
+                .context("userfaultfd crate: register")?;
             let stop = AtomicBool::new(false);
             let (region, size, page) = (m.addr(), self.size, self.page);
             let src_addr = src_ptr as usize;
             let (r, st) = std::thread::scope(|s| {
                 let h = s.spawn(|| {
-                    faultline_testing::baseline::naive_crate(&uffd, region, size, page, src_addr as *const u8, &stop)
+                    faultline_testing::baseline::naive_crate(
+                        &uffd,
+                        region,
+                        size,
+                        page,
+                        src_addr as *const u8,
+                        &stop,
+                    )
                 });
                 let r = self.passes(&m, || stop.store(true, Ordering::Release));
                 stop.store(true, Ordering::Release);
@@ -443,7 +532,16 @@ impl Ctx {
             let (first, second) = r?;
             let mut st = st.map_err(|_| anyhow::anyhow!("crate handler panicked"))?;
             row.touch_ms.push(first);
-            self.fill(&mut row, first, second, st.faults, st.copies + st.eexist, 0, st.eexist);
+            self.fill(
+                &mut row,
+                first,
+                second,
+                st.faults,
+                st.copies + st.eexist,
+                0,
+                st.eexist,
+            );
+            row.pages_resolved = st.copies;
             row.p50_us = percentile(&mut st.latencies_ns, 0.5);
             row.p99_us = percentile(&mut st.latencies_ns, 0.99);
         }
@@ -486,7 +584,10 @@ impl Ctx {
 
     fn eager(&self) -> Result<Row> {
         let mut row = self.row("eager 2 MiB COPY (ceiling)");
-        let src_ptr = self.src.ptr_at(0, self.size).context("mmap source lends no pointer")? as usize;
+        let src_ptr = self
+            .src
+            .ptr_at(0, self.size)
+            .context("mmap source lends no pointer")? as usize;
         for _ in 0..self.args.repeat.max(1) {
             let m = self.mapping()?;
             let uffd = self.uffd()?;
@@ -511,7 +612,9 @@ impl Ctx {
             row.faults = 0;
             row.resolves = io.resolves();
             row.present_ms = second;
-            row.mib_s = row.mib_s.max(self.size as f64 / (1 << 20) as f64 / (first / 1e3));
+            row.mib_s = row
+                .mib_s
+                .max(self.size as f64 / (1 << 20) as f64 / (first / 1e3));
         }
         Ok(row)
     }
@@ -527,17 +630,30 @@ impl Ctx {
             resolves: 0,
             wakes: 0,
             eexist: 0,
+            pages_resolved: 0,
             p50_us: 0.0,
             p99_us: 0.0,
             handler_bytes: None,
+            handler_rss_delta: None,
         }
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn fill(&self, row: &mut Row, first: f64, second: f64, faults: u64, resolves: u64, wakes: u64, eexist: u64) {
+    fn fill(
+        &self,
+        row: &mut Row,
+        first: f64,
+        second: f64,
+        faults: u64,
+        resolves: u64,
+        wakes: u64,
+        eexist: u64,
+    ) {
         row.present_ms = row.present_ms.min(second);
         row.overhead_ms = row.overhead_ms.min((first - second).max(0.0));
-        row.mib_s = row.mib_s.max(self.size as f64 / (1 << 20) as f64 / (first / 1e3));
+        row.mib_s = row
+            .mib_s
+            .max(self.size as f64 / (1 << 20) as f64 / (first / 1e3));
         row.faults = faults;
         row.resolves = resolves;
         row.wakes = wakes;
@@ -557,10 +673,17 @@ impl Ctx {
             let m = self.mapping()?;
             let uffd = self.uffd()?;
             uffd.register(&m, RegisterMode::MISSING)?;
-            let config = ServerConfig { readahead: Readahead::Off, ..ServerConfig::default() };
+            let config = ServerConfig {
+                readahead: Readahead::Off,
+                ..ServerConfig::default()
+            };
             let server = Server::start(config)?;
             let start = Instant::now();
-            let session = server.add_session(uffd, vec![Region::new(m.addr(), self.size, self.kind, src.clone(), 0)], opts)?;
+            let session = server.add_session(
+                uffd,
+                vec![Region::new(m.addr(), self.size, self.kind, src.clone(), 0)],
+                opts,
+            )?;
             let offsets: Vec<u64> = set.iter().map(|&p| (p * page) as u64).collect();
             if touch_set {
                 for &p in &set {
@@ -576,11 +699,32 @@ impl Ctx {
             server.shutdown();
             Ok((ms, ws))
         };
-        let (_, ws) = run(SessionOptions { record_working_set: true, ..SessionOptions::default() }, true)?;
-        ensure!(ws.offsets.len() == want, "recorded {} pages, touched {want}", ws.offsets.len());
+        let (_, ws) = run(
+            SessionOptions {
+                record_working_set: true,
+                ..SessionOptions::default()
+            },
+            true,
+        )?;
+        ensure!(
+            ws.offsets.len() == want,
+            "recorded {} pages, touched {want}",
+            ws.offsets.len()
+        );
         let (on_demand_ms, _) = run(SessionOptions::default(), true)?;
-        let (prefetch_ms, _) = run(SessionOptions { prefetch: Some(ws), ..SessionOptions::default() }, false)?;
-        Ok(WsReport { pages: want, on_demand_ms, prefetch_ms, speedup: on_demand_ms / prefetch_ms })
+        let (prefetch_ms, _) = run(
+            SessionOptions {
+                prefetch: Some(ws),
+                ..SessionOptions::default()
+            },
+            false,
+        )?;
+        Ok(WsReport {
+            pages: want,
+            on_demand_ms,
+            prefetch_ms,
+            speedup: on_demand_ms / prefetch_ms,
+        })
     }
 }
 
@@ -594,7 +738,9 @@ pub fn run(args: BenchArgs) -> Result<Report> {
     let path = match &args.file {
         Some(p) => p.clone(),
         None => {
-            tmp = tempfile::Builder::new().prefix("faultline-bench").tempfile()?;
+            tmp = tempfile::Builder::new()
+                .prefix("faultline-bench")
+                .tempfile()?;
             eprintln!("generating a {} MiB snapshot file ...", size >> 20);
             generate_file(tmp.path(), size, page)?;
             tmp.path().to_path_buf()
@@ -607,14 +753,36 @@ pub fn run(args: BenchArgs) -> Result<Report> {
             .with_context(|| format!("mapping {}", path.display()))?
             .with_zero_scan(),
     );
-    ensure!(src.len() >= size, "{} is smaller than --size-mib", path.display());
+    ensure!(
+        src.len() >= size,
+        "{} is smaller than --size-mib",
+        path.display()
+    );
     let pages = (size / page) as usize;
     let threads = args.threads.max(1);
-    let orders = (0..if args.pattern == Pattern::Storm { threads } else { threads })
+    let orders = (0..if args.pattern == Pattern::Storm {
+        threads
+    } else {
+        threads
+    })
         .map(|t| order(args.pattern, pages, threads, t))
         .collect();
-    let ctx = Ctx { args, src, size, page, kind, orders };
-    let base: Vec<String> = ctx.args.baselines.split(',').map(|s| s.trim().to_string()).collect();
+    let anon_at_start = anon_outside(0, 0);
+    let ctx = Ctx {
+        args,
+        src,
+        size,
+        page,
+        kind,
+        orders,
+        anon_at_start,
+    };
+    let base: Vec<String> = ctx
+        .args
+        .baselines
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
     let mut rows = Vec::new();
     let placements: &[bool] = match ctx.args.placement {
         Placement::Free => &[false],
@@ -622,7 +790,10 @@ pub fn run(args: BenchArgs) -> Result<Report> {
         Placement::Both => &[false, true],
     };
     for &pinned in placements {
-        eprintln!("measuring faultline{} ...", if pinned { " (pinned)" } else { "" });
+        eprintln!(
+            "measuring faultline{} ...",
+            if pinned { " (pinned)" } else { "" }
+        );
         rows.push(ctx.ours(pinned)?);
     }
     if base.iter().any(|b| b == "naive") {
@@ -654,27 +825,57 @@ pub fn run(args: BenchArgs) -> Result<Report> {
     let find = |prefix: &str| rows.iter().find(|r| r.name.starts_with(prefix));
     for ours in rows.iter().filter(|r| r.name.starts_with("faultline")) {
         if let Some(e) = find("eager") {
-            ratios.push((format!("{} throughput / eager ceiling", ours.name), ours.mib_s / e.mib_s));
+            ratios.push((
+                format!("{} throughput / eager ceiling", ours.name),
+                ours.mib_s / e.mib_s,
+            ));
         }
         if let Some(n) = find("naive") {
-            ratios.push((format!("{} fault overhead / naive", ours.name), ours.overhead_ms / n.overhead_ms));
-            ratios.push((format!("{} first-touch time / naive", ours.name), ours.min_ms() / n.min_ms()));
+            ratios.push((
+                format!("{} fault overhead / naive", ours.name),
+                ours.overhead_ms / n.overhead_ms,
+            ));
+            ratios.push((
+                format!("{} first-touch time / naive", ours.name),
+                ours.min_ms() / n.min_ms(),
+            ));
         }
         if let Some(c) = find("userfaultfd crate") {
-            ratios.push((format!("{} fault overhead / userfaultfd crate", ours.name), ours.overhead_ms / c.overhead_ms));
+            ratios.push((
+                format!("{} fault overhead / userfaultfd crate", ours.name),
+                ours.overhead_ms / c.overhead_ms,
+            ));
         }
         if let Some(k) = find("kernel") {
-            ratios.push((format!("{} first-touch time / kernel file mapping", ours.name), ours.min_ms() / k.min_ms()));
+            ratios.push((
+                format!("{} first-touch time / kernel file mapping", ours.name),
+                ours.min_ms() / k.min_ms(),
+            ));
         }
         if let Some(b) = ours.handler_bytes {
-            ratios.push((format!("{} handler memory / served memory", ours.name), b as f64 / size as f64));
+            ratios.push((
+                format!("{} handler memory / served memory", ours.name),
+                b as f64 / size as f64,
+            ));
+        }
+        if let Some(b) = ours.handler_rss_delta {
+            ratios.push((
+                format!("{} anon RSS growth / served memory", ours.name),
+                b as f64 / size as f64,
+            ));
         }
     }
     if let (Some(n), Some(c)) = (find("naive"), find("userfaultfd crate")) {
-        ratios.push(("naive on faultline-uffd / naive on userfaultfd crate (overhead)".into(), n.overhead_ms / c.overhead_ms));
+        ratios.push((
+            "naive on faultline-uffd / naive on userfaultfd crate (overhead)".into(),
+            n.overhead_ms / c.overhead_ms,
+        ));
     }
     let report = Report {
-        kernel: rustix::system::uname().release().to_string_lossy().into_owned(),
+        kernel: rustix::system::uname()
+            .release()
+            .to_string_lossy()
+            .into_owned(),
         size,
         page_size: page,
         pattern: ctx.args.pattern,
@@ -700,12 +901,24 @@ fn print_report(r: &Report) {
         r.kernel
     );
     println!(
-        "{:<34} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8} {:>9}",
-        "variant", "min ms", "median", "overhead", "MiB/s", "faults", "resolves", "wakes", "p50 µs", "p99 µs", "handler"
+        "{:<34} {:>9} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>6} {:>5} {:>7} {:>8} {:>9}",
+        "variant",
+        "min ms",
+        "median",
+        "overhead",
+        "MiB/s",
+        "faults",
+        "resolves",
+        "pages",
+        "EEXIST",
+        "wakes",
+        "p50 µs",
+        "p99 µs",
+        "handler"
     );
     for row in &r.rows {
         println!(
-            "{:<34} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>9} {:>9} {:>6} {:>8.1} {:>8.1} {:>9}",
+            "{:<34} {:>9.1} {:>9.1} {:>9.1} {:>7.0} {:>8} {:>8} {:>8} {:>6} {:>5} {:>7.1} {:>8.1} {:>9}",
             row.name,
             row.min_ms(),
             row.median_ms(),
@@ -713,6 +926,8 @@ fn print_report(r: &Report) {
             row.mib_s,
             row.faults,
             row.resolves,
+            row.pages_resolved,
+            row.eexist,
             row.wakes,
             row.p50_us,
             row.p99_us,

@@ -64,6 +64,7 @@ pub mod flags;
 pub mod mapping;
 pub mod pagemap;
 pub mod resolve;
+pub mod scratch;
 pub mod sys;
 #[cfg(feature = "tokio")]
 pub mod tokio;
@@ -75,4 +76,5 @@ pub use flags::{Features, Ioctls, PagefaultFlags, RegisterMode};
 pub use mapping::{reserve_huge_pages, Mapping, MemoryKind, HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use pagemap::{PageCategories, PageRun, Pagemap};
 pub use resolve::{ContinueMode, CopyMode, MoveMode, Resolved, WriteprotectMode, ZeropageMode};
+pub use scratch::ScratchPages;
 pub use uffd::{ApiInfo, Creation, IoctlStats, Uffd, UffdBuilder, UninitUffd};

@@ -269,6 +269,40 @@ impl Uffd {
         outcome(ResolveOp::Move, dst, len, r, arg.move_, &self.stats)
     }
 
+    /// `UFFDIO_MOVE` of `len` bytes at `offset` of `scratch` to the missing pages at `dst`: the
+    /// one-copy path for bytes the handler produced itself. Only for a userfaultfd that serves this
+    /// process ([`Uffd::is_own_process`]); otherwise fails with [`ResolveErrorKind::NotPermitted`].
+    #[doc(alias = "UFFDIO_MOVE")]
+    pub fn move_from_scratch(
+        &self,
+        dst: u64,
+        scratch: &mut crate::scratch::ScratchPages,
+        offset: usize,
+        len: usize,
+        mode: MoveMode,
+    ) -> Result<Resolved, ResolveError> {
+        let len64 = len as u64;
+        let src = scratch
+            .check(offset, len)
+            .map_err(|_| ResolveError::invalid(ResolveOp::Move, dst, len64))?;
+        if !self.is_own_process() {
+            return Err(ResolveError {
+                op: ResolveOp::Move,
+                kind: ResolveErrorKind::NotPermitted,
+                start: dst,
+                len: len64,
+                errno: Errno::PERM,
+            });
+        }
+        // SAFETY: `src` lies in `scratch`, exclusively borrowed for the call, so no reference into
+        // it exists; its pages belong to this process's address space (checked above), which is
+        // the fd's. Afterwards they are holes that the scratch buffer tolerates.
+        #[allow(unsafe_code)]
+        unsafe {
+            self.move_pages(dst, src, len64, mode)
+        }
+    }
+
     /// `UFFDIO_WRITEPROTECT`: set (`WP`) or clear write protection on a WP-registered range.
     /// Clearing it resolves WP faults and wakes their threads unless DONTWAKE.
     #[doc(alias = "UFFDIO_WRITEPROTECT")]

@@ -130,6 +130,7 @@ impl UffdBuilder {
                     fallback_from: None,
                 },
                 non_blocking: self.non_blocking,
+                own_process: true,
             }),
             Err(first_errno) if self.fallback => match create_via(other, flags) {
                 Ok(fd) => Ok(UninitUffd {
@@ -139,6 +140,7 @@ impl UffdBuilder {
                         fallback_from: Some((self.prefer, first_errno)),
                     },
                     non_blocking: self.non_blocking,
+                    own_process: true,
                 }),
                 Err(e) => Err(Error::Create {
                     first: self.prefer,
@@ -211,6 +213,7 @@ pub struct UninitUffd {
     fd: OwnedFd,
     creation: Creation,
     non_blocking: bool,
+    own_process: bool,
 }
 
 impl UninitUffd {
@@ -229,6 +232,7 @@ impl UninitUffd {
                 fallback_from: None,
             },
             non_blocking,
+            own_process: false,
         }
     }
 
@@ -260,6 +264,7 @@ impl UninitUffd {
                     ioctls: Ioctls::from_bits_retain(arg.ioctls),
                     creation: self.creation,
                     non_blocking: self.non_blocking,
+                    own_process: self.own_process,
                     stats: IoctlCounters::default(),
                 })
             }
@@ -363,6 +368,8 @@ pub struct Uffd {
     ioctls: Ioctls,
     creation: Creation,
     non_blocking: bool,
+    /// Whether the fd serves this process's own address space (created here, not adopted).
+    own_process: bool,
     pub(crate) stats: IoctlCounters,
 }
 
@@ -398,8 +405,15 @@ impl Uffd {
                 fallback_from: None,
             },
             non_blocking,
+            own_process: false,
             stats: IoctlCounters::default(),
         }
+    }
+
+    /// Whether this fd serves this process's own address space (it was created here rather than
+    /// adopted from another process or a FORK event).
+    pub fn is_own_process(&self) -> bool {
+        self.own_process
     }
 
     /// Give up the fd.
@@ -600,6 +614,7 @@ impl Uffd {
                 ioctls: self.ioctls,
                 creation: self.creation,
                 non_blocking: self.non_blocking,
+                own_process: false,
                 stats: IoctlCounters::default(),
             }
         })?;

@@ -30,7 +30,10 @@ pub enum Readahead {
 
 impl Default for Readahead {
     fn default() -> Self {
-        Readahead::Adaptive { min_pages: 1, max_pages: 512 }
+        Readahead::Adaptive {
+            min_pages: 1,
+            max_pages: 512,
+        }
     }
 }
 
@@ -44,7 +47,10 @@ pub struct Streams {
 
 impl Default for Streams {
     fn default() -> Self {
-        Streams { slots: [(u64::MAX, usize::MAX, 0); 8], next: 0 }
+        Streams {
+            slots: [(u64::MAX, usize::MAX, 0); 8],
+            next: 0,
+        }
     }
 }
 
@@ -62,19 +68,30 @@ impl Streams {
     pub fn on_fault(&mut self, policy: Readahead, region: u64, page: usize) -> Window {
         match policy {
             Readahead::Off => Window { now: 1, ahead: 0 },
-            Readahead::Fixed { pages } => Window { now: pages.max(1), ahead: 0 },
-            Readahead::Adaptive { min_pages, max_pages } => {
+            Readahead::Fixed { pages } => Window {
+                now: pages.max(1),
+                ahead: 0,
+            },
+            Readahead::Adaptive {
+                min_pages,
+                max_pages,
+            } => {
                 let min = min_pages.max(1);
                 let max = max_pages.max(min);
                 // Sequential: the fault is at, or within one window past, where a stream ended.
                 let hit = self.slots.iter().position(|&(r, expect, win)| {
-                    r == region && page >= expect.saturating_sub(win) && page <= expect.saturating_add(win)
+                    r == region
+                        && page >= expect.saturating_sub(win)
+                        && page <= expect.saturating_add(win)
                 });
                 match hit {
                     Some(i) => {
                         let win = (self.slots[i].2 * 2).clamp(min, max);
                         self.slots[i] = (region, page + 2 * win, win);
-                        Window { now: win, ahead: win }
+                        Window {
+                            now: win,
+                            ahead: win,
+                        }
                     }
                     None => {
                         let i = self.next;
@@ -201,7 +218,10 @@ mod tests {
     #[test]
     fn adaptive_grows_on_sequential_and_resets_on_random() {
         let mut s = Streams::default();
-        let p = Readahead::Adaptive { min_pages: 1, max_pages: 16 };
+        let p = Readahead::Adaptive {
+            min_pages: 1,
+            max_pages: 16,
+        };
         assert_eq!(s.on_fault(p, 0, 0), Window { now: 1, ahead: 0 });
         assert_eq!(s.on_fault(p, 0, 1), Window { now: 2, ahead: 2 });
         assert_eq!(s.on_fault(p, 0, 5), Window { now: 4, ahead: 4 });
@@ -209,21 +229,42 @@ mod tests {
         assert_eq!(s.on_fault(p, 0, 29), Window { now: 16, ahead: 16 });
         assert_eq!(s.on_fault(p, 0, 61), Window { now: 16, ahead: 16 });
         assert_eq!(s.on_fault(p, 0, 5000), Window { now: 1, ahead: 0 });
-        assert_eq!(s.on_fault(Readahead::Off, 0, 1), Window { now: 1, ahead: 0 });
-        assert_eq!(s.on_fault(Readahead::Fixed { pages: 8 }, 0, 1), Window { now: 8, ahead: 0 });
+        assert_eq!(
+            s.on_fault(Readahead::Off, 0, 1),
+            Window { now: 1, ahead: 0 }
+        );
+        assert_eq!(
+            s.on_fault(Readahead::Fixed { pages: 8 }, 0, 1),
+            Window { now: 8, ahead: 0 }
+        );
     }
 
     #[test]
     fn working_set_rejects_bad_files_with_reasons() {
-        let ws = WorkingSet { page_size: 4096, offsets: vec![0, 8192, 4096] };
+        let ws = WorkingSet {
+            page_size: 4096,
+            offsets: vec![0, 8192, 4096],
+        };
         let mut b = ws.encode();
         assert_eq!(WorkingSet::decode(&b).expect("decode"), ws);
-        assert!(matches!(WorkingSet::decode(&b[..b.len() - 3]), Err(WorkingSetError::Truncated { .. })));
-        assert!(matches!(WorkingSet::decode(b"short"), Err(WorkingSetError::BadMagic)));
+        assert!(matches!(
+            WorkingSet::decode(&b[..b.len() - 3]),
+            Err(WorkingSetError::Truncated { .. })
+        ));
+        assert!(matches!(
+            WorkingSet::decode(b"short"),
+            Err(WorkingSetError::BadMagic)
+        ));
         b[28] = 1;
-        assert!(matches!(WorkingSet::decode(&b), Err(WorkingSetError::Unaligned { index: 0, .. })));
+        assert!(matches!(
+            WorkingSet::decode(&b),
+            Err(WorkingSetError::Unaligned { index: 0, .. })
+        ));
         b[8] = 9;
-        assert!(matches!(WorkingSet::decode(&b), Err(WorkingSetError::Version(9))));
+        assert!(matches!(
+            WorkingSet::decode(&b),
+            Err(WorkingSetError::Version(9))
+        ));
     }
 
     proptest! {

@@ -33,8 +33,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use faultline_uffd::{
-    ContinueMode, CopyMode, Event, EventBuffer, ResolveErrorKind, Resolved, Uffd,
-    ZeropageMode,
+    ContinueMode, CopyMode, Event, EventBuffer, ResolveErrorKind, Resolved, Uffd, ZeropageMode,
 };
 use rustix::event::epoll;
 use rustix::io::Errno;
@@ -42,8 +41,8 @@ use rustix::io::Errno;
 use crate::policy::{Readahead, Streams, WorkingSet};
 use crate::region::{Backing, Region, RegionEntry, RegionError, RegionMap};
 use crate::source::SourceError;
-use crate::stats::{add, Counters, Stats};
 use crate::state::{PageState, PageStates};
+use crate::stats::{add, Counters, Stats};
 
 /// Server configuration.
 #[derive(Debug, Clone)]
@@ -73,7 +72,9 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             readahead: Readahead::default(),
             pin_workers: false,
             batch: 64,
@@ -188,7 +189,10 @@ pub struct Session {
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("id", &self.id).field("label", &self.label).finish()
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("label", &self.label)
+            .finish()
     }
 }
 
@@ -223,11 +227,17 @@ impl SessionHandle {
     }
     /// Whether every page of every region is present.
     pub fn all_present(&self) -> bool {
-        self.0.regions.read().map(|r| r.all_present()).unwrap_or(false)
+        self.0
+            .regions
+            .read()
+            .map(|r| r.all_present())
+            .unwrap_or(false)
     }
     /// Whether the pages at these source offsets are all present.
     pub fn offsets_present(&self, offsets: &[u64]) -> bool {
-        let Ok(regions) = self.0.regions.read() else { return false };
+        let Ok(regions) = self.0.regions.read() else {
+            return false;
+        };
         offsets.iter().all(|&off| match locate(&regions, off) {
             Some((e, p)) => e.states.get(e.state_base + p) == PageState::Present,
             None => true,
@@ -268,7 +278,11 @@ impl SessionHandle {
             if g.is_some() || now >= deadline {
                 return false;
             }
-            g = match self.0.changed.wait_timeout(g, (deadline - now).min(Duration::from_millis(50))) {
+            g = match self
+                .0
+                .changed
+                .wait_timeout(g, (deadline - now).min(Duration::from_millis(50)))
+            {
                 Ok((g, _)) => g,
                 Err(p) => p.into_inner().0,
             };
@@ -283,11 +297,20 @@ impl SessionHandle {
             .as_ref()
             .and_then(|r| r.lock().ok().map(|v| v.clone()))
             .unwrap_or_default();
-        WorkingSet { page_size: self.0.page_size, offsets }
+        WorkingSet {
+            page_size: self.0.page_size,
+            offsets,
+        }
     }
     /// How long the session has run (until it ended).
     pub fn duration(&self) -> Duration {
-        let end = self.0.ended.lock().ok().and_then(|g| *g).unwrap_or_else(Instant::now);
+        let end = self
+            .0
+            .ended
+            .lock()
+            .ok()
+            .and_then(|g| *g)
+            .unwrap_or_else(Instant::now);
         end - self.0.started
     }
     /// The session's label.
@@ -314,6 +337,8 @@ struct Shared {
     shutdown: AtomicBool,
     total: Counters,
     rr: AtomicU64,
+    /// Bytes of worker buffers (read buffers, zero buffers, event buffers).
+    buffer_bytes: AtomicU64,
 }
 
 /// A running fault server.
@@ -324,7 +349,9 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("workers", &self.workers.len()).finish()
+        f.debug_struct("Server")
+            .field("workers", &self.workers.len())
+            .finish()
     }
 }
 
@@ -337,8 +364,13 @@ impl Server {
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
         )
         .map_err(os("eventfd"))?;
-        epoll::add(&epoll, &notify, epoll::EventData::new_u64(NOTIFY_TOKEN), epoll::EventFlags::IN)
-            .map_err(os("epoll_ctl"))?;
+        epoll::add(
+            &epoll,
+            &notify,
+            epoll::EventData::new_u64(NOTIFY_TOKEN),
+            epoll::EventFlags::IN,
+        )
+        .map_err(os("epoll_ctl"))?;
         let shared = Arc::new(Shared {
             config,
             epoll,
@@ -348,9 +380,12 @@ impl Server {
             shutdown: AtomicBool::new(false),
             total: Counters::default(),
             rr: AtomicU64::new(0),
+            buffer_bytes: AtomicU64::new(0),
         });
         let n = shared.config.workers.max(1);
-        let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let ncpu = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
             let sh = Arc::clone(&shared);
@@ -392,7 +427,10 @@ impl Server {
     pub fn add_region(&self, id: u64, region: Region) -> Result<(), ServerError> {
         let s = self.shared.session(id).ok_or(ServerError::NoSession(id))?;
         let pages = region.pages() as u64;
-        s.regions.write().map_err(|_| ServerError::ShuttingDown)?.insert(RegionEntry::new(region))?;
+        s.regions
+            .write()
+            .map_err(|_| ServerError::ShuttingDown)?
+            .insert(RegionEntry::new(region))?;
         s.total_pages.fetch_add(pages, Ordering::AcqRel);
         Ok(())
     }
@@ -409,6 +447,23 @@ impl Server {
     /// Counters over all sessions, ended ones included.
     pub fn stats(&self) -> Stats {
         self.shared.total.snapshot()
+    }
+
+    /// Memory the server itself holds, in bytes: page-state bitmaps of the live sessions, worker
+    /// buffers and latency histograms (not the pages it serves, which live in the clients).
+    pub fn footprint_bytes(&self) -> u64 {
+        let workers = self.workers.len() as u64;
+        let per_worker = self.shared.config.batch as u64 * 32 + 64 * 1024;
+        let hist = 2 * 64 * 1024;
+        let sessions: u64 = self
+            .sessions()
+            .iter()
+            .map(|s| {
+                let pages = s.total_pages();
+                pages.div_ceil(32) * 8 + pages.div_ceil(64) * 8 + hist + 4096
+            })
+            .sum();
+        sessions + workers * per_worker + self.shared.buffer_bytes.load(Ordering::Relaxed) + hist
     }
 
     /// Prometheus text for the server and each live session.
@@ -458,13 +513,22 @@ impl Shared {
         self.sessions.read().ok()?.get(&id).cloned()
     }
 
-    fn add(&self, uffd: Uffd, map: RegionMap, o: SessionOptions) -> Result<Arc<Session>, ServerError> {
+    fn add(
+        &self,
+        uffd: Uffd,
+        map: RegionMap,
+        o: SessionOptions,
+    ) -> Result<Arc<Session>, ServerError> {
         if self.shutdown.load(Ordering::Acquire) {
             return Err(ServerError::ShuttingDown);
         }
         let id = self.next_id.fetch_add(1, Ordering::AcqRel);
         let total_pages: u64 = map.entries().iter().map(|e| e.region.pages() as u64).sum();
-        let page_size = map.entries().first().map(|e| e.region.page_size()).unwrap_or(4096);
+        let page_size = map
+            .entries()
+            .first()
+            .map(|e| e.region.page_size())
+            .unwrap_or(4096);
         let readahead = if o.record_working_set {
             Readahead::Off
         } else {
@@ -473,7 +537,11 @@ impl Shared {
         let prefetch: VecDeque<u64> = o.prefetch.map(|w| w.offsets.into()).unwrap_or_default();
         let session = Arc::new(Session {
             id,
-            label: if o.label.is_empty() { format!("session-{id}") } else { o.label },
+            label: if o.label.is_empty() {
+                format!("session-{id}")
+            } else {
+                o.label
+            },
             uffd,
             regions: RwLock::new(map),
             stats: Counters::default(),
@@ -495,10 +563,18 @@ impl Shared {
             total_pages: AtomicU64::new(total_pages),
             page_size,
         });
-        self.sessions.write().map_err(|_| ServerError::ShuttingDown)?.insert(id, Arc::clone(&session));
+        self.sessions
+            .write()
+            .map_err(|_| ServerError::ShuttingDown)?
+            .insert(id, Arc::clone(&session));
         let flags = epoll::EventFlags::IN;
-        epoll::add(&self.epoll, &session.uffd, epoll::EventData::new_u64(id << 1), flags)
-            .map_err(os("epoll_ctl(userfaultfd)"))?;
+        epoll::add(
+            &self.epoll,
+            &session.uffd,
+            epoll::EventData::new_u64(id << 1),
+            flags,
+        )
+        .map_err(os("epoll_ctl(userfaultfd)"))?;
         if let Some(w) = &session.watch {
             epoll::add(
                 &self.epoll,
@@ -584,12 +660,20 @@ struct Worker {
     events: EventBuffer,
     buf: Vec<u8>,
     zeros: Vec<u8>,
+    scratch: Option<faultline_uffd::ScratchPages>,
 }
 
 impl Worker {
     fn new(shared: Arc<Shared>, pin: Option<usize>) -> Worker {
         let batch = shared.config.batch;
-        Worker { shared, pin, events: EventBuffer::new(batch), buf: Vec::new(), zeros: Vec::new() }
+        Worker {
+            shared,
+            pin,
+            events: EventBuffer::new(batch),
+            buf: Vec::new(),
+            zeros: Vec::new(),
+            scratch: None,
+        }
     }
 
     fn run(mut self) {
@@ -603,15 +687,25 @@ impl Worker {
         let mut ready: Vec<epoll::Event> = Vec::with_capacity(32);
         while !self.shared.shutdown.load(Ordering::Acquire) {
             let timeout = match self.shared.has_background() {
-                Some(d) if d.is_zero() => Some(rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 }),
+                Some(d) if d.is_zero() => Some(rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                }),
                 Some(d) => Some(rustix::event::Timespec {
                     tv_sec: d.as_secs() as i64,
                     tv_nsec: i64::from(d.subsec_nanos()).max(100_000),
                 }),
-                None => Some(rustix::event::Timespec { tv_sec: 0, tv_nsec: 200_000_000 }),
+                None => Some(rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 200_000_000,
+                }),
             };
             ready.clear();
-            match epoll::wait(&self.shared.epoll, rustix::buffer::spare_capacity(&mut ready), timeout.as_ref()) {
+            match epoll::wait(
+                &self.shared.epoll,
+                rustix::buffer::spare_capacity(&mut ready),
+                timeout.as_ref(),
+            ) {
                 Ok(_) | Err(Errno::INTR) => {}
                 Err(e) => {
                     tracing::error!(error = %e, "epoll_wait failed; worker exits");
@@ -626,7 +720,9 @@ impl Worker {
                     let _ = rustix::io::read(&self.shared.notify, &mut b);
                     continue;
                 }
-                let Some(s) = self.shared.session(token >> 1) else { continue };
+                let Some(s) = self.shared.session(token >> 1) else {
+                    continue;
+                };
                 if token & 1 == 1 {
                     self.shared.close(&s, "client gone (watch fd ready)");
                 } else {
@@ -680,7 +776,10 @@ impl Worker {
                         if let Ok(mut r) = s.regions.write() {
                             for e in r.remove_range(start, end) {
                                 let gone = e.region.pages() as u64;
-                                s.total_pages.fetch_sub(gone.min(s.total_pages.load(Ordering::Acquire)), Ordering::AcqRel);
+                                s.total_pages.fetch_sub(
+                                    gone.min(s.total_pages.load(Ordering::Acquire)),
+                                    Ordering::AcqRel,
+                                );
                             }
                         }
                     }
@@ -711,7 +810,9 @@ impl Worker {
     }
 
     fn on_remove(&mut self, s: &Arc<Session>, start: u64, end: u64) {
-        let Ok(regions) = s.regions.read() else { return };
+        let Ok(regions) = s.regions.read() else {
+            return;
+        };
         for e in regions.entries() {
             let (rs, re) = (e.region.start, e.region.end());
             let (a, b) = (start.max(rs), end.min(re));
@@ -766,7 +867,9 @@ impl Worker {
         let mut refaults: Vec<Job> = Vec::new();
         let mut aheads: Vec<Job> = Vec::new();
         {
-            let Ok(regions) = s.regions.read() else { return };
+            let Ok(regions) = s.regions.read() else {
+                return;
+            };
             for &(addr, t) in faults.iter() {
                 add(&s.stats.faults, 1);
                 add(&self.shared.total.faults, 1);
@@ -802,7 +905,8 @@ impl Worker {
                 }
                 // Extend a run from the same batch that ends right here.
                 if let Some(last) = runs.last_mut() {
-                    if Arc::ptr_eq(&last.states, &e.states) && last.state_index + last.pages == idx {
+                    if Arc::ptr_eq(&last.states, &e.states) && last.state_index + last.pages == idx
+                    {
                         last.pages += 1;
                         continue;
                     }
@@ -817,9 +921,10 @@ impl Worker {
                 // thread wakes early; queue the rest of the window and the readahead beyond it as
                 // background work that any worker picks up (demand faults still go first).
                 let inline = match s.readahead {
-                    Readahead::Adaptive { .. } => {
-                        window.now.min((self.shared.config.first_chunk as u64 / e.region.page_size()).max(1) as usize)
-                    }
+                    Readahead::Adaptive { .. } => window.now.min(
+                        (self.shared.config.first_chunk as u64 / e.region.page_size()).max(1)
+                            as usize,
+                    ),
                     _ => window.now,
                 };
                 let mut n = 1;
@@ -851,7 +956,9 @@ impl Worker {
 
     fn run_job(&mut self, s: &Arc<Session>, j: Job) {
         let entry = {
-            let Ok(regions) = s.regions.read() else { return };
+            let Ok(regions) = s.regions.read() else {
+                return;
+            };
             match regions.find(j.addr) {
                 Some(e)
                     if Arc::ptr_eq(&e.states, &j.states)
@@ -880,7 +987,8 @@ impl Worker {
                 rest.state_index = j.state_index + done;
                 if retry_source {
                     rest.attempts += 1;
-                    let backoff = self.shared.config.retry_backoff * 2u32.saturating_pow(rest.attempts.min(10));
+                    let backoff = self.shared.config.retry_backoff
+                        * 2u32.saturating_pow(rest.attempts.min(10));
                     rest.not_before = Instant::now() + backoff;
                 } else {
                     rest.not_before = Instant::now();
@@ -898,7 +1006,12 @@ impl Worker {
     fn class(e: &RegionEntry, page: usize) -> PageClass {
         if e.states.is_zero(e.state_base + page) {
             PageClass::Removed
-        } else if e.region.source.is_zero(e.source_offset_of(page), e.region.page_size()) == Some(true) {
+        } else if e
+            .region
+            .source
+            .is_zero(e.source_offset_of(page), e.region.page_size())
+            == Some(true)
+        {
             PageClass::SourceZero
         } else {
             PageClass::Data
@@ -954,7 +1067,14 @@ impl Worker {
 
     /// Resolve pages `first..first+n` of `e`, claimed by the caller unless `j.claimed` is false
     /// (a re-resolve of a page believed present).
-    fn resolve_run(&mut self, s: &Arc<Session>, e: &RegionEntry, first: usize, n: usize, j: &Job) -> RunEnd {
+    fn resolve_run(
+        &mut self,
+        s: &Arc<Session>,
+        e: &RegionEntry,
+        first: usize,
+        n: usize,
+        j: &Job,
+    ) -> RunEnd {
         let ps = e.region.page_size() as usize;
         let max_pages = (self.shared.config.max_io / ps).max(1);
         let first_pages = (self.shared.config.first_chunk / ps).max(1);
@@ -962,7 +1082,11 @@ impl Worker {
         let end = first + n;
         let mut latency_recorded = j.fault_read.is_none();
         while p < end {
-            let cap = if p == first && j.kind == JobKind::Demand { first_pages } else { max_pages };
+            let cap = if p == first && j.kind == JobKind::Demand {
+                first_pages
+            } else {
+                max_pages
+            };
             let (q, zero) = Self::plan(e, p, end, cap, self.shared.config.min_zero_run);
             match self.resolve_pages(s, e, p, q - p, zero) {
                 Ok(done) => {
@@ -970,9 +1094,13 @@ impl Worker {
                     // Count before publishing the pages as present: a waiter woken by the last
                     // page sees complete counters.
                     let stat = match j.kind {
-                        JobKind::Prefetch => Some((&s.stats.prefetch_pages, &self.shared.total.prefetch_pages)),
+                        JobKind::Prefetch => {
+                            Some((&s.stats.prefetch_pages, &self.shared.total.prefetch_pages))
+                        }
                         JobKind::Fill => Some((&s.stats.fill_pages, &self.shared.total.fill_pages)),
-                        JobKind::Readahead => Some((&s.stats.readahead_pages, &self.shared.total.readahead_pages)),
+                        JobKind::Readahead => {
+                            Some((&s.stats.readahead_pages, &self.shared.total.readahead_pages))
+                        }
                         JobKind::Demand => None,
                     };
                     if let Some((c, t)) = stat {
@@ -1007,7 +1135,10 @@ impl Worker {
                     }
                     if q - p > 1 {
                         // Find the bad page(s): resolve one page at a time.
-                        let one = Job { kind: j.kind, ..j.clone() };
+                        let one = Job {
+                            kind: j.kind,
+                            ..j.clone()
+                        };
                         for i in p..q {
                             match self.resolve_run(s, e, i, 1, &one) {
                                 RunEnd::Done => {}
@@ -1066,7 +1197,13 @@ impl Worker {
         }
     }
 
-    fn poison(&mut self, s: &Arc<Session>, e: &RegionEntry, page: usize, err: &SourceError) -> Result<(), Step> {
+    fn poison(
+        &mut self,
+        s: &Arc<Session>,
+        e: &RegionEntry,
+        page: usize,
+        err: &SourceError,
+    ) -> Result<(), Step> {
         let addr = e.addr_of(page);
         let ps = e.region.page_size();
         tracing::error!(
@@ -1108,7 +1245,14 @@ impl Worker {
 
     /// One resolve ioctl (or a few for a long zero run on hugetlbfs) for pages `p..p+n`.
     /// Returns how many pages were done (partial progress is fine: the caller continues).
-    fn resolve_pages(&mut self, s: &Arc<Session>, e: &RegionEntry, p: usize, n: usize, zero: bool) -> Result<usize, Step> {
+    fn resolve_pages(
+        &mut self,
+        s: &Arc<Session>,
+        e: &RegionEntry,
+        p: usize,
+        n: usize,
+        zero: bool,
+    ) -> Result<usize, Step> {
         let ps = e.region.page_size();
         let addr = e.addr_of(p);
         let len = n as u64 * ps;
@@ -1120,8 +1264,11 @@ impl Worker {
                     self.ensure_zeros(len as usize);
                     cache.write(cache_off, &self.zeros[..len as usize])
                 } else {
-                    self.buf.resize(len as usize, 0);
-                    e.region.source.read_at(off, &mut self.buf).map_err(Step::Source)?;
+                    self.ensure_buf(len as usize);
+                    e.region
+                        .source
+                        .read_at(off, &mut self.buf)
+                        .map_err(Step::Source)?;
                     cache.write(cache_off, &self.buf)
                 };
                 if write.is_err() {
@@ -1131,22 +1278,48 @@ impl Worker {
                 add(&self.shared.total.continue_, 1);
                 s.uffd.continue_minor(addr, len, ContinueMode::empty())
             }
-            Backing::Copy if zero && !e.region.kind.is_hugetlb() => {
+            Backing::Move
+                if !zero
+                    && s.uffd.is_own_process()
+                    && s.uffd.features().contains(faultline_uffd::Features::MOVE)
+                    && e.region.kind == faultline_uffd::MemoryKind::PrivateAnonymous =>
+            {
+                add(&s.stats.move_, 1);
+                add(&self.shared.total.move_, 1);
+                let scratch = self.scratch(len as usize).map_err(|_| Step::Failed)?;
+                e.region
+                    .source
+                    .read_at(off, &mut scratch.as_mut_slice()[..len as usize])
+                    .map_err(Step::Source)?;
+                s.uffd.move_from_scratch(
+                    addr,
+                    scratch,
+                    0,
+                    len as usize,
+                    faultline_uffd::MoveMode::empty(),
+                )
+            }
+            Backing::Copy | Backing::Move if zero && !e.region.kind.is_hugetlb() => {
                 add(&s.stats.zeropage, 1);
                 add(&self.shared.total.zeropage, 1);
                 s.uffd.zeropage(addr, len, ZeropageMode::empty())
             }
-            Backing::Copy => {
+            Backing::Copy | Backing::Move => {
                 add(&s.stats.copy, 1);
                 add(&self.shared.total.copy, 1);
                 if zero {
                     self.ensure_zeros(len as usize);
-                    s.uffd.copy(addr, &self.zeros[..len as usize], CopyMode::empty())
+                    s.uffd
+                        .copy(addr, &self.zeros[..len as usize], CopyMode::empty())
                 } else if let Some(ptr) = e.region.source.ptr_at(off, len) {
-                    s.uffd.copy_from_ptr(addr, ptr, len as usize, CopyMode::empty())
+                    s.uffd
+                        .copy_from_ptr(addr, ptr, len as usize, CopyMode::empty())
                 } else {
-                    self.buf.resize(len as usize, 0);
-                    e.region.source.read_at(off, &mut self.buf).map_err(Step::Source)?;
+                    self.ensure_buf(len as usize);
+                    e.region
+                        .source
+                        .read_at(off, &mut self.buf)
+                        .map_err(Step::Source)?;
                     s.uffd.copy(addr, &self.buf, CopyMode::empty())
                 }
             }
@@ -1175,7 +1348,37 @@ impl Worker {
 
     fn ensure_zeros(&mut self, len: usize) {
         if self.zeros.len() < len {
+            let grow = len - self.zeros.len();
             self.zeros = vec![0; len];
+            self.shared
+                .buffer_bytes
+                .fetch_add(grow as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn scratch(
+        &mut self,
+        len: usize,
+    ) -> Result<&mut faultline_uffd::ScratchPages, faultline_uffd::Error> {
+        let have = self.scratch.as_ref().map(|s| s.len()).unwrap_or(0);
+        if have < len {
+            let grown = faultline_uffd::ScratchPages::new(len.max(self.shared.config.max_io))?;
+            self.shared
+                .buffer_bytes
+                .fetch_add((grown.len() - have) as u64, Ordering::Relaxed);
+            self.scratch = Some(grown);
+        }
+        Ok(self.scratch.as_mut().expect("scratch was just ensured"))
+    }
+
+    fn ensure_buf(&mut self, len: usize) {
+        let before = self.buf.capacity();
+        self.buf.resize(len, 0);
+        let grown = self.buf.capacity().saturating_sub(before);
+        if grown > 0 {
+            self.shared
+                .buffer_bytes
+                .fetch_add(grown as u64, Ordering::Relaxed);
         }
     }
 
@@ -1184,7 +1387,12 @@ impl Worker {
             .shared
             .sessions
             .read()
-            .map(|m| m.values().filter(|s| s.deferred.lock().map(|d| !d.is_empty()).unwrap_or(false)).cloned().collect())
+            .map(|m| {
+                m.values()
+                    .filter(|s| s.deferred.lock().map(|d| !d.is_empty()).unwrap_or(false))
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default();
         for s in sessions {
             self.run_deferred_of(&s);
@@ -1195,7 +1403,8 @@ impl Worker {
         let now = Instant::now();
         let due: Vec<Job> = match s.deferred.lock() {
             Ok(mut d) => {
-                let (due, later): (Vec<Job>, Vec<Job>) = d.drain(..).partition(|j| j.not_before <= now);
+                let (due, later): (Vec<Job>, Vec<Job>) =
+                    d.drain(..).partition(|j| j.not_before <= now);
                 d.extend(later);
                 due
             }
@@ -1251,7 +1460,9 @@ impl Worker {
             }
         }
         while let Some(off) = bg.prefetch.pop_front() {
-            let Some((e, page)) = locate(&regions, off) else { continue };
+            let Some((e, page)) = locate(&regions, off) else {
+                continue;
+            };
             if !e.states.try_claim(e.state_base + page) {
                 continue;
             }
@@ -1274,7 +1485,8 @@ impl Worker {
                 break;
             };
             let pages = e.region.pages();
-            let next = (from..pages).find(|&p| e.states.get(e.state_base + p) == PageState::Missing);
+            let next =
+                (from..pages).find(|&p| e.states.get(e.state_base + p) == PageState::Missing);
             let Some(p) = next else {
                 bg.fill_cursor = Some((ri + 1, 0));
                 continue;
@@ -1328,7 +1540,14 @@ fn claim_run(regions: &RegionMap, want: &Job, max_io: u64) -> Option<Job> {
     Some(job(e, p, n, want.kind, true, None))
 }
 
-fn job(e: &RegionEntry, page: usize, pages: usize, kind: JobKind, claimed: bool, t: Option<Instant>) -> Job {
+fn job(
+    e: &RegionEntry,
+    page: usize,
+    pages: usize,
+    kind: JobKind,
+    claimed: bool,
+    t: Option<Instant>,
+) -> Job {
     Job {
         addr: e.addr_of(page),
         pages,

@@ -78,7 +78,10 @@ impl PageStates {
 
     fn slot(&self, page: usize) -> (&AtomicU64, u32) {
         assert!(page < self.pages, "page {page} out of {}", self.pages);
-        (&self.state[page / PAGES_PER_WORD], ((page % PAGES_PER_WORD) * 2) as u32)
+        (
+            &self.state[page / PAGES_PER_WORD],
+            ((page % PAGES_PER_WORD) * 2) as u32,
+        )
     }
 
     /// The state of `page`.
@@ -158,7 +161,9 @@ impl PageStates {
     pub fn all_present(&self) -> bool {
         let full_words = self.pages / PAGES_PER_WORD;
         let all_present_word = 0xAAAA_AAAA_AAAA_AAAAu64;
-        self.state[..full_words].iter().all(|w| w.load(Ordering::Acquire) == all_present_word)
+        self.state[..full_words]
+            .iter()
+            .all(|w| w.load(Ordering::Acquire) == all_present_word)
             && (full_words * PAGES_PER_WORD..self.pages).all(|p| self.get(p) == PageState::Present)
     }
 
@@ -321,7 +326,10 @@ mod loom_tests {
             let s2 = Arc::clone(&s);
             let t = loom::thread::spawn(move || s2.remove(0..1));
             if s.try_claim(0) {
-                assert!(s.is_zero(0), "a page claimed after REMOVE must be served as zero");
+                assert!(
+                    s.is_zero(0),
+                    "a page claimed after REMOVE must be served as zero"
+                );
                 s.set_present(0);
             }
             t.join().expect("thread");

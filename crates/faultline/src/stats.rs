@@ -92,9 +92,12 @@ impl Counters {
     pub fn snapshot(&self) -> Stats {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let (p50, p99, max, n) = match self.latency.lock() {
-            Ok(h) if !h.is_empty() => {
-                (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max(), h.len())
-            }
+            Ok(h) if !h.is_empty() => (
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.99),
+                h.max(),
+                h.len(),
+            ),
             _ => (0, 0, 0, 0),
         };
         Stats {
@@ -215,7 +218,11 @@ impl Stats {
         if let serde_json::Value::Object(map) = v {
             for (k, val) in map {
                 let name = format!("faultline_{k}");
-                let kind = if k.starts_with("latency_") && k != "latency_samples" { "gauge" } else { "counter" };
+                let kind = if k.starts_with("latency_") && k != "latency_samples" {
+                    "gauge"
+                } else {
+                    "counter"
+                };
                 out.push_str(&format!("# TYPE {name} {kind}\n{name}{{{labels}}} {val}\n"));
             }
         }

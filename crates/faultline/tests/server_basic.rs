@@ -25,19 +25,28 @@ fn verify(m: &Mapping, src: &MemorySource, pages: std::ops::Range<usize>) {
     let mut want = vec![0u8; PAGE_SIZE];
     for p in pages {
         m.read(p * PAGE_SIZE, &mut got).expect("read");
-        src.read_at((p * PAGE_SIZE) as u64, &mut want).expect("source");
+        src.read_at((p * PAGE_SIZE) as u64, &mut want)
+            .expect("source");
         assert_eq!(got, want, "page {p}");
     }
 }
 
-fn serve_and_touch(config: ServerConfig, threads: usize, pages: usize) -> (faultline::Stats, faultline_uffd::IoctlStats) {
+fn serve_and_touch(
+    config: ServerConfig,
+    threads: usize,
+    pages: usize,
+) -> (faultline::Stats, faultline_uffd::IoctlStats) {
     let src = source(pages, 7);
     let uffd = Uffd::new(Features::empty()).expect("uffd");
     let m = Arc::new(Mapping::anonymous(pages * PAGE_SIZE).expect("mmap"));
     uffd.register(&m, RegisterMode::MISSING).expect("register");
     let server = Server::start(config).expect("server");
     let session = server
-        .add_session(uffd, vec![Region::for_mapping(&m, src.clone())], SessionOptions::default())
+        .add_session(
+            uffd,
+            vec![Region::for_mapping(&m, src.clone())],
+            SessionOptions::default(),
+        )
         .expect("session");
     let m2 = Arc::clone(&m);
     let src2 = src.clone();
@@ -61,19 +70,34 @@ fn serve_and_touch(config: ServerConfig, threads: usize, pages: usize) -> (fault
 
 #[test]
 fn sequential_touch_with_adaptive_readahead_serves_every_byte() {
-    let (st, io) = serve_and_touch(ServerConfig { workers: 2, ..ServerConfig::default() }, 4, 4096);
+    let (st, io) = serve_and_touch(
+        ServerConfig {
+            workers: 2,
+            ..ServerConfig::default()
+        },
+        4,
+        4096,
+    );
     assert_eq!(st.pages, 4096, "every page resolved exactly once: {st:?}");
     // Runs of 16 zero pages are ZEROPAGEd (a run cut by a chunk boundary may be copied);
     // isolated zero pages are copied with their neighbours.
     assert!((768..=1024).contains(&st.zero_pages), "{st:?}");
     assert_eq!(io.wake, 0, "resolves wake their sleepers: no UFFDIO_WAKE");
     assert!(st.faults < 4096, "readahead must save faults: {st:?}");
-    assert_eq!(st.copy + st.zeropage, io.copy + io.zeropage, "server counts match the fd's ioctl counts");
+    assert_eq!(
+        st.copy + st.zeropage,
+        io.copy + io.zeropage,
+        "server counts match the fd's ioctl counts"
+    );
 }
 
 #[test]
 fn no_readahead_one_resolve_per_touched_page() {
-    let config = ServerConfig { workers: 1, readahead: Readahead::Off, ..ServerConfig::default() };
+    let config = ServerConfig {
+        workers: 1,
+        readahead: Readahead::Off,
+        ..ServerConfig::default()
+    };
     let (st, io) = serve_and_touch(config, 1, 256);
     assert_eq!(st.pages, 256);
     assert_eq!(st.faults, 256, "{st:?}");
@@ -84,7 +108,10 @@ fn no_readahead_one_resolve_per_touched_page() {
 
 #[test]
 fn shmem_minor_backing_fills_the_page_cache_then_continues() {
-    if !faultline_testing::need_features("shmem_minor", Features::MINOR_SHMEM | Features::MISSING_SHMEM) {
+    if !faultline_testing::need_features(
+        "shmem_minor",
+        Features::MINOR_SHMEM | Features::MISSING_SHMEM,
+    ) {
         return;
     }
     let pages = 512;
@@ -92,13 +119,22 @@ fn shmem_minor_backing_fills_the_page_cache_then_continues() {
     let uffd = Uffd::new(Features::MINOR_SHMEM | Features::MISSING_SHMEM).expect("uffd");
     let m = Arc::new(Mapping::new(MemoryKind::Shmem, pages * PAGE_SIZE).expect("memfd"));
     let cache = Arc::new(m.alias().expect("alias"));
-    uffd.register(&m, RegisterMode::MISSING | RegisterMode::MINOR).expect("register");
-    let server = Server::start(ServerConfig { workers: 2, ..ServerConfig::default() }).expect("server");
-    let region = Region::for_mapping(&m, src.clone())
-        .with_backing(faultline::Backing::Minor { cache });
-    let session = server.add_session(uffd, vec![region], SessionOptions::default()).expect("session");
+    uffd.register(&m, RegisterMode::MISSING | RegisterMode::MINOR)
+        .expect("register");
+    let server = Server::start(ServerConfig {
+        workers: 2,
+        ..ServerConfig::default()
+    })
+    .expect("server");
+    let region =
+        Region::for_mapping(&m, src.clone()).with_backing(faultline::Backing::Minor { cache });
+    let session = server
+        .add_session(uffd, vec![region], SessionOptions::default())
+        .expect("session");
     let (m2, src2) = (Arc::clone(&m), src.clone());
-    faultline_testing::within(Duration::from_secs(30), move || verify(&m2, &src2, 0..pages));
+    faultline_testing::within(Duration::from_secs(30), move || {
+        verify(&m2, &src2, 0..pages)
+    });
     let st = session.stats();
     assert_eq!(st.pages, pages as u64);
     assert!(st.continue_ > 0 && st.copy == 0, "{st:?}");
@@ -112,13 +148,62 @@ fn background_fill_makes_everything_present_without_touches() {
     let uffd = Uffd::new(Features::empty()).expect("uffd");
     let m = Mapping::anonymous(pages * PAGE_SIZE).expect("mmap");
     uffd.register(&m, RegisterMode::MISSING).expect("register");
-    let server = Server::start(ServerConfig { workers: 1, ..ServerConfig::default() }).expect("server");
-    let opts = SessionOptions { background_fill: true, ..SessionOptions::default() };
-    let session = server.add_session(uffd, vec![Region::for_mapping(&m, src.clone())], opts).expect("session");
-    assert!(session.wait_all_present(Duration::from_secs(30)), "background fill did not finish");
+    let server = Server::start(ServerConfig {
+        workers: 1,
+        ..ServerConfig::default()
+    })
+    .expect("server");
+    let opts = SessionOptions {
+        background_fill: true,
+        ..SessionOptions::default()
+    };
+    let session = server
+        .add_session(uffd, vec![Region::for_mapping(&m, src.clone())], opts)
+        .expect("session");
+    assert!(
+        session.wait_all_present(Duration::from_secs(30)),
+        "background fill did not finish"
+    );
     let st = session.stats();
     assert_eq!(st.faults, 0);
     assert_eq!(st.fill_pages, pages as u64);
     verify(&m, &src, 0..pages);
+    server.shutdown();
+}
+
+#[test]
+fn move_backing_serves_a_pread_source_in_process_with_one_copy() {
+    if !faultline_testing::need_features("move_backing", Features::MOVE) {
+        return;
+    }
+    let pages = 1024;
+    let src = source(pages, 11);
+    let mut file = tempfile::NamedTempFile::new().expect("tempfile");
+    std::io::Write::write_all(&mut file, src.bytes()).expect("write");
+    let fsrc = Arc::new(faultline::source::FileSource::open(file.path()).expect("open"));
+    let uffd = Uffd::new(Features::MOVE).expect("uffd");
+    assert!(uffd.is_own_process());
+    let m = Arc::new(Mapping::anonymous(pages * PAGE_SIZE).expect("mmap"));
+    uffd.register(&m, RegisterMode::MISSING).expect("register");
+    let server = Server::start(ServerConfig {
+        workers: 2,
+        ..ServerConfig::default()
+    })
+    .expect("server");
+    let region = Region::for_mapping(&m, fsrc).with_backing(faultline::Backing::Move);
+    let session = server
+        .add_session(uffd, vec![region], SessionOptions::default())
+        .expect("session");
+    let (m2, src2) = (Arc::clone(&m), src.clone());
+    faultline_testing::within(Duration::from_secs(30), move || {
+        verify(&m2, &src2, 0..pages)
+    });
+    let st = session.stats();
+    assert_eq!(st.pages, pages as u64);
+    assert!(
+        st.move_ > 0 && st.copy == 0,
+        "data pages are moved, not copied: {st:?}"
+    );
+    assert_eq!(session.uffd_stats().move_, st.move_);
     server.shutdown();
 }

@@ -60,7 +60,11 @@ fn storm(config: ServerConfig, seed: u64) -> (Stats, IoctlStats) {
     uffd.register(&m, RegisterMode::MISSING).expect("register");
     let server = Server::start(config).expect("server");
     let session = server
-        .add_session(uffd, vec![Region::for_mapping(&m, source)], SessionOptions::default())
+        .add_session(
+            uffd,
+            vec![Region::for_mapping(&m, source)],
+            SessionOptions::default(),
+        )
         .expect("session");
 
     let (m2, want2) = (Arc::clone(&m), Arc::clone(&want));
@@ -73,7 +77,11 @@ fn storm(config: ServerConfig, seed: u64) -> (Stats, IoctlStats) {
                     start.wait();
                     // All threads on one page at once.
                     let at = HOT * PAGE_SIZE + t * 8;
-                    assert_eq!(m.read_u8(at).expect("read"), want[at], "thread {t}: hot page");
+                    assert_eq!(
+                        m.read_u8(at).expect("read"),
+                        want[at],
+                        "thread {t}: hot page"
+                    );
                     // Start a few pages apart: a thread soon catches up with the one ahead of
                     // it, and from then on they fault on the same pages. One byte per page
                     // keeps the threads at the same frontier.
@@ -111,20 +119,38 @@ fn storm(config: ServerConfig, seed: u64) -> (Stats, IoctlStats) {
 
 /// What holds whatever the readahead and batching.
 fn check_common(st: &Stats, io: &IoctlStats) {
-    assert_eq!(st.pages, PAGES as u64, "every page resolved exactly once: {st:?}");
+    assert_eq!(
+        st.pages, PAGES as u64,
+        "every page resolved exactly once: {st:?}"
+    );
     assert_eq!(st.bytes, (PAGES * PAGE_SIZE) as u64, "{st:?}");
     // Short zero stretches may be copied along with their neighbours; never more than the zero
     // pages of the source are served as zeros.
     assert!(st.zero_pages <= ZERO_PAGES as u64, "{st:?}");
-    assert_eq!((io.wake, st.wake), (0, 0), "resolves wake their sleepers: {io:?}");
-    assert_eq!((st.copy, st.zeropage), (io.copy, io.zeropage), "the server counts every ioctl");
-    assert_eq!(io.eagain + st.eagain + st.deferred, 0, "no event, so no EAGAIN: {st:?} {io:?}");
+    assert_eq!(
+        (io.wake, st.wake),
+        (0, 0),
+        "resolves wake their sleepers: {io:?}"
+    );
+    assert_eq!(
+        (st.copy, st.zeropage),
+        (io.copy, io.zeropage),
+        "the server counts every ioctl"
+    );
+    assert_eq!(
+        io.eagain + st.eagain + st.deferred,
+        0,
+        "no event, so no EAGAIN: {st:?} {io:?}"
+    );
     assert_eq!(st.eexist, io.eexist, "{st:?} {io:?}");
     assert_eq!(
         io.eexist, st.present_refaults,
         "EEXIST comes only from refaults of present pages, one each: {st:?} {io:?}"
     );
-    assert_eq!(st.faults, io.events, "every message read is a fault, and counted: {st:?} {io:?}");
+    assert_eq!(
+        st.faults, io.events,
+        "every message read is a fault, and counted: {st:?} {io:?}"
+    );
     assert_eq!((st.poison, st.source_errors, st.continue_), (0, 0, 0));
     let succeeded = io.copy + io.zeropage - io.eexist;
     assert!(
@@ -148,9 +174,15 @@ fn no_readahead_one_message_per_read_one_resolve_per_page() {
         PAGES as u64,
         "one successful resolve per page: {st:?} {io:?}"
     );
-    assert_eq!(st.zero_pages, ZERO_PAGES as u64, "lone zero pages resolved as zeros: {st:?}");
-    assert_eq!(io.zeropage, ZERO_PAGES as u64, "a ZEROPAGE never meets a present page: {io:?}");
-    assert_eq!(st.faults - st.duplicate_faults - st.present_refaults, PAGES as u64, "{st:?}");
+    assert_eq!(
+        st.zero_pages, ZERO_PAGES as u64,
+        "lone zero pages resolved as zeros: {st:?}"
+    );
+    assert_eq!(
+        st.faults - st.duplicate_faults - st.present_refaults,
+        PAGES as u64,
+        "{st:?}"
+    );
     assert_eq!(st.readahead_pages, 0);
     assert!(
         st.duplicate_faults + st.present_refaults > 0,
@@ -164,7 +196,11 @@ fn no_readahead_one_message_per_read_one_resolve_per_page() {
 
 #[test]
 fn no_readahead_batched_reads_coalesce_but_never_resolve_twice() {
-    let config = ServerConfig { workers: 2, readahead: Readahead::Off, ..ServerConfig::default() };
+    let config = ServerConfig {
+        workers: 2,
+        readahead: Readahead::Off,
+        ..ServerConfig::default()
+    };
     let (st, io) = storm(config, 12);
     check_common(&st, &io);
     assert_eq!(
@@ -175,14 +211,20 @@ fn no_readahead_batched_reads_coalesce_but_never_resolve_twice() {
     assert_eq!(st.readahead_pages, 0);
     assert!(st.duplicate_faults + st.present_refaults > 0, "{st:?}");
     // Every fault of a claimed run is answered within its run: the latency samples count runs.
-    assert!(st.latency_samples >= 1 && st.latency_samples <= PAGES as u64, "{st:?}");
+    assert!(
+        st.latency_samples >= 1 && st.latency_samples <= PAGES as u64,
+        "{st:?}"
+    );
 }
 
 #[test]
 fn adaptive_readahead_every_page_once_fewer_faults() {
     let config = ServerConfig {
         workers: 2,
-        readahead: Readahead::Adaptive { min_pages: 1, max_pages: 64 },
+        readahead: Readahead::Adaptive {
+            min_pages: 1,
+            max_pages: 64,
+        },
         ..ServerConfig::default()
     };
     let (st, io) = storm(config, 13);
@@ -192,7 +234,10 @@ fn adaptive_readahead_every_page_once_fewer_faults() {
         PAGES as u64,
         "each page is claimed once, by a fault or by readahead: {st:?}"
     );
-    assert!(st.readahead_pages > 0, "sequential touches trigger readahead: {st:?}");
+    assert!(
+        st.readahead_pages > 0,
+        "sequential touches trigger readahead: {st:?}"
+    );
     assert!(st.faults < PAGES as u64, "readahead saves faults: {st:?}");
     eprintln!(
         "storm/adaptive: faults {} duplicates {} refaults {} readahead {}",
