@@ -690,9 +690,14 @@ impl Ctx {
                     std::hint::black_box(m.read_u8(p * page)?);
                 }
             } else {
-                while !session.offsets_present(&offsets) {
-                    std::thread::yield_now();
-                }
+                ensure!(
+                    session.wait_prefetched(Duration::from_secs(120)),
+                    "prefetch did not finish"
+                );
+                ensure!(
+                    session.offsets_present(&offsets),
+                    "prefetch left recorded pages missing"
+                );
             }
             let ms = start.elapsed().as_secs_f64() * 1e3;
             let ws = session.working_set();

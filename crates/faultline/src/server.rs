@@ -184,6 +184,7 @@ pub struct Session {
     changed: Condvar,
     present_pages: AtomicU64,
     total_pages: AtomicU64,
+    prefetch_inflight: AtomicU64,
     page_size: u64,
 }
 
@@ -289,6 +290,42 @@ impl SessionHandle {
         }
     }
 
+    /// Wait until the working set given as `prefetch` has been replayed (every recorded page
+    /// resolved, by prefetch or by demand) or `timeout` passes; returns whether it was.
+    pub fn wait_prefetched(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let done = || {
+            self.0.prefetch_inflight.load(Ordering::Acquire) == 0
+                && self
+                    .0
+                    .background
+                    .lock()
+                    .map(|b| b.prefetch.is_empty())
+                    .unwrap_or(true)
+        };
+        let mut g = match self.0.ended.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        loop {
+            if done() {
+                return true;
+            }
+            let now = Instant::now();
+            if g.is_some() || now >= deadline {
+                return false;
+            }
+            g = match self
+                .0
+                .changed
+                .wait_timeout(g, (deadline - now).min(Duration::from_millis(50)))
+            {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
     /// The working set recorded so far (empty unless recording).
     pub fn working_set(&self) -> WorkingSet {
         let offsets = self
@@ -339,6 +376,10 @@ struct Shared {
     rr: AtomicU64,
     /// Bytes of worker buffers (read buffers, zero buffers, event buffers).
     buffer_bytes: AtomicU64,
+    /// Set when background work may be queued (cleared by a worker that found none).
+    bg_hint: AtomicBool,
+    /// Deferred jobs queued over all sessions.
+    deferred_jobs: AtomicU64,
 }
 
 /// A running fault server.
@@ -381,6 +422,8 @@ impl Server {
             total: Counters::default(),
             rr: AtomicU64::new(0),
             buffer_bytes: AtomicU64::new(0),
+            bg_hint: AtomicBool::new(false),
+            deferred_jobs: AtomicU64::new(0),
         });
         let n = shared.config.workers.max(1);
         let ncpu = std::thread::available_parallelism()
@@ -561,6 +604,7 @@ impl Shared {
             changed: Condvar::new(),
             present_pages: AtomicU64::new(0),
             total_pages: AtomicU64::new(total_pages),
+            prefetch_inflight: AtomicU64::new(0),
             page_size,
         });
         self.sessions
@@ -585,6 +629,7 @@ impl Shared {
             .map_err(os("epoll_ctl(watch)"))?;
         }
         tracing::debug!(session = id, label = %session.label, pages = total_pages, "session started");
+        self.bg_hint.store(true, Ordering::Release);
         self.kick();
         Ok(session)
     }
@@ -606,6 +651,8 @@ impl Shared {
             m.remove(&s.id);
         }
         if let Ok(mut d) = s.deferred.lock() {
+            self.deferred_jobs
+                .fetch_sub(d.len() as u64, Ordering::AcqRel);
             d.clear();
         }
         if let Ok(mut g) = s.ended.lock() {
@@ -624,6 +671,12 @@ impl Shared {
     }
 
     fn has_background(&self) -> Option<Duration> {
+        if self.bg_hint.load(Ordering::Acquire) {
+            return Some(Duration::ZERO);
+        }
+        if self.deferred_jobs.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         let sessions = self.sessions.read().ok()?;
         let mut soonest: Option<Duration> = None;
         let now = Instant::now();
@@ -947,6 +1000,7 @@ impl Worker {
             if let Ok(mut b) = s.background.lock() {
                 b.ahead.extend(aheads);
             }
+            self.shared.bg_hint.store(true, Ordering::Release);
             self.shared.kick();
         }
         for j in runs.into_iter().chain(refaults) {
@@ -997,6 +1051,7 @@ impl Worker {
                 add(&self.shared.total.deferred, 1);
                 if let Ok(mut d) = s.deferred.lock() {
                     d.push_back(rest);
+                    self.shared.deferred_jobs.fetch_add(1, Ordering::AcqRel);
                 }
             }
             RunEnd::Gone => self.shared.close(s, "client gone (ESRCH)"),
@@ -1383,6 +1438,9 @@ impl Worker {
     }
 
     fn run_deferred(&mut self) {
+        if self.shared.deferred_jobs.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let sessions: Vec<Arc<Session>> = self
             .shared
             .sessions
@@ -1406,6 +1464,9 @@ impl Worker {
                 let (due, later): (Vec<Job>, Vec<Job>) =
                     d.drain(..).partition(|j| j.not_before <= now);
                 d.extend(later);
+                self.shared
+                    .deferred_jobs
+                    .fetch_sub(due.len() as u64, Ordering::AcqRel);
                 due
             }
             Err(_) => return,
@@ -1420,6 +1481,10 @@ impl Worker {
 
     /// One chunk of background work from one session (round robin).
     fn background_step(&mut self) {
+        // Clear the hint before looking: work queued after this point sets it again.
+        if !self.shared.bg_hint.swap(false, Ordering::AcqRel) {
+            return;
+        }
         let sessions: Vec<Arc<Session>> = self
             .shared
             .sessions
@@ -1432,11 +1497,81 @@ impl Worker {
         let start = self.shared.rr.fetch_add(1, Ordering::Relaxed) as usize;
         for k in 0..sessions.len() {
             let s = &sessions[(start + k) % sessions.len()];
-            if let Some(j) = self.next_background_job(s) {
-                self.run_job(s, j);
-                return;
+            let jobs = self.next_background_jobs(s);
+            if jobs.is_empty() {
+                continue;
             }
+            self.shared.bg_hint.store(true, Ordering::Release);
+            let prefetched = jobs.iter().filter(|j| j.kind == JobKind::Prefetch).count() as u64;
+            for j in jobs {
+                self.run_job(s, j);
+            }
+            if prefetched > 0 {
+                let left = s.prefetch_inflight.fetch_sub(prefetched, Ordering::AcqRel) - prefetched;
+                let queued = s.background.lock().map(|b| b.prefetch.len()).unwrap_or(0);
+                if left == 0 && queued == 0 {
+                    drop(s.ended.lock());
+                    s.changed.notify_all();
+                }
+            }
+            return;
         }
+    }
+
+    /// Claim the next background work of `s`: a readahead window, else up to 64 runs of the
+    /// recorded working set (in recorded order), else a chunk of background fill.
+    fn next_background_jobs(&mut self, s: &Arc<Session>) -> Vec<Job> {
+        match self.next_background_job(s) {
+            Some(j) if j.kind == JobKind::Prefetch => {
+                let mut v = vec![j];
+                while v.len() < 64 {
+                    match self.next_prefetch_job(s) {
+                        Some(j) => v.push(j),
+                        None => break,
+                    }
+                }
+                v
+            }
+            Some(j) => vec![j],
+            None => Vec::new(),
+        }
+    }
+
+    fn next_prefetch_job(&mut self, s: &Arc<Session>) -> Option<Job> {
+        let max_io = self.shared.config.max_io as u64;
+        let mut bg = s.background.lock().ok()?;
+        let regions = s.regions.read().ok()?;
+        Self::pop_prefetch(s, &mut bg, &regions, max_io)
+    }
+
+    fn pop_prefetch(
+        s: &Session,
+        bg: &mut Background,
+        regions: &RegionMap,
+        max_io: u64,
+    ) -> Option<Job> {
+        while let Some(off) = bg.prefetch.pop_front() {
+            let Some((e, page)) = locate(regions, off) else {
+                continue;
+            };
+            if !e.states.try_claim(e.state_base + page) {
+                continue;
+            }
+            // Extend over following recorded offsets that are the next pages.
+            let mut n = 1;
+            let ps = e.region.page_size();
+            while (n as u64) * ps < max_io
+                && page + n < e.region.pages()
+                && bg.prefetch.front() == Some(&(off + n as u64 * ps))
+                && e.states.try_claim(e.state_base + page + n)
+            {
+                bg.prefetch.pop_front();
+                n += 1;
+            }
+            s.prefetch_inflight.fetch_add(1, Ordering::AcqRel);
+            return Some(job(e, page, n, JobKind::Prefetch, true, None));
+        }
+        None
     }
 
     /// Claim the next background run of `s`: readahead windows, then prefetch, then fill.
@@ -1459,25 +1594,8 @@ impl Worker {
                 return Some(j);
             }
         }
-        while let Some(off) = bg.prefetch.pop_front() {
-            let Some((e, page)) = locate(&regions, off) else {
-                continue;
-            };
-            if !e.states.try_claim(e.state_base + page) {
-                continue;
-            }
-            // Extend over following recorded offsets that are the next pages.
-            let mut n = 1;
-            let ps = e.region.page_size();
-            while (n as u64) * ps < max_io
-                && page + n < e.region.pages()
-                && bg.prefetch.front() == Some(&(off + n as u64 * ps))
-                && e.states.try_claim(e.state_base + page + n)
-            {
-                bg.prefetch.pop_front();
-                n += 1;
-            }
-            return Some(job(e, page, n, JobKind::Prefetch, true, None));
+        if let Some(j) = Self::pop_prefetch(s, &mut bg, &regions, max_io) {
+            return Some(j);
         }
         while let Some((ri, from)) = bg.fill_cursor {
             let Some(e) = regions.entries().get(ri) else {
