@@ -38,6 +38,12 @@ pub enum Error {
         /// The fallback tried, and why it failed.
         second: Option<(CreatePath, Errno)>,
     },
+    /// A received file descriptor is not a (handshaken) userfaultfd.
+    #[error("the received file descriptor is not a usable userfaultfd: it is {what}")]
+    NotUserfaultfd {
+        /// What it is instead.
+        what: String,
+    },
     /// `UFFDIO_API` was issued on a userfaultfd that already completed its handshake.
     #[error(
         "UFFDIO_API was already done on this userfaultfd (the handshake can happen only once)"

@@ -294,6 +294,19 @@ impl AsFd for UninitUffd {
     }
 }
 
+/// The kernel-internal "handshake done" bit shown in fdinfo's features (`UFFD_FEATURE_INITIALIZED`).
+const UFFD_FEATURE_INITIALIZED: u64 = 1 << 31;
+
+/// Parse `API:\taa:<features hex>:<ioctls hex>` from a userfaultfd's fdinfo.
+fn parse_fdinfo_api(info: &str) -> Option<(u64, u64)> {
+    let line = info.lines().find_map(|l| l.strip_prefix("API:"))?;
+    let mut parts = line.trim().split(':');
+    let api = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let features = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let ioctls = u64::from_str_radix(parts.next()?, 16).ok()?;
+    (api == sys::UFFD_API).then_some((features, ioctls))
+}
+
 fn is_non_blocking(fd: BorrowedFd<'_>) -> bool {
     rustix::fs::fcntl_getfl(fd)
         .map(|f| f.contains(rustix::fs::OFlags::NONBLOCK))
@@ -408,6 +421,47 @@ impl Uffd {
             own_process: false,
             stats: IoctlCounters::default(),
         }
+    }
+
+    /// Adopt a userfaultfd received from another process (over a Unix socket with SCM_RIGHTS, as
+    /// Firecracker sends it), checking that it is one.
+    ///
+    /// The kernel is asked, not trusted blindly: `/proc/self/fd/N` must read
+    /// `anon_inode:[userfaultfd]`, and the features its creator negotiated are read from
+    /// `/proc/self/fdinfo/N` (`API: aa:<features>:<ioctls>`) — the handshake cannot be repeated, but
+    /// this tells what it granted. A userfaultfd always serves its creator's address space, and
+    /// this process never sends its own away, so resolves through the adopted fd cannot touch
+    /// memory of this process: that is why this constructor is safe while
+    /// [`Uffd::from_initialized_fd`] is not. Fails with [`Error::NotUserfaultfd`] otherwise.
+    pub fn from_received_fd(fd: OwnedFd) -> Result<Uffd, Error> {
+        let n = fd.as_raw_fd();
+        let link = std::fs::read_link(format!("/proc/self/fd/{n}")).map_err(|e| Error::Os {
+            operation: "readlink /proc/self/fd",
+            errno: Errno::from_io_error(&e).unwrap_or(Errno::IO),
+        })?;
+        let link = link.to_string_lossy().into_owned();
+        if link != "anon_inode:[userfaultfd]" {
+            return Err(Error::NotUserfaultfd { what: link });
+        }
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{n}")).map_err(|e| Error::Os {
+                operation: "read /proc/self/fdinfo",
+                errno: Errno::from_io_error(&e).unwrap_or(Errno::IO),
+            })?;
+        let (features, ioctls) = parse_fdinfo_api(&info).ok_or(Error::NotUserfaultfd {
+            what: "userfaultfd whose fdinfo has no API line".into(),
+        })?;
+        if features & UFFD_FEATURE_INITIALIZED == 0 {
+            return Err(Error::NotUserfaultfd {
+                what: "userfaultfd before its UFFDIO_API handshake".into(),
+            });
+        }
+        let features = Features::from_bits_retain(features & !UFFD_FEATURE_INITIALIZED);
+        // SAFETY: the kernel says this is a userfaultfd that completed its handshake; it was
+        // received from another process, so its address space is not this process's (see above).
+        let mut u = unsafe { Uffd::from_initialized_fd(fd, features) };
+        u.ioctls = Ioctls::from_bits_retain(ioctls);
+        Ok(u)
     }
 
     /// Whether this fd serves this process's own address space (it was created here rather than
@@ -676,5 +730,44 @@ impl AsFd for Uffd {
 impl AsRawFd for Uffd {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fdinfo_api_line_is_parsed() {
+        let info = "pos:\t0\nflags:\t02004000\npending:\t0\ntotal:\t0\nAPI:\taa:80000008:80000000000001ff\n";
+        assert_eq!(
+            parse_fdinfo_api(info),
+            Some((0x8000_0008, 0x8000_0000_0000_01ff))
+        );
+        assert_eq!(parse_fdinfo_api("API:\tab:1:2\n"), None);
+        assert_eq!(parse_fdinfo_api("nothing"), None);
+    }
+
+    #[test]
+    fn a_received_userfaultfd_is_recognised_with_its_features() {
+        let u = Uffd::new(Features::EVENT_REMOVE | Features::THREAD_ID).expect("uffd");
+        let dup = u.try_clone_fd().expect("dup");
+        let adopted = Uffd::from_received_fd(dup).expect("adopt");
+        assert_eq!(
+            adopted.features(),
+            Features::EVENT_REMOVE | Features::THREAD_ID
+        );
+        assert!(!adopted.is_own_process());
+        assert!(adopted.ioctls().contains(Ioctls::API));
+        let pipe = rustix::pipe::pipe().expect("pipe").0;
+        assert!(matches!(
+            Uffd::from_received_fd(pipe),
+            Err(Error::NotUserfaultfd { .. })
+        ));
+        let uninit = UffdBuilder::new().create_uninit().expect("uninit");
+        assert!(matches!(
+            Uffd::from_received_fd(uninit.fd),
+            Err(Error::NotUserfaultfd { .. })
+        ));
     }
 }

@@ -4,6 +4,7 @@
 
 pub use faultline_uffd as uffd;
 
+pub mod firecracker;
 pub mod policy;
 pub mod region;
 pub mod server;

@@ -1,0 +1,1 @@
+//! The Firecracker page-fault handler protocol (being written).
