@@ -337,16 +337,17 @@ impl LongtermPin {
         // `struct io_uring_params` is 120 bytes; all-zero asks for a default ring.
         let mut params = [0u32; 30];
         // SAFETY: io_uring_setup reads and writes the 120-byte params struct we pass.
-        let fd = unsafe {
-            libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr())
-        };
+        let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
         let raw = i32::try_from(fd).map_err(|_| std::io::Error::other("io_uring fd"))?;
         // SAFETY: io_uring_setup returned a new fd that nothing else owns.
         let ring = unsafe { OwnedFd::from_raw_fd(raw) };
-        let iov = libc::iovec { iov_base: addr.cast(), iov_len: len };
+        let iov = libc::iovec {
+            iov_base: addr.cast(),
+            iov_len: len,
+        };
         const IORING_REGISTER_BUFFERS: u32 = 0;
         // SAFETY: registers one iovec describing memory the caller owns; the kernel pins it and
         // keeps no pointer to `iov` after the call.
@@ -420,8 +421,63 @@ pub fn direct_io_write_from(addr: *const u8, len: usize) -> std::io::Result<()> 
     unsafe { libc::close(fd) };
     match usize::try_from(n) {
         Ok(n) if n == len => Ok(()),
-        Ok(n) => Err(std::io::Error::other(format!("short direct write: {n} of {len}"))),
+        Ok(n) => Err(std::io::Error::other(format!(
+            "short direct write: {n} of {len}"
+        ))),
         Err(_) => Err(err),
+    }
+}
+
+/// Like [`FaultServer::spawn`], for a userfaultfd negotiated with `EVENT_FORK`. glibc's `fork()`
+/// holds the malloc locks across the system call, and the system call waits until the FORK event
+/// has been read: a server thread that allocates before reading it deadlocks the fork. This
+/// server finishes its allocations before returning (it is ready when `spawn` returns) and does
+/// not allocate between reading events and handing them to `handler`. The handler itself may
+/// allocate (the event was read, so the fork completes), but a test must not start the next
+/// fork before the handler of the previous FORK event has finished (let it signal a channel as
+/// its last step, and wait for that).
+pub fn serve_fork_safe<H>(uffd: Arc<Uffd>, mut handler: H) -> FaultServer
+where
+    H: FnMut(&Uffd, Event) -> Flow + Send + 'static,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let (rx, tx) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).expect("pipe");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let stop2 = Arc::clone(&stop);
+    let handle = std::thread::spawn(move || {
+        use rustix::event::{poll, PollFd, PollFlags};
+        let mut buf = EventBuffer::new(64);
+        // Kept alive to the end: its drop could free the channel here.
+        let ready = ready_tx;
+        let _ = ready.send(());
+        while !stop2.load(Ordering::Acquire) {
+            let mut fds = [
+                PollFd::new(&*uffd, PollFlags::IN),
+                PollFd::new(&rx, PollFlags::IN),
+            ];
+            match poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => panic!("poll: {e}"),
+            }
+            if !fds[1].revents().is_empty() {
+                break;
+            }
+            if uffd.read_events(&mut buf).expect("read events") == 0 {
+                continue;
+            }
+            for ev in buf.drain() {
+                if handler(&uffd, ev) == Flow::Stop {
+                    return;
+                }
+            }
+        }
+    });
+    ready_rx.recv().expect("fork-safe server started");
+    FaultServer {
+        stop,
+        wake_tx: tx,
+        handle: Some(handle),
     }
 }
 

@@ -365,14 +365,16 @@ mod tests {
             run(Err(Errno::AGAIN), 0x1000),
             Ok(Resolved::Partial(0x1000))
         );
-        let e = run(Err(Errno::EXIST), -(Errno::EXIST.raw_os_error() as i64)).unwrap_err();
+        let e =
+            run(Err(Errno::EXIST), -(Errno::EXIST.raw_os_error() as i64)).expect_err("an error");
         assert!(e.is_already_present());
-        let e = run(Err(Errno::AGAIN), -(Errno::AGAIN.raw_os_error() as i64)).unwrap_err();
+        let e =
+            run(Err(Errno::AGAIN), -(Errno::AGAIN.raw_os_error() as i64)).expect_err("an error");
         assert!(e.is_retry());
         // The field was never written (validation failed before the kernel's put_user).
-        let e = run(Err(Errno::INVAL), 0).unwrap_err();
+        let e = run(Err(Errno::INVAL), 0).expect_err("an error");
         assert_eq!(e.kind, ResolveErrorKind::InvalidRange);
-        let e = run(Err(Errno::SRCH), 0).unwrap_err();
+        let e = run(Err(Errno::SRCH), 0).expect_err("an error");
         assert!(e.is_process_gone());
     }
 
@@ -380,7 +382,7 @@ mod tests {
     fn a_negative_count_is_never_a_size() {
         for errno in [Errno::EXIST, Errno::NOENT, Errno::NOMEM, Errno::FAULT] {
             let r = run(Err(errno), -(errno.raw_os_error() as i64));
-            assert_eq!(r.unwrap_err().errno, errno);
+            assert_eq!(r.expect_err("an error").errno, errno);
         }
     }
 
