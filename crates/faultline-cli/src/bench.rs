@@ -765,11 +765,7 @@ pub fn run(args: BenchArgs) -> Result<Report> {
     );
     let pages = (size / page) as usize;
     let threads = args.threads.max(1);
-    let orders = (0..if args.pattern == Pattern::Storm {
-        threads
-    } else {
-        threads
-    })
+    let orders = (0..threads)
         .map(|t| order(args.pattern, pages, threads, t))
         .collect();
     let anon_at_start = anon_outside(0, 0);

@@ -14,6 +14,6 @@ pub mod stats;
 
 pub use policy::{Readahead, WorkingSet};
 pub use region::{Backing, Region, RegionError};
-pub use server::{Server, ServerConfig, ServerError, SessionHandle, SessionOptions};
+pub use server::{EndHook, Server, ServerConfig, ServerError, SessionHandle, SessionOptions};
 pub use source::{PageSource, SourceError};
 pub use stats::Stats;

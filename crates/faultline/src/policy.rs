@@ -194,11 +194,20 @@ impl WorkingSet {
         Ok(WorkingSet { page_size, offsets })
     }
 
-    /// Write to a file.
+    /// Write to a file atomically (a temporary file renamed over `path`), so concurrent writers
+    /// and crashes never leave a torn file.
     pub fn save(&self, path: &Path) -> Result<(), WorkingSetError> {
-        let mut f = std::fs::File::create(path)?;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(
+            ".tmp.{}.{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let tmp = std::path::PathBuf::from(tmp);
+        let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&self.encode())?;
         f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
         Ok(())
     }
 

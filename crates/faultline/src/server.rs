@@ -104,6 +104,18 @@ pub struct SessionOptions {
     pub watch: Option<OwnedFd>,
     /// Readahead for this session (default: the server's).
     pub readahead: Option<Readahead>,
+    /// Called once when the session ends (client gone, removed, or server shut down), e.g. to
+    /// save its recorded working set.
+    pub on_end: Option<EndHook>,
+}
+
+/// A callback run when a session ends.
+pub struct EndHook(pub Box<dyn FnOnce(&SessionHandle) + Send>);
+
+impl std::fmt::Debug for EndHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EndHook")
+    }
 }
 
 /// Errors of the server API.
@@ -178,6 +190,7 @@ pub struct Session {
     readahead: Readahead,
     recording: Option<Mutex<Vec<u64>>>,
     watch: Option<OwnedFd>,
+    on_end: Mutex<Option<EndHook>>,
     closed: AtomicBool,
     started: Instant,
     ended: Mutex<Option<Instant>>,
@@ -598,6 +611,7 @@ impl Shared {
             readahead,
             recording: o.record_working_set.then(|| Mutex::new(Vec::new())),
             watch: o.watch,
+            on_end: Mutex::new(o.on_end),
             closed: AtomicBool::new(false),
             started: Instant::now(),
             ended: Mutex::new(None),
@@ -668,6 +682,10 @@ impl Shared {
             summary = %st.to_json(),
             "session ended"
         );
+        let hook = s.on_end.lock().ok().and_then(|mut h| h.take());
+        if let Some(EndHook(f)) = hook {
+            f(&SessionHandle(Arc::clone(s)));
+        }
     }
 
     fn has_background(&self) -> Option<Duration> {
@@ -1233,15 +1251,12 @@ impl Worker {
 
     fn mark_resolved(&self, s: &Session, e: &RegionEntry, page: usize, j: &Job) {
         let idx = e.state_base + page;
-        let newly = if j.claimed {
+        // A re-resolve (unclaimed) that found the page missing claims it now to publish it.
+        let newly =
+            j.claimed || (e.states.get(idx) == PageState::Missing && e.states.try_claim(idx));
+        if newly {
             e.states.set_present(idx);
-            true
-        } else if e.states.get(idx) == PageState::Missing && e.states.try_claim(idx) {
-            e.states.set_present(idx);
-            true
-        } else {
-            false
-        };
+        }
         if newly {
             let n = s.present_pages.fetch_add(1, Ordering::AcqRel) + 1;
             if n >= s.total_pages.load(Ordering::Acquire) {
@@ -1510,6 +1525,12 @@ impl Worker {
                 let left = s.prefetch_inflight.fetch_sub(prefetched, Ordering::AcqRel) - prefetched;
                 let queued = s.background.lock().map(|b| b.prefetch.len()).unwrap_or(0);
                 if left == 0 && queued == 0 {
+                    tracing::debug!(
+                        session = s.id,
+                        elapsed_ms = s.started.elapsed().as_millis() as u64,
+                        pages = s.stats.prefetch_pages.load(Ordering::Relaxed),
+                        "working set prefetched"
+                    );
                     drop(s.ended.lock());
                     s.changed.notify_all();
                 }

@@ -1,0 +1,422 @@
+//! `faultline serve`: the Firecracker page-fault handler daemon.
+//!
+//! Listens on a Unix stream socket; every connection is one Firecracker process restoring a
+//! snapshot (many clones of one snapshot at once is the normal case). The handshake (one JSON
+//! message with the userfaultfd attached) is received and validated on its own thread with a
+//! timeout, so a slow or silent client never holds up anyone else; a bad one is logged with the
+//! problem named and its connection closed. A good one becomes a session of the shared fault
+//! server, which ends when the client's socket hangs up.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use faultline::firecracker::{self, Limits};
+use faultline::source::{MmapSource, PageSource};
+use faultline::{EndHook, Readahead, Region, Server, ServerConfig, SessionOptions, WorkingSet};
+use faultline_uffd::{MemoryKind, Uffd};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Readahead policy flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReadaheadFlag {
+    /// Only the faulting page.
+    Off,
+    /// A fixed window of `--readahead-pages`.
+    Fixed,
+    /// Grow on sequential faults up to `--readahead-pages`, shrink on random ones.
+    Adaptive,
+}
+
+/// `faultline serve` flags.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Unix socket to listen on (created with mode 0600; a stale socket is replaced, a live one
+    /// is an error). Firecracker's `mem_backend.backend_path`.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// The snapshot memory file (Firecracker's `mem_file_path` of the snapshot).
+    #[arg(long)]
+    pub mem_file: PathBuf,
+    /// Fault-serving worker threads (default: number of CPUs).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Pin worker i to CPU i.
+    #[arg(long)]
+    pub pin_workers: bool,
+    /// Readahead policy.
+    #[arg(long, value_enum, default_value_t = ReadaheadFlag::Adaptive)]
+    pub readahead: ReadaheadFlag,
+    /// Readahead window in pages (the maximum for adaptive).
+    #[arg(long, default_value_t = 512)]
+    pub readahead_pages: usize,
+    /// Record the order in which each restore first touched pages into FILE (written when the
+    /// session ends; readahead is off for recorded sessions so every touch is seen).
+    #[arg(long, value_name = "FILE")]
+    pub record_ws: Option<PathBuf>,
+    /// Replay a recorded working set into every new client ahead of demand, then fill the rest
+    /// in the background.
+    #[arg(long, value_name = "FILE")]
+    pub prefetch_ws: Option<PathBuf>,
+    /// Fill every page in the background once demand is served (implied by --prefetch-ws).
+    #[arg(long)]
+    pub background_fill: bool,
+    /// Serve Prometheus metrics on this TCP address (e.g. 127.0.0.1:9100), path /metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Seconds a client may take to send its handshake.
+    #[arg(long, default_value_t = 5)]
+    pub handshake_timeout: u64,
+    /// Skip the start-up scan for zero pages (which lets zero pages be served with ZEROPAGE).
+    #[arg(long)]
+    pub no_zero_scan: bool,
+}
+
+/// Set up logging once.
+pub fn init_logging(format: LogFormat) {
+    init_logging_at(format, "info");
+}
+
+/// Set up logging once, at `default_level` unless `RUST_LOG` says otherwise.
+pub fn init_logging_at(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// A running daemon (in this process): used by `serve`, `demo` and tests.
+pub struct Daemon {
+    server: Arc<Server>,
+    stop: Arc<AtomicBool>,
+    socket: PathBuf,
+    accept: Option<std::thread::JoinHandle<()>>,
+    wake: UnixStream,
+    /// Sessions started so far.
+    pub started: Arc<AtomicU64>,
+    /// Handshakes refused so far.
+    pub refused: Arc<AtomicU64>,
+}
+
+impl Daemon {
+    /// Bind the socket and start serving.
+    pub fn start(args: &ServeArgs) -> Result<Daemon> {
+        let src = MmapSource::options()
+            .populate(false)
+            .open(&args.mem_file)
+            .with_context(|| format!("opening the memory file {}", args.mem_file.display()))?;
+        let src = if args.no_zero_scan {
+            src
+        } else {
+            src.with_zero_scan()
+        };
+        let src: Arc<dyn PageSource> = Arc::new(src);
+        let src_len = src.len();
+        let prefetch = match &args.prefetch_ws {
+            Some(p) => Some(
+                WorkingSet::load(p)
+                    .with_context(|| format!("reading the working set {}", p.display()))?,
+            ),
+            None => None,
+        };
+        let listener = bind(&args.socket)?;
+        let readahead = match args.readahead {
+            ReadaheadFlag::Off => Readahead::Off,
+            ReadaheadFlag::Fixed => Readahead::Fixed {
+                pages: args.readahead_pages,
+            },
+            ReadaheadFlag::Adaptive => Readahead::Adaptive {
+                min_pages: 1,
+                max_pages: args.readahead_pages,
+            },
+        };
+        let mut config = ServerConfig {
+            readahead,
+            pin_workers: args.pin_workers,
+            ..ServerConfig::default()
+        };
+        if let Some(w) = args.workers {
+            config.workers = w.max(1);
+        }
+        let server = Arc::new(Server::start(config)?);
+        if let Some(addr) = &args.metrics {
+            serve_metrics(addr, Arc::clone(&server))?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let (wake_rx, wake) = UnixStream::pair()?;
+        let started = Arc::new(AtomicU64::new(0));
+        let refused = Arc::new(AtomicU64::new(0));
+        let ctx = Arc::new(ConnCtx {
+            server: Arc::clone(&server),
+            src,
+            prefetch,
+            background_fill: args.background_fill || args.prefetch_ws.is_some(),
+            record: args.record_ws.clone(),
+            limits: Limits {
+                timeout: Duration::from_secs(args.handshake_timeout.max(1)),
+                mem_len: Some(src_len),
+                ..Limits::default()
+            },
+            started: Arc::clone(&started),
+            refused: Arc::clone(&refused),
+        });
+        let stop2 = Arc::clone(&stop);
+        let accept = std::thread::Builder::new()
+            .name("faultline-accept".into())
+            .spawn(move || accept_loop(listener, wake_rx, stop2, ctx))?;
+        tracing::info!(socket = %args.socket.display(), mem_file = %args.mem_file.display(), "serving");
+        Ok(Daemon {
+            server,
+            stop,
+            socket: args.socket.clone(),
+            accept: Some(accept),
+            wake,
+            started,
+            refused,
+        })
+    }
+
+    /// The fault server.
+    pub fn server(&self) -> &Arc<Server> {
+        &self.server
+    }
+
+    /// Stop accepting, remove the socket, end every session.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.wake.write_all(b"x");
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        for s in self.server.sessions() {
+            let _ = self.server.remove_session(s.id());
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.accept.is_some() {
+            self.shutdown();
+        }
+    }
+}
+
+struct ConnCtx {
+    server: Arc<Server>,
+    src: Arc<dyn PageSource>,
+    prefetch: Option<WorkingSet>,
+    background_fill: bool,
+    record: Option<PathBuf>,
+    limits: Limits,
+    started: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+}
+
+/// Create the listening socket: mode 0600, a stale socket replaced, a live one refused.
+fn bind(path: &Path) -> Result<UnixListener> {
+    if path.exists() {
+        match UnixStream::connect(path) {
+            Ok(_) => bail!(
+                "{} is a live socket: another handler is serving it",
+                path.display()
+            ),
+            Err(_) => {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing the stale socket {}", path.display()))?;
+                tracing::info!(socket = %path.display(), "replaced a stale socket");
+            }
+        }
+    }
+    // Created 0600 from the start: no window in which others may connect.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let l = UnixListener::bind(path);
+    rustix::process::umask(old);
+    l.with_context(|| format!("binding {}", path.display()))
+}
+
+fn accept_loop(listener: UnixListener, wake: UnixStream, stop: Arc<AtomicBool>, ctx: Arc<ConnCtx>) {
+    use rustix::event::{poll, PollFd, PollFlags};
+    while !stop.load(Ordering::Acquire) {
+        let mut fds = [
+            PollFd::new(&listener, PollFlags::IN),
+            PollFd::new(&wake, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "poll on the listening socket failed");
+                return;
+            }
+        }
+        if !fds[1].revents().is_empty() || stop.load(Ordering::Acquire) {
+            return;
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let ctx = Arc::clone(&ctx);
+                let r = std::thread::Builder::new()
+                    .name("faultline-handshake".into())
+                    .spawn(move || handle_connection(stream, &ctx));
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "cannot start a handshake thread; connection dropped");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "accept failed"),
+        }
+    }
+}
+
+fn handle_connection(stream: UnixStream, ctx: &ConnCtx) {
+    let hs = match firecracker::receive_handshake(&stream, &ctx.limits) {
+        Ok(h) => h,
+        Err(e) => {
+            ctx.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "handshake refused; connection closed");
+            return;
+        }
+    };
+    let peer = hs.peer;
+    let regions = hs.mappings;
+    let uffd = match Uffd::from_received_fd(hs.uffd) {
+        Ok(u) => u,
+        Err(e) => {
+            ctx.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(pid = peer.pid, error = %e, "handshake refused; connection closed");
+            return;
+        }
+    };
+    let regions: Vec<Region> = regions
+        .iter()
+        .map(|r| {
+            let kind = if r.page_size == 4096 {
+                MemoryKind::PrivateAnonymous
+            } else {
+                MemoryKind::HugetlbPrivate
+            };
+            Region::new(r.start, r.len, kind, Arc::clone(&ctx.src), r.offset)
+        })
+        .collect();
+    let watch = match stream.as_fd().try_clone_to_owned() {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(pid = peer.pid, error = %e, "cannot keep the client's socket");
+            return;
+        }
+    };
+    let on_end = ctx.record.clone().map(|path| {
+        EndHook(Box::new(move |s: &faultline::SessionHandle| {
+            let ws = s.working_set();
+            match ws.save(&path) {
+                Ok(()) => tracing::info!(session = s.id(), pages = ws.offsets.len(), file = %path.display(), "working set recorded"),
+                Err(e) => tracing::error!(session = s.id(), error = %e, "cannot write the working set"),
+            }
+        }) as Box<dyn FnOnce(&faultline::SessionHandle) + Send>)
+    });
+    let opts = SessionOptions {
+        label: format!("pid {}", peer.pid),
+        record_working_set: ctx.record.is_some(),
+        prefetch: ctx.prefetch.clone(),
+        background_fill: ctx.background_fill,
+        watch: Some(watch),
+        readahead: None,
+        on_end,
+    };
+    let n_regions = regions.len();
+    match ctx.server.add_session(uffd, regions, opts) {
+        Ok(s) => {
+            ctx.started.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                session = s.id(),
+                pid = peer.pid,
+                uid = peer.uid,
+                regions = n_regions,
+                pages = s.total_pages(),
+                "session started"
+            );
+        }
+        Err(e) => {
+            ctx.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(pid = peer.pid, error = %e, "cannot serve this client; connection closed");
+        }
+    }
+}
+
+/// A minimal HTTP endpoint with the Prometheus text of the server and its sessions.
+fn serve_metrics(addr: &str, server: Arc<Server>) -> Result<()> {
+    let listener =
+        TcpListener::bind(addr).with_context(|| format!("binding the metrics address {addr}"))?;
+    tracing::info!(addr, "metrics on http://{addr}/metrics");
+    std::thread::Builder::new().name("faultline-metrics".into()).spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut req = [0u8; 1024];
+            let n = conn.read(&mut req).unwrap_or(0);
+            let head = String::from_utf8_lossy(&req[..n]);
+            let (status, body) = if head.starts_with("GET /metrics") || head.starts_with("GET / ") {
+                ("200 OK", server.prometheus())
+            } else {
+                ("404 Not Found", "not found\n".to_string())
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    })?;
+    Ok(())
+}
+
+/// `faultline serve`: run until SIGTERM or SIGINT.
+pub fn run(args: ServeArgs) -> Result<()> {
+    init_logging(args.log_format);
+    let term = Arc::new(AtomicBool::new(false));
+    let (sig_rx, sig_tx) = UnixStream::pair()?;
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&term))?;
+        signal_hook::low_level::pipe::register(sig, sig_tx.try_clone()?)?;
+    }
+    let daemon = Daemon::start(&args)?;
+    let mut b = [0u8; 16];
+    while !term.load(Ordering::Acquire) {
+        let _ = (&sig_rx).read(&mut b);
+    }
+    tracing::info!(
+        sessions = daemon.server().sessions().len(),
+        started = daemon.started.load(Ordering::Relaxed),
+        refused = daemon.refused.load(Ordering::Relaxed),
+        "stopping"
+    );
+    daemon.stop();
+    Ok(())
+}
