@@ -1,5 +1,35 @@
 //! The faultline runtime: page sources, regions and a multi-threaded fault server on top of
 //! `faultline-uffd`.
+//!
+//! A [`Server`] carries many userfaultfds (sessions: one per process or VM), each with many
+//! [`Region`]s mapping client addresses to a [`PageSource`] at an offset. Its workers read fault
+//! messages in batches, resolve each page exactly once (a lock-free page-state bitmap per region),
+//! read ahead on sequential streams, replay recorded working sets, fill the rest in the background,
+//! poison pages whose source cannot be read, and count everything ([`Stats`]). The
+//! [`firecracker`] module speaks Firecracker's UFFD handshake.
+//!
+//! # Example: serve a region from an in-memory source
+//! ```
+//! use std::sync::Arc;
+//! use faultline::{Region, Server, ServerConfig, SessionOptions, source::MemorySource};
+//! use faultline_uffd::{Features, Mapping, RegisterMode, Uffd};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let bytes: Vec<u8> = (0..64 * 4096).map(|i| (i / 4096) as u8).collect();
+//! let source = Arc::new(MemorySource::new(bytes));
+//!
+//! let uffd = Uffd::new(Features::empty())?;
+//! let memory = Mapping::anonymous(64 * 4096)?;
+//! uffd.register(&memory, RegisterMode::MISSING)?;
+//!
+//! let server = Server::start(ServerConfig { workers: 2, ..ServerConfig::default() })?;
+//! let session = server.add_session(uffd, vec![Region::for_mapping(&memory, source)], SessionOptions::default())?;
+//! assert_eq!(memory.read_u8(17 * 4096)?, 17); // faults, and is served
+//! assert_eq!(session.stats().faults, 1);
+//! server.shutdown();
+//! # Ok(())
+//! # }
+//! ```
 #![deny(unsafe_code)]
 
 pub use faultline_uffd as uffd;
