@@ -98,6 +98,13 @@ pub struct BenchArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Measure the end-to-end Firecracker path instead: client processes restore through
+    /// `faultline serve` and through a naive external handler (one page per fault).
+    #[arg(long)]
+    pub serve: bool,
+    /// With --serve: client processes restoring at once.
+    #[arg(long, default_value_t = 1)]
+    pub clients: usize,
 }
 
 /// One measured variant.
@@ -734,7 +741,20 @@ impl Ctx {
 }
 
 /// Run the benchmark and print the table (and JSON if asked).
-pub fn run(args: BenchArgs) -> Result<Report> {
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.serve {
+        let rows =
+            crate::bench_serve::run(args.size_mib, args.clients, args.threads, args.file.clone())?;
+        if let Some(p) = &args.json {
+            std::fs::write(p, serde_json::to_string_pretty(&rows)?)?;
+        }
+        return Ok(());
+    }
+    run_local(args).map(|_| ())
+}
+
+/// The in-process benchmark (see the module doc).
+pub fn run_local(args: BenchArgs) -> Result<Report> {
     let page = args.page_size;
     let kind = kind_for(page)?;
     let size = (args.size_mib << 20).next_multiple_of(page);

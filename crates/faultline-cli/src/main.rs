@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_serve;
 mod client;
 mod demo;
 mod serve;
@@ -42,7 +43,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Features => features(),
-        Command::Bench(args) => bench::run(args).map(|_| ()),
+        Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Client(args) => {
