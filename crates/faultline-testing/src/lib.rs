@@ -520,7 +520,10 @@ impl ChildProcess {
     pub fn pidfd(&self) -> std::io::Result<OwnedFd> {
         let pid = rustix::process::Pid::from_raw(self.pid)
             .ok_or_else(|| std::io::Error::other("pid 0"))?;
-        Ok(rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?)
+        Ok(rustix::process::pidfd_open(
+            pid,
+            rustix::process::PidfdFlags::empty(),
+        )?)
     }
 
     /// Wait for the child to end and say how.
@@ -548,7 +551,11 @@ fn wait_pid(pid: libc::pid_t) -> ChildExit {
         if r == pid {
             break;
         }
-        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EINTR), "waitpid");
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EINTR),
+            "waitpid"
+        );
     }
     if libc::WIFSIGNALED(status) {
         ChildExit::Signal(libc::WTERMSIG(status))
@@ -564,7 +571,12 @@ pub const MAX_CLIENT_WORDS: usize = 64;
 /// process, one for its server. Each send is one message, received whole.
 pub fn client_socketpair() -> std::io::Result<(OwnedFd, OwnedFd)> {
     use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
-    Ok(socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?)
+    Ok(socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// Send `uffd` (attached as `SCM_RIGHTS`) and `words` (mapping addresses, lengths, a pid ...)
@@ -584,11 +596,21 @@ pub fn send_uffd(sock: impl AsFd, uffd: impl AsFd, words: &[u64]) -> std::io::Re
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-        return Err(std::io::Error::other("no room for the fd in the control buffer"));
+        return Err(std::io::Error::other(
+            "no room for the fd in the control buffer",
+        ));
     }
-    let sent = sendmsg(sock, &[IoSlice::new(&bytes)], &mut control, SendFlags::NOSIGNAL)?;
+    let sent = sendmsg(
+        sock,
+        &[IoSlice::new(&bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
     if sent != bytes.len() {
-        return Err(std::io::Error::other(format!("sent {sent} of {} bytes", bytes.len())));
+        return Err(std::io::Error::other(format!(
+            "sent {sent} of {} bytes",
+            bytes.len()
+        )));
     }
     Ok(())
 }
@@ -596,9 +618,7 @@ pub fn send_uffd(sock: impl AsFd, uffd: impl AsFd, words: &[u64]) -> std::io::Re
 /// Receive one message of [`send_uffd`]: the attached fd (close-on-exec) and the words.
 /// A closed peer is `UnexpectedEof`; a message without exactly one fd is an error.
 pub fn recv_uffd(sock: impl AsFd) -> std::io::Result<(OwnedFd, Vec<u64>)> {
-    use rustix::net::{
-        recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
-    };
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
     use std::io::IoSliceMut;
     use std::mem::MaybeUninit;
     let mut bytes = [0u8; MAX_CLIENT_WORDS * 8];
@@ -625,11 +645,17 @@ pub fn recv_uffd(sock: impl AsFd) -> std::io::Result<(OwnedFd, Vec<u64>)> {
     if msg.bytes == 0 && fds.is_empty() {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
-    if msg.flags.intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC) {
+    if msg
+        .flags
+        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC)
+    {
         return Err(std::io::Error::other("client message truncated"));
     }
     if msg.bytes % 8 != 0 {
-        return Err(std::io::Error::other(format!("{}-byte message is not whole words", msg.bytes)));
+        return Err(std::io::Error::other(format!(
+            "{}-byte message is not whole words",
+            msg.bytes
+        )));
     }
     let words = bytes[..msg.bytes]
         .chunks_exact(8)
@@ -637,7 +663,9 @@ pub fn recv_uffd(sock: impl AsFd) -> std::io::Result<(OwnedFd, Vec<u64>)> {
         .collect();
     match fds.len() {
         1 => Ok((fds.remove(0), words)),
-        n => Err(std::io::Error::other(format!("expected one fd, received {n}"))),
+        n => Err(std::io::Error::other(format!(
+            "expected one fd, received {n}"
+        ))),
     }
 }
 
@@ -645,6 +673,76 @@ pub fn recv_uffd(sock: impl AsFd) -> std::io::Result<(OwnedFd, Vec<u64>)> {
 /// the one the listing itself uses), to check that serving leaks none.
 pub fn fd_count() -> std::io::Result<usize> {
     Ok(std::fs::read_dir("/proc/self/fd")?.count())
+}
+
+#[cfg(test)]
+mod client_process_tests {
+    use super::*;
+
+    #[test]
+    fn a_uffd_and_words_cross_a_socket_between_processes() {
+        let (ours, theirs) = client_socketpair().expect("socketpair");
+        let child = ChildProcess::spawn(move || {
+            let Ok(uffd) = Uffd::new(Features::empty()) else {
+                return 2;
+            };
+            match send_uffd(&theirs, &uffd, &[7, u64::MAX, 0x7f00_0000_1000]) {
+                Ok(()) => 0,
+                Err(_) => 3,
+            }
+        });
+        let pidfd = child.pidfd().expect("pidfd");
+        let (fd, words) = recv_uffd(&ours).expect("receive");
+        assert_eq!(words, [7, u64::MAX, 0x7f00_0000_1000]);
+        // SAFETY: the fd was created by `Uffd::new` in the child; nothing is registered on it.
+        let uffd = unsafe { Uffd::from_initialized_fd(fd, Features::empty()) };
+        assert!(
+            !uffd.poll_readable(Some(Duration::ZERO)).expect("poll"),
+            "no event queued"
+        );
+        assert_eq!(child.wait(), ChildExit::Code(0));
+        // The exited child's pidfd is readable; the socket is at its end.
+        let mut fds = [rustix::event::PollFd::new(
+            &pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        assert_eq!(rustix::event::poll(&mut fds, None).expect("poll pidfd"), 1);
+        assert_eq!(
+            recv_uffd(&ours).map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::UnexpectedEof)
+        );
+    }
+
+    #[test]
+    fn bad_messages_are_refused() {
+        let (a, b) = client_socketpair().expect("socketpair");
+        let too_many = [0u64; MAX_CLIENT_WORDS + 1];
+        assert!(send_uffd(&a, &a, &too_many).is_err());
+        assert!(send_uffd(&a, &a, &[]).is_err());
+        // A message without an fd.
+        rustix::net::send(&a, &[0u8; 8], rustix::net::SendFlags::empty()).expect("send");
+        assert!(recv_uffd(&b).is_err());
+        assert!(
+            fd_count().expect("fd count") >= 5,
+            "stdio and the two sockets at least"
+        );
+    }
+
+    #[test]
+    fn a_dropped_child_is_killed_and_reaped() {
+        let (ours, theirs) = client_socketpair().expect("socketpair");
+        let child = ChildProcess::spawn(move || {
+            // Wait for a message that never comes.
+            let mut b = [0u8; 1];
+            let _ = rustix::io::read(&theirs, &mut b);
+            0
+        });
+        let pid = child.pid();
+        drop(child);
+        // SAFETY: probing a pid with signal 0 sends nothing.
+        assert_eq!(unsafe { libc::kill(pid, 0) }, -1, "the child is gone");
+        drop(ours);
+    }
 }
 
 #[cfg(test)]
