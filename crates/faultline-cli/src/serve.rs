@@ -381,8 +381,16 @@ fn serve_metrics(addr: &str, server: Arc<Server>) -> Result<()> {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
             let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            // The request head may arrive in several segments: read until its blank line (or
+            // 1 KiB, EOF or the timeout), so the request line is never judged half-read.
             let mut req = [0u8; 1024];
-            let n = conn.read(&mut req).unwrap_or(0);
+            let mut n = 0;
+            while n < req.len() && !req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut req[n..]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => n += k,
+                }
+            }
             let head = String::from_utf8_lossy(&req[..n]);
             let (status, body) = if head.starts_with("GET /metrics") || head.starts_with("GET / ") {
                 ("200 OK", server.prometheus())

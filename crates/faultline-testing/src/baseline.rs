@@ -27,11 +27,21 @@ pub struct NaiveStats {
 ///
 /// `src` must point to `len` readable bytes for as long as this runs (the kernel reads it; a bad
 /// pointer fails the copy with EFAULT, which ends the loop with a panic in this test helper).
-pub fn naive_faultline(uffd: &Uffd, region: u64, len: u64, page: u64, src: *const u8, stop: &AtomicBool) -> NaiveStats {
+pub fn naive_faultline(
+    uffd: &Uffd,
+    region: u64,
+    len: u64,
+    page: u64,
+    src: *const u8,
+    stop: &AtomicBool,
+) -> NaiveStats {
     let mut st = NaiveStats::default();
     let mut buf = EventBuffer::new(1);
     while !stop.load(Ordering::Acquire) {
-        if !uffd.poll_readable(Some(Duration::from_millis(5))).expect("poll") {
+        if !uffd
+            .poll_readable(Some(Duration::from_millis(5)))
+            .expect("poll")
+        {
             continue;
         }
         if uffd.read_events(&mut buf).expect("read") == 0 {
@@ -39,11 +49,16 @@ pub fn naive_faultline(uffd: &Uffd, region: u64, len: u64, page: u64, src: *cons
         }
         let t = Instant::now();
         for ev in buf.events() {
-            let Event::Pagefault { address, .. } = ev else { continue };
+            let Event::Pagefault { address, .. } = ev else {
+                continue;
+            };
             st.faults += 1;
             let dst = address & !(page - 1);
             let off = (dst - region) as usize;
-            assert!(dst >= region && dst + page <= region + len, "fault outside the region");
+            assert!(
+                dst >= region && dst + page <= region + len,
+                "fault outside the region"
+            );
             match uffd.copy_from_ptr(dst, src.wrapping_add(off), page as usize, CopyMode::empty()) {
                 Ok(_) => st.copies += 1,
                 Err(e) if e.is_already_present() => st.eexist += 1,
@@ -57,29 +72,54 @@ pub fn naive_faultline(uffd: &Uffd, region: u64, len: u64, page: u64, src: *cons
 
 /// The same loop on the `userfaultfd` crate: returns after `stop` is set.
 #[cfg(feature = "userfaultfd-crate")]
-pub fn naive_crate(uffd: &userfaultfd::Uffd, region: u64, len: u64, page: u64, src: *const u8, stop: &AtomicBool) -> NaiveStats {
+pub fn naive_crate(
+    uffd: &userfaultfd::Uffd,
+    region: u64,
+    len: u64,
+    page: u64,
+    src: *const u8,
+    stop: &AtomicBool,
+) -> NaiveStats {
     use std::os::fd::AsRawFd;
     let mut st = NaiveStats::default();
     while !stop.load(Ordering::Acquire) {
-        let mut pfd = libc::pollfd { fd: uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         let r = unsafe { libc::poll(&mut pfd, 1, 5) };
         if r <= 0 {
             continue;
         }
-        let Some(ev) = uffd.read_event().expect("read_event") else { continue };
+        let Some(ev) = uffd.read_event().expect("read_event") else {
+            continue;
+        };
         let t = Instant::now();
         if let userfaultfd::Event::Pagefault { addr, .. } = ev {
             st.faults += 1;
             let dst = addr as u64 & !(page - 1);
-            assert!(dst >= region && dst + page <= region + len, "fault outside the region");
+            assert!(
+                dst >= region && dst + page <= region + len,
+                "fault outside the region"
+            );
             let off = (dst - region) as usize;
             // SAFETY: `dst` is a page of the registered region (only accessed volatile by the
             // benchmark), `src + off` is readable for `page` bytes (caller's contract).
-            let r = unsafe { uffd.copy(src.wrapping_add(off).cast(), dst as *mut libc::c_void, page as usize, true) };
+            let r = unsafe {
+                uffd.copy(
+                    src.wrapping_add(off).cast(),
+                    dst as *mut libc::c_void,
+                    page as usize,
+                    true,
+                )
+            };
             match r {
                 Ok(_) => st.copies += 1,
-                Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => st.eexist += 1,
+                Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
+                    st.eexist += 1
+                }
                 Err(e) => panic!("userfaultfd crate copy: {e}"),
             }
             st.latencies_ns.push(t.elapsed().as_nanos() as u64);

@@ -102,7 +102,11 @@ pub fn in_child(f: impl FnOnce() -> i32) -> ChildExit {
         if r == pid {
             break;
         }
-        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EINTR), "waitpid");
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EINTR),
+            "waitpid"
+        );
     }
     if libc::WIFSIGNALED(status) {
         ChildExit::Signal(libc::WTERMSIG(status))
@@ -140,8 +144,10 @@ impl FaultServer {
             use rustix::event::{poll, PollFd, PollFlags};
             let mut buf = EventBuffer::new(64);
             while !stop2.load(Ordering::Acquire) {
-                let mut fds =
-                    [PollFd::new(&*uffd, PollFlags::IN), PollFd::new(&rx, PollFlags::IN)];
+                let mut fds = [
+                    PollFd::new(&*uffd, PollFlags::IN),
+                    PollFd::new(&rx, PollFlags::IN),
+                ];
                 match poll(&mut fds, None) {
                     Ok(_) => {}
                     Err(rustix::io::Errno::INTR) => continue,
@@ -161,7 +167,11 @@ impl FaultServer {
                 }
             }
         });
-        FaultServer { stop, wake_tx: tx, handle: Some(handle) }
+        FaultServer {
+            stop,
+            wake_tx: tx,
+            handle: Some(handle),
+        }
     }
 
     /// Stop the thread and wait for it.
@@ -195,9 +205,9 @@ pub fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send +
     std::thread::spawn(move || {
         let _ = tx.send(f());
     });
-    rx.recv_timeout(limit).expect("operation did not finish in time (lost wake-up?)")
+    rx.recv_timeout(limit)
+        .expect("operation did not finish in time (lost wake-up?)")
 }
-
 
 // stress/storm helpers
 
@@ -216,7 +226,10 @@ where
         let mut buf = EventBuffer::new(capacity);
         let mut batch = Vec::with_capacity(capacity);
         while !stop2.load(Ordering::Acquire) {
-            let mut fds = [PollFd::new(&*uffd, PollFlags::IN), PollFd::new(&rx, PollFlags::IN)];
+            let mut fds = [
+                PollFd::new(&*uffd, PollFlags::IN),
+                PollFd::new(&rx, PollFlags::IN),
+            ];
             match poll(&mut fds, None) {
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
@@ -236,7 +249,11 @@ where
             }
         }
     });
-    FaultServer { stop, wake_tx: tx, handle: Some(handle) }
+    FaultServer {
+        stop,
+        wake_tx: tx,
+        handle: Some(handle),
+    }
 }
 
 // uffd-unit-tests helpers (api, register, resolve, sigbus, mmap_changing)
@@ -260,7 +277,10 @@ pub const HUGE_PAGE_HEADROOM: u64 = 16;
 /// always can.
 pub fn need_kind(test: &str, kind: faultline_uffd::MemoryKind, huge_pages: u64) -> bool {
     !kind.is_hugetlb()
-        || need_huge_pages(&format!("{test} on {kind}"), huge_pages + HUGE_PAGE_HEADROOM)
+        || need_huge_pages(
+            &format!("{test} on {kind}"),
+            huge_pages + HUGE_PAGE_HEADROOM,
+        )
 }
 
 /// A SIGBUS handler: `(signal, info, ucontext)`.

@@ -328,6 +328,12 @@ pub enum HandshakeError {
         /// What `/proc/self/fd` says it is.
         found: String,
     },
+    /// The second fd is not a memory file.
+    #[error("the handshake's second fd is not a guest-memory file (it is `{found}`)")]
+    MemFdNotAFile {
+        /// What `/proc/self/fd` says it is.
+        found: String,
+    },
     /// The array is empty.
     #[error("handshake lists no regions")]
     Empty,
@@ -899,6 +905,16 @@ fn split_fds(mut fds: Vec<OwnedFd>) -> Result<(OwnedFd, Option<OwnedFd>), Handsh
     };
     if let Some(Err(found)) = is_userfaultfd(uffd.as_fd()) {
         return Err(HandshakeError::NotAUserfaultfd { found });
+    }
+    if let Some(m) = &mem_fd {
+        // A guest-memory fd is a file: a memfd (`/memfd:...`) or a path. Pipes, sockets and
+        // anonymous inodes are named instead of being sized as an empty file.
+        if let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{}", m.as_raw_fd())) {
+            let link = link.to_string_lossy().into_owned();
+            if !link.starts_with('/') {
+                return Err(HandshakeError::MemFdNotAFile { found: link });
+            }
+        }
     }
     Ok((uffd, mem_fd))
 }

@@ -167,6 +167,7 @@ struct Job {
     kind: JobKind,
     claimed: bool,
     attempts: u32,
+    eagain: u32,
     not_before: Instant,
     fault_read: Option<Instant>,
 }
@@ -191,6 +192,10 @@ pub struct Session {
     recording: Option<Mutex<Vec<u64>>>,
     watch: Option<OwnedFd>,
     on_end: Mutex<Option<EndHook>>,
+    /// Held while reading messages and applying non-fault events.
+    read_lock: Mutex<()>,
+    /// Faults at addresses no region covers yet (a REMAP not yet read): retried, never dropped.
+    orphans: Mutex<Vec<(u64, Instant)>>,
     closed: AtomicBool,
     started: Instant,
     ended: Mutex<Option<Instant>>,
@@ -522,13 +527,14 @@ impl Server {
         sessions + workers * per_worker + self.shared.buffer_bytes.load(Ordering::Relaxed) + hist
     }
 
-    /// Prometheus text for the server and each live session.
+    /// Prometheus text: every metric once (`# TYPE` line), with a `scope="total"` sample and one
+    /// `session="<id>"` sample per live session.
     pub fn prometheus(&self) -> String {
-        let mut out = self.stats().to_prometheus("scope=\"total\"");
+        let mut labelled = vec![("scope=\"total\"".to_string(), self.stats())];
         for s in self.sessions() {
-            out.push_str(&s.stats().to_prometheus(&format!("session=\"{}\"", s.id())));
+            labelled.push((format!("session=\"{}\"", s.id()), s.stats()));
         }
-        out
+        crate::stats::prometheus(&labelled)
     }
 
     /// Stop the workers and close every session.
@@ -612,6 +618,8 @@ impl Shared {
             recording: o.record_working_set.then(|| Mutex::new(Vec::new())),
             watch: o.watch,
             on_end: Mutex::new(o.on_end),
+            read_lock: Mutex::new(()),
+            orphans: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             started: Instant::now(),
             ended: Mutex::new(None),
@@ -704,6 +712,11 @@ impl Shared {
                     return Some(Duration::ZERO);
                 }
             }
+            if s.orphans.lock().map(|o| !o.is_empty()).unwrap_or(false) {
+                soonest = Some(soonest.map_or(Duration::from_millis(1), |w| {
+                    w.min(Duration::from_millis(1))
+                }));
+            }
             if let Ok(d) = s.deferred.lock() {
                 for j in d.iter() {
                     let wait = j.not_before.saturating_duration_since(now);
@@ -787,6 +800,10 @@ impl Worker {
             for ev in ready.iter() {
                 let token = ev.data.u64();
                 if token == NOTIFY_TOKEN {
+                    // On shutdown the eventfd is left readable, so every worker wakes and exits.
+                    if self.shared.shutdown.load(Ordering::Acquire) {
+                        return;
+                    }
                     let mut b = [0u8; 8];
                     let _ = rustix::io::read(&self.shared.notify, &mut b);
                     continue;
@@ -815,6 +832,14 @@ impl Worker {
             if s.closed.load(Ordering::Acquire) {
                 break;
             }
+            // One reader per session at a time, holding the lock until the non-fault events of its
+            // batch are applied: the kernel lets the process behind a REMOVE or REMAP go on as soon
+            // as the message is read, so a fault it causes next must not be looked at by another
+            // worker before the page states and regions reflect the event.
+            let guard = match s.read_lock.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
             let n = match s.uffd.read_events(&mut self.events) {
                 Ok(n) => n,
                 Err(faultline_uffd::Error::Decode(e)) => {
@@ -823,6 +848,7 @@ impl Worker {
                 }
                 Err(e) => {
                     tracing::error!(session = s.id, error = %e, "reading the userfaultfd failed");
+                    drop(guard);
                     self.shared.close(s, "read failed");
                     return handled;
                 }
@@ -832,6 +858,7 @@ impl Worker {
             }
             let now = Instant::now();
             let mut faults: Vec<(u64, Instant)> = Vec::with_capacity(n);
+            let mut changed = false;
             let events: Vec<Event> = self.events.drain().collect();
             for ev in events {
                 match ev {
@@ -840,10 +867,12 @@ impl Worker {
                         add(&s.stats.events_remove, 1);
                         add(&self.shared.total.events_remove, 1);
                         self.on_remove(s, start, end);
+                        changed = true;
                     }
                     Event::Unmap { start, end } => {
                         add(&s.stats.events_unmap, 1);
                         add(&self.shared.total.events_unmap, 1);
+                        changed = true;
                         if let Ok(mut r) = s.regions.write() {
                             for e in r.remove_range(start, end) {
                                 let gone = e.region.pages() as u64;
@@ -857,6 +886,7 @@ impl Worker {
                     Event::Remap { from, to, len } => {
                         add(&s.stats.events_remap, 1);
                         add(&self.shared.total.events_remap, 1);
+                        changed = true;
                         if let Ok(mut r) = s.regions.write() {
                             r.remap(from, to, len);
                         }
@@ -873,9 +903,17 @@ impl Worker {
                     }
                 }
             }
+            if let Ok(mut o) = s.orphans.lock() {
+                self.shared
+                    .deferred_jobs
+                    .fetch_sub(o.len() as u64, Ordering::AcqRel);
+                faults.extend(o.drain(..));
+            }
+            drop(guard);
             handled += faults.len();
             self.serve_faults(s, &mut faults);
-            self.run_deferred_of(s);
+            // Work deferred on EAGAIN can go now that the pending events were read.
+            self.run_deferred_of(s, changed);
         }
         handled
     }
@@ -937,6 +975,7 @@ impl Worker {
         let mut runs: Vec<Job> = Vec::new();
         let mut refaults: Vec<Job> = Vec::new();
         let mut aheads: Vec<Job> = Vec::new();
+        let mut orphans: Vec<(u64, Instant)> = Vec::new();
         {
             let Ok(regions) = s.regions.read() else {
                 return;
@@ -945,7 +984,13 @@ impl Worker {
                 add(&s.stats.faults, 1);
                 add(&self.shared.total.faults, 1);
                 let Some(e) = regions.find(addr) else {
-                    tracing::warn!(session = s.id, addr, "fault outside every region");
+                    // A fault at an address no region covers: the REMAP that moves a region there
+                    // may not have been read yet. Keep it and look again after the next events;
+                    // dropping it would leave the thread asleep forever.
+                    if t.elapsed() > Duration::from_secs(5) {
+                        tracing::warn!(session = s.id, addr, "fault outside every region for 5 s");
+                    }
+                    orphans.push((addr, t));
                     continue;
                 };
                 let page = e.page_of(addr);
@@ -1014,6 +1059,15 @@ impl Worker {
                 }
             }
         }
+        if !orphans.is_empty() {
+            add(&s.stats.deferred, orphans.len() as u64);
+            if let Ok(mut o) = s.orphans.lock() {
+                self.shared
+                    .deferred_jobs
+                    .fetch_add(orphans.len() as u64, Ordering::AcqRel);
+                o.extend(orphans);
+            }
+        }
         if !aheads.is_empty() {
             if let Ok(mut b) = s.background.lock() {
                 b.ahead.extend(aheads);
@@ -1063,7 +1117,12 @@ impl Worker {
                         * 2u32.saturating_pow(rest.attempts.min(10));
                     rest.not_before = Instant::now() + backoff;
                 } else {
-                    rest.not_before = Instant::now();
+                    // EAGAIN: the address space is changing until the pending event is read and
+                    // the change done. Retry as soon as events were read, else after a short,
+                    // growing pause (not a busy loop).
+                    rest.eagain += 1;
+                    let pause = Duration::from_micros(50 << rest.eagain.min(5));
+                    rest.not_before = Instant::now() + pause;
                 }
                 add(&s.stats.deferred, 1);
                 add(&self.shared.total.deferred, 1);
@@ -1183,6 +1242,9 @@ impl Worker {
                     for i in p..p + done {
                         self.mark_resolved(s, e, i, j);
                     }
+                    if !zero {
+                        self.wake_if_removed_in_flight(s, e, p, done);
+                    }
                     if !latency_recorded {
                         if let Some(t) = j.fault_read {
                             s.stats.record_latency(t.elapsed());
@@ -1247,6 +1309,22 @@ impl Worker {
             }
         }
         RunEnd::Done
+    }
+
+    /// A REMOVE that arrived while pages `p..p+n` were being resolved zapped what we just
+    /// installed: the client's refault may have been read while the page was still in flight and
+    /// dropped as a duplicate, after our resolve's wake had already happened. Wake the range so
+    /// such a thread faults again (and is then served zeros). Rare; counted as a wake.
+    fn wake_if_removed_in_flight(&self, s: &Session, e: &RegionEntry, p: usize, n: usize) {
+        let hit = (p..p + n).any(|i| e.states.is_zero(e.state_base + i));
+        if hit {
+            let ps = e.region.page_size();
+            add(&s.stats.wake, 1);
+            add(&self.shared.total.wake, 1);
+            if let Err(err) = s.uffd.wake(e.addr_of(p), n as u64 * ps) {
+                tracing::debug!(session = s.id, error = %err, "wake after a racing REMOVE failed");
+            }
+        }
     }
 
     fn mark_resolved(&self, s: &Session, e: &RegionEntry, page: usize, j: &Job) {
@@ -1462,22 +1540,27 @@ impl Worker {
             .read()
             .map(|m| {
                 m.values()
-                    .filter(|s| s.deferred.lock().map(|d| !d.is_empty()).unwrap_or(false))
+                    .filter(|s| {
+                        s.deferred.lock().map(|d| !d.is_empty()).unwrap_or(false)
+                            || s.orphans.lock().map(|o| !o.is_empty()).unwrap_or(false)
+                    })
                     .cloned()
                     .collect()
             })
             .unwrap_or_default();
         for s in sessions {
-            self.run_deferred_of(&s);
+            self.run_deferred_of(&s, false);
         }
     }
 
-    fn run_deferred_of(&mut self, s: &Arc<Session>) {
+    /// Run the deferred work of `s` that is due; with `events_read`, EAGAIN work is due at once.
+    fn run_deferred_of(&mut self, s: &Arc<Session>, events_read: bool) {
         let now = Instant::now();
         let due: Vec<Job> = match s.deferred.lock() {
             Ok(mut d) => {
-                let (due, later): (Vec<Job>, Vec<Job>) =
-                    d.drain(..).partition(|j| j.not_before <= now);
+                let (due, later): (Vec<Job>, Vec<Job>) = d
+                    .drain(..)
+                    .partition(|j| j.not_before <= now || (events_read && j.eagain > 0));
                 d.extend(later);
                 self.shared
                     .deferred_jobs
@@ -1491,6 +1574,19 @@ impl Worker {
                 return;
             }
             self.run_job(s, j);
+        }
+        // Faults that found no region: look again (the regions may have moved meanwhile).
+        let mut orphans = match s.orphans.lock() {
+            Ok(mut o) if !o.is_empty() => {
+                self.shared
+                    .deferred_jobs
+                    .fetch_sub(o.len() as u64, Ordering::AcqRel);
+                std::mem::take(&mut *o)
+            }
+            _ => Vec::new(),
+        };
+        if !orphans.is_empty() {
+            self.serve_faults(s, &mut orphans);
         }
     }
 
@@ -1638,6 +1734,7 @@ impl Worker {
                 kind: JobKind::Fill,
                 claimed: false,
                 attempts: 0,
+                eagain: 0,
                 not_before: Instant::now(),
                 fault_read: None,
             };
@@ -1695,6 +1792,7 @@ fn job(
         kind,
         claimed,
         attempts: 0,
+        eagain: 0,
         not_before: Instant::now(),
         fault_read: t,
     }

@@ -10,12 +10,19 @@
 //! - A fault on an `InFlight` page is dropped: the claimer's resolve (never DONTWAKE) wakes every
 //!   thread blocked on the range, including faults whose messages are still unread — the kernel
 //!   re-checks the page table after queueing a waiter, so no waiter can slip between.
-//! - A fault on a `Present` page is resolved again (normally answered EEXIST). A page we believe
-//!   present can have been zapped (REMOVE read by one worker, the zap done, the refault read by
-//!   another worker before the first marked the range): resolving again, with the zero bit
-//!   consulted, is always right, and costs one ioctl only for true duplicates.
+//! - A fault on a `Present` page is resolved again (normally answered EEXIST): a page we believe
+//!   present can have been zapped without us seeing it yet (a REMOVE read, the client's `madvise`
+//!   done and a refault taken before the page states were updated), so resolving again — with the
+//!   zero bit consulted — is always right, and costs one ioctl only for true duplicates.
 //! - REMOVE sets the zero bits *before* turning `Present` pages back to `Missing`, so any resolver
-//!   that sees `Missing` also sees the zero bit.
+//!   that sees `Missing` also sees the zero bit. The server reads messages and applies REMOVE /
+//!   REMAP under a per-session lock, so a fault caused after such an event is never examined
+//!   before the event is applied.
+//! - A REMOVE that lands while a page is `InFlight` leaves it to its resolver; a refault read in
+//!   that window is dropped as a duplicate although the resolver's wake already happened, so the
+//!   resolver, after publishing the page, wakes the range when it finds the zero bit set (the
+//!   thread then faults again and is served zeros). This is the only `UFFDIO_WAKE` the server
+//!   issues, and only in that race.
 
 #[cfg(loom)]
 use loom::sync::atomic::{AtomicU64, Ordering};

@@ -211,23 +211,42 @@ impl Stats {
         serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
 
-    /// Prometheus text exposition, each metric labelled with `labels` (e.g. `session="3"`).
+    /// Prometheus text exposition of this snapshot alone, labelled with `labels`
+    /// (e.g. `session="3"`).
     pub fn to_prometheus(&self, labels: &str) -> String {
-        let v = serde_json::to_value(self).unwrap_or_default();
-        let mut out = String::new();
-        if let serde_json::Value::Object(map) = v {
-            for (k, val) in map {
-                let name = format!("faultline_{k}");
-                let kind = if k.starts_with("latency_") && k != "latency_samples" {
-                    "gauge"
-                } else {
-                    "counter"
-                };
-                out.push_str(&format!("# TYPE {name} {kind}\n{name}{{{labels}}} {val}\n"));
+        prometheus(&[(labels.to_string(), *self)])
+    }
+}
+
+/// Prometheus text for several labelled snapshots: each metric's `# TYPE` line once, then one
+/// sample per snapshot (the exposition format rejects a repeated `# TYPE`).
+pub fn prometheus(samples: &[(String, Stats)]) -> String {
+    let values: Vec<serde_json::Map<String, serde_json::Value>> = samples
+        .iter()
+        .map(|(_, s)| match serde_json::to_value(s) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        })
+        .collect();
+    let mut out = String::new();
+    let Some(first) = values.first() else {
+        return out;
+    };
+    for key in first.keys() {
+        let name = format!("faultline_{key}");
+        let kind = if key.starts_with("latency_") && key != "latency_samples" {
+            "gauge"
+        } else {
+            "counter"
+        };
+        out.push_str(&format!("# TYPE {name} {kind}\n"));
+        for ((labels, _), v) in samples.iter().zip(&values) {
+            if let Some(val) = v.get(key) {
+                out.push_str(&format!("{name}{{{labels}}} {val}\n"));
             }
         }
-        out
     }
+    out
 }
 
 #[cfg(test)]
@@ -249,5 +268,10 @@ mod tests {
         let p = s.to_prometheus("session=\"1\"");
         assert!(p.contains("faultline_copy{session=\"1\"} 2\n"));
         assert!(p.contains("# TYPE faultline_latency_p99_ns gauge"));
+        let two = prometheus(&[("scope=\"total\"".into(), s), ("session=\"1\"".into(), s)]);
+        assert_eq!(two.matches("# TYPE faultline_copy counter").count(), 1);
+        assert!(
+            two.contains("faultline_copy{scope=\"total\"} 2\nfaultline_copy{session=\"1\"} 2\n")
+        );
     }
 }

@@ -186,7 +186,13 @@ fn balloon_race(workers: usize, seed: u64) {
         io.events,
         "every message is a fault or a REMOVE"
     );
-    assert_eq!((io.wake, st.wake), (0, 0), "{io:?}");
+    // The only UFFDIO_WAKE the server issues follows a REMOVE that zapped a page while it was
+    // being resolved (see faultline::state): never more than one per REMOVE.
+    assert_eq!(io.wake, st.wake, "{io:?}");
+    assert!(st.wake <= st.events_remove, "{st:?}");
+    if workers == 1 {
+        assert_eq!(st.wake, 0, "one worker cannot race itself: {st:?}");
+    }
     assert_eq!(
         (st.copy, st.zeropage),
         (io.copy, io.zeropage),
@@ -216,10 +222,6 @@ fn dropped_pages_read_zero_while_neighbours_fault() {
 }
 
 #[test]
-#[ignore = "bug: with several workers a REMOVE is applied to the page states only after read(2) \
-            returned it; the zap and the refault can be read and served by another worker \
-            first, which sees the page present and copies the old source bytes back \
-            (server.rs serve_ready/on_remove)"]
 fn dropped_pages_read_zero_while_neighbours_fault_two_workers() {
     balloon_race(2, 22);
 }
@@ -253,6 +255,11 @@ fn pages_dropped_before_their_first_touch_read_zero_inside_readahead_windows() {
             check_page(&m, &want, p, zero, "sequential pass").expect("page");
         }
     });
+    // Counters are complete once the last page is published present (they are added first).
+    assert!(
+        f.session.wait_all_present(LIMIT),
+        "pages missing after the pass"
+    );
     let st = f.session.stats();
     let io = f.session.uffd_stats();
     let dropped_pages = (0..pages).filter(|&p| dropped(p)).count() as u64;
@@ -321,10 +328,6 @@ fn background_fill_racing_drops_leaves_dropped_pages_zero() {
 }
 
 #[test]
-#[ignore = "bug: with several workers the background fill racing a drop can copy old source \
-            bytes into a dropped page after its zap: the REMOVE reaches the page states only \
-            after read(2) returned it, and another worker claims or re-resolves the page in \
-            between (server.rs serve_ready/on_remove)"]
 fn background_fill_racing_drops_leaves_dropped_pages_zero_two_workers() {
     fill_racing_drops(2, 25);
 }
