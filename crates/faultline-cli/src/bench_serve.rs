@@ -209,6 +209,9 @@ pub fn run(
         log_format: LogFormat::Text,
         handshake_timeout: 5,
         no_zero_scan: false,
+        allow_uid: Vec::new(),
+        on_exit: crate::serve::OnExit::Abandon,
+        no_supervisor: true,
     };
     eprintln!("restoring {clients} client(s) through faultline serve ...");
     let daemon = Daemon::start(&args)?;

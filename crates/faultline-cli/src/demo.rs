@@ -116,6 +116,9 @@ fn serve_args(
         log_format: LogFormat::Text,
         handshake_timeout: 5,
         no_zero_scan: false,
+        allow_uid: Vec::new(),
+        on_exit: crate::serve::OnExit::Abandon,
+        no_supervisor: true,
     }
 }
 

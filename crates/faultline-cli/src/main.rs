@@ -6,6 +6,7 @@ mod bench_serve;
 mod client;
 mod demo;
 mod serve;
+mod supervisor;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -37,6 +38,9 @@ enum Command {
     /// handler over its socket, touch and verify every page (used by demo, tests and bench).
     #[command(hide = true)]
     Client(client::ClientArgs),
+    /// The serving half of a supervised `faultline serve` (its stdin is the control socket).
+    #[command(hide = true)]
+    ServeWorker(serve::ServeArgs),
 }
 
 fn main() -> Result<()> {
@@ -46,6 +50,7 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::ServeWorker(args) => supervisor::run_worker(args),
         Command::Client(args) => {
             let report = client::run(&args)?;
             println!("{}", serde_json::to_string(&report)?);

@@ -88,6 +88,27 @@ pub struct ServeArgs {
     /// Skip the start-up scan for zero pages (which lets zero pages be served with ZEROPAGE).
     #[arg(long)]
     pub no_zero_scan: bool,
+    /// Only clients running as these user ids (SO_PEERCRED) are served; repeat or comma-separate.
+    /// Default: any user who can open the socket (it is 0600: its owner).
+    #[arg(long, value_delimiter = ',')]
+    pub allow_uid: Vec<u32>,
+    /// On SIGTERM/SIGINT: `abandon` stops serving at once (a guest touching a missing page then
+    /// waits: Firecracker keeps its own userfaultfd); `drain` fills every session's remaining pages
+    /// first, so the VMs keep running with all their memory, then exits.
+    #[arg(long, value_enum, default_value_t = OnExit::Abandon)]
+    pub on_exit: OnExit,
+    /// Run in one process, without the supervisor that restarts a crashed worker.
+    #[arg(long)]
+    pub no_supervisor: bool,
+}
+
+/// What `faultline serve` does with live sessions when told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnExit {
+    /// Stop serving at once.
+    Abandon,
+    /// Fill every session's remaining pages, then stop.
+    Drain,
 }
 
 /// Set up logging once.
@@ -113,6 +134,7 @@ pub fn init_logging_at(format: LogFormat, default_level: &str) {
 /// A running daemon (in this process): used by `serve`, `demo` and tests.
 pub struct Daemon {
     server: Arc<Server>,
+    core: Arc<Core>,
     stop: Arc<AtomicBool>,
     socket: PathBuf,
     accept: Option<std::thread::JoinHandle<()>>,
@@ -123,9 +145,24 @@ pub struct Daemon {
     pub refused: Arc<AtomicU64>,
 }
 
-impl Daemon {
-    /// Bind the socket and start serving.
-    pub fn start(args: &ServeArgs) -> Result<Daemon> {
+/// What serving needs, shared by the in-process daemon and the supervised worker: the fault
+/// server, the memory file, and how new sessions are set up.
+pub struct Core {
+    /// The fault server.
+    pub server: Arc<Server>,
+    src: Arc<dyn PageSource>,
+    prefetch: Option<WorkingSet>,
+    background_fill: bool,
+    record: Option<PathBuf>,
+    /// Sessions started so far.
+    pub started: Arc<AtomicU64>,
+    /// Handshakes refused so far.
+    pub refused: Arc<AtomicU64>,
+}
+
+impl Core {
+    /// Open the memory file, load the working set, start the fault server and metrics.
+    pub fn build(args: &ServeArgs) -> Result<Core> {
         let src = MmapSource::options()
             .populate(false)
             .open(&args.mem_file)
@@ -136,7 +173,6 @@ impl Daemon {
             src.with_zero_scan()
         };
         let src: Arc<dyn PageSource> = Arc::new(src);
-        let src_len = src.len();
         let prefetch = match &args.prefetch_ws {
             Some(p) => Some(
                 WorkingSet::load(p)
@@ -144,7 +180,6 @@ impl Daemon {
             ),
             None => None,
         };
-        let listener = bind(&args.socket)?;
         let readahead = match args.readahead {
             ReadaheadFlag::Off => Readahead::Off,
             ReadaheadFlag::Fixed => Readahead::Fixed {
@@ -167,23 +202,185 @@ impl Daemon {
         if let Some(addr) = &args.metrics {
             serve_metrics(addr, Arc::clone(&server))?;
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let (wake_rx, wake) = UnixStream::pair()?;
-        let started = Arc::new(AtomicU64::new(0));
-        let refused = Arc::new(AtomicU64::new(0));
-        let ctx = Arc::new(ConnCtx {
-            server: Arc::clone(&server),
+        Ok(Core {
+            server,
             src,
             prefetch,
             background_fill: args.background_fill || args.prefetch_ws.is_some(),
             record: args.record_ws.clone(),
-            limits: Limits {
-                timeout: Duration::from_secs(args.handshake_timeout.max(1)),
-                mem_len: Some(src_len),
-                ..Limits::default()
-            },
-            started: Arc::clone(&started),
-            refused: Arc::clone(&refused),
+            started: Arc::new(AtomicU64::new(0)),
+            refused: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The handshake limits for this memory file.
+    pub fn limits(&self, args: &ServeArgs) -> Limits {
+        Limits {
+            timeout: Duration::from_secs(args.handshake_timeout.max(1)),
+            mem_len: Some(self.src.len()),
+            ..Limits::default()
+        }
+    }
+
+    /// Start serving an accepted client. `resume` with the ranges it removed so far, for a session
+    /// taken over from a worker that died; `hooks` report its end and its REMOVEs.
+    pub fn start_session(
+        &self,
+        c: Accepted,
+        resume: Option<Vec<(u64, u64)>>,
+        hooks: Hooks,
+    ) -> Result<u64> {
+        let peer = c.peer;
+        let regions: Vec<Region> = c
+            .regions
+            .iter()
+            .map(|r| {
+                let kind = if r.page_size == 4096 {
+                    MemoryKind::PrivateAnonymous
+                } else {
+                    MemoryKind::HugetlbPrivate
+                };
+                Region::new(r.start, r.len, kind, Arc::clone(&self.src), r.offset)
+            })
+            .collect();
+        let record = self.record.clone();
+        let ended = hooks.ended;
+        let on_end = EndHook(Box::new(move |s: &faultline::SessionHandle| {
+            if let Some(path) = record {
+                let ws = s.working_set();
+                match ws.save(&path) {
+                    Ok(()) => {
+                        tracing::info!(session = s.id(), pages = ws.offsets.len(), file = %path.display(), "working set recorded")
+                    }
+                    Err(e) => {
+                        tracing::error!(session = s.id(), error = %e, "cannot write the working set")
+                    }
+                }
+            }
+            if let Some(f) = ended {
+                f();
+            }
+        }));
+        let n_regions = regions.len();
+        let opts = SessionOptions {
+            label: format!("pid {}", peer.pid),
+            record_working_set: self.record.is_some(),
+            prefetch: self.prefetch.clone(),
+            background_fill: self.background_fill,
+            watch: Some(c.watch),
+            readahead: None,
+            on_end: Some(on_end),
+            on_remove: hooks.removed,
+            resume: resume.is_some(),
+            removed: resume.unwrap_or_default(),
+        };
+        match self.server.add_session(c.uffd, regions, opts) {
+            Ok(s) => {
+                self.started.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    session = s.id(),
+                    pid = peer.pid,
+                    uid = peer.uid,
+                    regions = n_regions,
+                    pages = s.total_pages(),
+                    "session started"
+                );
+                Ok(s.id())
+            }
+            Err(e) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(pid = peer.pid, error = %e, "cannot serve this client; connection closed");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// `--on-exit drain`: fill every session's remaining pages and wait until each is complete or
+    /// its client is gone.
+    pub fn drain(&self) {
+        let sessions = self.server.sessions();
+        tracing::info!(
+            sessions = sessions.len(),
+            "draining: filling every session's remaining pages"
+        );
+        self.server.fill_all();
+        for s in sessions {
+            while !s.wait_all_present(Duration::from_millis(200)) && !s.is_closed() {}
+            tracing::info!(session = s.id(), complete = s.all_present(), "drained");
+        }
+    }
+}
+
+/// Callbacks of one session, used by the supervised worker to report to its supervisor.
+#[derive(Default)]
+pub struct Hooks {
+    /// Run when the session ends.
+    pub ended: Option<Box<dyn FnOnce() + Send>>,
+    /// Run for every REMOVE.
+    pub removed: Option<faultline::RemoveHook>,
+}
+
+/// A client whose handshake was received and validated.
+pub struct Accepted {
+    /// Its userfaultfd (checked to be one).
+    pub uffd: Uffd,
+    /// Its guest memory regions.
+    pub regions: Vec<firecracker::ValidatedRegion>,
+    /// Who it is.
+    pub peer: firecracker::PeerCred,
+    /// Its socket: readiness means it is gone.
+    pub watch: std::os::fd::OwnedFd,
+}
+
+/// Receive, validate and vet a client's handshake.
+pub fn accept_client(stream: &UnixStream, limits: &Limits, allow_uids: &[u32]) -> Result<Accepted> {
+    let hs = firecracker::receive_handshake(stream, limits)?;
+    if !allow_uids.is_empty() && !allow_uids.contains(&hs.peer.uid) {
+        bail!(
+            "client pid {} runs as uid {}, which --allow-uid does not list",
+            hs.peer.pid,
+            hs.peer.uid
+        );
+    }
+    let uffd = Uffd::from_received_fd(hs.uffd)?;
+    let watch = stream
+        .as_fd()
+        .try_clone_to_owned()
+        .context("keeping the client's socket")?;
+    Ok(Accepted {
+        uffd,
+        regions: hs.mappings,
+        peer: hs.peer,
+        watch,
+    })
+}
+
+impl Daemon {
+    /// Bind the socket and start serving.
+    pub fn start(args: &ServeArgs) -> Result<Daemon> {
+        let core = Arc::new(Core::build(args)?);
+        let core_keep = Arc::clone(&core);
+        let listener = bind(&args.socket)?;
+        let server = Arc::clone(&core.server);
+        let started = Arc::clone(&core.started);
+        let refused = Arc::clone(&core.refused);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (wake_rx, wake) = UnixStream::pair()?;
+        let limits = core.limits(args);
+        let allow = args.allow_uid.clone();
+        let ctx = Arc::new(ConnCtx {
+            limits,
+            dispatch: Box::new(move |stream: UnixStream, limits: &Limits| {
+                match accept_client(&stream, limits, &allow) {
+                    Ok(c) => {
+                        let _ = core.start_session(c, None, Hooks::default());
+                    }
+                    Err(e) => {
+                        core.refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %format!("{e:#}"), "handshake refused; connection closed");
+                    }
+                }
+            }),
         });
         let stop2 = Arc::clone(&stop);
         let accept = std::thread::Builder::new()
@@ -192,6 +389,7 @@ impl Daemon {
         tracing::info!(socket = %args.socket.display(), mem_file = %args.mem_file.display(), "serving");
         Ok(Daemon {
             server,
+            core: core_keep,
             stop,
             socket: args.socket.clone(),
             accept: Some(accept),
@@ -232,19 +430,15 @@ impl Drop for Daemon {
     }
 }
 
-struct ConnCtx {
-    server: Arc<Server>,
-    src: Arc<dyn PageSource>,
-    prefetch: Option<WorkingSet>,
-    background_fill: bool,
-    record: Option<PathBuf>,
-    limits: Limits,
-    started: Arc<AtomicU64>,
-    refused: Arc<AtomicU64>,
+/// What the accept loop does with each connection (on its own thread).
+pub(crate) struct ConnCtx {
+    pub(crate) limits: Limits,
+    #[allow(clippy::type_complexity)]
+    pub(crate) dispatch: Box<dyn Fn(UnixStream, &Limits) + Send + Sync>,
 }
 
 /// Create the listening socket: mode 0600, a stale socket replaced, a live one refused.
-fn bind(path: &Path) -> Result<UnixListener> {
+pub(crate) fn bind(path: &Path) -> Result<UnixListener> {
     if path.exists() {
         match UnixStream::connect(path) {
             Ok(_) => bail!(
@@ -265,7 +459,12 @@ fn bind(path: &Path) -> Result<UnixListener> {
     l.with_context(|| format!("binding {}", path.display()))
 }
 
-fn accept_loop(listener: UnixListener, wake: UnixStream, stop: Arc<AtomicBool>, ctx: Arc<ConnCtx>) {
+pub(crate) fn accept_loop(
+    listener: UnixListener,
+    wake: UnixStream,
+    stop: Arc<AtomicBool>,
+    ctx: Arc<ConnCtx>,
+) {
     use rustix::event::{poll, PollFd, PollFlags};
     while !stop.load(Ordering::Acquire) {
         let mut fds = [
@@ -287,87 +486,12 @@ fn accept_loop(listener: UnixListener, wake: UnixStream, stop: Arc<AtomicBool>, 
                 let ctx = Arc::clone(&ctx);
                 let r = std::thread::Builder::new()
                     .name("faultline-handshake".into())
-                    .spawn(move || handle_connection(stream, &ctx));
+                    .spawn(move || (ctx.dispatch)(stream, &ctx.limits));
                 if let Err(e) = r {
                     tracing::error!(error = %e, "cannot start a handshake thread; connection dropped");
                 }
             }
             Err(e) => tracing::warn!(error = %e, "accept failed"),
-        }
-    }
-}
-
-fn handle_connection(stream: UnixStream, ctx: &ConnCtx) {
-    let hs = match firecracker::receive_handshake(&stream, &ctx.limits) {
-        Ok(h) => h,
-        Err(e) => {
-            ctx.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %e, "handshake refused; connection closed");
-            return;
-        }
-    };
-    let peer = hs.peer;
-    let regions = hs.mappings;
-    let uffd = match Uffd::from_received_fd(hs.uffd) {
-        Ok(u) => u,
-        Err(e) => {
-            ctx.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(pid = peer.pid, error = %e, "handshake refused; connection closed");
-            return;
-        }
-    };
-    let regions: Vec<Region> = regions
-        .iter()
-        .map(|r| {
-            let kind = if r.page_size == 4096 {
-                MemoryKind::PrivateAnonymous
-            } else {
-                MemoryKind::HugetlbPrivate
-            };
-            Region::new(r.start, r.len, kind, Arc::clone(&ctx.src), r.offset)
-        })
-        .collect();
-    let watch = match stream.as_fd().try_clone_to_owned() {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!(pid = peer.pid, error = %e, "cannot keep the client's socket");
-            return;
-        }
-    };
-    let on_end = ctx.record.clone().map(|path| {
-        EndHook(Box::new(move |s: &faultline::SessionHandle| {
-            let ws = s.working_set();
-            match ws.save(&path) {
-                Ok(()) => tracing::info!(session = s.id(), pages = ws.offsets.len(), file = %path.display(), "working set recorded"),
-                Err(e) => tracing::error!(session = s.id(), error = %e, "cannot write the working set"),
-            }
-        }) as Box<dyn FnOnce(&faultline::SessionHandle) + Send>)
-    });
-    let opts = SessionOptions {
-        label: format!("pid {}", peer.pid),
-        record_working_set: ctx.record.is_some(),
-        prefetch: ctx.prefetch.clone(),
-        background_fill: ctx.background_fill,
-        watch: Some(watch),
-        readahead: None,
-        on_end,
-    };
-    let n_regions = regions.len();
-    match ctx.server.add_session(uffd, regions, opts) {
-        Ok(s) => {
-            ctx.started.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                session = s.id(),
-                pid = peer.pid,
-                uid = peer.uid,
-                regions = n_regions,
-                pages = s.total_pages(),
-                "session started"
-            );
-        }
-        Err(e) => {
-            ctx.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(pid = peer.pid, error = %e, "cannot serve this client; connection closed");
         }
     }
 }
@@ -410,6 +534,9 @@ fn serve_metrics(addr: &str, server: Arc<Server>) -> Result<()> {
 /// `faultline serve`: run until SIGTERM or SIGINT.
 pub fn run(args: ServeArgs) -> Result<()> {
     init_logging(args.log_format);
+    if !args.no_supervisor {
+        return crate::supervisor::run(args);
+    }
     let term = Arc::new(AtomicBool::new(false));
     let (sig_rx, sig_tx) = UnixStream::pair()?;
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -427,6 +554,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         refused = daemon.refused.load(Ordering::Relaxed),
         "stopping"
     );
+    if args.on_exit == OnExit::Drain {
+        daemon.core.drain();
+    }
     daemon.stop();
     Ok(())
 }

@@ -44,6 +44,8 @@ pub mod stats;
 
 pub use policy::{Readahead, WorkingSet};
 pub use region::{Backing, Region, RegionError};
-pub use server::{EndHook, Server, ServerConfig, ServerError, SessionHandle, SessionOptions};
+pub use server::{
+    EndHook, RemoveHook, Server, ServerConfig, ServerError, SessionHandle, SessionOptions,
+};
 pub use source::{PageSource, SourceError};
 pub use stats::Stats;

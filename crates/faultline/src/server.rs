@@ -107,6 +107,24 @@ pub struct SessionOptions {
     /// Called once when the session ends (client gone, removed, or server shut down), e.g. to
     /// save its recorded working set.
     pub on_end: Option<EndHook>,
+    /// Called for every REMOVE event applied (start, end): a supervisor keeps them to resume the
+    /// session in a restarted worker with the same balloon state.
+    pub on_remove: Option<RemoveHook>,
+    /// Ranges the client removed before this server saw the session (a resumed session): they
+    /// are served as zeros.
+    pub removed: Vec<(u64, u64)>,
+    /// The session is resumed from a handler that died: wake every thread blocked on the regions
+    /// first, so faults whose messages the dead handler read (and never resolved) are taken again.
+    pub resume: bool,
+}
+
+/// A callback run for every REMOVE event of a session.
+pub struct RemoveHook(pub Box<dyn Fn(u64, u64) + Send + Sync>);
+
+impl std::fmt::Debug for RemoveHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RemoveHook")
+    }
 }
 
 /// A callback run when a session ends.
@@ -192,6 +210,7 @@ pub struct Session {
     recording: Option<Mutex<Vec<u64>>>,
     watch: Option<OwnedFd>,
     on_end: Mutex<Option<EndHook>>,
+    on_remove: Option<RemoveHook>,
     /// Held while reading messages and applying non-fault events.
     read_lock: Mutex<()>,
     /// Faults at addresses no region covers yet (a REMAP not yet read): retried, never dropped.
@@ -505,6 +524,19 @@ impl Server {
             .unwrap_or_default()
     }
 
+    /// Start background fill in every live session (used to drain before stopping).
+    pub fn fill_all(&self) {
+        for s in self.sessions() {
+            if let Ok(mut b) = s.0.background.lock() {
+                if b.fill_cursor.is_none() {
+                    b.fill_cursor = Some((0, 0));
+                }
+            }
+        }
+        self.shared.bg_hint.store(true, Ordering::Release);
+        self.shared.kick();
+    }
+
     /// Counters over all sessions, ended ones included.
     pub fn stats(&self) -> Stats {
         self.shared.total.snapshot()
@@ -618,6 +650,7 @@ impl Shared {
             recording: o.record_working_set.then(|| Mutex::new(Vec::new())),
             watch: o.watch,
             on_end: Mutex::new(o.on_end),
+            on_remove: o.on_remove,
             read_lock: Mutex::new(()),
             orphans: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
@@ -629,6 +662,22 @@ impl Shared {
             prefetch_inflight: AtomicU64::new(0),
             page_size,
         });
+        for &(start, end) in &o.removed {
+            apply_remove(&session, start, end);
+        }
+        if o.resume {
+            // Threads asleep on faults the dead handler read are woken to fault again; those
+            // whose page is present just go on. One WAKE per region, counted.
+            if let Ok(regions) = session.regions.read() {
+                for e in regions.entries() {
+                    add(&session.stats.wake, 1);
+                    add(&self.total.wake, 1);
+                    if let Err(err) = session.uffd.wake(e.region.start, e.region.len) {
+                        tracing::warn!(session = id, error = %err, "resume: wake failed");
+                    }
+                }
+            }
+        }
         self.sessions
             .write()
             .map_err(|_| ServerError::ShuttingDown)?
@@ -919,19 +968,9 @@ impl Worker {
     }
 
     fn on_remove(&mut self, s: &Arc<Session>, start: u64, end: u64) {
-        let Ok(regions) = s.regions.read() else {
-            return;
-        };
-        for e in regions.entries() {
-            let (rs, re) = (e.region.start, e.region.end());
-            let (a, b) = (start.max(rs), end.min(re));
-            if a >= b {
-                continue;
-            }
-            let ps = e.region.page_size();
-            let first = ((a - rs) / ps) as usize;
-            let last = ((b - rs).div_ceil(ps)) as usize;
-            e.states.remove(e.state_base + first..e.state_base + last);
+        apply_remove(s, start, end);
+        if let Some(RemoveHook(f)) = &s.on_remove {
+            f(start, end);
         }
     }
 
@@ -1749,6 +1788,24 @@ impl Worker {
             }
         }
         None
+    }
+}
+
+/// Mark `start..end` removed in every region it covers: served as zeros from now on.
+fn apply_remove(s: &Session, start: u64, end: u64) {
+    let Ok(regions) = s.regions.read() else {
+        return;
+    };
+    for e in regions.entries() {
+        let (rs, re) = (e.region.start, e.region.end());
+        let (a, b) = (start.max(rs), end.min(re));
+        if a >= b {
+            continue;
+        }
+        let ps = e.region.page_size();
+        let first = ((a - rs) / ps) as usize;
+        let last = ((b - rs).div_ceil(ps)) as usize;
+        e.states.remove(e.state_base + first..e.state_base + last);
     }
 }
 
