@@ -308,3 +308,51 @@ fn one_page_failing_a_few_times_heals_after_retries() {
     );
     assert_eq!(exit, ChildExit::Code(0));
 }
+
+#[test]
+fn slow_reads_are_waited_for_and_served_right() {
+    if !need_features("poison", Features::POISON) {
+        return;
+    }
+    // Every read takes 2 ms: nothing times out, nothing is poisoned, every byte is right.
+    let exit = child(
+        Failure::Slow(Duration::from_millis(2)),
+        Readahead::Off,
+        move |c| {
+            for p in 0..PAGES {
+                c.check(p)?;
+            }
+            let st = c.stats_settled(None)?;
+            let f = c.failures();
+            expect(f.slowed > 0 && f.injected == 0, || {
+                format!("reads were slowed, none failed: {f:?}")
+            })?;
+            expect(st.poisoned_pages == 0 && st.source_errors == 0, || {
+                format!("{st:?}")
+            })?;
+            expect(st.pages == PAGES as u64, || format!("{st:?}"))
+        },
+    );
+    assert_eq!(exit, ChildExit::Code(0));
+}
+
+#[test]
+fn a_short_read_poisons_only_the_page_it_cuts() {
+    if !need_features("poison", Features::POISON) {
+        return;
+    }
+    // The source ends early inside page BAD: that page cannot be served whole, so it is poisoned
+    // (SIGBUS when touched); the pages before it are served from the bytes that were there.
+    let rule = Failure::ShortReadAt {
+        offset: (BAD * PAGE_SIZE + 1000) as u64,
+    };
+    let exit = child(rule, Readahead::Off, move |c| {
+        for p in (0..PAGES).filter(|&p| p != BAD) {
+            c.check(p)?;
+        }
+        // The bad page: a read of it must raise SIGBUS, never return bytes.
+        let _ = c.m.read_u8(BAD * PAGE_SIZE);
+        Err("the short-read page was readable".into())
+    });
+    assert_eq!(exit, ChildExit::Signal(libc::SIGBUS));
+}
