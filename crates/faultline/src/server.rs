@@ -537,9 +537,19 @@ impl Server {
         self.shared.kick();
     }
 
-    /// Counters over all sessions, ended ones included.
+    /// Counters over all sessions, ended ones included. (Workers count per session only, so the
+    /// hot path touches one set of counters; the total is summed here.)
     pub fn stats(&self) -> Stats {
-        self.shared.total.snapshot()
+        let sum = Counters::default();
+        // Under the sessions lock: a closing session moves from the map into the total
+        // atomically with respect to this.
+        if let Ok(m) = self.shared.sessions.read() {
+            self.shared.total.merge_into(&sum);
+            for s in m.values() {
+                s.stats.merge_into(&sum);
+            }
+        }
+        sum.snapshot()
     }
 
     /// Memory the server itself holds, in bytes: page-state bitmaps of the live sessions, worker
@@ -671,7 +681,6 @@ impl Shared {
             if let Ok(regions) = session.regions.read() {
                 for e in regions.entries() {
                     add(&session.stats.wake, 1);
-                    add(&self.total.wake, 1);
                     if let Err(err) = session.uffd.wake(e.region.start, e.region.len) {
                         tracing::warn!(session = id, error = %err, "resume: wake failed");
                     }
@@ -719,6 +728,8 @@ impl Shared {
             let _ = epoll::delete(&self.epoll, w);
         }
         if let Ok(mut m) = self.sessions.write() {
+            // Fold the session's counters into the total while no one can see it twice.
+            s.stats.merge_into(&self.total);
             m.remove(&s.id);
         }
         if let Ok(mut d) = s.deferred.lock() {
@@ -914,13 +925,11 @@ impl Worker {
                     Event::Pagefault { address, .. } => faults.push((address, now)),
                     Event::Remove { start, end } => {
                         add(&s.stats.events_remove, 1);
-                        add(&self.shared.total.events_remove, 1);
                         self.on_remove(s, start, end);
                         changed = true;
                     }
                     Event::Unmap { start, end } => {
                         add(&s.stats.events_unmap, 1);
-                        add(&self.shared.total.events_unmap, 1);
                         changed = true;
                         if let Ok(mut r) = s.regions.write() {
                             for e in r.remove_range(start, end) {
@@ -934,7 +943,6 @@ impl Worker {
                     }
                     Event::Remap { from, to, len } => {
                         add(&s.stats.events_remap, 1);
-                        add(&self.shared.total.events_remap, 1);
                         changed = true;
                         if let Ok(mut r) = s.regions.write() {
                             r.remap(from, to, len);
@@ -942,12 +950,10 @@ impl Worker {
                     }
                     Event::Fork(child) => {
                         add(&s.stats.events_fork, 1);
-                        add(&self.shared.total.events_fork, 1);
                         self.adopt_fork(s, child);
                     }
                     Event::Unknown { code, .. } => {
                         add(&s.stats.events_unknown, 1);
-                        add(&self.shared.total.events_unknown, 1);
                         tracing::warn!(session = s.id, code, "unknown userfaultfd event");
                     }
                 }
@@ -1021,7 +1027,6 @@ impl Worker {
             };
             for &(addr, t) in faults.iter() {
                 add(&s.stats.faults, 1);
-                add(&self.shared.total.faults, 1);
                 let Some(e) = regions.find(addr) else {
                     // A fault at an address no region covers: the REMAP that moves a region there
                     // may not have been read yet. Keep it and look again after the next events;
@@ -1037,12 +1042,10 @@ impl Worker {
                 match e.states.get(idx) {
                     PageState::InFlight => {
                         add(&s.stats.duplicate_faults, 1);
-                        add(&self.shared.total.duplicate_faults, 1);
                         continue;
                     }
                     PageState::Present => {
                         add(&s.stats.present_refaults, 1);
-                        add(&self.shared.total.present_refaults, 1);
                         refaults.push(job(e, page, 1, JobKind::Demand, false, Some(t)));
                         continue;
                     }
@@ -1050,7 +1053,6 @@ impl Worker {
                 }
                 if !e.states.try_claim(idx) {
                     add(&s.stats.duplicate_faults, 1);
-                    add(&self.shared.total.duplicate_faults, 1);
                     continue;
                 }
                 if let Some(rec) = &s.recording {
@@ -1089,7 +1091,6 @@ impl Worker {
                 runs.push(job(e, page, n, JobKind::Demand, true, Some(t)));
                 if n > 1 {
                     add(&s.stats.readahead_pages, n as u64 - 1);
-                    add(&self.shared.total.readahead_pages, n as u64 - 1);
                 }
                 let rest = (window.now + window.ahead).saturating_sub(n);
                 if rest > 0 && page + n < max_pages {
@@ -1164,7 +1165,6 @@ impl Worker {
                     rest.not_before = Instant::now() + pause;
                 }
                 add(&s.stats.deferred, 1);
-                add(&self.shared.total.deferred, 1);
                 if let Ok(mut d) = s.deferred.lock() {
                     d.push_back(rest);
                     self.shared.deferred_jobs.fetch_add(1, Ordering::AcqRel);
@@ -1265,18 +1265,13 @@ impl Worker {
                     // Count before publishing the pages as present: a waiter woken by the last
                     // page sees complete counters.
                     let stat = match j.kind {
-                        JobKind::Prefetch => {
-                            Some((&s.stats.prefetch_pages, &self.shared.total.prefetch_pages))
-                        }
-                        JobKind::Fill => Some((&s.stats.fill_pages, &self.shared.total.fill_pages)),
-                        JobKind::Readahead => {
-                            Some((&s.stats.readahead_pages, &self.shared.total.readahead_pages))
-                        }
+                        JobKind::Prefetch => Some(&s.stats.prefetch_pages),
+                        JobKind::Fill => Some(&s.stats.fill_pages),
+                        JobKind::Readahead => Some(&s.stats.readahead_pages),
                         JobKind::Demand => None,
                     };
-                    if let Some((c, t)) = stat {
+                    if let Some(c) = stat {
                         add(c, done as u64);
-                        add(t, done as u64);
                     }
                     for i in p..p + done {
                         self.mark_resolved(s, e, i, j);
@@ -1287,7 +1282,6 @@ impl Worker {
                     if !latency_recorded {
                         if let Some(t) = j.fault_read {
                             s.stats.record_latency(t.elapsed());
-                            self.shared.total.record_latency(t.elapsed());
                         }
                         latency_recorded = true;
                     }
@@ -1301,10 +1295,8 @@ impl Worker {
                 Err(Step::Gone) => return RunEnd::Gone,
                 Err(Step::Source(err)) => {
                     add(&s.stats.source_errors, 1);
-                    add(&self.shared.total.source_errors, 1);
                     if err.is_retryable() && j.attempts + 1 < self.shared.config.source_attempts {
                         add(&s.stats.source_retries, 1);
-                        add(&self.shared.total.source_retries, 1);
                         return RunEnd::Defer(p - first, true);
                     }
                     if q - p > 1 {
@@ -1359,7 +1351,6 @@ impl Worker {
         if hit {
             let ps = e.region.page_size();
             add(&s.stats.wake, 1);
-            add(&self.shared.total.wake, 1);
             if let Err(err) = s.uffd.wake(e.addr_of(p), n as u64 * ps) {
                 tracing::debug!(session = s.id, error = %err, "wake after a racing REMOVE failed");
             }
@@ -1401,11 +1392,9 @@ impl Worker {
             "source read failed; poisoning the page (the client gets SIGBUS there)"
         );
         add(&s.stats.poison, 1);
-        add(&self.shared.total.poison, 1);
         match s.uffd.poison(addr, ps) {
             Ok(_) => {
                 add(&s.stats.poisoned_pages, 1);
-                add(&self.shared.total.poisoned_pages, 1);
                 Ok(())
             }
             Err(e) => Err(self.classify(s, e.kind)),
@@ -1416,12 +1405,10 @@ impl Worker {
         match kind {
             ResolveErrorKind::AlreadyPresent => {
                 add(&s.stats.eexist, 1);
-                add(&self.shared.total.eexist, 1);
                 Step::Exists
             }
             ResolveErrorKind::Retry => {
                 add(&s.stats.eagain, 1);
-                add(&self.shared.total.eagain, 1);
                 Step::Retry
             }
             ResolveErrorKind::ProcessGone => Step::Gone,
@@ -1462,7 +1449,6 @@ impl Worker {
                     return Err(Step::Failed);
                 }
                 add(&s.stats.continue_, 1);
-                add(&self.shared.total.continue_, 1);
                 s.uffd.continue_minor(addr, len, ContinueMode::empty())
             }
             Backing::Move
@@ -1472,7 +1458,6 @@ impl Worker {
                     && e.region.kind == faultline_uffd::MemoryKind::PrivateAnonymous =>
             {
                 add(&s.stats.move_, 1);
-                add(&self.shared.total.move_, 1);
                 let scratch = self.scratch(len as usize).map_err(|_| Step::Failed)?;
                 e.region
                     .source
@@ -1488,12 +1473,10 @@ impl Worker {
             }
             Backing::Copy | Backing::Move if zero && !e.region.kind.is_hugetlb() => {
                 add(&s.stats.zeropage, 1);
-                add(&self.shared.total.zeropage, 1);
                 s.uffd.zeropage(addr, len, ZeropageMode::empty())
             }
             Backing::Copy | Backing::Move => {
                 add(&s.stats.copy, 1);
-                add(&self.shared.total.copy, 1);
                 if zero {
                     self.ensure_zeros(len as usize);
                     s.uffd
@@ -1516,12 +1499,9 @@ impl Worker {
                 let bytes = r.bytes();
                 let pages = (bytes / ps) as usize;
                 add(&s.stats.bytes, bytes);
-                add(&self.shared.total.bytes, bytes);
                 add(&s.stats.pages, pages as u64);
-                add(&self.shared.total.pages, pages as u64);
                 if zero {
                     add(&s.stats.zero_pages, pages as u64);
-                    add(&self.shared.total.zero_pages, pages as u64);
                 }
                 if pages == 0 {
                     // Partial progress of less than a page cannot happen; treat as a retry.

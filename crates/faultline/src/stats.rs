@@ -88,6 +88,44 @@ impl Counters {
         }
     }
 
+    /// Add these counters (and the latency samples) into `into`.
+    pub(crate) fn merge_into(&self, into: &Counters) {
+        let pairs: [(&AtomicU64, &AtomicU64); 26] = [
+            (&self.faults, &into.faults),
+            (&self.duplicate_faults, &into.duplicate_faults),
+            (&self.present_refaults, &into.present_refaults),
+            (&self.copy, &into.copy),
+            (&self.zeropage, &into.zeropage),
+            (&self.continue_, &into.continue_),
+            (&self.move_, &into.move_),
+            (&self.poison, &into.poison),
+            (&self.wake, &into.wake),
+            (&self.bytes, &into.bytes),
+            (&self.pages, &into.pages),
+            (&self.zero_pages, &into.zero_pages),
+            (&self.eexist, &into.eexist),
+            (&self.eagain, &into.eagain),
+            (&self.deferred, &into.deferred),
+            (&self.readahead_pages, &into.readahead_pages),
+            (&self.prefetch_pages, &into.prefetch_pages),
+            (&self.fill_pages, &into.fill_pages),
+            (&self.source_errors, &into.source_errors),
+            (&self.source_retries, &into.source_retries),
+            (&self.poisoned_pages, &into.poisoned_pages),
+            (&self.events_remove, &into.events_remove),
+            (&self.events_unmap, &into.events_unmap),
+            (&self.events_remap, &into.events_remap),
+            (&self.events_fork, &into.events_fork),
+            (&self.events_unknown, &into.events_unknown),
+        ];
+        for (from, to) in pairs {
+            to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        if let (Ok(from), Ok(mut to)) = (self.latency.lock(), into.latency.lock()) {
+            let _ = to.add(&*from);
+        }
+    }
+
     /// A consistent-enough copy of the counters.
     pub fn snapshot(&self) -> Stats {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
