@@ -105,6 +105,10 @@ pub struct BenchArgs {
     /// With --serve: client processes restoring at once.
     #[arg(long, default_value_t = 1)]
     pub clients: usize,
+    /// Measure sequential restore from a remote page server on loopback (`faultline export` +
+    /// `serve --remote`, on demand and with the background stream) against the local raw file.
+    #[arg(long)]
+    pub remote: bool,
 }
 
 /// One measured variant.
@@ -742,6 +746,9 @@ impl Ctx {
 
 /// Run the benchmark and print the table (and JSON if asked).
 pub fn run(args: BenchArgs) -> Result<()> {
+    if args.remote {
+        return crate::bench_remote::run(&args).map(|_| ());
+    }
     if args.serve {
         let rows =
             crate::bench_serve::run(args.size_mib, args.clients, args.threads, args.file.clone())?;

@@ -197,7 +197,11 @@ pub fn run(
     // (1) faultline serve
     let args = ServeArgs {
         socket: dir.path().join("faultline.sock"),
-        mem_file: mem.clone(),
+        mem_file: Some(mem.clone()),
+        image: None,
+        remote: None,
+        remote_flags: Default::default(),
+        object: Default::default(),
         workers: None,
         pin_workers: false,
         readahead: ReadaheadFlag::Adaptive,

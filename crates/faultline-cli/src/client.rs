@@ -88,6 +88,11 @@ pub struct ClientArgs {
     /// Stay alive after the work is done until stdin closes.
     #[arg(long)]
     pub hold: bool,
+    /// After stdin closes (with --hold), read every page again and check it against the snapshot
+    /// file, then report `verified` from that check. Used to show a handler filled every page
+    /// before it went away: with no handler left, a page still missing would block the read.
+    #[arg(long, requires = "hold", conflicts_with = "balloon_pct")]
+    pub verify_after_hold: bool,
 }
 
 /// What a client reports (one JSON line on stdout).
@@ -188,6 +193,10 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
     std::thread::sleep(std::time::Duration::from_millis(args.resume_after_ms));
     if args.touch == Touch::None {
         hold(args.hold);
+        if args.verify_after_hold {
+            verify_all(&maps, &file, page)?;
+            report.verified = true;
+        }
         drop(stream);
         return Ok(report);
     }
@@ -238,6 +247,9 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
             report.first_touch_ms = first.get().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0);
             report.verified = true;
             hold(args.hold);
+            if args.verify_after_hold {
+                verify_all(&maps, &file, page)?;
+            }
             drop(stream);
             return Ok(report);
         }
@@ -250,12 +262,44 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
         touch_all(&page_order(args.touch, pages));
         report.present_pass_ms = t.elapsed().as_secs_f64() * 1e3;
     }
-    // At least one page: the balloon check below reads whole (possibly 2 MiB) pages.
+    verify_all(&maps, &file, page)?;
+    if args.balloon_pct > 0 {
+        // Inflate a balloon: drop every k-th page, then check each reads zero (whole pages,
+        // possibly 2 MiB ones).
+        let mut got = vec![0u8; page as usize];
+        let every = (100 / args.balloon_pct.clamp(1, 100)) as u64;
+        for (i, m) in maps.iter().enumerate() {
+            let mp = m.len() as u64 / page;
+            for p in (0..mp).filter(|p| (p + i as u64) % every == 0) {
+                m.discard((p * page) as usize, page as usize)?;
+                report.ballooned_pages += 1;
+            }
+            for p in (0..mp).filter(|p| (p + i as u64) % every == 0) {
+                m.read((p * page) as usize, &mut got[..page as usize])?;
+                ensure!(
+                    got[..page as usize].iter().all(|&b| b == 0),
+                    "ballooned page {p} of region {i} is not zero"
+                );
+            }
+        }
+    }
+    report.verified = true;
+    hold(args.hold);
+    if args.verify_after_hold {
+        verify_all(&maps, &file, page)?;
+    }
+    drop(stream);
+    Ok(report)
+}
+
+/// Read every byte of the guest memory (`maps`, laid out one after the other in the file) and
+/// check it against the snapshot file.
+fn verify_all(maps: &[Mapping], file: &std::fs::File, page: u64) -> Result<()> {
     let buf_len = (1usize << 20).max(page as usize);
     let mut got = vec![0u8; buf_len];
     let mut want = vec![0u8; buf_len];
     let mut base = 0u64;
-    for m in &maps {
+    for m in maps {
         let mut off = 0usize;
         while off < m.len() {
             let k = (m.len() - off).min(got.len());
@@ -276,28 +320,7 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
         }
         base += m.len() as u64;
     }
-    if args.balloon_pct > 0 {
-        // Inflate a balloon: drop every k-th run of pages, then check they read zero.
-        let every = (100 / args.balloon_pct.clamp(1, 100)) as u64;
-        for (i, m) in maps.iter().enumerate() {
-            let mp = m.len() as u64 / page;
-            for p in (0..mp).filter(|p| (p + i as u64) % every == 0) {
-                m.discard((p * page) as usize, page as usize)?;
-                report.ballooned_pages += 1;
-            }
-            for p in (0..mp).filter(|p| (p + i as u64) % every == 0) {
-                m.read((p * page) as usize, &mut got[..page as usize])?;
-                ensure!(
-                    got[..page as usize].iter().all(|&b| b == 0),
-                    "ballooned page {p} of region {i} is not zero"
-                );
-            }
-        }
-    }
-    report.verified = true;
-    hold(args.hold);
-    drop(stream);
-    Ok(report)
+    Ok(())
 }
 
 fn hold(on: bool) {

@@ -104,7 +104,11 @@ fn serve_args(
 ) -> ServeArgs {
     ServeArgs {
         socket: dir.join("faultline.sock"),
-        mem_file: mem.to_path_buf(),
+        mem_file: Some(mem.to_path_buf()),
+        image: None,
+        remote: None,
+        remote_flags: Default::default(),
+        object: Default::default(),
         workers: None,
         pin_workers: false,
         readahead: ReadaheadFlag::Adaptive,
@@ -179,11 +183,15 @@ fn run_mode(
     bar: &ProgressBar,
 ) -> Result<ModeResult> {
     let n = demo.clones;
+    let mem = args
+        .mem_file
+        .as_deref()
+        .context("the demo serves a memory file")?;
     let daemon = Daemon::start(args)?;
     let start = Instant::now();
     let reports = run_clients(
         &args.socket,
-        &args.mem_file,
+        mem,
         n,
         demo.ws_pct,
         false,

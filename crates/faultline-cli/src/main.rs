@@ -2,9 +2,13 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_remote;
 mod bench_serve;
 mod client;
 mod demo;
+mod image;
+mod object;
+mod remote;
 mod serve;
 mod supervisor;
 
@@ -32,6 +36,12 @@ enum Command {
     /// Restore clones of an embedded synthetic snapshot through the handler, every byte verified:
     /// on demand vs working-set prefetch vs eager copy (no files needed).
     Demo(demo::DemoArgs),
+    /// Snapshot images: pack a raw memory file (zero pages elided, duplicates stored once,
+    /// compressed chunks, every page hashed), inspect, verify, unpack, diff.
+    Image(image::ImageArgs),
+    /// Serve a snapshot's pages over TCP to `faultline serve --remote` on another host (post-copy
+    /// migration): demand first, the rest streamed, reconnects survived.
+    Export(remote::ExportArgs),
     /// Run the Firecracker page-fault handler daemon.
     Serve(serve::ServeArgs),
     /// Act as Firecracker restoring a snapshot: map memory, register a userfaultfd, hand it to the
@@ -49,6 +59,8 @@ fn main() -> Result<()> {
         Command::Features => features(),
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Image(args) => image::run(args),
+        Command::Export(args) => remote::run_export(args),
         Command::Serve(args) => serve::run(args),
         Command::ServeWorker(args) => supervisor::run_worker(args),
         Command::Client(args) => {

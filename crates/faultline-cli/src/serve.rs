@@ -50,9 +50,25 @@ pub struct ServeArgs {
     /// is an error). Firecracker's `mem_backend.backend_path`.
     #[arg(long)]
     pub socket: PathBuf,
-    /// The snapshot memory file (Firecracker's `mem_file_path` of the snapshot).
-    #[arg(long)]
-    pub mem_file: PathBuf,
+    /// The snapshot memory file (Firecracker's `mem_file_path` of the snapshot). Give this or
+    /// `--image`.
+    #[arg(long, required_unless_present_any = ["image", "remote", "object_url"], conflicts_with = "image")]
+    pub mem_file: Option<PathBuf>,
+    /// Serve a faultline image (made by `faultline image pack` or `image diff`) instead of a raw
+    /// memory file; a diff is served over its base, found by the name it records. Every page is
+    /// checked against its hash before it is served; a bad page is poisoned, never served.
+    #[arg(long, value_name = "IMG")]
+    pub image: Option<PathBuf>,
+    /// Serve pages fetched from a remote page server (`faultline export --listen ADDR` on the
+    /// host the VM is moving from) instead of a local file: host:port.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["mem_file", "image"])]
+    pub remote: Option<String>,
+    /// Tuning of `--remote`.
+    #[command(flatten)]
+    pub remote_flags: crate::remote::RemoteFlags,
+    /// `--object-url s3://...` (the memory in an object store) and its cache.
+    #[command(flatten)]
+    pub object: crate::object::ObjectFlags,
     /// Fault-serving worker threads (default: number of CPUs).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -121,8 +137,13 @@ pub fn init_logging_at(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // Colour only on a terminal: a daemon's stderr is usually a pipe, a file or the journal.
+    // A log line that cannot be written is dropped: by default tracing-subscriber reports the
+    // failed write with `eprintln!`, which panics when stderr is a closed pipe, killing whichever
+    // thread logged (a fault-serving thread, or the worker's control thread on its way to exit
+    // when the supervisor is gone — which left the worker running forever, orphaned).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
@@ -163,16 +184,7 @@ pub struct Core {
 impl Core {
     /// Open the memory file, load the working set, start the fault server and metrics.
     pub fn build(args: &ServeArgs) -> Result<Core> {
-        let src = MmapSource::options()
-            .populate(false)
-            .open(&args.mem_file)
-            .with_context(|| format!("opening the memory file {}", args.mem_file.display()))?;
-        let src = if args.no_zero_scan {
-            src
-        } else {
-            src.with_zero_scan()
-        };
-        let src: Arc<dyn PageSource> = Arc::new(src);
+        let src = open_snapshot(args)?;
         let prefetch = match &args.prefetch_ws {
             Some(p) => Some(
                 WorkingSet::load(p)
@@ -198,6 +210,11 @@ impl Core {
         if let Some(w) = args.workers {
             config.workers = w.max(1);
         }
+        if args.remote.is_some() {
+            // A remote read that waits for a reconnect fails as retryable and is retried; the
+            // remote source's deadline (--remote-deadline) decides when a page is given up.
+            config.source_attempts = u32::MAX;
+        }
         let server = Arc::new(Server::start(config)?);
         if let Some(addr) = &args.metrics {
             serve_metrics(addr, Arc::clone(&server))?;
@@ -206,7 +223,9 @@ impl Core {
             server,
             src,
             prefetch,
-            background_fill: args.background_fill || args.prefetch_ws.is_some(),
+            background_fill: args.background_fill
+                || args.prefetch_ws.is_some()
+                || args.remote_flags.remote_stream,
             record: args.record_ws.clone(),
             started: Arc::new(AtomicU64::new(0)),
             refused: Arc::new(AtomicU64::new(0)),
@@ -311,6 +330,71 @@ impl Core {
     }
 }
 
+/// What is served: `--image IMG` (a faultline image, through its hash-verifying source; a diff
+/// over its base) or `--mem-file F` (the raw file, mmapped, zero pages found by a start-up scan
+/// unless `--no-zero-scan`). The two flags exclude each other.
+pub fn open_snapshot(args: &ServeArgs) -> Result<Arc<dyn PageSource>> {
+    if let Some(addr) = &args.remote {
+        return crate::remote::open_remote(addr, &args.remote_flags);
+    }
+    if let Some(url) = &args.object.object_url {
+        return crate::object::open_memory(&args.object, url, args.prefetch_ws.as_deref());
+    }
+    if let Some(url) = args.image.as_deref().and_then(crate::object::url_of) {
+        return crate::object::open_image(&args.object, url);
+    }
+    if let Some(img) = &args.image {
+        let src = faultline::image::ImageSource::open(img)
+            .with_context(|| format!("opening the image {}", img.display()))?;
+        return Ok(Arc::new(src));
+    }
+    let Some(mem) = &args.mem_file else {
+        bail!("nothing to serve: give --mem-file or --image");
+    };
+    let src = MmapSource::options()
+        .populate(false)
+        .open(mem)
+        .with_context(|| format!("opening the memory file {}", mem.display()))?;
+    let src = if args.no_zero_scan {
+        src
+    } else {
+        src.with_zero_scan()
+    };
+    Ok(Arc::new(src))
+}
+
+/// The length of what `args` serves (the guest memory size a handshake may use), checking the
+/// snapshot can be opened (an image's header and tables are validated).
+pub fn snapshot_len(args: &ServeArgs) -> Result<u64> {
+    if let Some(url) = &args.object.object_url {
+        return crate::object::object_len(&args.object, url);
+    }
+    if let Some(addr) = &args.remote {
+        return crate::remote::remote_len(addr);
+    }
+    match (&args.image, &args.mem_file) {
+        (Some(_), _) => Ok(open_snapshot(args)?.len()),
+        (None, Some(mem)) => Ok(std::fs::metadata(mem)
+            .with_context(|| format!("opening the memory file {}", mem.display()))?
+            .len()),
+        (None, None) => bail!("nothing to serve: give --mem-file or --image"),
+    }
+}
+
+/// The snapshot's path, for logs.
+pub fn snapshot_name(args: &ServeArgs) -> String {
+    if let Some(url) = &args.object.object_url {
+        return url.clone();
+    }
+    if let Some(addr) = &args.remote {
+        return format!("remote {addr}");
+    }
+    match (&args.image, &args.mem_file) {
+        (Some(p), _) | (None, Some(p)) => p.display().to_string(),
+        (None, None) => String::new(),
+    }
+}
+
 /// Callbacks of one session, used by the supervised worker to report to its supervisor.
 #[derive(Default)]
 pub struct Hooks {
@@ -386,7 +470,7 @@ impl Daemon {
         let accept = std::thread::Builder::new()
             .name("faultline-accept".into())
             .spawn(move || accept_loop(listener, wake_rx, stop2, ctx))?;
-        tracing::info!(socket = %args.socket.display(), mem_file = %args.mem_file.display(), "serving");
+        tracing::info!(socket = %args.socket.display(), snapshot = %snapshot_name(args), "serving");
         Ok(Daemon {
             server,
             core: core_keep,

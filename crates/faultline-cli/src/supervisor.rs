@@ -162,8 +162,6 @@ fn worker_flags(a: &ServeArgs) -> Vec<String> {
     let mut v = vec![
         "--socket".into(),
         a.socket.display().to_string(),
-        "--mem-file".into(),
-        a.mem_file.display().to_string(),
         "--readahead".into(),
         format!("{:?}", a.readahead).to_lowercase(),
         "--readahead-pages".into(),
@@ -175,6 +173,17 @@ fn worker_flags(a: &ServeArgs) -> Vec<String> {
         "--handshake-timeout".into(),
         a.handshake_timeout.to_string(),
     ];
+    if let Some(p) = &a.mem_file {
+        v.extend(["--mem-file".into(), p.display().to_string()]);
+    }
+    if let Some(p) = &a.image {
+        v.extend(["--image".into(), p.display().to_string()]);
+    }
+    if let Some(r) = &a.remote {
+        v.extend(["--remote".into(), r.clone()]);
+        v.extend(a.remote_flags.to_args());
+    }
+    v.extend(a.object.to_args());
     if let Some(w) = a.workers {
         v.extend(["--workers".into(), w.to_string()]);
     }
@@ -220,9 +229,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         signal_hook::low_level::pipe::register(sig, sig_tx.try_clone()?)?;
     }
     // Validate the memory file (and working set) here too, so a bad flag fails at once.
-    let mem_len = std::fs::metadata(&args.mem_file)
-        .with_context(|| format!("opening the memory file {}", args.mem_file.display()))?
-        .len();
+    let mem_len = crate::serve::snapshot_len(&args)?;
     if let Some(p) = &args.prefetch_ws {
         faultline::WorkingSet::load(p)
             .with_context(|| format!("reading the working set {}", p.display()))?;
@@ -294,7 +301,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .name("faultline-accept".into())
             .spawn(move || accept_loop(listener, wake_rx, stop, ctx))?
     };
-    tracing::info!(socket = %args.socket.display(), mem_file = %args.mem_file.display(), "serving (supervised)");
+    tracing::info!(socket = %args.socket.display(), snapshot = %crate::serve::snapshot_name(&args), "serving (supervised)");
 
     // Main loop: reports from the worker, the worker's death, signals.
     use rustix::event::{poll, PollFd, PollFlags};

@@ -35,8 +35,10 @@
 pub use faultline_uffd as uffd;
 
 pub mod firecracker;
+pub mod image;
 pub mod policy;
 pub mod region;
+pub mod remote;
 pub mod server;
 pub mod source;
 pub mod state;

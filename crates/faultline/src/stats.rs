@@ -36,7 +36,7 @@ pub struct Counters {
     pub(crate) events_remap: AtomicU64,
     pub(crate) events_fork: AtomicU64,
     pub(crate) events_unknown: AtomicU64,
-    latency: Mutex<Histogram<u64>>,
+    latency: Mutex<Histogram<u32>>,
 }
 
 impl Default for Counters {
@@ -69,7 +69,10 @@ impl Default for Counters {
             events_fork: AtomicU64::new(0),
             events_unknown: AtomicU64::new(0),
             latency: Mutex::new(
-                Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds"),
+                // 1 µs .. 60 s at 2 significant digits with 32-bit counts: ~13 KiB per session
+                // (3 digits and 64-bit counts from 1 ns took ~220 KiB).
+                Histogram::new_with_bounds(1_000, 60_000_000_000, 2)
+                    .expect("valid histogram bounds"),
             ),
         }
     }
@@ -82,7 +85,7 @@ pub(crate) fn add(c: &AtomicU64, n: u64) {
 impl Counters {
     /// Record one fault's latency (message read → page resolved).
     pub(crate) fn record_latency(&self, d: Duration) {
-        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1_000);
         if let Ok(mut h) = self.latency.lock() {
             h.saturating_record(ns);
         }
@@ -300,7 +303,11 @@ mod tests {
         c.record_latency(Duration::from_micros(7));
         let s = c.snapshot();
         assert_eq!((s.faults, s.copy, s.latency_samples), (3, 2, 2));
-        assert!(s.latency_p50_ns >= 4_990 && s.latency_max_ns <= 7_010);
+        assert!(
+            (4_900..=5_200).contains(&s.latency_p50_ns)
+                && (6_900..=7_300).contains(&s.latency_max_ns),
+            "2 significant digits: {s:?}"
+        );
         let j: serde_json::Value = serde_json::from_str(&s.to_json()).expect("json");
         assert_eq!(j["faults"], 3);
         let p = s.to_prometheus("session=\"1\"");

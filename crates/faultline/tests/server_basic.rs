@@ -62,6 +62,8 @@ fn serve_and_touch(
         });
     });
     verify(&m, &src, 0..pages);
+    // Counters are complete once every page is published present (they are added first).
+    assert!(session.wait_all_present(Duration::from_secs(10)));
     let st = session.stats();
     let io = session.uffd_stats();
     server.shutdown();
@@ -135,6 +137,8 @@ fn shmem_minor_backing_fills_the_page_cache_then_continues() {
     faultline_testing::within(Duration::from_secs(30), move || {
         verify(&m2, &src2, 0..pages)
     });
+    // Counters are complete once every page is published present (they are added first).
+    assert!(session.wait_all_present(Duration::from_secs(10)));
     let st = session.stats();
     assert_eq!(st.pages, pages as u64);
     assert!(st.continue_ > 0 && st.copy == 0, "{st:?}");
@@ -198,6 +202,7 @@ fn move_backing_serves_a_pread_source_in_process_with_one_copy() {
     faultline_testing::within(Duration::from_secs(30), move || {
         verify(&m2, &src2, 0..pages)
     });
+    assert!(session.wait_all_present(Duration::from_secs(10)));
     let st = session.stats();
     assert_eq!(st.pages, pages as u64);
     assert!(

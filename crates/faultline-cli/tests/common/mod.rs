@@ -600,3 +600,338 @@ pub fn wait_metric(addr: &str, name: &str, labels: &str, expected: u64) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+// Helpers of the reliability tests (tests/reliability.rs): large memory files, the supervised
+// daemon's worker, per-process resource usage, long logs and waits with their own deadline.
+
+/// Writes a `len`-byte memory file fast enough for hundreds of MiB in a debug build: every page
+/// is one of 64 pattern pages (see [`write_mem_file`]) with its first 8 bytes replaced by its own
+/// page number + 1, so no two pages are equal and none is all zero, except runs of zero pages
+/// (pages 8..16 of every 40) for the handler's zero-page path.
+pub fn write_large_mem_file(path: &Path, len: u64) {
+    use std::io::Write;
+    const PAGE: usize = 4096;
+    assert_eq!(
+        len % PAGE as u64,
+        0,
+        "file length must be a multiple of 4096"
+    );
+    let mut table = vec![0u8; 64 * PAGE];
+    for (t, page) in table.chunks_mut(PAGE).enumerate() {
+        faultline_testing::fill_pattern(SEED, t as u64, page);
+    }
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).expect("creating the file"));
+    let mut chunk = vec![0u8; 4 << 20];
+    let pages = len / PAGE as u64;
+    let mut p = 0u64;
+    while p < pages {
+        let n = ((pages - p) as usize).min(chunk.len() / PAGE);
+        for (i, page) in chunk[..n * PAGE].chunks_mut(PAGE).enumerate() {
+            let q = p + i as u64;
+            if (q % 40) / 8 == 1 {
+                page.fill(0);
+            } else {
+                let t = (q % 64) as usize;
+                page.copy_from_slice(&table[t * PAGE..(t + 1) * PAGE]);
+                page[..8].copy_from_slice(&(q + 1).to_le_bytes());
+            }
+        }
+        file.write_all(&chunk[..n * PAGE])
+            .expect("writing the memory file");
+        p += n as u64;
+    }
+    file.flush().expect("flushing the memory file");
+}
+
+impl Log {
+    /// Waits (at most `limit`) until `n` lines satisfy `pred`; returns the n-th. Each line is
+    /// tested once per call (the scan resumes where it stopped), so it stays cheap on logs of
+    /// thousands of lines.
+    pub fn wait_count_within(
+        &self,
+        what: &str,
+        n: usize,
+        limit: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        let end = Instant::now() + limit;
+        let (mut scanned, mut found) = (0, 0);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            while scanned < state.lines.len() {
+                let line = &state.lines[scanned];
+                scanned += 1;
+                if pred(line) {
+                    found += 1;
+                    if found == n {
+                        return line.clone();
+                    }
+                }
+            }
+            let now = Instant::now();
+            if state.eof || now >= end {
+                let why = if state.eof {
+                    "stderr closed"
+                } else {
+                    "timed out"
+                };
+                let tail = state.lines.len().saturating_sub(40);
+                panic!(
+                    "{why} waiting for {what} (#{n}, {found} so far); last lines of the log:\n{}",
+                    state.lines[tail..].join("\n")
+                );
+            }
+            state = self
+                .changed
+                .wait_timeout(state, end - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Every line satisfying `pred`.
+    pub fn matching(&self, pred: impl Fn(&str) -> bool) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lines
+            .iter()
+            .filter(|l| pred(l))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Daemon {
+    /// The pid of the `n`-th serve worker the supervisor started (1-based), from its "worker
+    /// started" line (awaited, at most `limit`).
+    pub fn worker_pid(&self, n: usize, limit: Duration) -> u32 {
+        let line = self.log.wait_count_within("a worker start", n, limit, |l| {
+            is_message(l, "worker started")
+        });
+        fields(&line)["worker"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or_else(|| panic!("no worker pid in {line}"))
+    }
+}
+
+/// What a process holds: open fds, threads, resident memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Entries of /proc/<pid>/fd.
+    pub fds: usize,
+    /// `Threads:` of /proc/<pid>/status.
+    pub threads: usize,
+    /// `VmRSS:` of /proc/<pid>/status, in KiB.
+    pub rss_kib: u64,
+}
+
+/// The `key:` value of /proc/<pid>/status (its first number).
+pub fn proc_status(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+}
+
+/// The resources `pid` holds now.
+pub fn usage_of(pid: u32) -> Usage {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/fd: {e}"))
+        .count();
+    Usage {
+        fds,
+        threads: proc_status(pid, "Threads") as usize,
+        rss_kib: proc_status(pid, "VmRSS"),
+    }
+}
+
+/// The names of `pid`'s threads (truncated by the kernel to 15 bytes).
+pub fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/task: {e}"))
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_owned())
+        .collect()
+}
+
+/// [`wait_until`] with its own deadline (for waits that legitimately take longer, such as
+/// restores of hundreds of MiB in a debug build).
+pub fn wait_until_within(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The value of `name{labels}` at the metrics address `addr`, or `None` when nothing answers
+/// there (e.g. while a serve worker is being restarted) or the sample is absent.
+pub fn try_metric(addr: &str, name: &str, labels: &str) -> Option<u64> {
+    use std::io::Write;
+    let mut conn = std::net::TcpStream::connect(addr).ok()?;
+    conn.set_read_timeout(Some(DEADLINE)).ok()?;
+    conn.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response).ok()?;
+    let (_, body) = response.split_once("\r\n\r\n")?;
+    sample(body, name, labels)
+}
+
+/// Runs `f` on its own thread and returns its result, failing the test if it takes longer than
+/// `limit` (for work that blocks forever when a page is never served; the blocked thread is
+/// left behind, the test fails).
+pub fn within<T: Send + 'static>(
+    what: &str,
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|e| panic!("{what}: not done within {limit:?} ({e})"))
+}
+
+/// Page faults the handler has read but not yet resolved, over every userfaultfd `pid` holds:
+/// the kernel's fdinfo of a userfaultfd counts `total` waiting faults, of which `pending` are
+/// not read yet (the fdinfo describes the shared file, so any process holding a duplicate
+/// sees the same counts).
+pub fn read_unresolved_faults(pid: u32) -> u64 {
+    let mut n = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("reading /proc/<pid>/fd") {
+        let Ok(entry) = entry else { continue };
+        let is_uffd = std::fs::read_link(entry.path())
+            .is_ok_and(|link| link.as_os_str() == "anon_inode:[userfaultfd]");
+        if !is_uffd {
+            continue;
+        }
+        let fd = entry.file_name();
+        let Ok(info) =
+            std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.to_string_lossy()))
+        else {
+            continue; // closed meanwhile
+        };
+        let count = |key: &str| -> u64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in the userfaultfd fdinfo:\n{info}"))
+        };
+        n += count("total:") - count("pending:");
+    }
+    n
+}
+
+/// Whether every thread of `pid` is stopped (by SIGSTOP).
+pub fn all_threads_stopped(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("reading /proc/<pid>/task")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+        .all(|stat| {
+            // The state follows the parenthesised command name.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                == Some("T")
+        })
+}
+
+/// A running count of the log lines that satisfy a predicate, advanced incrementally (each line
+/// is tested once over the counter's life), for tests that pace themselves on thousands of lines.
+pub struct LineCount<P> {
+    pred: P,
+    scanned: usize,
+    found: usize,
+}
+
+impl<P: Fn(&str) -> bool> LineCount<P> {
+    /// A counter of the lines satisfying `pred`, starting at the top of the log.
+    pub fn new(pred: P) -> LineCount<P> {
+        LineCount {
+            pred,
+            scanned: 0,
+            found: 0,
+        }
+    }
+
+    /// Waits (at most `limit`) until `n` lines have matched; returns how many have.
+    pub fn wait(&mut self, log: &Log, what: &str, n: usize, limit: Duration) -> usize {
+        let end = Instant::now() + limit;
+        let mut state = log.state.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            while self.scanned < state.lines.len() {
+                if (self.pred)(&state.lines[self.scanned]) {
+                    self.found += 1;
+                }
+                self.scanned += 1;
+            }
+            if self.found >= n {
+                return self.found;
+            }
+            let now = Instant::now();
+            if state.eof || now >= end {
+                let tail = state.lines.len().saturating_sub(40);
+                panic!(
+                    "waiting for {what} (#{n}, {} so far): {}; last lines of the log:\n{}",
+                    self.found,
+                    if state.eof {
+                        "stderr closed"
+                    } else {
+                        "timed out"
+                    },
+                    state.lines[tail..].join("\n")
+                );
+            }
+            state = log
+                .changed
+                .wait_timeout(state, end - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// Waits (bounded, all at once) for the outputs of `children`, returned in their order. On
+/// timeout the ones still running are killed and the test fails naming them.
+pub fn outputs_within(children: Vec<Child>, limit: Duration) -> Vec<Output> {
+    let pids: Vec<u32> = children.iter().map(Child::id).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (i, child) in children.into_iter().enumerate() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((i, child.wait_with_output()));
+        });
+    }
+    drop(tx);
+    let end = Instant::now() + limit;
+    let mut outputs: Vec<Option<Output>> = pids.iter().map(|_| None).collect();
+    let mut received = 0;
+    while received < pids.len() {
+        let left = end.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((i, out)) => {
+                outputs[i] = Some(out.expect("waiting for a child"));
+                received += 1;
+            }
+            Err(_) => {
+                let late: Vec<u32> = (0..pids.len())
+                    .filter(|&i| outputs[i].is_none())
+                    .map(|i| pids[i])
+                    .collect();
+                for &pid in &late {
+                    signal(pid, Signal::KILL);
+                }
+                // Reap them (their waiters report once they are dead).
+                while rx.recv().is_ok() {}
+                panic!("children {late:?} did not finish within {limit:?}");
+            }
+        }
+    }
+    outputs.into_iter().flatten().collect()
+}

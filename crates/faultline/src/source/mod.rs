@@ -17,6 +17,7 @@ mod file;
 mod layered;
 mod memory;
 mod mmap;
+pub mod object;
 mod zero;
 
 pub use failure::{Failure, FailureInjecting, FailureStats};
@@ -24,6 +25,7 @@ pub use file::FileSource;
 pub use layered::{LayerError, LayeredSource};
 pub use memory::MemorySource;
 pub use mmap::{MmapSource, MmapSourceOptions};
+pub use object::{ObjectError, ObjectSource, ObjectSourceOptions, ObjectStats, S3Config};
 pub use zero::ZeroSource;
 
 /// Whether a failed read may succeed if tried again.

@@ -1,0 +1,1203 @@
+//! Reading images: [`Image`] (the validated header and tables over a [`RangeRead`]) and
+//! [`ImageSource`] (a [`PageSource`] serving an image, and its base when it is a diff).
+//!
+//! [`Image::open`] reads the header and then all the tables in one read (they are contiguous at
+//! the end of the file, so an object store fetches them with one ranged GET), checks both hashes
+//! and every entry, and keeps the tables in memory: the page index lookup is then an array index.
+//! Chunk data is read only when a page is asked for.
+//!
+//! [`ImageSource`] keeps the last few decompressed chunks in a small LRU cache (a fault's
+//! neighbours are usually in the same chunk, and readahead asks for them next). A stored page is
+//! checked against its hash the first time it is served out of a decompressed chunk; the check
+//! is remembered with the cached chunk (which lives in this process's memory, not in the image),
+//! so a page shared by many duplicates, or read by many clones, is hashed once per decompression.
+//! A mismatch evicts the chunk and fails the read with a permanent error naming the page, so the
+//! server poisons it; the other pages of the chunk still verify, or fail, on their own.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::codec;
+use super::format::{self, ChunkEntry, Header, PageHash, PageLoc, Tables, HEADER_LEN};
+use super::{hex, Codec, FileRange, ImageError, RangeRead};
+use crate::source::{check_bounds, PageSource, Retry, SourceError};
+
+/// Layers deep a chain of diffs may go (a guard against a cycle of base names).
+const MAX_DEPTH: usize = 16;
+
+/// An opened image: its validated header and tables, and the reader of its chunks.
+#[derive(Debug)]
+pub struct Image {
+    reader: Arc<dyn RangeRead>,
+    header: Header,
+    id: [u8; 32],
+    tables: Tables,
+    file_len: u64,
+    name: String,
+    path: Option<PathBuf>,
+}
+
+/// Why a chunk could not be had.
+#[derive(Debug)]
+pub(crate) enum ChunkError {
+    Io(std::io::Error),
+    Corrupt(String),
+}
+
+/// How the pages of an image's index are stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageCounts {
+    /// Zero pages.
+    pub zero: u64,
+    /// Pages taken from the base.
+    pub base: u64,
+    /// Pages whose entry points into a chunk.
+    pub stored: u64,
+    /// Distinct pages in the chunks (the hash table's entries).
+    pub distinct: u64,
+}
+
+/// What [`Image::verify`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Chunks read and decompressed.
+    pub chunks: u64,
+    /// Stored pages whose hash was checked.
+    pub pages_checked: u64,
+    /// Bad stored pages: (first page index that uses it, or `None` if no page does; why).
+    pub bad: Vec<(Option<u64>, String)>,
+}
+
+impl Image {
+    /// Open the image file at `path` and validate its header and tables.
+    pub fn open(path: impl AsRef<Path>) -> Result<Image, ImageError> {
+        let path = path.as_ref();
+        let r = FileRange::open(path)
+            .map_err(|e| ImageError::io(format!("opening the image {}", path.display()), e))?;
+        let mut image = Image::from_reader(Arc::new(r))?;
+        image.path = Some(path.to_path_buf());
+        Ok(image)
+    }
+
+    /// Open an image read through `reader` and validate its header and tables.
+    pub fn from_reader(reader: Arc<dyn RangeRead>) -> Result<Image, ImageError> {
+        let name = reader.name();
+        let file_len = reader.len();
+        let head_len = file_len.min(HEADER_LEN as u64) as usize;
+        let mut head = vec![0u8; head_len];
+        reader
+            .read_at(0, &mut head)
+            .map_err(|e| ImageError::io(format!("reading the header of {name}"), e))?;
+        let header = Header::decode(&head, file_len)?;
+        let mut encoded = [0u8; HEADER_LEN];
+        encoded.copy_from_slice(&head);
+        let id = Header::id_of(&encoded);
+        // Validated: index_offset <= file_len, and the tables run to the end of the file.
+        let tables_len = (file_len - header.index_offset) as usize;
+        let mut tables = vec![0u8; tables_len];
+        reader
+            .read_at(header.index_offset, &mut tables)
+            .map_err(|e| ImageError::io(format!("reading the tables of {name}"), e))?;
+        let tables = Tables::decode(&header, &tables)?;
+        Ok(Image {
+            reader,
+            header,
+            id,
+            tables,
+            file_len,
+            name,
+            path: None,
+        })
+    }
+
+    /// The header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The image id: the BLAKE3 hash of the header, which covers the tables' hash and so every
+    /// page's hash. A diff names its base by this.
+    pub fn id(&self) -> [u8; 32] {
+        self.id
+    }
+
+    /// Page size.
+    pub fn page_size(&self) -> u32 {
+        self.header.page_size
+    }
+
+    /// Length of the raw memory.
+    pub fn source_len(&self) -> u64 {
+        self.header.source_len
+    }
+
+    /// Pages in the index.
+    pub fn page_count(&self) -> u64 {
+        self.header.page_count
+    }
+
+    /// The chunk codec.
+    pub fn codec(&self) -> Codec {
+        self.header.codec
+    }
+
+    /// The image file's length.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// The reader's name (the path for [`Image::open`]).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The id of the base this image is a diff over.
+    pub fn base_id(&self) -> Option<[u8; 32]> {
+        self.header.has_base().then_some(self.header.base_id)
+    }
+
+    /// The name it gives its base (relative to its own directory, or absolute).
+    pub fn base_name(&self) -> Option<&str> {
+        self.tables.base_name.as_deref()
+    }
+
+    /// Where page `page` is (`None` past the end).
+    pub fn page(&self, page: u64) -> Option<PageLoc> {
+        usize::try_from(page)
+            .ok()
+            .and_then(|p| self.tables.index.get(p).copied())
+    }
+
+    /// The hash-table slot of a stored page's location.
+    fn slot(&self, chunk: u32, offset: u32) -> usize {
+        // Validated at open: chunk exists, offset is a page inside it.
+        (self.tables.first_slot[chunk as usize] + u64::from(offset / self.header.page_size))
+            as usize
+    }
+
+    /// The content hash of page `page`, if it is stored in this image.
+    pub fn page_hash(&self, page: u64) -> Option<PageHash> {
+        match self.page(page)? {
+            PageLoc::Stored { chunk, offset } => Some(self.tables.hashes[self.slot(chunk, offset)]),
+            _ => None,
+        }
+    }
+
+    /// The chunk table.
+    pub fn chunks(&self) -> &[ChunkEntry] {
+        &self.tables.chunks
+    }
+
+    /// How the pages are stored.
+    pub fn page_counts(&self) -> PageCounts {
+        let mut c = PageCounts {
+            distinct: self.header.stored_pages,
+            ..PageCounts::default()
+        };
+        for loc in &self.tables.index {
+            match loc {
+                PageLoc::Zero => c.zero += 1,
+                PageLoc::Base => c.base += 1,
+                PageLoc::Stored { .. } => c.stored += 1,
+            }
+        }
+        c
+    }
+
+    /// Read and decompress chunk `chunk`.
+    pub(crate) fn read_chunk(&self, chunk: u32) -> Result<Vec<u8>, ChunkError> {
+        let mut out = Vec::new();
+        self.read_chunk_into(chunk, &mut out)?;
+        Ok(out)
+    }
+
+    /// Read and decompress chunk `chunk` into `out` (resized to the chunk's length; a recycled
+    /// buffer saves zeroing a new one).
+    fn read_chunk_into(&self, chunk: u32, out: &mut Vec<u8>) -> Result<(), ChunkError> {
+        thread_local! {
+            /// The compressed bytes of the chunk being decompressed on this thread.
+            static STORED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        }
+        let c = self
+            .tables
+            .chunks
+            .get(chunk as usize)
+            .ok_or_else(|| ChunkError::Corrupt(format!("no chunk {chunk}")))?;
+        out.resize(c.raw_len as usize, 0);
+        if c.is_raw() {
+            return self.reader.read_at(c.offset, out).map_err(ChunkError::Io);
+        }
+        STORED.with(|cell| {
+            let mut stored = cell.borrow_mut();
+            stored.resize(c.stored_len as usize, 0);
+            self.reader
+                .read_at(c.offset, &mut stored)
+                .map_err(ChunkError::Io)?;
+            codec::decompress(self.header.codec, &stored, out).map_err(ChunkError::Corrupt)
+        })
+    }
+
+    /// Read every chunk and check the hash of every stored page. `progress` gets the chunks
+    /// done so far. Bad pages are named by the first page index that uses them.
+    pub fn verify(&self, mut progress: impl FnMut(u64)) -> VerifyReport {
+        let ps = self.header.page_size as usize;
+        let mut report = VerifyReport::default();
+        let mut bad_slots: Vec<(usize, String)> = Vec::new();
+        for (i, c) in self.tables.chunks.iter().enumerate() {
+            let first = self.tables.first_slot[i] as usize;
+            let slots = (c.raw_len as usize) / ps;
+            match self.read_chunk(i as u32) {
+                Ok(data) => {
+                    for (k, page) in data.chunks_exact(ps).enumerate() {
+                        let want = self.tables.hashes[first + k];
+                        let got = format::page_hash(page);
+                        if got != want {
+                            bad_slots.push((
+                                first + k,
+                                format!(
+                                    "content hash mismatch in chunk {i} at offset {} (expected {}, got {})",
+                                    k * ps,
+                                    hex(&want),
+                                    hex(&got)
+                                ),
+                            ));
+                        }
+                        report.pages_checked += 1;
+                    }
+                }
+                Err(e) => {
+                    let why = match e {
+                        ChunkError::Io(e) => format!("chunk {i} cannot be read: {e}"),
+                        ChunkError::Corrupt(w) => format!("chunk {i} is corrupt: {w}"),
+                    };
+                    bad_slots.extend((first..first + slots).map(|s| (s, why.clone())));
+                }
+            }
+            report.chunks += 1;
+            progress(report.chunks);
+        }
+        if !bad_slots.is_empty() {
+            // Name each bad slot by the first page that uses it.
+            let mut first_page = vec![None; self.tables.hashes.len()];
+            for (p, loc) in self.tables.index.iter().enumerate() {
+                if let PageLoc::Stored { chunk, offset } = *loc {
+                    let s = self.slot(chunk, offset);
+                    if first_page[s].is_none() {
+                        first_page[s] = Some(p as u64);
+                    }
+                }
+            }
+            report.bad = bad_slots
+                .into_iter()
+                .map(|(s, why)| (first_page[s], why))
+                .collect();
+            report.bad.sort_by_key(|(p, _)| p.unwrap_or(u64::MAX));
+        }
+        report
+    }
+}
+
+/// A decompressed chunk in the cache, with which of its pages were checked against their hash.
+#[derive(Debug)]
+struct CachedChunk {
+    data: Vec<u8>,
+    verified: Vec<AtomicBool>,
+}
+
+#[derive(Debug)]
+struct CacheEntry {
+    chunk: u32,
+    data: Arc<CachedChunk>,
+    used: u64,
+}
+
+/// A small LRU of decompressed chunks, bounded in bytes (it always keeps the newest chunk), with
+/// the buffers of evicted chunks kept for reuse. A linear scan finds a chunk: it holds a few
+/// hundred at most, and is searched once per chunk a read moves to, not per page.
+#[derive(Debug)]
+struct ChunkCache {
+    entries: Vec<CacheEntry>,
+    tick: u64,
+    bytes: usize,
+    capacity: usize,
+    free: Vec<Vec<u8>>,
+}
+
+/// Evicted chunk buffers kept for reuse.
+const FREE_BUFFERS: usize = 4;
+
+impl ChunkCache {
+    fn get(&mut self, chunk: u32) -> Option<Arc<CachedChunk>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.entries.iter_mut().find(|e| e.chunk == chunk).map(|e| {
+            e.used = tick;
+            Arc::clone(&e.data)
+        })
+    }
+
+    /// Insert `data` for `chunk`; if another thread inserted it meanwhile, keep and return
+    /// theirs (so verification marks are shared).
+    fn insert(&mut self, chunk: u32, data: Arc<CachedChunk>) -> Arc<CachedChunk> {
+        if let Some(existing) = self.get(chunk) {
+            return existing;
+        }
+        while !self.entries.is_empty() && self.bytes + data.data.len() > self.capacity {
+            let Some((i, _)) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.used) else {
+                break;
+            };
+            let old = self.entries.swap_remove(i);
+            self.bytes -= old.data.data.len();
+            // Still in use by a reader: it is freed when that reader is done.
+            if let Ok(c) = Arc::try_unwrap(old.data) {
+                if self.free.len() < FREE_BUFFERS {
+                    self.free.push(c.data);
+                }
+            }
+        }
+        self.bytes += data.data.len();
+        self.tick += 1;
+        self.entries.push(CacheEntry {
+            chunk,
+            data: Arc::clone(&data),
+            used: self.tick,
+        });
+        data
+    }
+
+    fn remove(&mut self, chunk: u32) {
+        if let Some(i) = self.entries.iter().position(|e| e.chunk == chunk) {
+            let old = self.entries.swap_remove(i);
+            self.bytes -= old.data.data.len();
+        }
+    }
+}
+
+/// Counters of an [`ImageSource`] (this layer only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImageStats {
+    /// Chunks read from the image (and decompressed).
+    pub chunk_reads: u64,
+    /// Bytes read from the image for them.
+    pub bytes_read: u64,
+    /// Chunk lookups served from the cache.
+    pub cache_hits: u64,
+    /// Stored pages checked against their hash.
+    pub pages_verified: u64,
+    /// Pages that failed the check.
+    pub hash_mismatches: u64,
+    /// Chunks that could not be decompressed.
+    pub corrupt_chunks: u64,
+    /// Pages read straight into the caller's buffer (uncompressed, unshared), not through the
+    /// cache.
+    pub direct_pages: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    chunk_reads: AtomicU64,
+    bytes_read: AtomicU64,
+    cache_hits: AtomicU64,
+    pages_verified: AtomicU64,
+    hash_mismatches: AtomicU64,
+    corrupt_chunks: AtomicU64,
+    direct_pages: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// What a page of a (possibly layered) image resolves to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resolved {
+    Zero,
+    Stored(PageHash),
+}
+
+/// An image served as a [`PageSource`], over its base when it is a diff.
+#[derive(Debug)]
+pub struct ImageSource {
+    image: Image,
+    base: Option<Arc<ImageSource>>,
+    /// Per stored page: whether more than one index entry uses it.
+    shared: Vec<bool>,
+    cache: Mutex<ChunkCache>,
+    counters: Counters,
+    name: String,
+    depth: usize,
+}
+
+/// Bytes of decompressed chunks cached by default.
+const DEFAULT_CACHE_BYTES: usize = 32 << 20;
+/// Largest read of direct pages at once: small enough that their bytes are still in the CPU's
+/// cache when they are hashed.
+const DIRECT_RUN_BYTES: u64 = 128 << 10;
+
+impl ImageSource {
+    /// Serve a full image (an error for a diff: use [`ImageSource::with_base`] or
+    /// [`ImageSource::open`]).
+    pub fn new(image: Image) -> Result<ImageSource, ImageError> {
+        if let Some(id) = image.base_id() {
+            return Err(ImageError::Layer(format!(
+                "{} is a diff over base {} (id {}): open it with its base",
+                image.name(),
+                image.base_name().unwrap_or("(unnamed)"),
+                hex(&id)
+            )));
+        }
+        Ok(ImageSource::build(image, None, 0))
+    }
+
+    /// Serve the diff `image` over `base`, which must be the image it names (same id) with the
+    /// same page size and every page the diff takes from it.
+    pub fn with_base(image: Image, base: Arc<ImageSource>) -> Result<ImageSource, ImageError> {
+        let Some(want) = image.base_id() else {
+            return Err(ImageError::Layer(format!(
+                "{} is not a diff: it has no base",
+                image.name()
+            )));
+        };
+        let got = base.image.id();
+        if want != got {
+            return Err(ImageError::Layer(format!(
+                "{} is a diff over the image with id {}, but {} has id {}",
+                image.name(),
+                hex(&want),
+                base.image.name(),
+                hex(&got)
+            )));
+        }
+        if image.page_size() != base.image.page_size() {
+            return Err(ImageError::Layer(format!(
+                "{} has {}-byte pages but its base {} has {}-byte pages",
+                image.name(),
+                image.page_size(),
+                base.image.name(),
+                base.image.page_size()
+            )));
+        }
+        let base_pages = base.image.page_count();
+        if let Some(p) = image
+            .tables
+            .index
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(base_pages).unwrap_or(usize::MAX))
+            .find(|(_, l)| **l == PageLoc::Base)
+            .map(|(p, _)| p)
+        {
+            return Err(ImageError::Layer(format!(
+                "page {p} of {} comes from its base, which has only {base_pages} pages",
+                image.name()
+            )));
+        }
+        let depth = base.depth + 1;
+        if depth > MAX_DEPTH {
+            return Err(ImageError::Layer(format!(
+                "more than {MAX_DEPTH} layers of diffs"
+            )));
+        }
+        Ok(ImageSource::build(image, Some(base), depth))
+    }
+
+    /// Open the image at `path`; when it is a diff, open its base too (by the name it gives,
+    /// relative to the diff's directory unless absolute), recursively, checking each id.
+    pub fn open(path: impl AsRef<Path>) -> Result<ImageSource, ImageError> {
+        ImageSource::open_at_depth(path.as_ref(), 0)
+    }
+
+    fn open_at_depth(path: &Path, depth: usize) -> Result<ImageSource, ImageError> {
+        let image = Image::open(path)?;
+        if image.base_id().is_none() {
+            return ImageSource::new(image);
+        }
+        if depth >= MAX_DEPTH {
+            return Err(ImageError::Layer(format!(
+                "more than {MAX_DEPTH} layers of diffs (a cycle of base names?) at {}",
+                path.display()
+            )));
+        }
+        let Some(name) = image.base_name() else {
+            return Err(ImageError::Layer(format!(
+                "{} is a diff but does not name its base file: open the base and use ImageSource::with_base",
+                path.display()
+            )));
+        };
+        let base_path = match path.parent() {
+            Some(dir) if Path::new(name).is_relative() => dir.join(name),
+            _ => PathBuf::from(name),
+        };
+        let base = ImageSource::open_at_depth(&base_path, depth + 1).map_err(|e| {
+            ImageError::Layer(format!(
+                "opening the base {} of {}: {e}",
+                base_path.display(),
+                path.display()
+            ))
+        })?;
+        ImageSource::with_base(image, Arc::new(base))
+    }
+
+    fn build(image: Image, base: Option<Arc<ImageSource>>, depth: usize) -> ImageSource {
+        let name = image.name().to_string();
+        let mut refs = vec![0u8; image.tables.hashes.len()];
+        for loc in &image.tables.index {
+            if let PageLoc::Stored { chunk, offset } = *loc {
+                let r = &mut refs[image.slot(chunk, offset)];
+                *r = r.saturating_add(1);
+            }
+        }
+        let shared = refs.into_iter().map(|r| r > 1).collect();
+        ImageSource {
+            image,
+            base,
+            shared,
+            cache: Mutex::new(ChunkCache {
+                entries: Vec::new(),
+                tick: 0,
+                bytes: 0,
+                capacity: DEFAULT_CACHE_BYTES,
+                free: Vec::new(),
+            }),
+            counters: Counters::default(),
+            name,
+            depth,
+        }
+    }
+
+    /// Keep up to `bytes` of decompressed chunks (default 32 MiB; the newest chunk is always
+    /// kept). Many clones restoring one image at once share what is cached, each chunk
+    /// decompressed and each page verified once while it stays.
+    pub fn with_cache_bytes(self, bytes: usize) -> ImageSource {
+        if let Ok(mut c) = self.cache.lock() {
+            c.capacity = bytes;
+        }
+        self
+    }
+
+    /// The image of this layer.
+    pub fn image(&self) -> &Image {
+        &self.image
+    }
+
+    /// The base, for a diff.
+    pub fn base(&self) -> Option<&Arc<ImageSource>> {
+        self.base.as_ref()
+    }
+
+    /// This layer's counters.
+    pub fn stats(&self) -> ImageStats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ImageStats {
+            chunk_reads: l(&c.chunk_reads),
+            bytes_read: l(&c.bytes_read),
+            cache_hits: l(&c.cache_hits),
+            pages_verified: l(&c.pages_verified),
+            hash_mismatches: l(&c.hash_mismatches),
+            corrupt_chunks: l(&c.corrupt_chunks),
+            direct_pages: l(&c.direct_pages),
+        }
+    }
+
+    /// What page `page` is, through the layers (`None` past the end).
+    pub(crate) fn resolved(&self, page: u64) -> Option<Resolved> {
+        match self.image.page(page)? {
+            PageLoc::Zero => Some(Resolved::Zero),
+            PageLoc::Stored { chunk, offset } => Some(Resolved::Stored(
+                self.image.tables.hashes[self.image.slot(chunk, offset)],
+            )),
+            PageLoc::Base => self.base.as_ref().and_then(|b| b.resolved(page)),
+        }
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, ChunkCache> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Chunk `chunk`, decompressed, from the cache or the image.
+    fn chunk(&self, chunk: u32) -> Result<Arc<CachedChunk>, ChunkError> {
+        if let Some(c) = self.lock_cache().get(chunk) {
+            bump(&self.counters.cache_hits, 1);
+            return Ok(c);
+        }
+        // Read and decompress without holding the lock.
+        let mut data = self.lock_cache().free.pop().unwrap_or_default();
+        self.image
+            .read_chunk_into(chunk, &mut data)
+            .inspect_err(|e| {
+                if matches!(e, ChunkError::Corrupt(_)) {
+                    bump(&self.counters.corrupt_chunks, 1);
+                }
+            })?;
+        bump(&self.counters.chunk_reads, 1);
+        let entry = self.image.tables.chunks[chunk as usize];
+        bump(&self.counters.bytes_read, u64::from(entry.stored_len));
+        let pages = data.len() / self.image.page_size() as usize;
+        let cached = Arc::new(CachedChunk {
+            data,
+            verified: (0..pages).map(|_| AtomicBool::new(false)).collect(),
+        });
+        Ok(self.lock_cache().insert(chunk, cached))
+    }
+
+    /// Where a whole stored page can be read straight into the caller's buffer: a page of an
+    /// uncompressed chunk that no other index entry shares (shared pages are served from the
+    /// cache, verified once). Its offset in the image.
+    fn direct(&self, loc: PageLoc) -> Option<u64> {
+        let PageLoc::Stored { chunk, offset } = loc else {
+            return None;
+        };
+        let c = self.image.tables.chunks[chunk as usize];
+        if !c.is_raw() || self.shared[self.image.slot(chunk, offset)] {
+            return None;
+        }
+        Some(c.offset + u64::from(offset))
+    }
+
+    /// How many pages from `page` (at image offset `file_off`, at most `max`) are direct and
+    /// stored one after another in the image: one read.
+    fn direct_run(&self, page: u64, file_off: u64, max: u64) -> u64 {
+        let ps = u64::from(self.image.page_size());
+        let max = max.min(DIRECT_RUN_BYTES / ps).max(1);
+        let mut pages = 1;
+        while pages < max {
+            match self.image.page(page + pages).and_then(|l| self.direct(l)) {
+                Some(f) if f == file_off + pages * ps => pages += 1,
+                _ => break,
+            }
+        }
+        pages
+    }
+
+    /// Read the direct pages from `page` at image offset `file_off` into `run` (whole pages),
+    /// then check each against its hash, while the bytes are still in the CPU's cache.
+    fn read_direct(
+        &self,
+        page: u64,
+        file_off: u64,
+        run: &mut [u8],
+        offset: u64,
+        len: u64,
+    ) -> Result<(), SourceError> {
+        let ps = self.image.page_size() as usize;
+        self.image.reader.read_at(file_off, run).map_err(|e| {
+            let mut err = SourceError::from_io(&self.name, offset, len, e);
+            err.what = format!(
+                "page {page}: reading {} bytes at byte {file_off} of the image",
+                run.len()
+            );
+            err
+        })?;
+        bump(&self.counters.bytes_read, run.len() as u64);
+        for (i, bytes) in run.chunks_exact(ps).enumerate() {
+            let p = page + i as u64;
+            let want = self.image.page_hash(p).unwrap_or_default();
+            let got = format::page_hash(bytes);
+            if got != want {
+                bump(&self.counters.hash_mismatches, 1);
+                let (chunk, off) = match self.image.page(p) {
+                    Some(PageLoc::Stored { chunk, offset }) => (chunk, offset),
+                    _ => (u32::MAX, 0),
+                };
+                return Err(self.error(
+                    offset,
+                    len,
+                    format!(
+                        "page {p}: content hash mismatch in chunk {chunk} at offset {off} (expected {}, got {})",
+                        hex(&want),
+                        hex(&got)
+                    ),
+                ));
+            }
+        }
+        let n = (run.len() / ps) as u64;
+        bump(&self.counters.pages_verified, n);
+        bump(&self.counters.direct_pages, n);
+        Ok(())
+    }
+
+    fn error(&self, offset: u64, len: u64, what: String) -> SourceError {
+        SourceError {
+            offset,
+            len,
+            source_name: self.name.clone(),
+            what,
+            retry: Retry::Permanent,
+            cause: None,
+        }
+    }
+
+    /// The verified bytes of stored page `page` at (`chunk`, `off`), within a read of
+    /// `offset..offset+len`; `cur` keeps the chunk last used.
+    fn stored_page<'c>(
+        &self,
+        page: u64,
+        chunk: u32,
+        off: u32,
+        cur: &'c mut Option<(u32, Arc<CachedChunk>)>,
+        offset: u64,
+        len: u64,
+    ) -> Result<&'c [u8], SourceError> {
+        let have = matches!(cur, Some((c, _)) if *c == chunk);
+        if !have {
+            let data = self.chunk(chunk).map_err(|e| match e {
+                ChunkError::Io(e) => {
+                    let entry = self.image.tables.chunks[chunk as usize];
+                    let mut err = SourceError::from_io(&self.name, offset, len, e);
+                    err.what = format!(
+                        "page {page}: reading chunk {chunk} ({} bytes at byte {} of the image)",
+                        entry.stored_len, entry.offset
+                    );
+                    err
+                }
+                ChunkError::Corrupt(why) => self.error(
+                    offset,
+                    len,
+                    format!("page {page}: chunk {chunk} is corrupt: {why}"),
+                ),
+            })?;
+            *cur = Some((chunk, data));
+        }
+        let Some((_, data)) = cur.as_ref() else {
+            unreachable!("set above")
+        };
+        let ps = self.image.page_size() as usize;
+        let at = off as usize;
+        let bytes = &data.data[at..at + ps];
+        let k = at / ps;
+        if !data.verified[k].load(Ordering::Acquire) {
+            let want = self.image.tables.hashes[self.image.slot(chunk, off)];
+            let got = format::page_hash(bytes);
+            if got != want {
+                bump(&self.counters.hash_mismatches, 1);
+                // Re-read next time (a transfer error would not repeat), but fail this read.
+                self.lock_cache().remove(chunk);
+                return Err(self.error(
+                    offset,
+                    len,
+                    format!(
+                        "page {page}: content hash mismatch in chunk {chunk} at offset {off} (expected {}, got {})",
+                        hex(&want),
+                        hex(&got)
+                    ),
+                ));
+            }
+            bump(&self.counters.pages_verified, 1);
+            data.verified[k].store(true, Ordering::Release);
+        }
+        Ok(bytes)
+    }
+}
+
+impl PageSource for ImageSource {
+    fn len(&self) -> u64 {
+        self.image.source_len()
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let len = buf.len() as u64;
+        check_bounds(&self.name, offset, len, self.len())?;
+        let ps = u64::from(self.image.page_size());
+        let mut cur = None;
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let page = pos / ps;
+            let in_page = pos % ps;
+            let n = (ps - in_page).min(end - pos);
+            // Inside buf: pos - offset + n <= len.
+            let loc = self.image.page(page);
+            if n == ps {
+                if let Some(file_off) = loc.and_then(|l| self.direct(l)) {
+                    let pages = self.direct_run(page, file_off, (end - pos) / ps);
+                    let at = (pos - offset) as usize;
+                    let run = &mut buf[at..at + (pages * ps) as usize];
+                    self.read_direct(page, file_off, run, offset, len)?;
+                    pos += pages * ps;
+                    continue;
+                }
+            }
+            let dst = &mut buf[(pos - offset) as usize..(pos - offset + n) as usize];
+            match loc {
+                Some(PageLoc::Zero) => dst.fill(0),
+                Some(PageLoc::Stored { chunk, offset: off }) => {
+                    let bytes = self.stored_page(page, chunk, off, &mut cur, offset, len)?;
+                    dst.copy_from_slice(&bytes[in_page as usize..(in_page + n) as usize]);
+                }
+                Some(PageLoc::Base) => match &self.base {
+                    Some(base) => {
+                        // A base shorter than this image: its last page reads as zero-padded.
+                        let in_base = base.len().saturating_sub(pos).min(n);
+                        let (from_base, pad) = dst.split_at_mut(in_base as usize);
+                        base.read_at(pos, from_base)?;
+                        pad.fill(0);
+                    }
+                    None => {
+                        return Err(self.error(
+                            offset,
+                            len,
+                            format!("page {page} comes from a base that is not open"),
+                        ))
+                    }
+                },
+                None => {
+                    return Err(SourceError::out_of_range(
+                        &self.name,
+                        offset,
+                        len,
+                        self.len(),
+                    ))
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn is_zero(&self, offset: u64, len: u64) -> Option<bool> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.len())?;
+        if len == 0 {
+            return Some(true);
+        }
+        let ps = u64::from(self.image.page_size());
+        let mut unknown = false;
+        let mut p = offset / ps;
+        while p * ps < end {
+            // Is the page's content (a short last page ends with the source) all inside the range?
+            let whole = p * ps >= offset && ((p + 1) * ps).min(self.len()) <= end;
+            match self.image.page(p)? {
+                PageLoc::Zero => {}
+                PageLoc::Stored { .. } if whole => return Some(false),
+                PageLoc::Stored { .. } => unknown = true,
+                PageLoc::Base => {
+                    let base = self.base.as_ref()?;
+                    let from = (p * ps).max(offset);
+                    let to = ((p + 1) * ps).min(end).min(base.len());
+                    if from < to {
+                        match base.is_zero(from, to - from) {
+                            Some(true) => {}
+                            Some(false) => return Some(false),
+                            None => unknown = true,
+                        }
+                    }
+                }
+            }
+            p += 1;
+        }
+        if unknown {
+            None
+        } else {
+            Some(true)
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap is how a test fails
+mod tests {
+    use super::*;
+    use crate::image::{pack, pack_diff, PackOptions};
+    use std::io::Cursor;
+
+    const PS: usize = 4096;
+
+    fn page_of(seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..PS)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Pages: 0 zero, 1 a, 2 b, 3 a, 4 zero, 5 c (compressible), 6..8 unique.
+    fn raw() -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend(vec![0u8; PS]);
+        v.extend(page_of(1));
+        v.extend(page_of(2));
+        v.extend(page_of(1));
+        v.extend(vec![0u8; PS]);
+        v.extend((0..PS).map(|i| (i / 64) as u8));
+        for s in 10..13 {
+            v.extend(page_of(s));
+        }
+        v
+    }
+
+    fn packed(raw: &[u8], opts: &PackOptions) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        pack(raw, &mut out, opts, |_| {}).unwrap();
+        out.into_inner()
+    }
+
+    fn source(bytes: Vec<u8>) -> ImageSource {
+        ImageSource::new(Image::from_reader(Arc::new(bytes)).unwrap()).unwrap()
+    }
+
+    fn small_chunks() -> PackOptions {
+        PackOptions {
+            chunk_pages: 2,
+            ..PackOptions::default()
+        }
+    }
+
+    #[test]
+    fn every_codec_reads_back_every_byte() {
+        let raw = raw();
+        for codec in [Codec::None, Codec::Zstd, Codec::Lz4] {
+            let opts = PackOptions {
+                codec,
+                ..small_chunks()
+            };
+            let s = source(packed(&raw, &opts));
+            assert_eq!(s.len(), raw.len() as u64);
+            let mut all = vec![1u8; raw.len()];
+            s.read_at(0, &mut all).unwrap();
+            assert_eq!(all, raw, "{codec:?}");
+            // Unaligned reads across pages.
+            let mut part = vec![0u8; 3 * PS + 17];
+            s.read_at(PS as u64 + 100, &mut part).unwrap();
+            assert_eq!(part, raw[PS + 100..PS + 100 + part.len()]);
+            // Whole unshared pages of uncompressed chunks are read straight into the buffer
+            // (b, the unique pages, and b again); the shared page a, partial pages and the
+            // pages of a compressed chunk (c and its neighbour) go through the cache.
+            let st = s.stats();
+            let want = if codec == Codec::None { (6, 1) } else { (4, 2) };
+            assert_eq!((st.direct_pages, st.chunk_reads), want, "{codec:?}: {st:?}");
+            assert_eq!(st.cache_hits, 1, "{codec:?}: {st:?}");
+            let counts = s.image().page_counts();
+            assert_eq!(
+                counts,
+                PageCounts {
+                    zero: 2,
+                    base: 0,
+                    stored: 7,
+                    distinct: 6
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn zero_pages_come_from_the_index() {
+        let s = source(packed(&raw(), &small_chunks()));
+        assert_eq!(s.is_zero(0, PS as u64), Some(true));
+        assert_eq!(s.is_zero(4 * PS as u64, PS as u64), Some(true));
+        assert_eq!(s.is_zero(PS as u64, PS as u64), Some(false));
+        assert_eq!(s.is_zero(0, 2 * PS as u64), Some(false));
+        // Part of a stored page: unknown.
+        assert_eq!(s.is_zero(PS as u64 + 8, 8), None);
+        assert_eq!(s.is_zero(0, 100 * PS as u64), None);
+        let mut buf = vec![1u8; PS];
+        s.read_at(0, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        // Nothing was read for it.
+        assert_eq!(s.stats().chunk_reads, 0);
+    }
+
+    #[test]
+    fn cache_hits_and_each_page_is_verified_once_per_decompression() {
+        let s = source(packed(&raw(), &small_chunks())).with_cache_bytes(1);
+        let mut buf = vec![0u8; PS];
+        s.read_at(PS as u64, &mut buf).unwrap(); // chunk 0 (a, b)
+        s.read_at(3 * PS as u64, &mut buf).unwrap(); // a again: cached, verified
+        let st = s.stats();
+        assert_eq!(
+            (st.chunk_reads, st.cache_hits, st.pages_verified),
+            (1, 1, 1)
+        );
+        s.read_at(5 * PS as u64, &mut buf).unwrap(); // chunk 1: evicts chunk 0
+        s.read_at(PS as u64, &mut buf).unwrap(); // chunk 0 again: re-read, re-verified
+        let st = s.stats();
+        assert_eq!((st.chunk_reads, st.pages_verified), (3, 3));
+    }
+
+    #[test]
+    fn a_flipped_byte_fails_only_its_page_permanently() {
+        let raw = raw();
+        let mut img = packed(
+            &raw,
+            &PackOptions {
+                codec: Codec::None,
+                ..small_chunks()
+            },
+        );
+        // Chunk 0 holds pages a (slot 0) and b (slot 1); flip a byte of b.
+        let at = HEADER_LEN + PS + 10;
+        img[at] ^= 0xff;
+        let s = source(img);
+        let mut buf = vec![0u8; PS];
+        let e = s.read_at(2 * PS as u64, &mut buf).unwrap_err();
+        assert_eq!(e.retry, Retry::Permanent);
+        assert!(
+            e.what
+                .starts_with("page 2: content hash mismatch in chunk 0 at offset 4096"),
+            "{e}"
+        );
+        // Page a, in the same chunk, and its duplicate are fine.
+        s.read_at(PS as u64, &mut buf).unwrap();
+        assert_eq!(buf, raw[PS..2 * PS]);
+        s.read_at(3 * PS as u64, &mut buf).unwrap();
+        assert_eq!(s.stats().hash_mismatches, 1);
+        // A read spanning the bad page fails too.
+        let mut big = vec![0u8; 4 * PS];
+        assert!(s.read_at(0, &mut big).is_err());
+        // verify() names it.
+        let r = s.image().verify(|_| {});
+        assert_eq!(r.bad.len(), 1);
+        assert_eq!(r.bad[0].0, Some(2));
+    }
+
+    #[test]
+    fn a_corrupt_compressed_chunk_is_a_permanent_error_naming_the_page() {
+        // Compressible pages only, two per chunk.
+        let raw: Vec<u8> = (0..6 * PS)
+            .map(|i| ((i / 64) ^ (i / PS * 31)) as u8)
+            .collect();
+        for codec in [Codec::Zstd, Codec::Lz4] {
+            let opts = PackOptions {
+                codec,
+                ..small_chunks()
+            };
+            let img = packed(&raw, &opts);
+            let image = Image::from_reader(Arc::new(img.clone())).unwrap();
+            let c = image.chunks()[1];
+            assert!(!c.is_raw(), "{codec:?}: {c:?}");
+            let (start, len) = (c.offset as usize, c.stored_len as usize);
+
+            // A broken frame: the codec fails; both pages of the chunk name themselves.
+            let mut bad = img.clone();
+            bad[start..start + len].fill(0xff);
+            let s = source(bad);
+            let mut buf = vec![0u8; PS];
+            for page in [2u64, 3] {
+                let e = s.read_at(page * PS as u64, &mut buf).unwrap_err();
+                assert_eq!(e.retry, Retry::Permanent);
+                let want = format!("page {page}: chunk 1 is corrupt: ");
+                assert!(e.what.starts_with(&want), "{codec:?}: {e}");
+            }
+            assert_eq!(s.stats().corrupt_chunks, 2);
+            // The other chunks are fine.
+            for page in [0u64, 1, 4, 5] {
+                s.read_at(page * PS as u64, &mut buf).unwrap();
+                assert_eq!(buf, raw[page as usize * PS..][..PS]);
+            }
+
+            // Flipped bytes inside the frame: decoding fails or yields other bytes; either way
+            // no wrong byte is returned.
+            let mut bad = img.clone();
+            for b in &mut bad[start + len / 2..start + len / 2 + 2] {
+                *b ^= 0x5a;
+            }
+            let s = source(bad);
+            let mut failed = 0;
+            for page in [2u64, 3] {
+                match s.read_at(page * PS as u64, &mut buf) {
+                    Ok(()) => assert_eq!(buf, raw[page as usize * PS..][..PS], "{codec:?}"),
+                    Err(e) => {
+                        assert!(e.what.starts_with(&format!("page {page}: ")), "{e}");
+                        failed += 1;
+                    }
+                }
+            }
+            assert!(failed > 0, "{codec:?}: corruption went unnoticed");
+        }
+    }
+
+    #[test]
+    fn a_diff_serves_the_new_bytes_and_says_zero_over_the_base() {
+        let old = raw();
+        let mut new = old.clone();
+        new[2 * PS..3 * PS].copy_from_slice(&page_of(99)); // changed
+        new[PS..2 * PS].fill(0); // zero over a non-zero base page
+        new.extend(page_of(100)); // grown by a page
+        let base = Arc::new(source(packed(&old, &small_chunks())));
+        let mut out = Cursor::new(Vec::new());
+        let st = pack_diff(&base, &new[..], &mut out, &small_chunks(), None, |_| {}).unwrap();
+        assert_eq!(
+            (st.unique_pages, st.zero_pages, st.duplicate_pages),
+            (2, 1, 0)
+        );
+        assert_eq!(st.base_pages, 7);
+        let diff = Image::from_reader(Arc::new(out.into_inner())).unwrap();
+        assert_eq!(diff.base_id(), Some(base.image().id()));
+        let e = ImageSource::new(diff_copy(&diff)).unwrap_err();
+        assert!(e.to_string().contains("open it with its base"), "{e}");
+        let s = ImageSource::with_base(diff, Arc::clone(&base)).unwrap();
+        let mut all = vec![7u8; new.len()];
+        s.read_at(0, &mut all).unwrap();
+        assert_eq!(all, new);
+        assert_eq!(s.is_zero(PS as u64, PS as u64), Some(true));
+        assert_eq!(s.is_zero(0, PS as u64), Some(true));
+        assert_eq!(s.is_zero(3 * PS as u64, PS as u64), Some(false));
+        // The wrong base is refused.
+        let other = Arc::new(source(packed(&new, &small_chunks())));
+        let diff2 = {
+            let mut out = Cursor::new(Vec::new());
+            pack_diff(&base, &new[..], &mut out, &small_chunks(), None, |_| {}).unwrap();
+            Image::from_reader(Arc::new(out.into_inner())).unwrap()
+        };
+        let e = ImageSource::with_base(diff2, other).unwrap_err();
+        assert!(
+            e.to_string().contains("is a diff over the image with id"),
+            "{e}"
+        );
+    }
+
+    /// A second handle on the same diff bytes (Image is not Clone).
+    fn diff_copy(d: &Image) -> Image {
+        let mut bytes = vec![0u8; d.file_len() as usize];
+        d.reader.read_at(0, &mut bytes).unwrap();
+        Image::from_reader(Arc::new(bytes)).unwrap()
+    }
+
+    #[test]
+    fn a_short_last_page_is_padded_and_served_short() {
+        let mut raw = raw();
+        raw.truncate(raw.len() - 1000);
+        let s = source(packed(&raw, &small_chunks()));
+        assert_eq!(s.len(), raw.len() as u64);
+        let mut all = vec![0u8; raw.len()];
+        s.read_at(0, &mut all).unwrap();
+        assert_eq!(all, raw);
+        let mut past = vec![0u8; 2000];
+        let e = s.read_at(raw.len() as u64 - 1000, &mut past).unwrap_err();
+        assert_eq!(e.retry, Retry::Permanent);
+    }
+
+    #[test]
+    fn a_truncated_image_names_what_is_missing() {
+        let img = packed(&raw(), &small_chunks());
+        let h = Header::decode(&img, img.len() as u64).unwrap();
+        for (cut, needle) in [
+            (100, "the header ends at byte 256"),
+            (HEADER_LEN + 10, "the chunk data ends at byte"),
+            (h.index_offset as usize + 3, "the page index ends at byte"),
+            (img.len() - 1, "the hash table ends at byte"),
+        ] {
+            let e = Image::from_reader(Arc::new(img[..cut].to_vec())).unwrap_err();
+            assert!(matches!(e, ImageError::Truncated { .. }), "{e}");
+            assert!(e.to_string().contains(needle), "{cut}: {e}");
+        }
+        assert!(matches!(
+            Image::from_reader(Arc::new(Vec::new())),
+            Err(ImageError::Truncated { .. })
+        ));
+    }
+}

@@ -1,0 +1,747 @@
+//! [`RemoteServer`]: serve any [`PageSource`] over TCP.
+
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
+
+use super::wire::{
+    self, read_frame, Frame, Priority, Welcome, WireError, WireRange, MAX_DATA, MAX_RANGES,
+    MAX_RANGE_LEN, VERSION,
+};
+use super::RemoteError;
+use crate::source::{PageSource, Retry};
+
+/// Options of a [`RemoteServer`].
+#[derive(Debug, Clone)]
+pub struct RemoteServerOptions {
+    /// The page size announced to clients (a power of two, 4 KiB ..= 2 MiB).
+    pub page_size: u32,
+    /// The source id announced to clients (default: a hash of the source's name and length).
+    pub source_id: Option<u64>,
+    /// Most connections served at once; more are refused.
+    pub max_connections: usize,
+    /// Requests queued per connection and priority before the server stops reading from it.
+    pub queue_depth: usize,
+}
+
+impl Default for RemoteServerOptions {
+    fn default() -> Self {
+        RemoteServerOptions {
+            page_size: 4096,
+            source_id: None,
+            max_connections: 64,
+            queue_depth: 1024,
+        }
+    }
+}
+
+/// Counters of a [`RemoteServer`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RemoteServerStats {
+    /// Connections accepted (welcomed).
+    pub connections: u64,
+    /// Connections open now.
+    pub live_connections: u64,
+    /// Connections refused or dropped for breaking the protocol.
+    pub rejected: u64,
+    /// `READ` frames with demand priority received.
+    pub demand_requests: u64,
+    /// `READ` frames with background priority received.
+    pub background_requests: u64,
+    /// Ranges received.
+    pub ranges: u64,
+    /// Demand requests served while background requests were waiting (demand overtook them).
+    pub demand_overtook: u64,
+    /// `DATA` frames sent.
+    pub data_frames: u64,
+    /// `ZERO` frames sent.
+    pub zero_frames: u64,
+    /// `ERROR` frames sent.
+    pub error_frames: u64,
+    /// Payload bytes sent.
+    pub bytes_sent: u64,
+    /// Bytes answered with `ZERO` frames (not sent).
+    pub zero_bytes: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    connections: AtomicU64,
+    live: AtomicU64,
+    rejected: AtomicU64,
+    demand_requests: AtomicU64,
+    background_requests: AtomicU64,
+    ranges: AtomicU64,
+    demand_overtook: AtomicU64,
+    data_frames: AtomicU64,
+    zero_frames: AtomicU64,
+    error_frames: AtomicU64,
+    bytes_sent: AtomicU64,
+    zero_bytes: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// A live connection: a clone of its socket (to cut it) and its thread.
+type Registered = (TcpStream, Option<JoinHandle<()>>);
+
+struct Shared {
+    source: Arc<dyn PageSource>,
+    welcome: Welcome,
+    options: RemoteServerOptions,
+    counters: Counters,
+    /// Live connections (a clone of each socket, to cut them) and their threads.
+    conns: Mutex<HashMap<u64, Registered>>,
+    /// Notified whenever a request arrives (for [`RemoteServer::wait_stats`]).
+    changed: Condvar,
+    changed_lock: Mutex<()>,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn notify(&self) {
+        let _g = self
+            .changed_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.changed.notify_all();
+    }
+
+    fn stats(&self) -> RemoteServerStats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RemoteServerStats {
+            connections: l(&c.connections),
+            live_connections: l(&c.live),
+            rejected: l(&c.rejected),
+            demand_requests: l(&c.demand_requests),
+            background_requests: l(&c.background_requests),
+            ranges: l(&c.ranges),
+            demand_overtook: l(&c.demand_overtook),
+            data_frames: l(&c.data_frames),
+            zero_frames: l(&c.zero_frames),
+            error_frames: l(&c.error_frames),
+            bytes_sent: l(&c.bytes_sent),
+            zero_bytes: l(&c.zero_bytes),
+        }
+    }
+}
+
+/// Serves a [`PageSource`] over TCP with the remote page protocol (`docs/remote-protocol.md`).
+///
+/// One accept thread, and per connection a reader thread (checks frames, queues requests by
+/// priority) and a writer thread (reads the source, answers demand before background). Dropping
+/// the server (or [`RemoteServer::shutdown`]) stops accepting, cuts every connection and joins
+/// every thread.
+pub struct RemoteServer {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    accept: Option<JoinHandle<()>>,
+    wake: UnixStream,
+}
+
+impl std::fmt::Debug for RemoteServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteServer")
+            .field("addr", &self.addr)
+            .field("source", &self.shared.welcome.name)
+            .finish()
+    }
+}
+
+/// A stable 64-bit id for a source: FNV-1a over its name, length and page size.
+pub fn default_source_id(name: &str, len: u64, page_size: u32) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let (len, page_size) = (len.to_le_bytes(), page_size.to_le_bytes());
+    for b in name.as_bytes().iter().chain(&len).chain(&page_size) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl RemoteServer {
+    /// Bind `addr` and serve `source` with default options.
+    pub fn bind(
+        addr: impl ToSocketAddrs,
+        source: Arc<dyn PageSource>,
+    ) -> Result<RemoteServer, RemoteError> {
+        let listener = TcpListener::bind(addr).map_err(RemoteError::Bind)?;
+        RemoteServer::start(listener, source, RemoteServerOptions::default())
+    }
+
+    /// Serve `source` on an already bound listener.
+    pub fn start(
+        listener: TcpListener,
+        source: Arc<dyn PageSource>,
+        options: RemoteServerOptions,
+    ) -> Result<RemoteServer, RemoteError> {
+        let ps = options.page_size;
+        if !ps.is_power_of_two() || !(wire::MIN_PAGE_SIZE..=wire::MAX_PAGE_SIZE).contains(&ps) {
+            return Err(RemoteError::Config(format!(
+                "page size {ps} is not a power of two from 4 KiB to 2 MiB"
+            )));
+        }
+        let name = source.name();
+        let len = source.len();
+        let welcome = Welcome {
+            version: VERSION,
+            page_size: ps,
+            source_len: len,
+            source_id: options
+                .source_id
+                .unwrap_or_else(|| default_source_id(&name, len, ps)),
+            max_ranges: MAX_RANGES,
+            max_range_len: MAX_RANGE_LEN,
+            name: wire::clip(&name, wire::MAX_NAME).to_string(),
+        };
+        let addr = listener.local_addr().map_err(RemoteError::Bind)?;
+        let shared = Arc::new(Shared {
+            source,
+            welcome,
+            options,
+            counters: Counters::default(),
+            conns: Mutex::new(HashMap::new()),
+            changed: Condvar::new(),
+            changed_lock: Mutex::new(()),
+            stop: AtomicBool::new(false),
+        });
+        let (wake_rx, wake) = UnixStream::pair().map_err(RemoteError::Bind)?;
+        let s = Arc::clone(&shared);
+        let accept = std::thread::Builder::new()
+            .name("faultline-export".into())
+            .spawn(move || accept_loop(s, listener, wake_rx))
+            .map_err(RemoteError::Bind)?;
+        Ok(RemoteServer {
+            shared,
+            addr,
+            accept: Some(accept),
+            wake,
+        })
+    }
+
+    /// The address clients connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What the server announces to clients.
+    pub fn welcome(&self) -> &Welcome {
+        &self.shared.welcome
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> RemoteServerStats {
+        self.shared.stats()
+    }
+
+    /// Wait until `pred` holds for the counters (checked whenever a request arrives or a
+    /// connection opens or closes); `false` after `timeout`.
+    pub fn wait_stats(&self, timeout: Duration, pred: impl Fn(&RemoteServerStats) -> bool) -> bool {
+        let end = Instant::now() + timeout;
+        let mut g = self
+            .shared
+            .changed_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if pred(&self.shared.stats()) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= end {
+                return false;
+            }
+            g = self
+                .shared
+                .changed
+                .wait_timeout(g, end - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Cut every live connection (both directions), as a network failure would: clients see an
+    /// error or an end of stream and reconnect. Returns how many were cut.
+    pub fn cut_connections(&self) -> usize {
+        let conns = self
+            .shared
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (s, _) in conns.values() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        conns.len()
+    }
+
+    /// Stop accepting, cut every connection, join every thread.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = (&self.wake).write_all(b"x");
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+        let conns: Vec<_> = {
+            let mut c = self
+                .shared
+                .conns
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            c.drain().collect()
+        };
+        for (_, (s, _)) in &conns {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for (_, (_, thread)) in conns {
+            if let Some(t) = thread {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for RemoteServer {
+    fn drop(&mut self) {
+        if self.accept.is_some() {
+            self.stop();
+        }
+    }
+}
+
+fn accept_loop(shared: Arc<Shared>, listener: TcpListener, wake: UnixStream) {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let mut next_id = 0u64;
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let mut fds = [
+            PollFd::new(&listener, PollFlags::IN),
+            PollFd::new(&wake, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "poll on the export socket failed");
+                return;
+            }
+        }
+        if !fds[1].revents().is_empty() || shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        next_id += 1;
+        let id = next_id;
+        // Join the threads of connections that ended.
+        reap(&shared);
+        let Ok(reg) = stream.try_clone() else {
+            continue;
+        };
+        // Registered before its thread starts, so that `stop` always finds (cuts and joins) it.
+        let mut conns = shared.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = Arc::clone(&shared);
+        let r = std::thread::Builder::new()
+            .name("faultline-export-conn".into())
+            .spawn(move || serve_connection(s, stream));
+        match r {
+            Ok(h) => {
+                conns.insert(id, (reg, Some(h)));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start a connection thread"),
+        }
+    }
+}
+
+/// Join the threads of connections that ended.
+fn reap(shared: &Shared) {
+    let done: Vec<JoinHandle<()>> = {
+        let mut conns = shared.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let ids: Vec<u64> = conns
+            .iter()
+            .filter(|(_, (_, h))| h.as_ref().map_or(true, |h| h.is_finished()))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| conns.remove(&id).and_then(|(_, h)| h))
+            .collect()
+    };
+    for h in done {
+        let _ = h.join();
+    }
+}
+
+/// A queued `READ`.
+struct Job {
+    id: u64,
+    ranges: Vec<WireRange>,
+}
+
+fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let _ = stream.set_nodelay(true);
+    match handshake(&shared, &stream) {
+        Ok(true) => {}
+        Ok(false) => {
+            add(&shared.counters.rejected, 1);
+            return;
+        }
+        Err(e) => {
+            add(&shared.counters.rejected, 1);
+            tracing::warn!(peer, error = %e, "remote page client refused");
+            return;
+        }
+    }
+    let Ok(writer_stream) = stream.try_clone() else {
+        return;
+    };
+    add(&shared.counters.connections, 1);
+    add(&shared.counters.live, 1);
+    shared.notify();
+    tracing::info!(peer, "remote page client connected");
+
+    let depth = shared.options.queue_depth.max(1);
+    let (demand_tx, demand_rx) = crossbeam_channel::bounded::<Job>(depth);
+    let (bg_tx, bg_rx) = crossbeam_channel::bounded::<Job>(depth);
+    let s = Arc::clone(&shared);
+    let writer = std::thread::Builder::new()
+        .name("faultline-export-tx".into())
+        .spawn(move || write_loop(s, writer_stream, demand_rx, bg_rx));
+    let (why, writer) = match writer {
+        Ok(h) => (read_loop(&shared, &stream, &demand_tx, &bg_tx), Some(h)),
+        Err(e) => (Err(WireError::Io(e)), None),
+    };
+    // Whatever ended the reading side ends the connection: the writer stops when its queues
+    // close (or its socket fails).
+    drop((demand_tx, bg_tx));
+    let _ = stream.shutdown(Shutdown::Both);
+    if let Some(h) = writer {
+        let _ = h.join();
+    }
+    shared.counters.live.fetch_sub(1, Ordering::Relaxed);
+    shared.notify();
+    match why {
+        Ok(()) => tracing::info!(peer, "remote page client disconnected"),
+        Err(e) => tracing::info!(peer, error = %e, "remote page connection ended"),
+    }
+}
+
+/// Receive the hello and answer it. `Ok(false)`: refused (answered with a refusal).
+fn handshake(shared: &Shared, stream: &TcpStream) -> Result<bool, WireError> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut scratch = Vec::new();
+    let hello = read_frame(&mut &*stream, &mut scratch)?;
+    stream.set_read_timeout(None)?;
+    let Frame::Hello {
+        min_version,
+        max_version,
+    } = hello
+    else {
+        return Err(WireError::Invalid("first frame is not a hello".into()));
+    };
+    let mut out = Vec::new();
+    let live = shared.counters.live.load(Ordering::Relaxed);
+    let refuse = if !(min_version..=max_version).contains(&VERSION) {
+        Some(format!(
+            "this server speaks version {VERSION}, the client {min_version}..={max_version}"
+        ))
+    } else if live >= shared.options.max_connections as u64 {
+        Some(format!(
+            "the server is full ({live} connections); try again later"
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = refuse {
+        tracing::warn!(reason, "remote page client refused");
+        Frame::Refused { reason }.encode(&mut out);
+        (&*stream).write_all(&out)?;
+        return Ok(false);
+    }
+    Frame::Welcome(shared.welcome.clone()).encode(&mut out);
+    (&*stream).write_all(&out)?;
+    Ok(true)
+}
+
+fn read_loop(
+    shared: &Shared,
+    stream: &TcpStream,
+    demand: &Sender<Job>,
+    bg: &Sender<Job>,
+) -> Result<(), WireError> {
+    let mut r = BufReader::with_capacity(64 << 10, stream);
+    let mut scratch = Vec::new();
+    loop {
+        let frame = match read_frame(&mut r, &mut scratch) {
+            Ok(f) => f,
+            Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let Frame::Read {
+            id,
+            priority,
+            ranges,
+        } = frame
+        else {
+            add(&shared.counters.rejected, 1);
+            return Err(WireError::Invalid(
+                "a client may only send READ frames after its hello".into(),
+            ));
+        };
+        add(&shared.counters.ranges, ranges.len() as u64);
+        let job = Job { id, ranges };
+        let sent = match priority {
+            Priority::Demand => {
+                add(&shared.counters.demand_requests, 1);
+                demand.send(job)
+            }
+            Priority::Background => {
+                add(&shared.counters.background_requests, 1);
+                bg.send(job)
+            }
+        };
+        shared.notify();
+        if sent.is_err() {
+            // The writer is gone (its socket failed).
+            return Ok(());
+        }
+    }
+}
+
+/// What the writer does next.
+enum Next {
+    Job(Job, Priority),
+    Closed,
+}
+
+fn next_job(demand: &Receiver<Job>, bg: &Receiver<Job>) -> Next {
+    loop {
+        match demand.try_recv() {
+            Ok(j) => return Next::Job(j, Priority::Demand),
+            Err(TryRecvError::Disconnected) => return Next::Closed,
+            Err(TryRecvError::Empty) => {}
+        }
+        match bg.try_recv() {
+            Ok(j) => return Next::Job(j, Priority::Background),
+            Err(TryRecvError::Disconnected) => return Next::Closed,
+            Err(TryRecvError::Empty) => {}
+        }
+        // Wait for either without taking anything, then look again, demand first.
+        let mut sel = Select::new();
+        sel.recv(demand);
+        sel.recv(bg);
+        let _ = sel.ready();
+    }
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    out: BufWriter<TcpStream>,
+    buf: Vec<u8>,
+    frame: Vec<u8>,
+}
+
+fn write_loop(shared: Arc<Shared>, stream: TcpStream, demand: Receiver<Job>, bg: Receiver<Job>) {
+    let sock = stream.try_clone();
+    let mut w = Writer {
+        shared,
+        out: BufWriter::with_capacity(64 << 10, stream),
+        buf: Vec::new(),
+        frame: Vec::new(),
+    };
+    let r = (|| -> std::io::Result<()> {
+        loop {
+            if demand.is_empty() && bg.is_empty() {
+                w.out.flush()?;
+            }
+            match next_job(&demand, &bg) {
+                Next::Closed => return w.out.flush(),
+                Next::Job(j, Priority::Demand) => {
+                    if !bg.is_empty() {
+                        add(&w.shared.counters.demand_overtook, 1);
+                    }
+                    w.answer(&j, None)?;
+                    // A waiting thread: send now.
+                    w.out.flush()?;
+                }
+                Next::Job(j, Priority::Background) => w.answer(&j, Some(&demand))?,
+            }
+        }
+    })();
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "remote page connection: write failed");
+        if let Ok(s) = sock {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Writer {
+    /// Answer every range of `j` in order. For a background job, `demand` is checked between
+    /// pieces and served first.
+    fn answer(&mut self, j: &Job, demand: Option<&Receiver<Job>>) -> std::io::Result<()> {
+        let src_len = self.shared.welcome.source_len;
+        let ps = u64::from(self.shared.welcome.page_size);
+        let piece = (1u64 << 20).max(ps).min(u64::from(MAX_DATA));
+        for r in &j.ranges {
+            let len = u64::from(r.len);
+            let end = r.offset.checked_add(len);
+            let bad = match end {
+                _ if len == 0 || r.len > self.shared.welcome.max_range_len => {
+                    Some(format!("range length {len} is out of bounds"))
+                }
+                None => Some("range overflows".to_string()),
+                Some(end) if end > src_len => Some(format!(
+                    "range {:#x}+{len:#x} lies outside the {src_len}-byte source",
+                    r.offset
+                )),
+                Some(end) if r.offset % ps != 0 || (len % ps != 0 && end != src_len) => Some(
+                    format!("range {:#x}+{len:#x} is not page-aligned", r.offset),
+                ),
+                Some(_) => None,
+            };
+            if let Some(message) = bad {
+                self.error(j.id, r.offset, r.len, Retry::Permanent, &message)?;
+                continue;
+            }
+            let mut off = r.offset;
+            let end = r.offset + len;
+            while off < end {
+                if let Some(d) = demand {
+                    while let Ok(dj) = d.try_recv() {
+                        add(&self.shared.counters.demand_overtook, 1);
+                        self.answer(&dj, None)?;
+                        self.out.flush()?;
+                    }
+                }
+                let n = (end - off).min(piece);
+                self.piece(j.id, off, n)?;
+                off += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Answer `off..off+n` (whole pages, at most one piece): ZERO and DATA runs, or an ERROR.
+    fn piece(&mut self, id: u64, off: u64, n: u64) -> std::io::Result<()> {
+        let ps = u64::from(self.shared.welcome.page_size) as usize;
+        if self.shared.source.is_zero(off, n) == Some(true) {
+            return self.zero(id, off, n as u32);
+        }
+        self.buf.resize(n as usize, 0);
+        if let Err(e) = self.shared.source.read_at(off, &mut self.buf) {
+            tracing::warn!(offset = off, len = n, error = %e, "source read failed; answering with an error");
+            let msg = match &e.cause {
+                Some(c) => format!("{e}: {c}"),
+                None => e.to_string(),
+            };
+            return self.error(id, off, n as u32, e.retry, &msg);
+        }
+        // Split into runs of zero and data pages.
+        let buf = std::mem::take(&mut self.buf);
+        let pages: Vec<&[u8]> = buf.chunks(ps).collect();
+        let mut i = 0;
+        let mut r = Ok(());
+        while i < pages.len() && r.is_ok() {
+            let zero = is_zero(pages[i]);
+            let mut k = i + 1;
+            while k < pages.len() && is_zero(pages[k]) == zero {
+                k += 1;
+            }
+            let from = i * ps;
+            let to = (k * ps).min(buf.len());
+            let at = off + from as u64;
+            r = if zero {
+                self.zero(id, at, (to - from) as u32)
+            } else {
+                self.data(id, at, &buf[from..to])
+            };
+            i = k;
+        }
+        self.buf = buf;
+        r
+    }
+
+    fn zero(&mut self, id: u64, offset: u64, len: u32) -> std::io::Result<()> {
+        self.frame.clear();
+        Frame::Zero { id, offset, len }.encode(&mut self.frame);
+        self.out.write_all(&self.frame)?;
+        add(&self.shared.counters.zero_frames, 1);
+        add(&self.shared.counters.zero_bytes, u64::from(len));
+        Ok(())
+    }
+
+    fn data(&mut self, id: u64, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        let head = wire::data_head(id, offset, bytes.len() as u32);
+        if bytes.len() >= self.out.capacity() {
+            // Large: straight to the socket, header and bytes in one vectored write.
+            self.out.flush()?;
+            wire::write_all_vectored(self.out.get_mut(), &[&head, bytes])?;
+        } else {
+            self.out.write_all(&head)?;
+            self.out.write_all(bytes)?;
+        }
+        add(&self.shared.counters.data_frames, 1);
+        add(&self.shared.counters.bytes_sent, bytes.len() as u64);
+        Ok(())
+    }
+
+    fn error(
+        &mut self,
+        id: u64,
+        offset: u64,
+        len: u32,
+        retry: Retry,
+        message: &str,
+    ) -> std::io::Result<()> {
+        self.frame.clear();
+        Frame::Error {
+            id,
+            offset,
+            len,
+            retry,
+            message: message.to_string(),
+        }
+        .encode(&mut self.frame);
+        self.out.write_all(&self.frame)?;
+        add(&self.shared.counters.error_frames, 1);
+        Ok(())
+    }
+}
+
+/// Whether a page is all zero bytes (word-wise, no early exit within 64-byte blocks).
+fn is_zero(page: &[u8]) -> bool {
+    let mut blocks = page.chunks_exact(64);
+    for b in &mut blocks {
+        let mut acc = 0u8;
+        for &x in b {
+            acc |= x;
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&b| b == 0)
+}

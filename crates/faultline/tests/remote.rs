@@ -1,0 +1,652 @@
+//! The remote page server and source over loopback: bytes, batching, priorities, the
+//! background stream's bound, dropped connections (cut by the server, server restarted on the
+//! same port), a server gone past the deadline, and the fault server serving a mapping from a
+//! remote source, every byte verified, including a cut mid-restore.
+#![allow(unsafe_code)]
+#![allow(clippy::unwrap_used)] // unwrap is how a test fails
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use faultline::remote::{RemoteOptions, RemoteServer, RemoteServerOptions, RemoteSource};
+use faultline::source::{Failure, FailureInjecting, MemorySource, PageSource, Retry, SourceError};
+use faultline::{Region, Server, ServerConfig, SessionOptions};
+use faultline_testing::{fill_pattern, in_child, need_features, within, ChildExit};
+use faultline_uffd::{Features, Mapping, RegisterMode, Uffd, PAGE_SIZE};
+
+const PS: u64 = PAGE_SIZE as u64;
+/// Safety net for every wait (a lost answer fails the test instead of hanging it).
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// `pages` pages of patterns, every fifth page zero, then `tail` more bytes.
+fn content(pages: usize, tail: usize) -> Vec<u8> {
+    let mut v = vec![0u8; pages * PAGE_SIZE + tail];
+    for (p, chunk) in v.chunks_mut(PAGE_SIZE).enumerate() {
+        if p % 5 != 0 {
+            fill_pattern(0x7e57, p as u64, chunk);
+        }
+    }
+    v
+}
+
+fn options() -> RemoteOptions {
+    RemoteOptions {
+        read_timeout: Duration::from_secs(5),
+        deadline: Duration::from_secs(20),
+        reconnect_min: Duration::from_millis(2),
+        reconnect_max: Duration::from_millis(50),
+        ..RemoteOptions::default()
+    }
+}
+
+fn serve(bytes: &[u8]) -> RemoteServer {
+    RemoteServer::bind("127.0.0.1:0", Arc::new(MemorySource::new(bytes.to_vec())))
+        .expect("binding a loopback port")
+}
+
+fn connect(server: &RemoteServer, opts: RemoteOptions) -> RemoteSource {
+    RemoteSource::connect(&server.local_addr().to_string(), opts).expect("connecting")
+}
+
+/// Read `len` bytes at `off` and compare with `want`.
+fn check(src: &dyn PageSource, want: &[u8], off: usize, len: usize) -> Result<(), SourceError> {
+    let mut buf = vec![0xa5u8; len];
+    src.read_at(off as u64, &mut buf)?;
+    assert!(
+        buf == want[off..off + len],
+        "bytes {off:#x}+{len:#x} differ from the source"
+    );
+    Ok(())
+}
+
+/// Read like the fault server does: retry retryable errors (bounded), fail on permanent ones.
+fn read_retrying(src: &RemoteSource, want: &[u8], off: usize, len: usize) {
+    let end = Instant::now() + LIMIT;
+    loop {
+        match check(src, want, off, len) {
+            Ok(()) => return,
+            Err(e) if e.is_retryable() && Instant::now() < end => continue,
+            Err(e) => panic!("read {off:#x}+{len:#x}: {e}"),
+        }
+    }
+}
+
+/// A source whose reads wait while its gate is closed, and which logs every read's offset and
+/// announces it on a channel.
+#[derive(Debug)]
+struct Gated {
+    inner: MemorySource,
+    closed: Mutex<bool>,
+    opened: Condvar,
+    log: Mutex<Vec<u64>>,
+    started: Sender<u64>,
+}
+
+impl Gated {
+    fn new(bytes: Vec<u8>) -> (Arc<Gated>, Receiver<u64>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let g = Gated {
+            inner: MemorySource::new(bytes),
+            closed: Mutex::new(true),
+            opened: Condvar::new(),
+            log: Mutex::new(Vec::new()),
+            started: tx,
+        };
+        (Arc::new(g), rx)
+    }
+    fn open(&self) {
+        *self.closed.lock().unwrap() = false;
+        self.opened.notify_all();
+    }
+    fn log(&self) -> Vec<u64> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl PageSource for Gated {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn name(&self) -> String {
+        "gated".into()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        self.log.lock().unwrap().push(offset);
+        let _ = self.started.send(offset);
+        let mut closed = self.closed.lock().unwrap();
+        while *closed {
+            closed = self.opened.wait(closed).unwrap();
+        }
+        drop(closed);
+        self.inner.read_at(offset, buf)
+    }
+}
+
+fn recv(rx: &Receiver<u64>) -> u64 {
+    rx.recv_timeout(LIMIT)
+        .expect("a source read within the limit")
+}
+
+#[test]
+fn read_at_returns_the_bytes() {
+    let want = content(40, 100);
+    let server = serve(&want);
+    let src = connect(&server, options());
+    assert_eq!(src.len(), want.len() as u64);
+    assert_eq!(src.welcome().page_size, 4096);
+    // Whole pages, zero pages, an unaligned read across pages, the short last page.
+    for p in 0..40 {
+        check(&src, &want, p * PAGE_SIZE, PAGE_SIZE).unwrap();
+    }
+    check(&src, &want, 3 * PAGE_SIZE + 17, 9000).unwrap();
+    // Pages 3 and 5 were read in part: they stay until the rest of them is read (from the
+    // cache, without asking again).
+    assert!(src.stats().cached_bytes > 0);
+    check(&src, &want, 3 * PAGE_SIZE, 17).unwrap();
+    check(
+        &src,
+        &want,
+        3 * PAGE_SIZE + 17 + 9000,
+        6 * PAGE_SIZE - (3 * PAGE_SIZE + 17 + 9000),
+    )
+    .unwrap();
+    assert_eq!(src.stats().reads_from_cache, 2);
+    assert_eq!(src.stats().cached_bytes, 0);
+    check(&src, &want, 40 * PAGE_SIZE, 100).unwrap();
+    check(&src, &want, 38 * PAGE_SIZE, 2 * PAGE_SIZE + 100).unwrap();
+    check(&src, &want, 7, 0).unwrap();
+    // Out of range is refused locally, permanently.
+    let e = check(&src, &want, want.len() - 10, 11).unwrap_err();
+    assert_eq!(e.retry, Retry::Permanent);
+
+    let st = src.stats();
+    assert_eq!(st.reads, 45, "{st:?}");
+    // Zero pages came as lengths, not bytes: 8 of the first 40 pages, and again in re-reads.
+    assert!(st.zero_bytes_received >= 8 * PS, "{st:?}");
+    let sent = server.stats();
+    assert_eq!(sent.bytes_sent, st.bytes_received);
+    assert_eq!(sent.zero_bytes, st.zero_bytes_received);
+    assert_eq!(sent.demand_requests, st.demand_requests);
+    assert_eq!(sent.background_requests, 0);
+    assert_eq!(st.cached_bytes, 0, "every read page was dropped: {st:?}");
+}
+
+#[test]
+fn server_side_errors_keep_their_class() {
+    let want = content(16, 0);
+    let failing = FailureInjecting::new(MemorySource::new(want.clone()))
+        .with_rule(Failure::RetryableAt {
+            offset: 3 * PS,
+            times: 1,
+        })
+        .with_rule(Failure::PermanentAt { offset: 7 * PS });
+    let server = RemoteServer::bind("127.0.0.1:0", Arc::new(failing)).unwrap();
+    let src = connect(&server, options());
+    let e = check(&src, &want, 3 * PAGE_SIZE, PAGE_SIZE).unwrap_err();
+    assert_eq!(e.retry, Retry::Retryable, "{e}");
+    check(&src, &want, 3 * PAGE_SIZE, PAGE_SIZE).unwrap();
+    let e = check(&src, &want, 7 * PAGE_SIZE, PAGE_SIZE).unwrap_err();
+    assert_eq!(e.retry, Retry::Permanent, "{e}");
+    assert!(e.to_string().contains("the server says"), "{e}");
+    // Its neighbours are fine, and the connection survived.
+    check(&src, &want, 6 * PAGE_SIZE, PAGE_SIZE).unwrap();
+    check(&src, &want, 8 * PAGE_SIZE, PAGE_SIZE).unwrap();
+    assert_eq!(server.stats().error_frames, 2);
+    assert_eq!(src.stats().reconnects, 0);
+}
+
+#[test]
+fn concurrent_reads_are_batched_into_few_frames() {
+    const THREADS: usize = 8;
+    const PER: usize = 32;
+    let want = content(THREADS * PER * 2, 0);
+    let server = serve(&want);
+    let src = connect(
+        &server,
+        RemoteOptions {
+            batch_delay: Duration::from_millis(2),
+            ..options()
+        },
+    );
+    let barrier = Barrier::new(THREADS);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (src, want, barrier) = (&src, &want, &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                // Every other page, interleaved with the other threads: no two reads adjacent.
+                for i in 0..PER {
+                    let p = 2 * (i * THREADS + t);
+                    check(src, want, p * PAGE_SIZE, PAGE_SIZE).unwrap();
+                }
+            });
+        }
+    });
+    let st = src.stats();
+    let reads = (THREADS * PER) as u64;
+    assert_eq!(st.reads, reads);
+    assert_eq!(st.ranges_sent, reads, "one range per read: {st:?}");
+    assert!(
+        st.demand_requests < reads,
+        "{} request frames for {reads} reads: {st:?}",
+        st.demand_requests
+    );
+    assert_eq!(server.stats().demand_requests, st.demand_requests);
+    eprintln!(
+        "{reads} concurrent reads went out in {} request frames",
+        st.demand_requests
+    );
+}
+
+#[test]
+fn demand_is_answered_before_queued_background_requests() {
+    let want = content(256, 0);
+    let (gated, started) = Gated::new(want.clone());
+    let server = RemoteServer::bind("127.0.0.1:0", gated.clone()).unwrap();
+    let src = connect(
+        &server,
+        RemoteOptions {
+            stream_chunk: 16 * PS,
+            stream_window: 4,
+            ..options()
+        },
+    );
+    src.start_stream();
+    // The server's writer is stuck in the first background read; three more are queued.
+    assert_eq!(recv(&started), 0);
+    assert!(server.wait_stats(LIMIT, |s| s.background_requests == 4));
+    let last = 255 * PAGE_SIZE;
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| check(&src, &want, last, PAGE_SIZE));
+        assert!(server.wait_stats(LIMIT, |s| s.demand_requests == 1));
+        gated.open();
+        reader.join().unwrap().unwrap();
+    });
+    // The stream goes on to the end.
+    assert!(src.wait_stats(LIMIT, |s| s.stream_complete));
+    // Served in order: the background read that was running, then the demand read, then the
+    // background reads that were queued before the demand arrived.
+    let log = gated.log();
+    assert_eq!(&log[..2], &[0, last as u64], "source reads: {log:x?}");
+    assert!(log[2..5] == [16 * PS, 32 * PS, 48 * PS], "{log:x?}");
+    assert!(server.stats().demand_overtook >= 1);
+    // Everything still reads right, mostly from the cache.
+    for p in 0..255 {
+        check(&src, &want, p * PAGE_SIZE, PAGE_SIZE).unwrap();
+    }
+    let st = src.stats();
+    assert!(st.reads_from_cache >= 250, "{st:?}");
+    assert_eq!(st.cached_bytes, 0, "{st:?}");
+}
+
+#[test]
+fn the_stream_fills_the_cache_ahead_and_stays_within_its_bound() {
+    const PAGES: usize = 2048; // 8 MiB
+    const CACHE: u64 = 1 << 20;
+    let want = content(PAGES, 0);
+    let server = serve(&want);
+    let src = connect(
+        &server,
+        RemoteOptions {
+            stream: true,
+            cache_bytes: CACHE,
+            stream_chunk: 128 << 10,
+            ..options()
+        },
+    );
+    // The stream stops when the cache is full: at least 3/4 of it, but no more than all of it.
+    assert!(src.wait_stats(LIMIT, |s| s.cached_bytes >= CACHE * 3 / 4
+        && s.stream_position < want.len() as u64));
+    let before = src.stats();
+    assert!(before.cached_bytes <= CACHE, "{before:?}");
+    assert!(!before.stream_complete);
+    // Read everything in order: what was cached is served without asking, the stream follows.
+    for p in 0..PAGES {
+        check(&src, &want, p * PAGE_SIZE, PAGE_SIZE).unwrap();
+    }
+    let st = src.stats();
+    assert!(st.peak_cached_bytes <= CACHE, "{st:?}");
+    assert!(
+        st.reads_from_cache >= before.cached_bytes / PS,
+        "prefetched pages were read from the cache: {st:?}"
+    );
+    assert!(st.background_requests > 8, "{st:?}");
+    assert!(src.wait_stats(LIMIT, |s| s.stream_complete));
+    eprintln!(
+        "{} of {PAGES} reads from the cache; peak cache {} KiB",
+        st.reads_from_cache,
+        st.peak_cached_bytes >> 10
+    );
+}
+
+#[test]
+fn a_request_cut_in_flight_is_sent_again_and_answered() {
+    let want = content(64, 0);
+    let (gated, started) = Gated::new(want.clone());
+    let server = RemoteServer::bind("127.0.0.1:0", gated.clone()).unwrap();
+    let src = connect(&server, options());
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| check(&src, &want, 10 * PAGE_SIZE, 3 * PAGE_SIZE));
+        // The request reached the server and its answer is being read: cut now.
+        assert_eq!(recv(&started), 10 * PS);
+        assert_eq!(server.cut_connections(), 1);
+        // The client reconnects and asks again; the new connection's read starts too.
+        assert!(src.wait_stats(LIMIT, |s| s.reconnects >= 1 && s.resent_requests >= 1));
+        assert_eq!(recv(&started), 10 * PS);
+        gated.open();
+        let r = reader.join().unwrap();
+        assert!(
+            r.is_ok(),
+            "{r:?}: {:?} {:?} log {:x?}",
+            src.stats(),
+            server.stats(),
+            gated.log()
+        );
+    });
+    let st = src.stats();
+    assert_eq!((st.disconnects, st.reconnects), (1, 1), "{st:?}");
+    assert_eq!(server.stats().connections, 2);
+    check(&src, &want, 20 * PAGE_SIZE, PAGE_SIZE).unwrap();
+}
+
+#[test]
+fn reads_from_many_threads_survive_repeated_cuts() {
+    const THREADS: usize = 4;
+    const PAGES: usize = 1024;
+    let want = content(PAGES, 0);
+    let server = serve(&want);
+    let src = connect(&server, options());
+    let done = AtomicUsize::new(0);
+    let halfway = Barrier::new(THREADS + 1);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (src, want, done, halfway) = (&src, &want, &done, &halfway);
+            s.spawn(move || {
+                let mine: Vec<usize> = (0..PAGES).filter(|p| p % THREADS == t).collect();
+                for (i, &p) in mine.iter().enumerate() {
+                    if i == mine.len() / 2 {
+                        halfway.wait();
+                    }
+                    read_retrying(src, want, p * PAGE_SIZE, PAGE_SIZE);
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        halfway.wait();
+        // Cut while the second halves run, a few times.
+        for _ in 0..3 {
+            assert!(src.wait_stats(LIMIT, |s| s.connected));
+            let seen = src.stats().reconnects;
+            server.cut_connections();
+            assert!(
+                src.wait_stats(LIMIT, |s| s.reconnects > seen),
+                "never reconnected: {:?}",
+                src.stats()
+            );
+        }
+    });
+    assert_eq!(done.load(Ordering::Relaxed), PAGES);
+    let st = src.stats();
+    assert!(st.disconnects >= 1 && st.reconnects >= 1, "{st:?}");
+}
+
+#[test]
+fn reads_resume_when_the_server_restarts_on_the_same_port() {
+    let want = content(64, 0);
+    let server = serve(&want);
+    let addr = server.local_addr();
+    let src = connect(
+        &server,
+        RemoteOptions {
+            read_timeout: Duration::from_millis(100),
+            ..options()
+        },
+    );
+    read_retrying(&src, &want, 0, 8 * PAGE_SIZE);
+    server.shutdown();
+    // Gone: a read waits, then fails with an error the fault server retries.
+    let e = check(&src, &want, 20 * PAGE_SIZE, PAGE_SIZE).unwrap_err();
+    assert_eq!(e.retry, Retry::Retryable, "{e}");
+    assert!(!src.is_connected());
+    // Back on the same port, with the same source.
+    let listener = TcpListener::bind(addr).expect("rebinding the same port");
+    let again = RemoteServer::start(
+        listener,
+        Arc::new(MemorySource::new(want.clone())),
+        RemoteServerOptions::default(),
+    )
+    .unwrap();
+    read_retrying(&src, &want, 20 * PAGE_SIZE, PAGE_SIZE);
+    for p in 8..64 {
+        read_retrying(&src, &want, p * PAGE_SIZE, PAGE_SIZE);
+    }
+    let st = src.stats();
+    assert_eq!(st.reconnects, 1, "{st:?}");
+    assert!(st.retryable_errors >= 1, "{st:?}");
+    assert_eq!(st.permanent_errors, 0, "{st:?}");
+    assert_eq!(again.stats().connections, 1);
+}
+
+#[test]
+fn a_server_gone_past_the_deadline_makes_reads_fail_permanently() {
+    let want = content(16, 0);
+    let server = serve(&want);
+    let deadline = Duration::from_millis(300);
+    let src = connect(
+        &server,
+        RemoteOptions {
+            read_timeout: Duration::from_millis(40),
+            deadline,
+            ..options()
+        },
+    );
+    read_retrying(&src, &want, 0, PAGE_SIZE);
+    let gone = Instant::now();
+    server.shutdown();
+    let mut retryable = 0;
+    let e = loop {
+        match check(&src, &want, 5 * PAGE_SIZE, PAGE_SIZE) {
+            Ok(()) => panic!("read from a server that is gone"),
+            Err(e) if e.is_retryable() => retryable += 1,
+            Err(e) => break e,
+        }
+        assert!(gone.elapsed() < LIMIT, "never became permanent");
+    };
+    let after = gone.elapsed();
+    assert!(retryable >= 1, "retryable first");
+    assert!(
+        after >= deadline,
+        "permanent after {after:?}, before the deadline"
+    );
+    assert!(e.to_string().contains("unreachable"), "{e}");
+    // And at once from now on.
+    let t = Instant::now();
+    let e = check(&src, &want, 6 * PAGE_SIZE, PAGE_SIZE).unwrap_err();
+    assert_eq!(e.retry, Retry::Permanent);
+    assert!(t.elapsed() < Duration::from_millis(30));
+}
+
+#[test]
+fn a_different_source_behind_the_same_address_is_never_served() {
+    let want = content(16, 0);
+    let server = serve(&want);
+    let addr = server.local_addr();
+    let src = connect(
+        &server,
+        RemoteOptions {
+            read_timeout: Duration::from_millis(100),
+            ..options()
+        },
+    );
+    read_retrying(&src, &want, 0, PAGE_SIZE);
+    server.shutdown();
+    // Same length and name, other bytes, another id.
+    let other = vec![0x11u8; want.len()];
+    let _imposter = RemoteServer::start(
+        TcpListener::bind(addr).expect("rebinding the same port"),
+        Arc::new(MemorySource::new(other)),
+        RemoteServerOptions {
+            source_id: Some(42),
+            ..RemoteServerOptions::default()
+        },
+    )
+    .unwrap();
+    let end = Instant::now() + LIMIT;
+    let e = loop {
+        match check(&src, &want, PAGE_SIZE, PAGE_SIZE) {
+            Ok(()) => panic!("served a page of another source"),
+            Err(e) if e.is_retryable() && Instant::now() < end => continue,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(e.retry, Retry::Permanent, "{e}");
+    assert!(e.to_string().contains("different source"), "{e}");
+}
+
+/// The fault server serving a mapping from a remote source; `mid` runs when half the pages
+/// were touched (by every thread).
+fn restore_through_the_fault_server(opts: RemoteOptions, fill: bool, mid: impl Fn(&RemoteServer)) {
+    const PAGES: usize = 2048;
+    const THREADS: usize = 2;
+    let want = content(PAGES, 0);
+    let remote = serve(&want);
+    let src = Arc::new(connect(&remote, opts));
+    let uffd = Uffd::new(Features::empty()).unwrap();
+    let m = Mapping::anonymous(PAGES * PAGE_SIZE).unwrap();
+    uffd.register(&m, RegisterMode::MISSING).unwrap();
+    let server = Server::start(ServerConfig {
+        workers: 2,
+        // The remote source's deadline decides when a page is given up.
+        source_attempts: u32::MAX,
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    let session = server
+        .add_session(
+            uffd,
+            vec![Region::for_mapping(&m, src.clone())],
+            SessionOptions {
+                background_fill: fill,
+                ..SessionOptions::default()
+            },
+        )
+        .unwrap();
+    let halfway = Barrier::new(THREADS + 1);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (m, want, halfway) = (&m, &want, &halfway);
+            s.spawn(move || {
+                let mut page = vec![0u8; PAGE_SIZE];
+                let mine: Vec<usize> = (0..PAGES).filter(|p| p % THREADS == t).collect();
+                for (i, &p) in mine.iter().enumerate() {
+                    if i == mine.len() / 2 {
+                        halfway.wait();
+                    }
+                    m.read(p * PAGE_SIZE, &mut page).unwrap();
+                    assert!(
+                        page[..] == want[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
+                        "page {p} differs"
+                    );
+                }
+            });
+        }
+        halfway.wait();
+        mid(&remote);
+    });
+    let mut all = vec![0u8; PAGES * PAGE_SIZE];
+    m.read(0, &mut all).unwrap();
+    assert!(all == want, "the restored memory differs from the source");
+    let st = session.stats();
+    assert_eq!(st.poisoned_pages, 0, "{st:?}");
+    assert!(st.faults >= 1, "{st:?}");
+    let rs = src.stats();
+    eprintln!("fault server: {st:?}\nremote source: {rs:?}");
+    server.shutdown();
+}
+
+#[test]
+fn the_fault_server_restores_a_mapping_from_a_remote_source() {
+    within(LIMIT * 2, || {
+        restore_through_the_fault_server(options(), false, |_| {});
+    });
+}
+
+#[test]
+fn the_fault_server_restores_across_a_connection_cut() {
+    within(LIMIT * 2, || {
+        restore_through_the_fault_server(options(), false, |remote| {
+            remote.cut_connections();
+        });
+    });
+}
+
+#[test]
+fn the_fault_server_restores_from_a_stream_across_a_cut() {
+    within(LIMIT * 2, || {
+        let opts = RemoteOptions {
+            stream: true,
+            cache_bytes: 2 << 20,
+            ..options()
+        };
+        restore_through_the_fault_server(opts, true, |remote| {
+            remote.cut_connections();
+        });
+    });
+}
+
+#[test]
+fn a_remote_gone_past_the_deadline_poisons_the_page() {
+    if !need_features("remote poison", Features::POISON) {
+        return;
+    }
+    // A poisoned page kills whoever touches it: run the client in a forked child, which makes
+    // its own server, remote source and fault server (the test process's threads are not there).
+    let exit = within(LIMIT, || {
+        in_child(|| {
+            // The child inherited every socket of the tests running in parallel (a listener
+            // among them, which would keep its port bound): close them all.
+            // SAFETY: close_range has no memory-safety preconditions; the child owns no Rust
+            // object that uses those descriptors (it only runs this closure, then `_exit`s).
+            unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+            let want = content(64, 0);
+            let remote = serve(&want);
+            let src = Arc::new(connect(
+                &remote,
+                RemoteOptions {
+                    read_timeout: Duration::from_millis(20),
+                    deadline: Duration::from_millis(200),
+                    ..options()
+                },
+            ));
+            let uffd = Uffd::new(Features::POISON).unwrap();
+            let m = Mapping::anonymous(64 * PAGE_SIZE).unwrap();
+            uffd.register(&m, RegisterMode::MISSING).unwrap();
+            let server = Server::start(ServerConfig {
+                workers: 1,
+                readahead: faultline::Readahead::Off,
+                source_attempts: u32::MAX,
+                retry_backoff: Duration::from_millis(1),
+                ..ServerConfig::default()
+            })
+            .unwrap();
+            let _session = server
+                .add_session(
+                    uffd,
+                    vec![Region::for_mapping(&m, src)],
+                    SessionOptions::default(),
+                )
+                .unwrap();
+            if m.read_u8(PAGE_SIZE + 1).ok() != Some(want[PAGE_SIZE + 1]) {
+                return 1;
+            }
+            remote.shutdown();
+            // Dies of SIGBUS here, once the deadline has passed.
+            let _ = m.read_u8(9 * PAGE_SIZE);
+            2
+        })
+    });
+    assert_eq!(exit, ChildExit::Signal(libc::SIGBUS));
+}
