@@ -145,15 +145,15 @@ pub fn run_export(args: ExportArgs) -> Result<()> {
 pub struct RemoteFlags {
     /// With --remote: stream the whole memory from the remote in the background, ahead of demand
     /// (implies --background-fill, which reads what was streamed).
-    #[arg(long)]
+    #[arg(long, requires = "remote")]
     pub remote_stream: bool,
     /// With --remote: seconds the remote may stay unreachable before reads of missing pages fail
     /// for good (the page is poisoned: SIGBUS in the guest, never a wrong page). Until then a
     /// missing page waits and is retried.
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    #[arg(long, value_name = "SECS", default_value_t = 30, requires = "remote")]
     pub remote_deadline: u64,
     /// With --remote-stream: most MiB of streamed pages held before the guest reads them.
-    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    #[arg(long, value_name = "MIB", default_value_t = 256, requires = "remote")]
     pub remote_cache_mib: u64,
 }
 
@@ -195,9 +195,8 @@ impl RemoteFlags {
 
 /// Connect to the page server at `addr` (waiting up to the deadline for it to come up).
 pub fn open_remote(addr: &str, flags: &RemoteFlags) -> Result<Arc<dyn PageSource>> {
-    let src = RemoteSource::connect(addr, flags.options())
-        .with_context(|| format!("connecting to the remote page server {addr}"))?;
-    Ok(Arc::new(src))
+    // The error names the address and what failed.
+    Ok(Arc::new(RemoteSource::connect(addr, flags.options())?))
 }
 
 /// The length of the source served at `addr` (asked with one hello).

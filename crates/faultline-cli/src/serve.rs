@@ -215,6 +215,18 @@ impl Core {
             // remote source's deadline (--remote-deadline) decides when a page is given up.
             config.source_attempts = u32::MAX;
         }
+        let from_store = args.object.object_url.is_some()
+            || args
+                .image
+                .as_deref()
+                .and_then(crate::object::url_of)
+                .is_some();
+        if from_store {
+            // A store that blips (a dropped connection, a 503) gets about 1.5 s of retries
+            // (50, 100, 200, 400, 800 ms) before a page is poisoned.
+            config.source_attempts = 6;
+            config.retry_backoff = Duration::from_millis(50);
+        }
         let server = Arc::new(Server::start(config)?);
         if let Some(addr) = &args.metrics {
             serve_metrics(addr, Arc::clone(&server))?;

@@ -269,6 +269,19 @@ fn reads_equal_the_uploaded_object_at_random_unaligned_ranges() {
     let cache = tempfile::tempdir().expect("tempdir");
     let src = s3.open("snap/mem.raw", opts(block, &cache)).expect("open");
     assert_eq!(src.len(), len);
+    // The cache may hold it all, so cached blocks are lent by pointer; uncached ones are not.
+    assert_eq!(src.ptr_at(0, 4096), None);
+    assert_eq!(read(&src, 0, 1), data[..1]);
+    let p = src.ptr_at(4096, 4096).expect("a cached block is lent");
+    // SAFETY: `ptr_at` promises 4096 readable bytes at `p` while `src` lives; nothing writes
+    // block 0 of the cache again (it never evicts: its limit exceeds the object).
+    let lent = unsafe { std::slice::from_raw_parts(p, 4096) };
+    assert_eq!(lent, &data[4096..8192]);
+    assert_eq!(
+        src.ptr_at(block - 4096, 8192),
+        None,
+        "block 1 is not cached"
+    );
     assert_eq!(src.name(), "s3://faultline-test/snap/mem.raw");
     assert!(src.etag().is_some());
     let mut x: u64 = 0x1234_5678;
@@ -439,6 +452,8 @@ fn the_cache_size_limit_evicts_least_recently_used_blocks() {
     for b in 0..3 {
         read(&src, b * block, 10);
     }
+    // A cache that evicts never lends pointers (an evicted block becomes a hole).
+    assert_eq!(src.ptr_at(0, 4096), None);
     read(&src, 0, 10); // block 0 is now the most recent; block 1 the oldest
     read(&src, 3 * block, 10); // evicts block 1
     let st = src.stats();

@@ -650,3 +650,113 @@ fn a_remote_gone_past_the_deadline_poisons_the_page() {
     });
     assert_eq!(exit, ChildExit::Signal(libc::SIGBUS));
 }
+
+#[test]
+fn a_client_that_breaks_the_protocol_is_dropped_and_others_are_served() {
+    use faultline::remote::wire::{read_frame, Frame};
+    use std::io::{Read, Write};
+    let want = content(8, 0);
+    let server = serve(&want);
+    let mut raw = std::net::TcpStream::connect(server.local_addr()).unwrap();
+    raw.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut out = Vec::new();
+    Frame::Hello {
+        min_version: 1,
+        max_version: 1,
+    }
+    .encode(&mut out);
+    raw.write_all(&out).unwrap();
+    assert!(matches!(
+        read_frame(&mut raw, &mut Vec::new()).unwrap(),
+        Frame::Welcome(_)
+    ));
+    // A frame that claims 4 GiB: refused from its header, the connection closed.
+    raw.write_all(&[0xff, 0xff, 0xff, 0xff, 4]).unwrap();
+    let mut rest = Vec::new();
+    let _ = raw.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "nothing is answered to a bad frame");
+    assert!(server.wait_stats(LIMIT, |s| s.live_connections == 0));
+    // A client speaking another version is refused with a reason.
+    let mut old = std::net::TcpStream::connect(server.local_addr()).unwrap();
+    old.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut out = Vec::new();
+    Frame::Hello {
+        min_version: 7,
+        max_version: 9,
+    }
+    .encode(&mut out);
+    old.write_all(&out).unwrap();
+    match read_frame(&mut old, &mut Vec::new()).unwrap() {
+        Frame::Refused { reason } => assert!(reason.contains("version"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Well-behaved clients are still served.
+    let src = connect(&server, options());
+    check(&src, &want, 0, want.len()).unwrap();
+    assert_eq!(server.stats().connections, 2);
+}
+
+#[test]
+fn an_answer_that_does_not_fit_its_request_ends_the_connection() {
+    use faultline::remote::wire::{read_frame, Frame, Welcome};
+    use std::io::Write;
+    // A hand-written server: its first connection answers at a wrong offset, its second
+    // answers right.
+    let want = content(8, 0);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let bytes = want.clone();
+    let fake = std::thread::spawn(move || {
+        for round in 0..2 {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut scratch = Vec::new();
+            assert!(matches!(
+                read_frame(&mut c, &mut scratch).unwrap(),
+                Frame::Hello { .. }
+            ));
+            let mut out = Vec::new();
+            Frame::Welcome(Welcome {
+                version: 1,
+                page_size: 4096,
+                source_len: bytes.len() as u64,
+                source_id: 5,
+                max_ranges: 16,
+                max_range_len: 1 << 20,
+                name: "fake".into(),
+            })
+            .encode(&mut out);
+            c.write_all(&out).unwrap();
+            let Frame::Read { id, ranges, .. } = read_frame(&mut c, &mut scratch).unwrap() else {
+                panic!("expected a read");
+            };
+            let r = ranges[0];
+            let at = if round == 0 {
+                r.offset + 4096
+            } else {
+                r.offset
+            };
+            let mut out = Vec::new();
+            Frame::Data {
+                id,
+                offset: at,
+                bytes: bytes[at as usize..(at + u64::from(r.len)) as usize].to_vec(),
+            }
+            .encode(&mut out);
+            let _ = c.write_all(&out);
+            if round == 1 {
+                // Keep the connection until the client hangs up.
+                let _ = read_frame(&mut c, &mut scratch);
+            }
+        }
+    });
+    let src = RemoteSource::connect(&addr.to_string(), options()).unwrap();
+    check(&src, &want, 2 * PAGE_SIZE, PAGE_SIZE).unwrap();
+    let st = src.stats();
+    assert_eq!(
+        (st.disconnects, st.reconnects, st.resent_requests),
+        (1, 1, 1),
+        "{st:?}"
+    );
+    drop(src);
+    fake.join().unwrap();
+}

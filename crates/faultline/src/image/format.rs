@@ -35,6 +35,8 @@ pub const CHUNK_ZERO: u32 = u32::MAX;
 pub const CHUNK_BASE: u32 = u32::MAX - 1;
 /// Header flag: the image is a diff over a base image.
 pub const FLAG_HAS_BASE: u8 = 1;
+/// Header `hash` byte: page hashes are BLAKE3, truncated to 16 bytes (the only one in version 1).
+pub const HASH_BLAKE3_128: u8 = 1;
 
 /// Where the header hash starts: it covers every byte before it.
 const HEADER_HASH_AT: usize = HEADER_LEN - 32;
@@ -145,7 +147,8 @@ impl Header {
         b[16..20].copy_from_slice(&self.page_size.to_le_bytes());
         b[20] = self.codec as u8;
         b[21] = self.flags;
-        // 22..24 reserved
+        b[22] = HASH_BLAKE3_128;
+        // 23 reserved
         b[24..32].copy_from_slice(&self.source_len.to_le_bytes());
         b[32..40].copy_from_slice(&self.page_count.to_le_bytes());
         b[40..48].copy_from_slice(&self.stored_pages.to_le_bytes());
@@ -226,7 +229,13 @@ impl Header {
             base_id: hash_at(b, 120),
             tables_hash: hash_at(b, 152),
         };
-        if b[22..24]
+        if b[22] != HASH_BLAKE3_128 {
+            return Err(bad(format!(
+                "unknown page hash algorithm {} (version 1 knows 1: BLAKE3, 16 bytes)",
+                b[22]
+            )));
+        }
+        if b[23..24]
             .iter()
             .chain(&b[60..64])
             .chain(&b[184..224])
@@ -732,6 +741,12 @@ mod tests {
             Header::decode(&b, file_len),
             Err(ImageError::NotAnImage { .. })
         ));
+        let mut b = header().encode();
+        b[22] = 2;
+        let id = blake3::hash(&b[..224]);
+        b[224..].copy_from_slice(id.as_bytes());
+        let e = Header::decode(&b, file_len).unwrap_err().to_string();
+        assert!(e.contains("unknown page hash algorithm 2"), "{e}");
         let mut b = header().encode();
         b[8] = 2;
         assert_eq!(

@@ -530,7 +530,10 @@ impl PageSource for RemoteSource {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let sh = &*self.shared;
         let len = buf.len() as u64;
-        check_bounds(&sh.name(), offset, len, sh.len)?;
+        if offset.checked_add(len).is_none_or(|end| end > sh.len) {
+            // The name is only made when needed: this is the hot path.
+            return Err(SourceError::out_of_range(&sh.name(), offset, len, sh.len));
+        }
         if buf.is_empty() {
             return Ok(());
         }
@@ -773,6 +776,7 @@ impl Io {
                             }
                             Err(e) => {
                                 tracing::error!(error = %e, "cannot start a reader thread");
+                                next_try = Instant::now() + sh.opts.reconnect_max;
                             }
                         }
                     }

@@ -37,7 +37,7 @@ impl Default for RemoteServerOptions {
             page_size: 4096,
             source_id: None,
             max_connections: 64,
-            queue_depth: 1024,
+            queue_depth: 64,
         }
     }
 }
@@ -378,7 +378,7 @@ fn reap(shared: &Shared) {
         let mut conns = shared.conns.lock().unwrap_or_else(PoisonError::into_inner);
         let ids: Vec<u64> = conns
             .iter()
-            .filter(|(_, (_, h))| h.as_ref().map_or(true, |h| h.is_finished()))
+            .filter(|(_, (_, h))| h.as_ref().is_none_or(|h| h.is_finished()))
             .map(|(id, _)| *id)
             .collect();
         ids.into_iter()

@@ -7,10 +7,13 @@
 //!   (1 MiB by default): a 4 KiB fault fetches its whole block, so neighbouring pages share one
 //!   GET and one round trip. Every fetched block goes into the cache.
 //! - **Cache.** Blocks are kept on local disk under [`ObjectSourceOptions::cache_dir`], at most
-//!   [`ObjectSourceOptions::cache_bytes`], least recently used evicted first. A cached block is
-//!   read with `pread` and never touches the network. The cache outlives the source: a new
-//!   process (a restarted `faultline serve` worker, the next restore) finds it warm. See the
-//!   `cache` module for its layout and crash safety.
+//!   [`ObjectSourceOptions::cache_bytes`], least recently used evicted first. A cached block
+//!   never touches the network: it is read with `pread`, or, when the limit is at least the
+//!   object's size (so nothing is ever evicted), lent straight from a mapping of the cache file
+//!   ([`PageSource::ptr_at`]: one copy, as from a local memory file). The zero pages of each block
+//!   are noted when it is fetched ([`PageSource::is_zero`]: mapped with `UFFDIO_ZEROPAGE`). The
+//!   cache outlives the source: a new process (a restarted `faultline serve` worker, the next
+//!   restore) finds it warm. See the `cache` module for its layout and crash safety.
 //! - **One GET per block.** Concurrent readers of a block that is being fetched wait for that
 //!   fetch instead of starting their own.
 //! - **Bounded parallelism, demand first.** At most [`ObjectSourceOptions::max_parallel`] GETs
