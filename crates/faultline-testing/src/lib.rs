@@ -95,24 +95,7 @@ pub fn in_child(f: impl FnOnce() -> i32) -> ChildExit {
         // SAFETY: terminate the child immediately without running the parent's atexit handlers.
         unsafe { libc::_exit(code) };
     }
-    let mut status = 0;
-    loop {
-        // SAFETY: waiting for our own child; `status` is a valid out pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid {
-            break;
-        }
-        assert_eq!(
-            std::io::Error::last_os_error().raw_os_error(),
-            Some(libc::EINTR),
-            "waitpid"
-        );
-    }
-    if libc::WIFSIGNALED(status) {
-        ChildExit::Signal(libc::WTERMSIG(status))
-    } else {
-        ChildExit::Code(libc::WEXITSTATUS(status))
-    }
+    wait_pid(pid)
 }
 
 /// What a [`FaultServer`] handler tells the loop.
