@@ -382,6 +382,26 @@ impl Ctx {
         Ok(Uffd::new(f)?)
     }
 
+    /// Run a baseline `handler` on its own thread through [`Ctx::passes`], stopping it after the
+    /// first pass; returns both pass times and the handler's stats.
+    fn with_handler(
+        &self,
+        m: &Mapping,
+        who: &str,
+        handler: impl FnOnce(&AtomicBool) -> faultline_testing::baseline::NaiveStats + Send,
+    ) -> Result<(f64, f64, faultline_testing::baseline::NaiveStats)> {
+        let stop = AtomicBool::new(false);
+        let (r, st) = std::thread::scope(|s| {
+            let h = s.spawn(|| handler(&stop));
+            let r = self.passes(m, || stop.store(true, Ordering::Release));
+            stop.store(true, Ordering::Release);
+            (r, h.join())
+        });
+        let (first, second) = r?;
+        let st = st.map_err(|_| anyhow::anyhow!("{who} handler panicked"))?;
+        Ok((first, second, st))
+    }
+
     /// Touch, stop the handler, touch again, verify.
     fn passes(&self, m: &Mapping, stop: impl FnOnce()) -> Result<(f64, f64)> {
         let first = touch(m, self.page as usize, &self.orders);
@@ -467,26 +487,18 @@ impl Ctx {
             let m = self.mapping()?;
             let uffd = self.uffd()?;
             uffd.register(&m, RegisterMode::MISSING)?;
-            let stop = AtomicBool::new(false);
             let (region, size, page) = (m.addr(), self.size, self.page);
             let src_addr = src_ptr as usize;
-            let (r, st) = std::thread::scope(|s| {
-                let h = s.spawn(|| {
-                    faultline_testing::baseline::naive_faultline(
-                        &uffd,
-                        region,
-                        size,
-                        page,
-                        src_addr as *const u8,
-                        &stop,
-                    )
-                });
-                let r = self.passes(&m, || stop.store(true, Ordering::Release));
-                stop.store(true, Ordering::Release);
-                (r, h.join())
-            });
-            let (first, second) = r?;
-            let mut st = st.map_err(|_| anyhow::anyhow!("naive handler panicked"))?;
+            let (first, second, mut st) = self.with_handler(&m, "naive", |stop| {
+                faultline_testing::baseline::naive_faultline(
+                    &uffd,
+                    region,
+                    size,
+                    page,
+                    src_addr as *const u8,
+                    stop,
+                )
+            })?;
             row.touch_ms.push(first);
             let io = uffd.stats();
             self.fill(
@@ -522,26 +534,18 @@ impl Ctx {
                 .context("userfaultfd crate: create")?;
             uffd.register(m.as_ptr().cast(), m.len())
                 .context("userfaultfd crate: register")?;
-            let stop = AtomicBool::new(false);
             let (region, size, page) = (m.addr(), self.size, self.page);
             let src_addr = src_ptr as usize;
-            let (r, st) = std::thread::scope(|s| {
-                let h = s.spawn(|| {
-                    faultline_testing::baseline::naive_crate(
-                        &uffd,
-                        region,
-                        size,
-                        page,
-                        src_addr as *const u8,
-                        &stop,
-                    )
-                });
-                let r = self.passes(&m, || stop.store(true, Ordering::Release));
-                stop.store(true, Ordering::Release);
-                (r, h.join())
-            });
-            let (first, second) = r?;
-            let mut st = st.map_err(|_| anyhow::anyhow!("crate handler panicked"))?;
+            let (first, second, mut st) = self.with_handler(&m, "crate", |stop| {
+                faultline_testing::baseline::naive_crate(
+                    &uffd,
+                    region,
+                    size,
+                    page,
+                    src_addr as *const u8,
+                    stop,
+                )
+            })?;
             row.touch_ms.push(first);
             self.fill(
                 &mut row,
