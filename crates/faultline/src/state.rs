@@ -24,9 +24,9 @@
 //!   thread then faults again and is served zeros). This is the only `UFFDIO_WAKE` the server
 //!   issues, and only in that race.
 
-#[cfg(loom)]
+#[cfg(faultline_loom)]
 use loom::sync::atomic::{AtomicU64, Ordering};
-#[cfg(not(loom))]
+#[cfg(not(faultline_loom))]
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The state of one page.
@@ -207,7 +207,7 @@ impl PageStates {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(faultline_loom)))]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -292,7 +292,7 @@ mod tests {
     }
 }
 
-#[cfg(all(test, loom))]
+#[cfg(all(test, faultline_loom))]
 mod loom_tests {
     use super::*;
     use loom::sync::Arc;
