@@ -216,6 +216,12 @@ pub struct Session {
     /// Faults at addresses no region covers yet (a REMAP not yet read): retried, never dropped.
     orphans: Mutex<Vec<(u64, Instant)>>,
     closed: AtomicBool,
+    /// Why it was closed (for the summary logged when it is finished).
+    end_reason: Mutex<String>,
+    /// Workers serving this session right now (see [`Shared::enter`]).
+    busy: AtomicU64,
+    /// Set once by [`Shared::finish`].
+    finished: AtomicBool,
     started: Instant,
     ended: Mutex<Option<Instant>>,
     changed: Condvar,
@@ -520,7 +526,13 @@ impl Server {
         self.shared
             .sessions
             .read()
-            .map(|m| m.values().cloned().map(SessionHandle).collect())
+            .map(|m| {
+                m.values()
+                    .filter(|s| !s.closed.load(Ordering::Acquire))
+                    .cloned()
+                    .map(SessionHandle)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -664,6 +676,9 @@ impl Shared {
             read_lock: Mutex::new(()),
             orphans: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
+            end_reason: Mutex::new(String::new()),
+            busy: AtomicU64::new(0),
+            finished: AtomicBool::new(false),
             started: Instant::now(),
             ended: Mutex::new(None),
             changed: Condvar::new(),
@@ -719,33 +734,69 @@ impl Shared {
         let _ = rustix::io::write(&self.notify, &1u64.to_ne_bytes());
     }
 
+    /// Mark `s` as being served by the calling worker, unless it is closed. While any worker is
+    /// inside a session, closing it only stops new work; the counters are folded into the total,
+    /// the summary logged and the waiters told by the last worker to leave ([`Shared::finish`]).
+    /// Without this, a worker whose resolve woke a client's last fault could still be counting
+    /// that resolve when the client's exit closed the session, and the count was lost.
+    fn enter(self: &Arc<Self>, s: &Arc<Session>) -> Option<Busy> {
+        // SeqCst on `busy` and `closed`, here and in `close`: either `close` sees this worker
+        // busy, or this worker sees the session closed (and leaves at once).
+        s.busy.fetch_add(1, Ordering::SeqCst);
+        let busy = Busy {
+            shared: Arc::clone(self),
+            session: Arc::clone(s),
+        };
+        if s.closed.load(Ordering::SeqCst) {
+            return None; // `busy` drops: leaves, and finishes the session if it is the last
+        }
+        Some(busy)
+    }
+
+    /// Stop serving `s`: no new work starts; the session is finished now or when the last worker
+    /// inside it leaves.
     fn close(&self, s: &Arc<Session>, why: &str) {
-        if s.closed.swap(true, Ordering::AcqRel) {
+        if s.closed.swap(true, Ordering::SeqCst) {
             return;
+        }
+        if let Ok(mut g) = s.end_reason.lock() {
+            *g = why.to_string();
         }
         let _ = epoll::delete(&self.epoll, &s.uffd);
         if let Some(w) = &s.watch {
             let _ = epoll::delete(&self.epoll, w);
-        }
-        if let Ok(mut m) = self.sessions.write() {
-            // Fold the session's counters into the total while no one can see it twice.
-            s.stats.merge_into(&self.total);
-            m.remove(&s.id);
         }
         if let Ok(mut d) = s.deferred.lock() {
             self.deferred_jobs
                 .fetch_sub(d.len() as u64, Ordering::AcqRel);
             d.clear();
         }
+        if s.busy.load(Ordering::SeqCst) == 0 {
+            self.finish(s);
+        }
+    }
+
+    /// The end of a closed session that no worker serves any more (once): its counters join the
+    /// total, it leaves the map (both under the map's lock, so a sum never sees it twice or not
+    /// at all), the summary is logged and the waiters and the end hook are told.
+    fn finish(&self, s: &Arc<Session>) {
+        if s.finished.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Ok(mut m) = self.sessions.write() {
+            s.stats.merge_into(&self.total);
+            m.remove(&s.id);
+        }
         if let Ok(mut g) = s.ended.lock() {
             *g = Some(Instant::now());
         }
         s.changed.notify_all();
         let st = s.stats.snapshot();
+        let why = s.end_reason.lock().map(|g| g.clone()).unwrap_or_default();
         tracing::info!(
             session = s.id,
             label = %s.label,
-            reason = why,
+            reason = %why,
             duration_ms = s.started.elapsed().as_millis() as u64,
             summary = %st.to_json(),
             "session ended"
@@ -785,6 +836,21 @@ impl Shared {
             }
         }
         soonest
+    }
+}
+
+/// A worker inside a session ([`Shared::enter`]); leaving finishes a closed session.
+struct Busy {
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let s = &self.session;
+        if s.busy.fetch_sub(1, Ordering::SeqCst) == 1 && s.closed.load(Ordering::SeqCst) {
+            self.shared.finish(s);
+        }
     }
 }
 
@@ -873,7 +939,7 @@ impl Worker {
                 };
                 if token & 1 == 1 {
                     self.shared.close(&s, "client gone (watch fd ready)");
-                } else {
+                } else if let Some(_busy) = self.shared.enter(&s) {
                     demand += self.serve_ready(&s);
                 }
             }
@@ -1568,7 +1634,9 @@ impl Worker {
             })
             .unwrap_or_default();
         for s in sessions {
-            self.run_deferred_of(&s, false);
+            if let Some(_busy) = self.shared.enter(&s) {
+                self.run_deferred_of(&s, false);
+            }
         }
     }
 
@@ -1627,6 +1695,9 @@ impl Worker {
         let start = self.shared.rr.fetch_add(1, Ordering::Relaxed) as usize;
         for k in 0..sessions.len() {
             let s = &sessions[(start + k) % sessions.len()];
+            let Some(_busy) = self.shared.enter(s) else {
+                continue;
+            };
             let jobs = self.next_background_jobs(s);
             if jobs.is_empty() {
                 continue;
