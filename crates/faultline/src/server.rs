@@ -796,7 +796,7 @@ impl Shared {
         tracing::info!(
             session = s.id,
             label = %s.label,
-            reason = %why,
+            reason = why.as_str(),
             duration_ms = s.started.elapsed().as_millis() as u64,
             summary = %st.to_json(),
             "session ended"
