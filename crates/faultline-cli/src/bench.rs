@@ -109,6 +109,18 @@ pub struct BenchArgs {
     /// `serve --remote`, on demand and with the background stream) against the local raw file.
     #[arg(long)]
     pub remote: bool,
+    /// Measure every page source of a snapshot against the local raw file in one run: images
+    /// (size and restore time), the remote page server, and an S3-compatible store with the
+    /// working set prefetched (with --object-endpoint and --object-bucket).
+    #[arg(long, conflicts_with_all = ["serve", "remote"])]
+    pub sources: bool,
+    /// With --sources: the S3-compatible store's endpoint, e.g. http://127.0.0.1:4568.
+    /// Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    #[arg(long, value_name = "URL", requires = "object_bucket")]
+    pub object_endpoint: Option<String>,
+    /// With --sources: an existing bucket to upload the snapshot to (key faultline-bench/...).
+    #[arg(long, value_name = "NAME", requires = "object_endpoint")]
+    pub object_bucket: Option<String>,
 }
 
 /// One measured variant.
@@ -750,8 +762,8 @@ impl Ctx {
 
 /// Run the benchmark and print the table (and JSON if asked).
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.remote {
-        return crate::bench_remote::run(&args).map(|_| ());
+    if args.remote || args.sources {
+        return crate::bench_sources::run(&args).map(|_| ());
     }
     if args.serve {
         let rows =

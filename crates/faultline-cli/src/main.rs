@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
-mod bench_remote;
+mod bench_sources;
 mod bench_serve;
 mod client;
 mod demo;

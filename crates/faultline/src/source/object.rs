@@ -50,7 +50,8 @@ use object_store::client::{
 };
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    BackoffConfig, ClientConfigKey, ClientOptions, GetOptions, ObjectStore, RetryConfig,
+    BackoffConfig, ClientConfigKey, ClientOptions, GetOptions, ObjectStore, ObjectStoreExt,
+    RetryConfig,
 };
 
 use super::{check_bounds, PageSource, Retry, SourceError};
@@ -150,6 +151,19 @@ pub enum ObjectError {
         #[source]
         source: Box<object_store::Error>,
     },
+    /// The object could not be stored ([`put_object`]).
+    #[error("storing {object}: {what}")]
+    Put {
+        /// The object.
+        object: String,
+        /// What went wrong.
+        what: String,
+        /// Whether trying again may help.
+        retry: Retry,
+        /// The store's error.
+        #[source]
+        source: Box<object_store::Error>,
+    },
     /// Bad options.
     #[error("invalid object source options: {0}")]
     Options(String),
@@ -173,6 +187,9 @@ impl ObjectError {
         matches!(
             self,
             ObjectError::Open {
+                retry: Retry::Retryable,
+                ..
+            } | ObjectError::Put {
                 retry: Retry::Retryable,
                 ..
             }
@@ -289,8 +306,7 @@ impl ObjectSource {
             why: format!("invalid key: {e}"),
         })?;
         let http_requests = Arc::new(AtomicU64::new(0));
-        let mut b = AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
+        let b = s3_builder(bucket, s3)
             .with_http_connector(Instrumented {
                 requests: Arc::clone(&http_requests),
             })
@@ -311,28 +327,6 @@ impl ObjectSource {
                 AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
                 format!("{}ms", opts.request_timeout.as_millis().max(1)),
             );
-        if let Some(e) = &s3.endpoint {
-            b = b.with_endpoint(e);
-        }
-        if let Some(r) = &s3.region {
-            b = b.with_region(r);
-        }
-        if let Some(k) = &s3.access_key_id {
-            b = b.with_access_key_id(k);
-        }
-        if let Some(k) = &s3.secret_access_key {
-            b = b.with_secret_access_key(k);
-        }
-        if let Some(t) = &s3.session_token {
-            b = b.with_token(t);
-        }
-        let http_endpoint = s3
-            .endpoint
-            .as_deref()
-            .is_some_and(|e| e.starts_with("http://"));
-        if let Some(allow) = s3.allow_http.or(http_endpoint.then_some(true)) {
-            b = b.with_allow_http(allow);
-        }
         let store = b.build().map_err(|source| ObjectError::Config {
             url: url.to_string(),
             source: Box::new(source),
@@ -951,6 +945,79 @@ fn http_error_kind(e: &object_store::Error) -> Option<object_store::client::Http
 }
 
 /// Parse `s3://bucket/key` (`s3a://` too).
+/// An S3 store for `bucket` configured from `s3`, then the `AWS_*` variables.
+fn s3_builder(bucket: &str, s3: &S3Config) -> AmazonS3Builder {
+    let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    if let Some(e) = &s3.endpoint {
+        b = b.with_endpoint(e);
+    }
+    if let Some(r) = &s3.region {
+        b = b.with_region(r);
+    }
+    if let Some(k) = &s3.access_key_id {
+        b = b.with_access_key_id(k);
+    }
+    if let Some(k) = &s3.secret_access_key {
+        b = b.with_secret_access_key(k);
+    }
+    if let Some(t) = &s3.session_token {
+        b = b.with_token(t);
+    }
+    let http_endpoint = s3
+        .endpoint
+        .as_deref()
+        .is_some_and(|e| e.starts_with("http://"));
+    if let Some(allow) = s3.allow_http.or(http_endpoint.then_some(true)) {
+        b = b.with_allow_http(allow);
+    }
+    b
+}
+
+/// Store `bytes` as the object at `url` (`s3://bucket/key`), replacing any object there: one
+/// PUT, or a multipart upload of 64 MiB parts for larger objects. Returns the new ETag.
+pub fn put_object(url: &str, s3: &S3Config, bytes: Bytes) -> Result<Option<String>, ObjectError> {
+    let (bucket, key) = parse_s3_url(url)?;
+    let path = ObjectPath::parse(key).map_err(|e| ObjectError::Url {
+        url: url.to_string(),
+        why: format!("invalid key: {e}"),
+    })?;
+    let store = s3_builder(bucket, s3)
+        .build()
+        .map_err(|source| ObjectError::Config {
+            url: url.to_string(),
+            source: Box::new(source),
+        })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ObjectError::Runtime)?;
+    const PART: usize = 64 << 20;
+    let put = rt.block_on(async {
+        if bytes.len() <= PART {
+            return store
+                .put(&path, object_store::PutPayload::from(bytes))
+                .await
+                .map(|r| r.e_tag);
+        }
+        let mut upload = store.put_multipart(&path).await?;
+        for part in bytes.chunks(PART) {
+            upload
+                .put_part(object_store::PutPayload::from(bytes.slice_ref(part)))
+                .await?;
+        }
+        upload.complete().await.map(|r| r.e_tag)
+    });
+    put.map_err(|source| {
+        let (retry, what) = classify(&source, None);
+        ObjectError::Put {
+            object: url.to_string(),
+            what,
+            retry,
+            source: Box::new(source),
+        }
+    })
+}
+
 fn parse_s3_url(url: &str) -> Result<(&str, &str), ObjectError> {
     let bad = |why: &str| ObjectError::Url {
         url: url.to_string(),

@@ -1,0 +1,681 @@
+//! `faultline bench --sources` (and its subset `--remote`): restoring one snapshot from each page
+//! source, against the local raw file, in the same run. A region is served by the fault server
+//! and touched (each thread its own part, one read per page), then every touched byte is
+//! verified against the file.
+//!
+//! Two workloads, each with its own baseline on the raw file:
+//! - **full**: every page in order (a restore that reads all memory). Compared: images (zstd and
+//!   lz4; the size of each against the bound, raw × unique-page fraction × 1.1), and the
+//!   remote page server on loopback (`faultline export` + `serve --remote`, on demand and with
+//!   the background stream).
+//! - **working set**: only a working set (`--working-set-pct`, default 25%: clusters of 16 pages
+//!   in a shuffled first-touch order), as a resuming VM touches it. Compared: the raw file in an
+//!   S3-compatible store (`--object-endpoint`, `--object-bucket`), cold, with the working set
+//!   prefetched from the moment the session starts (time until the working set is touched), and
+//!   with the working set prefetched ahead into the local cache (time of the prefetch reported
+//!   on its own).
+//!
+//! Repetitions interleave the variants, so that a change in the machine's load affects them
+//! alike; the best of each is compared.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use faultline::image::{pack, Codec, ImageSource, PackOptions, PackStats};
+use faultline::remote::{RemoteOptions, RemoteServer, RemoteSource, RemoteStats};
+use faultline::source::{
+    put_object, MmapSource, ObjectSource, ObjectSourceOptions, PageSource, S3Config,
+};
+use faultline::{Region, Server, ServerConfig, SessionOptions};
+use faultline_uffd::{Features, Mapping, RegisterMode, Uffd};
+use serde::Serialize;
+
+use crate::bench::BenchArgs;
+
+const PAGE: usize = 4096;
+
+/// One measured variant.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceRow {
+    /// Variant.
+    pub name: String,
+    /// Workload: "full" or "working set".
+    pub workload: &'static str,
+    /// Restore time of each repetition (ms): session start to the last page touched.
+    pub restore_ms: Vec<f64>,
+    /// Best throughput over the pages touched (MiB/s).
+    pub mib_s: f64,
+    /// What the source did in the best run, in words.
+    pub detail: Option<String>,
+    /// The remote source's counters of the best run (remote variants).
+    pub remote: Option<RemoteStats>,
+}
+
+impl SourceRow {
+    fn best_ms(&self) -> f64 {
+        self.restore_ms
+            .iter()
+            .cloned()
+            .fold(f64::INFINITY, f64::min)
+    }
+    fn median_ms(&self) -> f64 {
+        let mut v = self.restore_ms.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+}
+
+/// An image packed for the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageRow {
+    /// Codec.
+    pub codec: &'static str,
+    /// Raw bytes.
+    pub raw_bytes: u64,
+    /// Image bytes.
+    pub image_bytes: u64,
+    /// Zero, duplicate and unique (stored) pages.
+    pub zero_pages: u64,
+    /// Duplicates.
+    pub duplicate_pages: u64,
+    /// Distinct stored pages.
+    pub unique_pages: u64,
+    /// The bound: raw × unique fraction × 1.1.
+    pub bound_bytes: u64,
+    /// Pack throughput (MiB/s).
+    pub pack_mib_s: f64,
+}
+
+/// A ratio against its target.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// What is compared.
+    pub name: String,
+    /// The measured ratio.
+    pub ratio: f64,
+    /// The target, in words.
+    pub target: &'static str,
+    /// Whether it is met.
+    pub met: bool,
+}
+
+/// The report.
+#[derive(Debug, Serialize)]
+pub struct SourcesReport {
+    /// Region size (bytes).
+    pub size: u64,
+    /// Touching threads.
+    pub threads: usize,
+    /// Pages in the working set.
+    pub working_set_pages: usize,
+    /// Images packed.
+    pub images: Vec<ImageRow>,
+    /// Rows.
+    pub rows: Vec<SourceRow>,
+    /// Ratios against the targets.
+    pub targets: Vec<Target>,
+    /// Plain loopback TCP throughput measured in the same run (one connection, 1 MiB writes,
+    /// MiB/s): the ceiling for bytes that do travel (zero pages do not).
+    pub tcp_mib_s: f64,
+    /// Why rows were left out.
+    pub skipped: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Variant {
+    Local,
+    Image(Codec),
+    Demand,
+    Stream,
+    LocalWs,
+    ObjectCold,
+    ObjectWarm,
+}
+
+impl Variant {
+    fn name(self) -> String {
+        match self {
+            Variant::Local => "local raw file (mmap)".into(),
+            Variant::Image(c) => format!("local image ({})", c.name()),
+            Variant::Demand => "remote, on demand (loopback)".into(),
+            Variant::Stream => "remote, background stream (loopback)".into(),
+            Variant::LocalWs => "local raw file (mmap), working set".into(),
+            Variant::ObjectCold => "S3, cold, working set prefetched from start".into(),
+            Variant::ObjectWarm => "S3, working set prefetched ahead".into(),
+        }
+    }
+    fn working_set(self) -> bool {
+        matches!(
+            self,
+            Variant::LocalWs | Variant::ObjectCold | Variant::ObjectWarm
+        )
+    }
+}
+
+/// What the variants share.
+struct Ctx<'a> {
+    args: &'a BenchArgs,
+    file: Arc<MmapSource>,
+    size: u64,
+    /// Working-set pages, in first-touch order.
+    ws: Vec<usize>,
+    images: Vec<(Codec, std::path::PathBuf)>,
+    object: Option<(String, S3Config)>,
+}
+
+/// Touch `pages` (all pages in order when `None`) of `m`, split over `threads`: contiguous
+/// slices for a full pass, every `threads`-th entry of the list for a working set.
+fn touch(m: &Mapping, threads: usize, pages: Option<&[usize]>) {
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            s.spawn(move || {
+                let mut acc = 0u8;
+                match pages {
+                    None => {
+                        let n = m.len() / PAGE;
+                        let per = n.div_ceil(threads);
+                        for p in t * per..((t + 1) * per).min(n) {
+                            acc ^= m.read_u8(p * PAGE).unwrap_or(0);
+                        }
+                    }
+                    Some(list) => {
+                        for &p in list.iter().skip(t).step_by(threads) {
+                            acc ^= m.read_u8(p * PAGE).unwrap_or(0);
+                        }
+                    }
+                }
+                std::hint::black_box(acc);
+            });
+        }
+    });
+}
+
+/// Compare the touched pages of `m` with the file.
+fn verify(m: &Mapping, src: &MmapSource, pages: Option<&[usize]>) -> Result<()> {
+    let mut got = vec![0u8; 1 << 20];
+    let mut want = vec![0u8; 1 << 20];
+    let mut check = |off: usize, n: usize| -> Result<()> {
+        m.read(off, &mut got[..n])?;
+        src.read_at(off as u64, &mut want[..n])?;
+        if got[..n] != want[..n] {
+            bail!("the restored memory differs from the file near byte {off}");
+        }
+        Ok(())
+    };
+    match pages {
+        None => {
+            let mut off = 0;
+            while off < m.len() {
+                let n = (m.len() - off).min(1 << 20);
+                check(off, n)?;
+                off += n;
+            }
+        }
+        Some(list) => {
+            for &p in list {
+                check(p * PAGE, PAGE)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The working set: clusters of 16 pages, `pct`% of them, in a shuffled order (deterministic).
+fn working_set(pages: usize, pct: u32) -> Vec<usize> {
+    const CLUSTER: usize = 16;
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut clusters: Vec<usize> = (0..pages.div_ceil(CLUSTER))
+        .filter(|_| next() % 100 < u64::from(pct))
+        .collect();
+    for i in (1..clusters.len()).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        clusters.swap(i, j);
+    }
+    clusters
+        .into_iter()
+        .flat_map(|c| c * CLUSTER..((c + 1) * CLUSTER).min(pages))
+        .collect()
+}
+
+/// One restore: the source is built by `open` (not timed unless it says so), served, touched.
+/// Returns the restore time and the source's own report.
+fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<(Duration, Option<String>, Option<RemoteStats>)> {
+    let exporter;
+    let mut remote: Option<Arc<RemoteSource>> = None;
+    let mut object: Option<Arc<ObjectSource>> = None;
+    let mut image: Option<Arc<ImageSource>> = None;
+    let mut detail = None;
+    let ws_offsets = || ctx.ws.iter().map(|&p| (p * PAGE) as u64).collect::<Vec<_>>();
+    let object_source = || -> Result<Arc<ObjectSource>> {
+        let (url, s3) = ctx.object.as_ref().context("no object store")?;
+        let opts = ObjectSourceOptions {
+            // Never evicts: cached blocks are lent to UFFDIO_COPY from the cache's mapping.
+            cache_bytes: ctx.size,
+            ..ObjectSourceOptions::default()
+        };
+        Ok(Arc::new(ObjectSource::open_url(url, s3, opts)?))
+    };
+    let src: Arc<dyn PageSource> = match v {
+        Variant::Local | Variant::LocalWs => ctx.file.clone(),
+        Variant::Image(codec) => {
+            let path = &ctx
+                .images
+                .iter()
+                .find(|(c, _)| *c == codec)
+                .context("image not packed")?
+                .1;
+            let s = Arc::new(ImageSource::open(path)?);
+            image = Some(s.clone());
+            s
+        }
+        Variant::Demand | Variant::Stream => {
+            exporter = RemoteServer::bind("127.0.0.1:0", ctx.file.clone())?;
+            let opts = RemoteOptions {
+                stream: v == Variant::Stream,
+                cache_bytes: 256 << 20,
+                stream_chunk: 1 << 20,
+                stream_window: 4,
+                ..RemoteOptions::default()
+            };
+            let r = Arc::new(RemoteSource::connect(
+                &exporter.local_addr().to_string(),
+                opts,
+            )?);
+            remote = Some(r.clone());
+            r
+        }
+        Variant::ObjectWarm => {
+            let o = object_source()?;
+            let start = Instant::now();
+            let r = o.prefetch(&ws_offsets());
+            ensure!(r.failed == 0, "prefetch failed: {:?}", r.first_error);
+            detail = Some(format!(
+                "prefetch ahead: {} blocks in {:.1} ms; ",
+                r.fetched,
+                start.elapsed().as_secs_f64() * 1e3
+            ));
+            object = Some(o.clone());
+            o
+        }
+        Variant::ObjectCold => {
+            let o = object_source()?;
+            object = Some(o.clone());
+            o
+        }
+    };
+    let m = Mapping::anonymous(ctx.size as usize)?;
+    let uffd = Uffd::new(Features::empty())?;
+    uffd.register(&m, RegisterMode::MISSING)?;
+    let mut config = ServerConfig {
+        source_attempts: u32::MAX,
+        ..ServerConfig::default()
+    };
+    if let Some(w) = ctx.args.workers {
+        config.workers = w.max(1);
+    }
+    let server = Server::start(config)?;
+    let pages = v.working_set().then_some(&ctx.ws[..]);
+    let start = Instant::now();
+    let prefetch = match (v, &object) {
+        (Variant::ObjectCold, Some(o)) => Some(o.prefetch_in_background(ws_offsets())?),
+        _ => None,
+    };
+    let _session = server.add_session(
+        uffd,
+        vec![Region::for_mapping(&m, src)],
+        SessionOptions::default(),
+    )?;
+    touch(&m, ctx.args.threads.max(1), pages);
+    let took = start.elapsed();
+    verify(&m, &ctx.file, pages).context("verifying the restored memory")?;
+    server.shutdown();
+    if let Some(p) = prefetch {
+        let r = p
+            .join()
+            .map_err(|_| anyhow::anyhow!("the prefetch thread panicked"))?;
+        ensure!(r.failed == 0, "prefetch failed: {:?}", r.first_error);
+    }
+    if let Some(o) = &object {
+        let s = o.stats();
+        detail = Some(format!(
+            "{}{} GETs, {} MiB fetched, {} cache hits, peak {} GETs in flight",
+            detail.unwrap_or_default(),
+            s.gets,
+            s.bytes_fetched >> 20,
+            s.cache_hits,
+            s.peak_parallel
+        ));
+    }
+    if let Some(i) = &image {
+        let s = i.stats();
+        detail = Some(format!(
+            "{} chunks decompressed ({} MiB read), {} pages read directly, {} pages verified",
+            s.chunk_reads,
+            s.bytes_read >> 20,
+            s.direct_pages,
+            s.pages_verified
+        ));
+    }
+    Ok((took, detail, remote.as_ref().map(|r| r.stats())))
+}
+
+/// Plain loopback TCP: one connection, `total` bytes in 1 MiB writes; MiB/s.
+fn tcp_ceiling(total: u64) -> Result<f64> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut c, _) = listener.accept()?;
+        let buf = vec![0x5au8; 1 << 20];
+        let mut sent = 0u64;
+        while sent < total {
+            c.write_all(&buf)?;
+            sent += buf.len() as u64;
+        }
+        Ok(())
+    });
+    let mut c = std::net::TcpStream::connect(addr)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let start = Instant::now();
+    let mut got = 0u64;
+    while got < total {
+        match c.read(&mut buf)? {
+            0 => break,
+            n => got += n as u64,
+        }
+    }
+    let took = start.elapsed();
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the TCP writer panicked"))??;
+    Ok((got >> 20) as f64 / took.as_secs_f64())
+}
+
+fn pack_image(raw: &Path, out: &Path, codec: Codec) -> Result<PackStats> {
+    let opts = PackOptions {
+        codec,
+        ..PackOptions::default()
+    };
+    let input = std::io::BufReader::with_capacity(
+        1 << 20,
+        std::fs::File::open(raw).with_context(|| format!("opening {}", raw.display()))?,
+    );
+    let output = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    Ok(pack(input, output, &opts, |_| {})?)
+}
+
+/// Upload the snapshot file to the store given on the command line.
+fn upload(args: &BenchArgs, path: &Path) -> Result<Option<(String, S3Config)>> {
+    let (Some(endpoint), Some(bucket)) = (&args.object_endpoint, &args.object_bucket) else {
+        return Ok(None);
+    };
+    let url = format!("s3://{bucket}/faultline-bench/{}/snapshot.mem", std::process::id());
+    let s3 = S3Config {
+        endpoint: Some(endpoint.clone()),
+        ..S3Config::default()
+    };
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    eprintln!("uploading {} MiB to {url} ...", bytes.len() >> 20);
+    put_object(&url, &s3, bytes.into()).with_context(|| format!("uploading to {url}"))?;
+    Ok(Some((url, s3)))
+}
+
+/// Run the comparison and print it.
+pub fn run(args: &BenchArgs) -> Result<SourcesReport> {
+    crate::serve::init_logging_at(crate::serve::LogFormat::Text, "warn");
+    ensure!(args.page_size == 4096, "--sources and --remote measure 4 KiB pages only");
+    let size = (args.size_mib.max(1) << 20).next_multiple_of(PAGE as u64);
+    let tmp = tempfile::Builder::new()
+        .prefix("faultline-bench-sources")
+        .tempdir()?;
+    let path = match &args.file {
+        Some(p) => p.clone(),
+        None => {
+            let p = tmp.path().join("snapshot.mem");
+            eprintln!("generating a {} MiB snapshot file ...", size >> 20);
+            crate::demo::write_snapshot(&p, size)?;
+            p
+        }
+    };
+    let file = Arc::new(open(&path)?);
+    ensure!(
+        file.len() >= size,
+        "{} is smaller than --size-mib",
+        path.display()
+    );
+    let mut skipped = Vec::new();
+    let mut images = Vec::new();
+    let mut image_paths = Vec::new();
+    let mut object = None;
+    let mut variants = vec![Variant::Local];
+    if args.sources {
+        for codec in [Codec::Zstd, Codec::Lz4] {
+            let out = tmp.path().join(format!("snapshot.{}.img", codec.name()));
+            eprintln!("packing an image ({}) ...", codec.name());
+            let st = pack_image(&path, &out, codec)?;
+            let bound = (st.raw_bytes as f64 * st.unique_pages as f64 / st.pages.max(1) as f64
+                * 1.1) as u64;
+            images.push(ImageRow {
+                codec: codec.name(),
+                raw_bytes: st.raw_bytes,
+                image_bytes: st.image_bytes,
+                zero_pages: st.zero_pages,
+                duplicate_pages: st.duplicate_pages,
+                unique_pages: st.unique_pages,
+                bound_bytes: bound,
+                pack_mib_s: st.throughput() / f64::from(1 << 20),
+            });
+            image_paths.push((codec, out));
+            variants.push(Variant::Image(codec));
+        }
+    }
+    variants.extend([Variant::Demand, Variant::Stream]);
+    if args.sources {
+        variants.push(Variant::LocalWs);
+        match upload(args, &path)? {
+            Some(o) => {
+                object = Some(o);
+                variants.extend([Variant::ObjectCold, Variant::ObjectWarm]);
+            }
+            None => skipped.push(
+                "S3 rows: no --object-endpoint/--object-bucket given (see the README for a local S3 server)"
+                    .to_string(),
+            ),
+        }
+    }
+    let ctx = Ctx {
+        args,
+        file,
+        size,
+        ws: working_set(size as usize / PAGE, args.working_set_pct.unwrap_or(25)),
+        images: image_paths,
+        object,
+    };
+    let mut rows: Vec<SourceRow> = variants
+        .iter()
+        .map(|v| SourceRow {
+            name: v.name(),
+            workload: if v.working_set() {
+                "working set"
+            } else {
+                "full"
+            },
+            restore_ms: Vec::new(),
+            mib_s: 0.0,
+            detail: None,
+            remote: None,
+        })
+        .collect();
+    for _ in 0..args.repeat.max(1) {
+        for (v, row) in variants.iter().zip(rows.iter_mut()) {
+            let (took, detail, remote) =
+                measure(*v, &ctx).with_context(|| format!("measuring {}", v.name()))?;
+            let bytes = if v.working_set() {
+                (ctx.ws.len() * PAGE) as u64
+            } else {
+                size
+            };
+            let mib_s = bytes as f64 / f64::from(1 << 20) / took.as_secs_f64();
+            if mib_s > row.mib_s {
+                row.mib_s = mib_s;
+                row.detail = detail;
+                row.remote = remote;
+            }
+            row.restore_ms.push(took.as_secs_f64() * 1e3);
+            eprintln!("  {:<48} {:>9.1} ms", row.name, took.as_secs_f64() * 1e3);
+        }
+    }
+    let tcp_mib_s = tcp_ceiling(size.min(1 << 30))?;
+    let targets = targets(&variants, &rows, &images);
+    let report = SourcesReport {
+        size,
+        threads: args.threads.max(1),
+        working_set_pages: ctx.ws.len(),
+        images,
+        rows,
+        targets,
+        tcp_mib_s,
+        skipped,
+    };
+    print(&report);
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(report)
+}
+
+fn targets(variants: &[Variant], rows: &[SourceRow], images: &[ImageRow]) -> Vec<Target> {
+    let row = |v: Variant| variants.iter().position(|x| *x == v).map(|i| &rows[i]);
+    let mut t = Vec::new();
+    for i in images {
+        let ratio = i.image_bytes as f64 / i.bound_bytes as f64;
+        t.push(Target {
+            name: format!("image size ({}) / (raw × unique fraction × 1.1)", i.codec),
+            ratio,
+            target: "≤ 1.00",
+            met: ratio <= 1.0,
+        });
+    }
+    let local = row(Variant::Local).map(SourceRow::best_ms);
+    for v in variants {
+        let (Some(r), Some(local)) = (row(*v), local) else {
+            continue;
+        };
+        match v {
+            Variant::Image(_) => {
+                let ratio = r.best_ms() / local;
+                t.push(Target {
+                    name: format!("{} restore time / raw file", r.name),
+                    ratio,
+                    target: "≤ 1.30",
+                    met: ratio <= 1.3,
+                });
+            }
+            Variant::Demand | Variant::Stream => {
+                let ratio = local / r.best_ms();
+                t.push(Target {
+                    name: format!("{} throughput / raw file", r.name),
+                    ratio,
+                    target: "≥ 0.50",
+                    met: ratio >= 0.5,
+                });
+            }
+            _ => {}
+        }
+    }
+    let local_ws = row(Variant::LocalWs).map(SourceRow::best_ms);
+    for v in [Variant::ObjectCold, Variant::ObjectWarm] {
+        if let (Some(r), Some(base)) = (row(v), local_ws) {
+            let ratio = r.best_ms() / base;
+            t.push(Target {
+                name: format!("{} / raw file, working set", r.name),
+                ratio,
+                target: "≤ 2.00",
+                met: ratio <= 2.0,
+            });
+        }
+    }
+    t
+}
+
+fn open(path: &Path) -> Result<MmapSource> {
+    Ok(MmapSource::options()
+        .populate(true)
+        .open(path)
+        .with_context(|| format!("mapping {}", path.display()))?
+        .with_zero_scan())
+}
+
+fn print(r: &SourcesReport) {
+    println!(
+        "restore of {} MiB ({} working-set pages), {} touching thread(s), every touched byte verified",
+        r.size >> 20,
+        r.working_set_pages,
+        r.threads
+    );
+    for i in &r.images {
+        println!(
+            "image ({}): {} MiB of {} MiB raw ({} zero, {} duplicate, {} unique pages; bound {} MiB), packed at {:.0} MiB/s",
+            i.codec,
+            i.image_bytes >> 20,
+            i.raw_bytes >> 20,
+            i.zero_pages,
+            i.duplicate_pages,
+            i.unique_pages,
+            i.bound_bytes >> 20,
+            i.pack_mib_s
+        );
+    }
+    println!(
+        "{:<48} {:>12} {:>10} {:>10} {:>9}",
+        "variant", "workload", "best ms", "median ms", "MiB/s"
+    );
+    for row in &r.rows {
+        println!(
+            "{:<48} {:>12} {:>10.1} {:>10.1} {:>9.0}",
+            row.name,
+            row.workload,
+            row.best_ms(),
+            row.median_ms(),
+            row.mib_s
+        );
+        if let Some(d) = &row.detail {
+            println!("    {d}");
+        }
+        if let Some(s) = &row.remote {
+            println!(
+                "    requests: {} demand, {} background; {} MiB received, {} MiB as zero; {} reads from the cache of {}",
+                s.demand_requests,
+                s.background_requests,
+                s.bytes_received >> 20,
+                s.zero_bytes_received >> 20,
+                s.reads_from_cache,
+                s.reads
+            );
+        }
+    }
+    println!(
+        "{:<48} {:>12} {:>10} {:>10} {:>9.0}   (bytes on the wire; zero pages do not travel)",
+        "plain loopback TCP, 1 MiB writes", "", "", "", r.tcp_mib_s
+    );
+    for t in &r.targets {
+        println!(
+            "{}: {:.2} (target {}) {}",
+            t.name,
+            t.ratio,
+            t.target,
+            if t.met { "met" } else { "NOT met" }
+        );
+    }
+    for s in &r.skipped {
+        println!("skipped: {s}");
+    }
+}
