@@ -253,7 +253,12 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<(Duration, Option<String>, Optio
     let mut object: Option<Arc<ObjectSource>> = None;
     let mut image: Option<Arc<ImageSource>> = None;
     let mut detail = None;
-    let ws_offsets = || ctx.ws.iter().map(|&p| (p * PAGE) as u64).collect::<Vec<_>>();
+    let ws_offsets = || {
+        ctx.ws
+            .iter()
+            .map(|&p| (p * PAGE) as u64)
+            .collect::<Vec<_>>()
+    };
     let object_source = || -> Result<Arc<ObjectSource>> {
         let (url, s3) = ctx.object.as_ref().context("no object store")?;
         let opts = ObjectSourceOptions {
@@ -357,11 +362,12 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<(Duration, Option<String>, Optio
     if let Some(i) = &image {
         let s = i.stats();
         detail = Some(format!(
-            "{} chunks decompressed ({} MiB read), {} pages read directly, {} pages verified",
+            "{} chunks decompressed ({} MiB read), {} pages read directly, {} pages verified ({} chunks whole)",
             s.chunk_reads,
             s.bytes_read >> 20,
             s.direct_pages,
-            s.pages_verified
+            s.pages_verified,
+            s.chunks_verified
         ));
     }
     Ok((took, detail, remote.as_ref().map(|r| r.stats())))
@@ -408,7 +414,8 @@ fn pack_image(raw: &Path, out: &Path, codec: Codec) -> Result<PackStats> {
         1 << 20,
         std::fs::File::open(raw).with_context(|| format!("opening {}", raw.display()))?,
     );
-    let output = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let output =
+        std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     Ok(pack(input, output, &opts, |_| {})?)
 }
 
@@ -417,7 +424,10 @@ fn upload(args: &BenchArgs, path: &Path) -> Result<Option<(String, S3Config)>> {
     let (Some(endpoint), Some(bucket)) = (&args.object_endpoint, &args.object_bucket) else {
         return Ok(None);
     };
-    let url = format!("s3://{bucket}/faultline-bench/{}/snapshot.mem", std::process::id());
+    let url = format!(
+        "s3://{bucket}/faultline-bench/{}/snapshot.mem",
+        std::process::id()
+    );
     let s3 = S3Config {
         endpoint: Some(endpoint.clone()),
         ..S3Config::default()
@@ -431,7 +441,10 @@ fn upload(args: &BenchArgs, path: &Path) -> Result<Option<(String, S3Config)>> {
 /// Run the comparison and print it.
 pub fn run(args: &BenchArgs) -> Result<SourcesReport> {
     crate::serve::init_logging_at(crate::serve::LogFormat::Text, "warn");
-    ensure!(args.page_size == 4096, "--sources and --remote measure 4 KiB pages only");
+    ensure!(
+        args.page_size == 4096,
+        "--sources and --remote measure 4 KiB pages only"
+    );
     let size = (args.size_mib.max(1) << 20).next_multiple_of(PAGE as u64);
     let tmp = tempfile::Builder::new()
         .prefix("faultline-bench-sources")

@@ -2,8 +2,8 @@
 #![forbid(unsafe_code)]
 
 mod bench;
-mod bench_sources;
 mod bench_serve;
+mod bench_sources;
 mod client;
 mod demo;
 mod image;

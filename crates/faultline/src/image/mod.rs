@@ -117,7 +117,7 @@ pub enum ImageError {
         found: [u8; 8],
     },
     /// A format version this build cannot read.
-    #[error("image format version {0} is not supported (this build reads version 1)")]
+    #[error("image format version {0} is not supported (this build reads versions 1 and 2)")]
     UnsupportedVersion(u32),
     /// The file ends before a section the header describes.
     #[error("image truncated: the {what} ends at byte {end} but the image is {len} bytes long")]

@@ -389,8 +389,10 @@ pub struct ImageStats {
     pub bytes_read: u64,
     /// Chunk lookups served from the cache.
     pub cache_hits: u64,
-    /// Stored pages checked against their hash.
+    /// Stored pages checked against their hash (by their own, or by their chunk's).
     pub pages_verified: u64,
+    /// Chunks checked whole against their chunk hash (version 2 images).
+    pub chunks_verified: u64,
     /// Pages that failed the check.
     pub hash_mismatches: u64,
     /// Chunks that could not be decompressed.
@@ -406,6 +408,7 @@ struct Counters {
     bytes_read: AtomicU64,
     cache_hits: AtomicU64,
     pages_verified: AtomicU64,
+    chunks_verified: AtomicU64,
     hash_mismatches: AtomicU64,
     corrupt_chunks: AtomicU64,
     direct_pages: AtomicU64,
@@ -601,6 +604,7 @@ impl ImageSource {
             bytes_read: l(&c.bytes_read),
             cache_hits: l(&c.cache_hits),
             pages_verified: l(&c.pages_verified),
+            chunks_verified: l(&c.chunks_verified),
             hash_mismatches: l(&c.hash_mismatches),
             corrupt_chunks: l(&c.corrupt_chunks),
             direct_pages: l(&c.direct_pages),
@@ -641,9 +645,16 @@ impl ImageSource {
         let entry = self.image.tables.chunks[chunk as usize];
         bump(&self.counters.bytes_read, u64::from(entry.stored_len));
         let pages = data.len() / self.image.page_size() as usize;
+        // One hash over the whole chunk checks every page in it (version 2); when it does not
+        // match, or the image has no chunk hashes, each page is checked on its own when used.
+        let whole = self.chunk_hash_matches(&entry, &data);
+        if whole {
+            bump(&self.counters.pages_verified, pages as u64);
+            bump(&self.counters.chunks_verified, 1);
+        }
         let cached = Arc::new(CachedChunk {
             data,
-            verified: (0..pages).map(|_| AtomicBool::new(false)).collect(),
+            verified: (0..pages).map(|_| AtomicBool::new(whole)).collect(),
         });
         Ok(self.lock_cache().insert(chunk, cached))
     }
@@ -662,11 +673,62 @@ impl ImageSource {
         Some(c.offset + u64::from(offset))
     }
 
+    /// Whether `entry` has a chunk hash and `data` (its raw bytes) matches it.
+    fn chunk_hash_matches(&self, entry: &ChunkEntry, data: &[u8]) -> bool {
+        entry
+            .hash
+            .is_some_and(|h| data.len() == entry.raw_len as usize && blake3::hash(data) == h)
+    }
+
+    /// Whether `run`, the bytes at `offset` of raw chunk `entry`, covers at least half of the
+    /// chunk and the chunk's hash matches it with the rest of the chunk (read from the image
+    /// here). `false` when it does not apply or does not match: the pages are then checked one
+    /// by one, which names the bad ones.
+    fn run_matches_chunk_hash(&self, entry: &ChunkEntry, offset: u32, run: &[u8]) -> bool {
+        let (Some(want), true) = (entry.hash, entry.is_raw()) else {
+            return false;
+        };
+        let raw = entry.raw_len as usize;
+        let (before, covered) = (offset as usize, run.len());
+        if covered * 2 < raw || before + covered > raw {
+            return false;
+        }
+        if covered == raw {
+            return blake3::hash(run) == want;
+        }
+        let mut rest = vec![0u8; raw - covered];
+        let (head, tail) = rest.split_at_mut(before);
+        let after = entry.offset + (before + covered) as u64;
+        if self.image.reader.read_at(entry.offset, head).is_err()
+            || self.image.reader.read_at(after, tail).is_err()
+        {
+            return false;
+        }
+        bump(&self.counters.bytes_read, (raw - covered) as u64);
+        let mut h = blake3::Hasher::new();
+        h.update(head);
+        h.update(run);
+        h.update(tail);
+        h.finalize() == want
+    }
+
     /// How many pages from `page` (at image offset `file_off`, at most `max`) are direct and
-    /// stored one after another in the image: one read.
+    /// stored one after another in the image, in the same chunk: one read. A run never crosses
+    /// the end of its chunk, so a run that starts where a chunk starts and is long enough covers
+    /// it whole, and is checked with one hash of the chunk.
     fn direct_run(&self, page: u64, file_off: u64, max: u64) -> u64 {
         let ps = u64::from(self.image.page_size());
-        let max = max.min(DIRECT_RUN_BYTES / ps).max(1);
+        let chunk_end = match self.image.page(page) {
+            Some(PageLoc::Stored { chunk, offset }) => {
+                let c = self.image.tables.chunks[chunk as usize];
+                u64::from(c.raw_len.saturating_sub(offset)) / ps
+            }
+            _ => 1,
+        };
+        let max = max
+            .min(chunk_end)
+            .min((DIRECT_RUN_BYTES / ps).max(chunk_end))
+            .max(1);
         let mut pages = 1;
         while pages < max {
             match self.image.page(page + pages).and_then(|l| self.direct(l)) {
@@ -697,6 +759,19 @@ impl ImageSource {
             err
         })?;
         bump(&self.counters.bytes_read, run.len() as u64);
+        // A run is inside one chunk (see `direct_run`). One that covers at least half of its
+        // chunk is checked with the chunk's hash (the rest of the chunk read beside it): BLAKE3
+        // over the whole chunk costs less than over each page of half of it.
+        if let Some(PageLoc::Stored { chunk, offset }) = self.image.page(page) {
+            let entry = self.image.tables.chunks[chunk as usize];
+            if self.run_matches_chunk_hash(&entry, offset, run) {
+                let n = (run.len() / ps) as u64;
+                bump(&self.counters.pages_verified, n);
+                bump(&self.counters.direct_pages, n);
+                bump(&self.counters.chunks_verified, 1);
+                return Ok(());
+            }
+        }
         for (i, bytes) in run.chunks_exact(ps).enumerate() {
             let p = page + i as u64;
             let want = self.image.page_hash(p).unwrap_or_default();
@@ -1013,19 +1088,97 @@ mod tests {
 
     #[test]
     fn cache_hits_and_each_page_is_verified_once_per_decompression() {
+        // Version 2: a decompressed chunk is checked whole, with its chunk hash.
         let s = source(packed(&raw(), &small_chunks())).with_cache_bytes(1);
+        let pages_in = |c: usize| u64::from(s.image().chunks()[c].raw_len) / PS as u64;
         let mut buf = vec![0u8; PS];
         s.read_at(PS as u64, &mut buf).unwrap(); // chunk 0 (a, b)
         s.read_at(3 * PS as u64, &mut buf).unwrap(); // a again: cached, verified
         let st = s.stats();
         assert_eq!(
-            (st.chunk_reads, st.cache_hits, st.pages_verified),
+            (st.chunk_reads, st.cache_hits, st.chunks_verified),
             (1, 1, 1)
         );
+        assert_eq!(st.pages_verified, pages_in(0));
         s.read_at(5 * PS as u64, &mut buf).unwrap(); // chunk 1: evicts chunk 0
         s.read_at(PS as u64, &mut buf).unwrap(); // chunk 0 again: re-read, re-verified
         let st = s.stats();
+        assert_eq!((st.chunk_reads, st.chunks_verified), (3, 3));
+        assert_eq!(st.pages_verified, 2 * pages_in(0) + pages_in(1));
+
+        // Version 1 (no chunk hashes): each page is checked on its own, once per decompression.
+        let s = source(to_v1(&packed(&raw(), &small_chunks()))).with_cache_bytes(1);
+        assert_eq!(s.image().header().version, 1);
+        s.read_at(PS as u64, &mut buf).unwrap();
+        s.read_at(3 * PS as u64, &mut buf).unwrap();
+        let st = s.stats();
+        assert_eq!(
+            (
+                st.chunk_reads,
+                st.cache_hits,
+                st.chunks_verified,
+                st.pages_verified
+            ),
+            (1, 1, 0, 1)
+        );
+        s.read_at(5 * PS as u64, &mut buf).unwrap();
+        s.read_at(PS as u64, &mut buf).unwrap();
+        let st = s.stats();
         assert_eq!((st.chunk_reads, st.pages_verified), (3, 3));
+    }
+
+    /// `img` (version 2) rewritten as the version-1 image of the same pages: 16-byte chunk
+    /// entries without hashes, the sections after them moved up, both hashes recomputed.
+    fn to_v1(img: &[u8]) -> Vec<u8> {
+        let image = Image::from_reader(Arc::new(img.to_vec())).unwrap();
+        let mut h = image.header().clone();
+        let old = h.clone();
+        let shrink = h.chunk_count * (format::CHUNK_ENTRY_LEN - format::CHUNK_ENTRY_LEN_V1);
+        h.version = 1;
+        h.hash_table_offset -= shrink;
+        h.base_name_offset -= shrink;
+        let mut tables = img[old.index_offset as usize..old.chunk_table_offset as usize].to_vec();
+        for c in image.chunks() {
+            tables.extend_from_slice(&c.encode_v1());
+        }
+        tables.extend_from_slice(&img[old.hash_table_offset as usize..]);
+        h.tables_hash = *blake3::hash(&tables).as_bytes();
+        let mut out = h.encode().to_vec();
+        out.extend_from_slice(&img[HEADER_LEN..old.index_offset as usize]);
+        out.extend_from_slice(&tables);
+        out
+    }
+
+    #[test]
+    fn a_read_covering_a_raw_chunk_is_checked_with_the_chunk_hash() {
+        // Unique pages only, stored raw in chunks of 4: reading everything reads each chunk
+        // whole, straight into the caller's buffer, and checks it with one hash.
+        let raw: Vec<u8> = (0..8).flat_map(|p| page_of(100 + p)).collect();
+        let opts = PackOptions {
+            codec: Codec::None,
+            chunk_pages: 4,
+            ..PackOptions::default()
+        };
+        let img = packed(&raw, &opts);
+        let s = source(img.clone());
+        let mut all = vec![0u8; raw.len()];
+        s.read_at(0, &mut all).unwrap();
+        assert!(all == raw);
+        let st = s.stats();
+        assert_eq!(
+            (st.direct_pages, st.chunks_verified, st.pages_verified),
+            (8, 2, 8)
+        );
+        // A byte flipped in chunk 1: the chunk hash fails, the pages are checked one by one,
+        // and exactly the bad one is named.
+        let mut bad = img;
+        let chunk1 = Image::from_reader(Arc::new(bad.clone())).unwrap().chunks()[1];
+        bad[chunk1.offset as usize + 2 * PS + 7] ^= 1;
+        let s = source(bad);
+        let e = s.read_at(0, &mut all).unwrap_err();
+        assert!(e.what.starts_with("page 6: content hash mismatch"), "{e}");
+        let st = s.stats();
+        assert_eq!((st.chunks_verified, st.hash_mismatches), (1, 1));
     }
 
     #[test]

@@ -307,6 +307,7 @@ impl<'b, W: Write + Seek> ImageWriter<'b, W> {
             offset: self.pos,
             stored_len: stored.len() as u32,
             raw_len: self.pending.len() as u32,
+            hash: Some(*blake3::hash(&self.pending).as_bytes()),
         };
         self.out
             .write_all(stored)

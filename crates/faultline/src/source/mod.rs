@@ -25,7 +25,9 @@ pub use file::FileSource;
 pub use layered::{LayerError, LayeredSource};
 pub use memory::MemorySource;
 pub use mmap::{MmapSource, MmapSourceOptions};
-pub use object::{put_object, ObjectError, ObjectSource, ObjectSourceOptions, ObjectStats, S3Config};
+pub use object::{
+    put_object, ObjectError, ObjectSource, ObjectSourceOptions, ObjectStats, S3Config,
+};
 pub use zero::ZeroSource;
 
 /// Whether a failed read may succeed if tried again.
