@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use faultline::image::{pack, Codec, ImageSource, PackOptions, PackStats};
+use faultline::image::{pack, Codec, Image, ImageSource, PackOptions, PackStats, RangeRead};
 use faultline::remote::{RemoteOptions, RemoteServer, RemoteSource, RemoteStats};
 use faultline::source::{
     put_object, MmapSource, ObjectSource, ObjectSourceOptions, PageSource, S3Config,
@@ -132,6 +132,8 @@ enum Variant {
     LocalWs,
     ObjectCold,
     ObjectWarm,
+    ObjectImageCold,
+    ObjectImageWarm,
 }
 
 impl Variant {
@@ -144,12 +146,18 @@ impl Variant {
             Variant::LocalWs => "local raw file (mmap), working set".into(),
             Variant::ObjectCold => "S3, cold, working set prefetched from start".into(),
             Variant::ObjectWarm => "S3, working set prefetched ahead".into(),
+            Variant::ObjectImageCold => "S3 image, cold, working set prefetched from start".into(),
+            Variant::ObjectImageWarm => "S3 image, working set prefetched ahead".into(),
         }
     }
     fn working_set(self) -> bool {
         matches!(
             self,
-            Variant::LocalWs | Variant::ObjectCold | Variant::ObjectWarm
+            Variant::LocalWs
+                | Variant::ObjectCold
+                | Variant::ObjectWarm
+                | Variant::ObjectImageCold
+                | Variant::ObjectImageWarm
         )
     }
 }
@@ -162,7 +170,8 @@ struct Ctx<'a> {
     /// Working-set pages, in first-touch order.
     ws: Vec<usize>,
     images: Vec<(Codec, std::path::PathBuf)>,
-    object: Option<(String, S3Config)>,
+    /// The raw file's and the zstd image's URLs in the store, and how to reach it.
+    object: Option<(String, String, S3Config)>,
 }
 
 /// Touch `pages` (all pages in order when `None`) of `m`, split over `threads`: contiguous
@@ -259,15 +268,28 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<(Duration, Option<String>, Optio
             .map(|&p| (p * PAGE) as u64)
             .collect::<Vec<_>>()
     };
-    let object_source = || -> Result<Arc<ObjectSource>> {
-        let (url, s3) = ctx.object.as_ref().context("no object store")?;
+    let (raw_url, image_url, s3) = match &ctx.object {
+        Some((r, i, s)) => (r.as_str(), i.as_str(), Some(s)),
+        None => ("", "", None),
+    };
+    let object_source = |url: &str| -> Result<Arc<ObjectSource>> {
         let opts = ObjectSourceOptions {
             // Never evicts: cached blocks are lent to UFFDIO_COPY from the cache's mapping.
             cache_bytes: ctx.size,
             ..ObjectSourceOptions::default()
         };
+        let s3 = s3.context("no object store")?;
         Ok(Arc::new(ObjectSource::open_url(url, s3, opts)?))
     };
+    // The image in the store, and the store offsets its working set needs.
+    let object_image = || -> Result<(Arc<ObjectSource>, Arc<ImageSource>, Vec<u64>)> {
+        let o = object_source(image_url)?;
+        let img = Image::from_reader(Arc::clone(&o) as Arc<dyn RangeRead>)?;
+        let i = Arc::new(ImageSource::new(img)?);
+        let offsets = o.offsets_of_ranges(&i.working_set_ranges(&ws_offsets()));
+        Ok((o, i, offsets))
+    };
+    let mut prefetch_offsets = ws_offsets();
     let src: Arc<dyn PageSource> = match v {
         Variant::Local | Variant::LocalWs => ctx.file.clone(),
         Variant::Image(codec) => {
@@ -298,7 +320,7 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<(Duration, Option<String>, Optio
             r
         }
         Variant::ObjectWarm => {
-            let o = object_source()?;
+            let o = object_source(raw_url)?;
             let start = Instant::now();
             let r = o.prefetch(&ws_offsets());
             ensure!(r.failed == 0, "prefetch failed: {:?}", r.first_error);
@@ -311,9 +333,30 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<(Duration, Option<String>, Optio
             o
         }
         Variant::ObjectCold => {
-            let o = object_source()?;
+            let o = object_source(raw_url)?;
             object = Some(o.clone());
             o
+        }
+        Variant::ObjectImageWarm => {
+            let (o, i, offsets) = object_image()?;
+            let start = Instant::now();
+            let r = o.prefetch(&offsets);
+            ensure!(r.failed == 0, "prefetch failed: {:?}", r.first_error);
+            detail = Some(format!(
+                "prefetch ahead: {} blocks in {:.1} ms; ",
+                r.fetched,
+                start.elapsed().as_secs_f64() * 1e3
+            ));
+            object = Some(o);
+            image = Some(i.clone());
+            i
+        }
+        Variant::ObjectImageCold => {
+            let (o, i, offsets) = object_image()?;
+            prefetch_offsets = offsets;
+            object = Some(o);
+            image = Some(i.clone());
+            i
         }
     };
     let m = Mapping::anonymous(ctx.size as usize)?;
@@ -330,7 +373,9 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<(Duration, Option<String>, Optio
     let pages = v.working_set().then_some(&ctx.ws[..]);
     let start = Instant::now();
     let prefetch = match (v, &object) {
-        (Variant::ObjectCold, Some(o)) => Some(o.prefetch_in_background(ws_offsets())?),
+        (Variant::ObjectCold | Variant::ObjectImageCold, Some(o)) => {
+            Some(o.prefetch_in_background(std::mem::take(&mut prefetch_offsets))?)
+        }
         _ => None,
     };
     let _session = server.add_session(
@@ -361,8 +406,9 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<(Duration, Option<String>, Optio
     }
     if let Some(i) = &image {
         let s = i.stats();
+        let before = detail.take().map(|d| format!("{d}; ")).unwrap_or_default();
         detail = Some(format!(
-            "{} chunks decompressed ({} MiB read), {} pages read directly, {} pages verified ({} chunks whole)",
+            "{before}{} chunks decompressed ({} MiB read), {} pages read directly, {} pages verified ({} chunks whole)",
             s.chunk_reads,
             s.bytes_read >> 20,
             s.direct_pages,
@@ -419,23 +465,31 @@ fn pack_image(raw: &Path, out: &Path, codec: Codec) -> Result<PackStats> {
     Ok(pack(input, output, &opts, |_| {})?)
 }
 
-/// Upload the snapshot file to the store given on the command line.
-fn upload(args: &BenchArgs, path: &Path) -> Result<Option<(String, S3Config)>> {
+/// Upload the snapshot file and its image to the store given on the command line.
+fn upload(
+    args: &BenchArgs,
+    raw: &Path,
+    image: &Path,
+) -> Result<Option<(String, String, S3Config)>> {
     let (Some(endpoint), Some(bucket)) = (&args.object_endpoint, &args.object_bucket) else {
         return Ok(None);
     };
-    let url = format!(
-        "s3://{bucket}/faultline-bench/{}/snapshot.mem",
-        std::process::id()
-    );
     let s3 = S3Config {
         endpoint: Some(endpoint.clone()),
         ..S3Config::default()
     };
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    eprintln!("uploading {} MiB to {url} ...", bytes.len() >> 20);
-    put_object(&url, &s3, bytes.into()).with_context(|| format!("uploading to {url}"))?;
-    Ok(Some((url, s3)))
+    let prefix = format!("s3://{bucket}/faultline-bench/{}", std::process::id());
+    let mut urls = Vec::new();
+    for (path, name) in [(raw, "snapshot.mem"), (image, "snapshot.img")] {
+        let url = format!("{prefix}/{name}");
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        eprintln!("uploading {} MiB to {url} ...", bytes.len() >> 20);
+        put_object(&url, &s3, bytes.into()).with_context(|| format!("uploading to {url}"))?;
+        urls.push(url);
+    }
+    let image_url = urls.pop().unwrap_or_default();
+    let raw_url = urls.pop().unwrap_or_default();
+    Ok(Some((raw_url, image_url, s3)))
 }
 
 /// Run the comparison and print it.
@@ -493,10 +547,20 @@ pub fn run(args: &BenchArgs) -> Result<SourcesReport> {
     variants.extend([Variant::Demand, Variant::Stream]);
     if args.sources {
         variants.push(Variant::LocalWs);
-        match upload(args, &path)? {
+        let zstd_image = &image_paths
+            .iter()
+            .find(|(c, _)| *c == Codec::Zstd)
+            .context("the zstd image was packed")?
+            .1;
+        match upload(args, &path, zstd_image)? {
             Some(o) => {
                 object = Some(o);
-                variants.extend([Variant::ObjectCold, Variant::ObjectWarm]);
+                variants.extend([
+                    Variant::ObjectCold,
+                    Variant::ObjectWarm,
+                    Variant::ObjectImageCold,
+                    Variant::ObjectImageWarm,
+                ]);
             }
             None => skipped.push(
                 "S3 rows: no --object-endpoint/--object-bucket given (see the README for a local S3 server)"
@@ -605,7 +669,12 @@ fn targets(variants: &[Variant], rows: &[SourceRow], images: &[ImageRow]) -> Vec
         }
     }
     let local_ws = row(Variant::LocalWs).map(SourceRow::best_ms);
-    for v in [Variant::ObjectCold, Variant::ObjectWarm] {
+    for v in [
+        Variant::ObjectCold,
+        Variant::ObjectWarm,
+        Variant::ObjectImageCold,
+        Variant::ObjectImageWarm,
+    ] {
         if let (Some(r), Some(base)) = (row(v), local_ws) {
             let ratio = r.best_ms() / base;
             t.push(Target {

@@ -150,13 +150,28 @@ pub fn open_memory(
 }
 
 /// `--image s3://...`: a full image in the store, its header and tables read through the cache.
-pub fn open_image(flags: &ObjectFlags, url: &str) -> Result<Arc<dyn PageSource>> {
+/// With a working set, the chunks holding its pages are fetched in the background, in
+/// first-touch order and in parallel, ahead of the faults that need them.
+pub fn open_image(
+    flags: &ObjectFlags,
+    url: &str,
+    prefetch_ws: Option<&Path>,
+) -> Result<Arc<dyn PageSource>> {
     let obj = flags.open(url)?;
-    let image = Image::from_reader(obj as Arc<dyn RangeRead>)
+    let image = Image::from_reader(Arc::clone(&obj) as Arc<dyn RangeRead>)
         .with_context(|| format!("reading the image {url}"))?;
     let src = ImageSource::new(image).with_context(|| {
         format!("{url}: diffs in an object store are not supported yet; serve a full image")
     })?;
+    if let Some(p) = prefetch_ws {
+        let ws = WorkingSet::load(p)
+            .with_context(|| format!("reading the working set {}", p.display()))?;
+        let offsets = obj.offsets_of_ranges(&src.working_set_ranges(&ws.offsets));
+        drop(
+            obj.prefetch_in_background(offsets)
+                .context("starting the working-set prefetch")?,
+        );
+    }
     Ok(Arc::new(src))
 }
 

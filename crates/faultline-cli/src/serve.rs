@@ -353,7 +353,7 @@ pub fn open_snapshot(args: &ServeArgs) -> Result<Arc<dyn PageSource>> {
         return crate::object::open_memory(&args.object, url, args.prefetch_ws.as_deref());
     }
     if let Some(url) = args.image.as_deref().and_then(crate::object::url_of) {
-        return crate::object::open_image(&args.object, url);
+        return crate::object::open_image(&args.object, url, args.prefetch_ws.as_deref());
     }
     if let Some(img) = &args.image {
         let src = faultline::image::ImageSource::open(img)

@@ -764,3 +764,80 @@ fn an_image_in_the_object_store_serves_the_raw_memory() {
         .unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
 }
+
+#[test]
+fn an_image_in_the_object_store_fetches_its_working_set_chunks_first() {
+    use faultline::image::{pack, Codec, Image, ImageSource, PackOptions};
+    let test = "an_image_in_the_object_store_fetches_its_working_set_chunks_first";
+    let Some(s3) = shared_moto(test) else {
+        return;
+    };
+    // 8 zero pages, then 64 unique pages stored raw in chunks of 16 (64 KiB).
+    let pages = 72usize;
+    let mut raw = vec![0u8; pages * PAGE_SIZE];
+    for (p, page) in raw.chunks_mut(PAGE_SIZE).enumerate().skip(8) {
+        page.copy_from_slice(&object_bytes(PAGE_SIZE as u64, 500 + p as u64));
+    }
+    let opts_pack = PackOptions {
+        codec: Codec::None,
+        chunk_pages: 16,
+        ..PackOptions::default()
+    };
+    let mut img = std::io::Cursor::new(Vec::new());
+    pack(&raw[..], &mut img, &opts_pack, |_| {}).expect("pack");
+    let img = img.into_inner();
+    s3.put("images/ws.img", &img);
+    let block = 16 * KIB;
+    let cache = tempfile::tempdir().expect("tempdir");
+    let obj = Arc::new(
+        s3.open(
+            "images/ws.img",
+            ObjectSourceOptions {
+                max_parallel: 1,
+                ..opts(block, &cache)
+            },
+        )
+        .expect("open"),
+    );
+    let image = Image::from_reader(Arc::clone(&obj) as Arc<dyn faultline::image::RangeRead>)
+        .expect("image");
+    let chunks = image.chunks().to_vec();
+    let src = ImageSource::new(image).expect("image source");
+    let opened = obj.fetch_log(); // the header's and the tables' blocks
+                                  // First touch: pages 40 and 41 (chunk 2), a zero page, page 10 (chunk 0), page 70 (chunk 3),
+                                  // page 42 (chunk 2 again).
+    let ws: Vec<u64> = [40u64, 41, 3, 10, 70, 42]
+        .iter()
+        .map(|p| p * PAGE_SIZE as u64)
+        .collect();
+    let ranges = src.working_set_ranges(&ws);
+    let want_ranges: Vec<(u64, u64)> = [2usize, 0, 3]
+        .iter()
+        .map(|&c| (chunks[c].offset, u64::from(chunks[c].stored_len)))
+        .collect();
+    assert_eq!(ranges, want_ranges);
+    let r = obj.prefetch(&obj.offsets_of_ranges(&ranges));
+    assert_eq!(r.failed, 0, "{r:?}");
+    // Every block of those chunks, in that order, each once; none already fetched.
+    let mut want_blocks: Vec<u64> = Vec::new();
+    for (off, len) in &want_ranges {
+        for b in off / block..=(off + len - 1) / block {
+            if !want_blocks.contains(&b) && !opened.contains(&b) {
+                want_blocks.push(b);
+            }
+        }
+    }
+    assert_eq!(obj.fetch_log()[opened.len()..], want_blocks[..]);
+    // The working set is then served from the cache, verified, without another GET.
+    let gets = obj.stats().gets;
+    for &o in &ws {
+        let mut page = vec![1u8; PAGE_SIZE];
+        src.read_at(o, &mut page).expect("read");
+        assert!(
+            page[..] == raw[o as usize..o as usize + PAGE_SIZE],
+            "page at {o}"
+        );
+    }
+    assert_eq!(obj.stats().gets, gets);
+    assert_eq!(src.stats().hash_mismatches, 0);
+}

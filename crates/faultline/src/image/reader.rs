@@ -611,6 +611,28 @@ impl ImageSource {
         }
     }
 
+    /// Where in the image file the stored pages at the source offsets `offsets` (a recorded
+    /// working set, first touch first) are: the byte range of each chunk holding one, each chunk
+    /// once, in the order of the first offset that needs it. Zero pages need nothing; pages of a
+    /// base layer and offsets past the end are skipped. For an image in an object store this is
+    /// what to fetch first ([`crate::source::ObjectSource::offsets_of_ranges`]).
+    pub fn working_set_ranges(&self, offsets: &[u64]) -> Vec<(u64, u64)> {
+        let ps = u64::from(self.image.page_size());
+        let mut seen = vec![false; self.image.tables.chunks.len()];
+        let mut out = Vec::new();
+        for &off in offsets {
+            if let Some(PageLoc::Stored { chunk, .. }) = self.image.page(off / ps) {
+                let c = chunk as usize;
+                if !seen[c] {
+                    seen[c] = true;
+                    let e = self.image.tables.chunks[c];
+                    out.push((e.offset, u64::from(e.stored_len)));
+                }
+            }
+        }
+        out
+    }
+
     /// What page `page` is, through the layers (`None` past the end).
     pub(crate) fn resolved(&self, page: u64) -> Option<Resolved> {
         match self.image.page(page)? {

@@ -543,6 +543,21 @@ impl ObjectSource {
         report
     }
 
+    /// One offset in each block that the byte ranges `(offset, len)` overlap, in order: what
+    /// to hand [`ObjectSource::prefetch`] to fetch whole ranges (an image's working-set chunks,
+    /// [`crate::image::ImageSource::working_set_ranges`]) rather than single pages.
+    pub fn offsets_of_ranges(&self, ranges: &[(u64, u64)]) -> Vec<u64> {
+        let bs = self.shared.block_size;
+        let mut out = Vec::new();
+        for &(off, len) in ranges {
+            let Some(end) = off.checked_add(len).filter(|_| len > 0) else {
+                continue;
+            };
+            out.extend((off / bs..=(end - 1) / bs).map(|b| b.saturating_mul(bs).max(off)));
+        }
+        out
+    }
+
     /// Run [`ObjectSource::prefetch`] on a thread of its own.
     pub fn prefetch_in_background(
         self: &Arc<Self>,
