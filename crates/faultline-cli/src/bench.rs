@@ -121,6 +121,9 @@ pub struct BenchArgs {
     /// With --sources: an existing bucket to upload the snapshot to (key faultline-bench/...).
     #[arg(long, value_name = "NAME", requires = "object_endpoint")]
     pub object_bucket: Option<String>,
+    /// With --sources: KiB per ranged GET and cache block of the S3 rows (a multiple of 4).
+    #[arg(long, value_name = "KIB", default_value_t = 1024)]
+    pub object_block_kib: u64,
 }
 
 /// One measured variant.

@@ -274,6 +274,7 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<(Duration, Option<String>, Optio
     };
     let object_source = |url: &str| -> Result<Arc<ObjectSource>> {
         let opts = ObjectSourceOptions {
+            block_size: ctx.args.object_block_kib.saturating_mul(1024),
             // Never evicts: cached blocks are lent to UFFDIO_COPY from the cache's mapping.
             cache_bytes: ctx.size,
             ..ObjectSourceOptions::default()
