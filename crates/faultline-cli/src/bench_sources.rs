@@ -96,9 +96,29 @@ pub struct Target {
     /// The measured ratio.
     pub ratio: f64,
     /// The target, in words.
-    pub target: &'static str,
+    pub target: String,
     /// Whether it is met.
     pub met: bool,
+}
+
+impl Target {
+    fn at_most(name: String, ratio: f64, bound: f64) -> Target {
+        Target {
+            name,
+            ratio,
+            target: format!("≤ {bound:.2}"),
+            met: ratio <= bound,
+        }
+    }
+
+    fn at_least(name: String, ratio: f64, bound: f64) -> Target {
+        Target {
+            name,
+            ratio,
+            target: format!("≥ {bound:.2}"),
+            met: ratio >= bound,
+        }
+    }
 }
 
 /// The report.
@@ -634,13 +654,11 @@ fn targets(variants: &[Variant], rows: &[SourceRow], images: &[ImageRow]) -> Vec
     let row = |v: Variant| variants.iter().position(|x| *x == v).map(|i| &rows[i]);
     let mut t = Vec::new();
     for i in images {
-        let ratio = i.image_bytes as f64 / i.bound_bytes as f64;
-        t.push(Target {
-            name: format!("image size ({}) / (raw × unique fraction × 1.1)", i.codec),
-            ratio,
-            target: "≤ 1.00",
-            met: ratio <= 1.0,
-        });
+        t.push(Target::at_most(
+            format!("image size ({}) / (raw × unique fraction × 1.1)", i.codec),
+            i.image_bytes as f64 / i.bound_bytes as f64,
+            1.0,
+        ));
     }
     let local = row(Variant::Local).map(SourceRow::best_ms);
     for v in variants {
@@ -648,24 +666,16 @@ fn targets(variants: &[Variant], rows: &[SourceRow], images: &[ImageRow]) -> Vec
             continue;
         };
         match v {
-            Variant::Image(_) => {
-                let ratio = r.best_ms() / local;
-                t.push(Target {
-                    name: format!("{} restore time / raw file", r.name),
-                    ratio,
-                    target: "≤ 1.30",
-                    met: ratio <= 1.3,
-                });
-            }
-            Variant::Demand | Variant::Stream => {
-                let ratio = local / r.best_ms();
-                t.push(Target {
-                    name: format!("{} throughput / raw file", r.name),
-                    ratio,
-                    target: "≥ 0.50",
-                    met: ratio >= 0.5,
-                });
-            }
+            Variant::Image(_) => t.push(Target::at_most(
+                format!("{} restore time / raw file", r.name),
+                r.best_ms() / local,
+                1.3,
+            )),
+            Variant::Demand | Variant::Stream => t.push(Target::at_least(
+                format!("{} throughput / raw file", r.name),
+                local / r.best_ms(),
+                0.5,
+            )),
             _ => {}
         }
     }
@@ -677,13 +687,11 @@ fn targets(variants: &[Variant], rows: &[SourceRow], images: &[ImageRow]) -> Vec
         Variant::ObjectImageWarm,
     ] {
         if let (Some(r), Some(base)) = (row(v), local_ws) {
-            let ratio = r.best_ms() / base;
-            t.push(Target {
-                name: format!("{} / raw file, working set", r.name),
-                ratio,
-                target: "≤ 2.00",
-                met: ratio <= 2.0,
-            });
+            t.push(Target::at_most(
+                format!("{} / raw file, working set", r.name),
+                r.best_ms() / base,
+                2.0,
+            ));
         }
     }
     t
