@@ -1,12 +1,14 @@
 //! Snapshot images: a raw memory file packed into an indexed, deduplicated, compressed,
 //! hash-verified file that the fault server serves from directly.
 //!
-//! The format is specified in `docs/image-format.md` (version 1). In short: a 256-byte header
+//! The format is specified in `docs/image-format.md` (version 2; version 1 is still read). In
+//! short: a 256-byte header
 //! (magic, version, page size, source length, counts, the offset of every table, the hash of the
 //! tables and the hash of the header itself, which is the image's **id**), then the pages that are
 //! stored, in independently decompressible chunks (zstd by default, LZ4 as an option, or stored
 //! as they are when compression does not help), then a page index with one 8-byte entry per page
-//! — zero, "the base image's page", or (chunk, offset in the decompressed chunk) — a chunk table,
+//! — zero, "the base image's page", or (chunk, offset in the decompressed chunk) — a chunk table
+//! (with the BLAKE3 hash of each chunk's decompressed bytes, which checks a whole chunk at once),
 //! and a hash table with the 16-byte BLAKE3 hash of every stored page. Zero pages are not stored
 //! and identical pages are stored once. A **diff** image names its base by id (and, as a hint
 //! for finding the file, by name) and stores only the pages that differ from it; a diff entry can
