@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{run_client, signal, wait_until, workdir, Log, EXE};
+use common::{fields, is_message, run_client, signal, wait_until, workdir, Log, EXE};
 use rustix::process::Signal;
 
 const BUCKET: &str = "faultline-cli-test";
@@ -249,6 +249,64 @@ fn serve_restores_from_an_image_in_the_store() {
             s(&dir.path().join("cache")),
         ],
     );
+    run_client(&socket, &mem, &["--threads", "2"]);
+    stop(daemon);
+}
+
+#[test]
+fn an_image_in_the_store_prefetches_a_recorded_working_set() {
+    let Some(s3) = Moto::start("an_image_in_the_store_prefetches_a_recorded_working_set") else {
+        return;
+    };
+    let (dir, mem) = workdir();
+    let img = dir.path().join("mem.img");
+    let out = Command::new(EXE)
+        .args(["image", "pack", s(&mem), "-o", s(&img)])
+        .output()
+        .expect("faultline image pack");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s3.upload("images/ws.img", &img);
+    let url = format!("s3://{BUCKET}/images/ws.img");
+    let endpoint = s3.endpoint();
+    let ws = dir.path().join("mem.ws");
+    let socket = dir.path().join("fl.sock");
+    let common = |cache: &str| {
+        vec![
+            "--image".to_string(),
+            url.clone(),
+            "--object-endpoint".to_string(),
+            endpoint.clone(),
+            "--object-block-kib".to_string(),
+            "64".to_string(),
+            "--cache-dir".to_string(),
+            s(&dir.path().join(cache)).to_string(),
+        ]
+    };
+    // A first restore records its working set.
+    let mut args = common("cache-a");
+    args.extend(["--record-ws".to_string(), s(&ws).to_string()]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (daemon, log) = serve(&socket, &argv);
+    run_client(&socket, &mem, &["--ws-pct", "20", "--ws-only"]);
+    log.wait_for("the recording", |l| is_message(l, "working set recorded"));
+    stop(daemon);
+    // A daemon on a cold cache fetches the chunks of that set first, then restores in full.
+    let before = s3.gets.load(Ordering::Relaxed);
+    let mut args = common("cache-b");
+    args.extend(["--prefetch-ws".to_string(), s(&ws).to_string()]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (daemon, log) = serve(&socket, &argv);
+    let done = log.wait_for("the store prefetch", |l| {
+        is_message(l, "working set prefetched") && l.contains("object")
+    });
+    let f = fields(&done);
+    assert_eq!(f["failed"], 0, "{done}");
+    assert!(f["fetched"].as_u64() > Some(0), "{done}");
+    assert!(s3.gets.load(Ordering::Relaxed) > before);
     run_client(&socket, &mem, &["--threads", "2"]);
     stop(daemon);
 }
