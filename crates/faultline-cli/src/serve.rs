@@ -326,6 +326,14 @@ impl Core {
         }
     }
 
+    /// On a clean stop: make durable what the source keeps for the next process (an object
+    /// store's cache: the blocks fetched since its last group commit).
+    pub fn flush(&self) {
+        if let Err(e) = self.src.flush() {
+            tracing::warn!(error = %e, "cannot make the source's cache durable; a restart fetches those blocks again");
+        }
+    }
+
     /// `--on-exit drain`: fill every session's remaining pages and wait until each is complete or
     /// its client is gone.
     pub fn drain(&self) {
@@ -653,6 +661,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.on_exit == OnExit::Drain {
         daemon.core.drain();
     }
+    let core = Arc::clone(&daemon.core);
     daemon.stop();
+    core.flush();
     Ok(())
 }

@@ -489,5 +489,6 @@ pub fn run_worker(args: ServeArgs) -> Result<()> {
     for s in core.server.sessions() {
         let _ = core.server.remove_session(s.id());
     }
+    core.flush();
     Ok(())
 }

@@ -183,6 +183,12 @@ pub trait RangeRead: Send + Sync + fmt::Debug {
     /// [`SourceError::from_io`](crate::SourceError::from_io) recognises (`TimedOut`,
     /// `Interrupted`, `ConnectionReset`, ...), so the server retries them.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Make durable what the reader keeps for a later process (see
+    /// [`PageSource::flush`](crate::PageSource::flush)). Nothing to do by default.
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl RangeRead for std::fs::File {
@@ -274,6 +280,9 @@ impl<T: RangeRead + ?Sized> RangeRead for Arc<T> {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         (**self).read_at(offset, buf)
     }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
 }
 
 impl<T: RangeRead + ?Sized> RangeRead for Box<T> {
@@ -285,6 +294,9 @@ impl<T: RangeRead + ?Sized> RangeRead for Box<T> {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         (**self).read_at(offset, buf)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
     }
 }
 

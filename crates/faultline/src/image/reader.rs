@@ -895,6 +895,15 @@ impl ImageSource {
 }
 
 impl PageSource for ImageSource {
+    /// Flush the image's reader (an object store's cache), then the base's.
+    fn flush(&self) -> std::io::Result<()> {
+        self.image.reader.flush()?;
+        match &self.base {
+            Some(b) => b.flush(),
+            None => Ok(()),
+        }
+    }
+
     fn len(&self) -> u64 {
         self.image.source_len()
     }

@@ -146,6 +146,13 @@ pub trait PageSource: Send + Sync + std::fmt::Debug {
     fn is_zero(&self, _offset: u64, _len: u64) -> Option<bool> {
         None
     }
+
+    /// Make durable what this source keeps for a later process (an object source's on-disk
+    /// cache: the blocks fetched since its last group commit). A daemon calls it when it stops
+    /// cleanly; it returns once that is on disk. Nothing to do by default.
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl<T: PageSource + ?Sized> PageSource for Arc<T> {
@@ -164,6 +171,9 @@ impl<T: PageSource + ?Sized> PageSource for Arc<T> {
     fn is_zero(&self, offset: u64, len: u64) -> Option<bool> {
         (**self).is_zero(offset, len)
     }
+    fn flush(&self) -> std::io::Result<()> {
+        (**self).flush()
+    }
 }
 
 impl<T: PageSource + ?Sized> PageSource for Box<T> {
@@ -181,6 +191,9 @@ impl<T: PageSource + ?Sized> PageSource for Box<T> {
     }
     fn is_zero(&self, offset: u64, len: u64) -> Option<bool> {
         (**self).is_zero(offset, len)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        (**self).flush()
     }
 }
 

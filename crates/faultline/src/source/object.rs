@@ -707,6 +707,11 @@ impl Shared {
 }
 
 impl PageSource for ObjectSource {
+    /// Commit the cache's pending blocks (waiting for a commit already under way).
+    fn flush(&self) -> io::Result<()> {
+        self.shared.cache.commit()
+    }
+
     fn len(&self) -> u64 {
         self.shared.len
     }
@@ -815,6 +820,10 @@ impl PageSource for ObjectSource {
 /// An image can live in an object store: [`Image::from_reader`](crate::image::Image::from_reader)
 /// reads its header, tables and chunks through the same blocks and cache.
 impl crate::image::RangeRead for ObjectSource {
+    fn flush(&self) -> io::Result<()> {
+        self.shared.cache.commit()
+    }
+
     fn len(&self) -> u64 {
         self.shared.len
     }

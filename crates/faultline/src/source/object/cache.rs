@@ -127,6 +127,9 @@ pub(crate) struct BlockCache {
     len: u64,
     limit: u64,
     state: Mutex<State>,
+    /// Held for the whole of a commit, so a commit that finds nothing pending (another thread
+    /// took it) still returns only once that other commit is on disk.
+    committing: Mutex<()>,
     remove_on_drop: bool,
     _lock: File,
 }
@@ -198,6 +201,7 @@ impl BlockCache {
             len: id.len,
             limit,
             state: Mutex::new(State::default()),
+            committing: Mutex::new(()),
             remove_on_drop,
             _lock: lock,
         };
@@ -380,7 +384,13 @@ impl BlockCache {
     }
 
     /// Make the blocks written so far durable, then mark them present on disk (group commit).
+    /// Returns once every block inserted before the call is committed (or has failed to be),
+    /// including blocks another thread's commit took and is still syncing.
     pub(crate) fn commit(&self) -> io::Result<()> {
+        let _one_at_a_time = self
+            .committing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let pending = std::mem::take(&mut self.lock().pending);
         if pending.is_empty() {
             return Ok(());
