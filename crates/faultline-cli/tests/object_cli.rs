@@ -218,15 +218,12 @@ fn serve_restores_from_an_object_url_cold_then_warm_through_the_supervisor() {
     assert_eq!(s3.gets.load(Ordering::Relaxed), cold_gets);
 }
 
-#[test]
-fn serve_restores_from_an_image_in_the_store() {
-    let Some(s3) = Moto::start("serve_restores_from_an_image_in_the_store") else {
-        return;
-    };
-    let (dir, mem) = workdir();
-    let img = dir.path().join("mem.img");
+/// `faultline image pack` the memory file `mem` (into `dir`) and upload the image as `key`; its
+/// URL.
+fn pack_and_upload(s3: &Moto, dir: &Path, mem: &Path, key: &str) -> String {
+    let img = dir.join("mem.img");
     let out = Command::new(EXE)
-        .args(["image", "pack", s(&mem), "-o", s(&img)])
+        .args(["image", "pack", s(mem), "-o", s(&img)])
         .output()
         .expect("faultline image pack");
     assert!(
@@ -234,8 +231,17 @@ fn serve_restores_from_an_image_in_the_store() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    s3.upload("images/mem.img", &img);
-    let url = format!("s3://{BUCKET}/images/mem.img");
+    s3.upload(key, &img);
+    format!("s3://{BUCKET}/{key}")
+}
+
+#[test]
+fn serve_restores_from_an_image_in_the_store() {
+    let Some(s3) = Moto::start("serve_restores_from_an_image_in_the_store") else {
+        return;
+    };
+    let (dir, mem) = workdir();
+    let url = pack_and_upload(&s3, dir.path(), &mem, "images/mem.img");
     let endpoint = s3.endpoint();
     let socket = dir.path().join("fl.sock");
     let (daemon, _log) = serve(
@@ -259,18 +265,7 @@ fn an_image_in_the_store_prefetches_a_recorded_working_set() {
         return;
     };
     let (dir, mem) = workdir();
-    let img = dir.path().join("mem.img");
-    let out = Command::new(EXE)
-        .args(["image", "pack", s(&mem), "-o", s(&img)])
-        .output()
-        .expect("faultline image pack");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    s3.upload("images/ws.img", &img);
-    let url = format!("s3://{BUCKET}/images/ws.img");
+    let url = pack_and_upload(&s3, dir.path(), &mem, "images/ws.img");
     let endpoint = s3.endpoint();
     let ws = dir.path().join("mem.ws");
     let socket = dir.path().join("fl.sock");
