@@ -440,9 +440,6 @@ pub struct ImageSource {
 
 /// Bytes of decompressed chunks cached by default.
 const DEFAULT_CACHE_BYTES: usize = 32 << 20;
-/// Largest read of direct pages at once: small enough that their bytes are still in the CPU's
-/// cache when they are hashed.
-const DIRECT_RUN_BYTES: u64 = 128 << 10;
 
 impl ImageSource {
     /// Serve a full image (an error for a diff: use [`ImageSource::with_base`] or
@@ -716,7 +713,7 @@ impl ImageSource {
             return false;
         }
         if covered == raw {
-            return blake3::hash(run) == want;
+            return self.chunk_hash_matches(entry, run);
         }
         let mut rest = vec![0u8; raw - covered];
         let (head, tail) = rest.split_at_mut(before);
@@ -747,10 +744,7 @@ impl ImageSource {
             }
             _ => 1,
         };
-        let max = max
-            .min(chunk_end)
-            .min((DIRECT_RUN_BYTES / ps).max(chunk_end))
-            .max(1);
+        let max = max.min(chunk_end).max(1);
         let mut pages = 1;
         while pages < max {
             match self.image.page(page + pages).and_then(|l| self.direct(l)) {
