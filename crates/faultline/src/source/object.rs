@@ -300,13 +300,9 @@ impl ObjectSource {
         s3: &S3Config,
         opts: ObjectSourceOptions,
     ) -> Result<ObjectSource, ObjectError> {
-        let (bucket, key) = parse_s3_url(url)?;
-        let path = ObjectPath::parse(key).map_err(|e| ObjectError::Url {
-            url: url.to_string(),
-            why: format!("invalid key: {e}"),
-        })?;
+        let (b, path) = s3_builder(url, s3)?;
         let http_requests = Arc::new(AtomicU64::new(0));
-        let b = s3_builder(bucket, s3)
+        let b = b
             .with_http_connector(Instrumented {
                 requests: Arc::clone(&http_requests),
             })
@@ -327,10 +323,7 @@ impl ObjectSource {
                 AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
                 format!("{}ms", opts.request_timeout.as_millis().max(1)),
             );
-        let store = b.build().map_err(|source| ObjectError::Config {
-            url: url.to_string(),
-            source: Box::new(source),
-        })?;
+        let store = build_store(url, b)?;
         Self::open_with(Arc::new(store), path, url.to_string(), opts, http_requests)
     }
 
@@ -969,8 +962,14 @@ fn http_error_kind(e: &object_store::Error) -> Option<object_store::client::Http
 }
 
 /// Parse `s3://bucket/key` (`s3a://` too).
-/// An S3 store for `bucket` configured from `s3`, then the `AWS_*` variables.
-fn s3_builder(bucket: &str, s3: &S3Config) -> AmazonS3Builder {
+/// The S3 store of `url` (`s3://bucket/key`) configured from `s3`, then the `AWS_*` variables,
+/// and the object's path in it.
+fn s3_builder(url: &str, s3: &S3Config) -> Result<(AmazonS3Builder, ObjectPath), ObjectError> {
+    let (bucket, key) = parse_s3_url(url)?;
+    let path = ObjectPath::parse(key).map_err(|e| ObjectError::Url {
+        url: url.to_string(),
+        why: format!("invalid key: {e}"),
+    })?;
     let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
     if let Some(e) = &s3.endpoint {
         b = b.with_endpoint(e);
@@ -994,23 +993,22 @@ fn s3_builder(bucket: &str, s3: &S3Config) -> AmazonS3Builder {
     if let Some(allow) = s3.allow_http.or(http_endpoint.then_some(true)) {
         b = b.with_allow_http(allow);
     }
-    b
+    Ok((b, path))
+}
+
+/// Build the store configured for `url`, naming it in the error.
+fn build_store(url: &str, b: AmazonS3Builder) -> Result<object_store::aws::AmazonS3, ObjectError> {
+    b.build().map_err(|source| ObjectError::Config {
+        url: url.to_string(),
+        source: Box::new(source),
+    })
 }
 
 /// Store `bytes` as the object at `url` (`s3://bucket/key`), replacing any object there: one
 /// PUT, or a multipart upload of 64 MiB parts for larger objects. Returns the new ETag.
 pub fn put_object(url: &str, s3: &S3Config, bytes: Bytes) -> Result<Option<String>, ObjectError> {
-    let (bucket, key) = parse_s3_url(url)?;
-    let path = ObjectPath::parse(key).map_err(|e| ObjectError::Url {
-        url: url.to_string(),
-        why: format!("invalid key: {e}"),
-    })?;
-    let store = s3_builder(bucket, s3)
-        .build()
-        .map_err(|source| ObjectError::Config {
-            url: url.to_string(),
-            source: Box::new(source),
-        })?;
+    let (b, path) = s3_builder(url, s3)?;
+    let store = build_store(url, b)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
