@@ -137,16 +137,26 @@ pub fn open_memory(
 ) -> Result<Arc<dyn PageSource>> {
     let src = flags.open(url)?;
     if let Some(p) = prefetch_ws {
-        let ws = WorkingSet::load(p)
-            .with_context(|| format!("reading the working set {}", p.display()))?;
-        // Detached: it ends when the working set is cached (or has failed); the source lives
-        // while the thread holds it.
-        drop(
-            src.prefetch_in_background(ws.offsets)
-                .context("starting the working-set prefetch")?,
-        );
+        prefetch_detached(&src, p, |offsets| offsets)?;
     }
     Ok(src)
+}
+
+/// Fetch the store offsets that `to_store` makes of the working set at `path` (source offsets,
+/// first touch first) in the background. Detached: it ends when they are cached (or have
+/// failed); the source lives while the thread holds it.
+fn prefetch_detached(
+    obj: &Arc<ObjectSource>,
+    path: &Path,
+    to_store: impl FnOnce(Vec<u64>) -> Vec<u64>,
+) -> Result<()> {
+    let ws = WorkingSet::load(path)
+        .with_context(|| format!("reading the working set {}", path.display()))?;
+    drop(
+        obj.prefetch_in_background(to_store(ws.offsets))
+            .context("starting the working-set prefetch")?,
+    );
+    Ok(())
 }
 
 /// `--image s3://...`: a full image in the store, its header and tables read through the cache.
@@ -164,13 +174,9 @@ pub fn open_image(
         format!("{url}: diffs in an object store are not supported yet; serve a full image")
     })?;
     if let Some(p) = prefetch_ws {
-        let ws = WorkingSet::load(p)
-            .with_context(|| format!("reading the working set {}", p.display()))?;
-        let offsets = obj.offsets_of_ranges(&src.working_set_ranges(&ws.offsets));
-        drop(
-            obj.prefetch_in_background(offsets)
-                .context("starting the working-set prefetch")?,
-        );
+        prefetch_detached(&obj, p, |offsets| {
+            obj.offsets_of_ranges(&src.working_set_ranges(&offsets))
+        })?;
     }
     Ok(Arc::new(src))
 }
