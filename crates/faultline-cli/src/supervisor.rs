@@ -379,12 +379,43 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let mut w = worker
             .lock()
             .map_err(|_| anyhow::anyhow!("worker lock poisoned"))?;
-        let pid = rustix::process::Pid::from_child(&w.child);
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        let _ = w.child.wait();
+        stop_worker(&mut w.child);
     }
     let _ = std::fs::remove_file(&args.socket);
     Ok(())
+}
+
+/// Ask the worker to stop (SIGTERM) and wait for it to exit. The signal is sent again every
+/// second while it lives: one that lands while the worker is still starting can go unseen (a CI
+/// run here once saw a freshly started worker outlive a single SIGTERM), and the worker's handler
+/// only sets a flag, so a repeat is harmless — a draining worker keeps draining.
+fn stop_worker(child: &mut Child) {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let pid = rustix::process::Pid::from_child(child);
+    // Readable when the process exits; without it (very old kernels), one signal and a wait.
+    if let Ok(pidfd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+        let second = Timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        };
+        for waited_s in 0u64.. {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+            if matches!(poll(&mut fds, Some(&second)), Ok(n) if n > 0) {
+                break;
+            }
+            if waited_s > 0 && waited_s % 5 == 0 {
+                tracing::warn!(
+                    worker = child.id(),
+                    waited_s,
+                    "the worker has not exited yet"
+                );
+            }
+        }
+    } else {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let _ = child.wait();
 }
 
 /// `faultline serve-worker`: the serving half; its stdin is the control socket.
