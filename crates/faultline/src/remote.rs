@@ -21,6 +21,10 @@
 //!   read takes its pages out of it (a VM faults each page in once). Combine it with the fault
 //!   server's background fill, which reads every page, so that streamed pages are consumed and
 //!   the stream keeps moving.
+//! - **Duplicate pages once.** The server scans its source when it starts and indexes the pages
+//!   whose bytes repeat; on a version-2 connection such a page travels once (`KEEP`, the client
+//!   holds it for the connection) and each copy as a 29-byte `SAME` frame. The writer compares
+//!   every nominated page with the kept bytes before it says `SAME`.
 //! - **Dropped connections.** The I/O thread reconnects with exponential backoff, checks that
 //!   the server still serves the same source (length, page size, id), and re-sends the unanswered
 //!   part of every request. While it is disconnected a read waits up to
@@ -51,6 +55,7 @@
 //! [`SourceError`]: crate::SourceError
 
 mod client;
+mod dedup;
 mod server;
 pub mod wire;
 

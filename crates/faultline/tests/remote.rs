@@ -47,6 +47,16 @@ fn serve(bytes: &[u8]) -> RemoteServer {
         .expect("binding a loopback port")
 }
 
+/// A server that does not scan its source for duplicates (the tests that count or gate the
+/// source's reads see only the reads that answer requests).
+fn serve_unscanned(source: Arc<dyn PageSource>) -> RemoteServer {
+    let options = RemoteServerOptions {
+        dedup: false,
+        ..RemoteServerOptions::default()
+    };
+    RemoteServer::start(TcpListener::bind("127.0.0.1:0").unwrap(), source, options).unwrap()
+}
+
 fn connect(server: &RemoteServer, opts: RemoteOptions) -> RemoteSource {
     RemoteSource::connect(&server.local_addr().to_string(), opts).expect("connecting")
 }
@@ -183,7 +193,7 @@ fn server_side_errors_keep_their_class() {
             times: 1,
         })
         .with_rule(Failure::PermanentAt { offset: 7 * PS });
-    let server = RemoteServer::bind("127.0.0.1:0", Arc::new(failing)).unwrap();
+    let server = serve_unscanned(Arc::new(failing));
     let src = connect(&server, options());
     let e = check(&src, &want, 3 * PAGE_SIZE, PAGE_SIZE).unwrap_err();
     assert_eq!(e.retry, Retry::Retryable, "{e}");
@@ -245,7 +255,7 @@ fn concurrent_reads_are_batched_into_few_frames() {
 fn demand_is_answered_before_queued_background_requests() {
     let want = content(256, 0);
     let (gated, started) = Gated::new(want.clone());
-    let server = RemoteServer::bind("127.0.0.1:0", gated.clone()).unwrap();
+    let server = serve_unscanned(gated.clone());
     let src = connect(
         &server,
         RemoteOptions {
@@ -326,7 +336,7 @@ fn the_stream_fills_the_cache_ahead_and_stays_within_its_bound() {
 fn a_request_cut_in_flight_is_sent_again_and_answered() {
     let want = content(64, 0);
     let (gated, started) = Gated::new(want.clone());
-    let server = RemoteServer::bind("127.0.0.1:0", gated.clone()).unwrap();
+    let server = serve_unscanned(gated.clone());
     let src = connect(&server, options());
     std::thread::scope(|s| {
         let reader = s.spawn(|| check(&src, &want, 10 * PAGE_SIZE, 3 * PAGE_SIZE));

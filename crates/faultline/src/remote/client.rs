@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use super::wire::{read_frame, Frame, Priority, Welcome, WireError, WireRange, VERSION};
+use super::wire::{
+    read_frame, Frame, Priority, Welcome, WireError, WireRange, MAX_KEPT_BYTES, MIN_VERSION,
+    VERSION,
+};
 use super::RemoteError;
 use crate::source::{check_bounds, PageSource, Retry, SourceError};
 
@@ -88,6 +91,14 @@ pub struct RemoteStats {
     pub bytes_received: u64,
     /// Bytes answered as zero (no payload).
     pub zero_bytes_received: u64,
+    /// Bytes answered as copies of a kept page (`SAME`, protocol version 2; no payload).
+    pub same_bytes_received: u64,
+    /// Pages the server asked us to keep (`KEEP`; their bytes count in `bytes_received`).
+    pub kept_pages: u64,
+    /// Bytes of kept pages held now.
+    pub kept_bytes: u64,
+    /// The protocol version of the current (or last) connection.
+    pub version: u16,
     /// Pages received that were not wanted any more (cached or read already).
     pub duplicate_pages: u64,
     /// Connections made after the first.
@@ -188,6 +199,8 @@ struct Counters {
     frames_received: AtomicU64,
     bytes_received: AtomicU64,
     zero_bytes_received: AtomicU64,
+    same_bytes_received: AtomicU64,
+    kept_pages: AtomicU64,
     duplicate_pages: AtomicU64,
     reconnects: AtomicU64,
     disconnects: AtomicU64,
@@ -217,6 +230,10 @@ struct Shared {
     len: u64,
     npages: u64,
     cached: Arc<AtomicU64>,
+    /// Bytes of `KEEP` pages alive (not counted in `cached`: they are not stream pages).
+    kept: Arc<AtomicU64>,
+    /// The current connection's protocol version.
+    version: AtomicU64,
     c: Counters,
     tx: Sender<Cmd>,
     connected: AtomicBool,
@@ -268,6 +285,10 @@ impl Shared {
             frames_received: l(&c.frames_received),
             bytes_received: l(&c.bytes_received),
             zero_bytes_received: l(&c.zero_bytes_received),
+            same_bytes_received: l(&c.same_bytes_received),
+            kept_pages: l(&c.kept_pages),
+            kept_bytes: self.kept.load(Ordering::Acquire),
+            version: self.version.load(Ordering::Relaxed) as u16,
             duplicate_pages: l(&c.duplicate_pages),
             reconnects: l(&c.reconnects),
             disconnects: l(&c.disconnects),
@@ -341,7 +362,7 @@ fn connect_once(addr: &str, timeout: Duration) -> Result<(TcpStream, Welcome), R
         .map_err(|e| hs_err(e.into()))?;
     let mut out = Vec::new();
     Frame::Hello {
-        min_version: VERSION,
+        min_version: MIN_VERSION,
         max_version: VERSION,
     }
     .encode(&mut out);
@@ -351,7 +372,7 @@ fn connect_once(addr: &str, timeout: Duration) -> Result<(TcpStream, Welcome), R
         .set_read_timeout(None)
         .map_err(|e| hs_err(e.into()))?;
     match answer {
-        Frame::Welcome(w) if w.version == VERSION => Ok((stream, w)),
+        Frame::Welcome(w) if (MIN_VERSION..=VERSION).contains(&w.version) => Ok((stream, w)),
         Frame::Welcome(w) => Err(hs_err(WireError::Invalid(format!(
             "the server chose version {}, which this client does not speak",
             w.version
@@ -395,6 +416,7 @@ impl RemoteSource {
                 }
             }
         };
+        let version = welcome.version;
         let page = u64::from(welcome.page_size);
         let len = welcome.source_len;
         let npages = len.div_ceil(page);
@@ -432,6 +454,8 @@ impl RemoteSource {
             len,
             npages,
             cached: Arc::new(AtomicU64::new(0)),
+            kept: Arc::new(AtomicU64::new(0)),
+            version: AtomicU64::new(u64::from(version)),
             c: Counters::default(),
             tx,
             connected: AtomicBool::new(false),
@@ -441,11 +465,16 @@ impl RemoteSource {
             rx,
             conn: None,
         };
-        io.install(stream, false).map_err(RemoteError::Thread)?;
+        io.install(stream, version, false)
+            .map_err(RemoteError::Thread)?;
         let handle = std::thread::Builder::new()
             .name("faultline-remote-io".into())
             .spawn(move || io.run())
             .map_err(RemoteError::Thread)?;
+        if stream_on {
+            // The stream starts now, not at the I/O thread's first tick.
+            let _ = shared.tx.send(Cmd::Wake);
+        }
         tracing::info!(
             addr,
             source = %shared.welcome.name,
@@ -715,6 +744,8 @@ struct Io {
 /// An answer frame, for [`apply`].
 enum Answer {
     Data(Arc<Chunk>),
+    /// Every page holds these (one page of) bytes.
+    Same(Arc<Chunk>),
     Zero,
     Error(Retry, String),
 }
@@ -769,7 +800,7 @@ impl Io {
             if self.conn.is_none() && Instant::now() >= next_try {
                 match connect_once(&sh.addr, sh.opts.connect_timeout) {
                     Ok((stream, w)) if w.same_source(&sh.welcome) => {
-                        match self.install(stream, true) {
+                        match self.install(stream, w.version, true) {
                             Ok(()) => {
                                 pause = sh.opts.reconnect_min;
                                 tracing::info!(addr = %sh.addr, "reconnected to the remote page server");
@@ -824,7 +855,7 @@ impl Io {
     }
 
     /// Adopt a connected, welcomed stream: start its reader and re-send what is outstanding.
-    fn install(&mut self, stream: TcpStream, again: bool) -> std::io::Result<()> {
+    fn install(&mut self, stream: TcpStream, version: u16, again: bool) -> std::io::Result<()> {
         let sh = &self.shared;
         let reader_stream = stream.try_clone()?;
         stream.set_write_timeout(Some(sh.opts.io_timeout))?;
@@ -839,7 +870,7 @@ impl Io {
         let s = Arc::clone(sh);
         let reader = std::thread::Builder::new()
             .name("faultline-remote-rx".into())
-            .spawn(move || reader_main(s, reader_stream, gen));
+            .spawn(move || reader_main(s, reader_stream, gen, version));
         let reader = match reader {
             Ok(r) => r,
             Err(e) => {
@@ -850,6 +881,7 @@ impl Io {
             }
         };
         sh.connected.store(true, Ordering::Release);
+        sh.version.store(u64::from(version), Ordering::Relaxed);
         if again {
             add(&sh.c.reconnects, 1);
         }
@@ -1109,58 +1141,144 @@ fn encode_read(out: &mut Vec<u8>, id: u64, r: &Req) {
     .encode(out);
 }
 
-fn reader_main(sh: Arc<Shared>, stream: TcpStream, gen: u64) {
+/// Most answer frames applied under one lock.
+const BATCH: usize = 256;
+
+/// Whether `r` holds a whole next frame already (it can be read without blocking).
+fn frame_buffered(r: &BufReader<TcpStream>) -> bool {
+    let b = r.buffer();
+    b.len() >= 4 && u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])) + 4 <= b.len() as u64
+}
+
+/// The connection's reader: receives answer frames and applies them to the cache. Frames that
+/// arrived together (all that the read buffer holds, up to [`BATCH`]) are applied under one
+/// lock with one wake-up of the waiting reads: with repeated pages a 1 MiB answer is hundreds
+/// of small frames.
+fn reader_main(sh: Arc<Shared>, stream: TcpStream, gen: u64, version: u16) {
     let mut r = BufReader::with_capacity(256 << 10, stream);
     let mut scratch = Vec::new();
-    let why = loop {
-        let frame = match read_frame(&mut r, &mut scratch) {
-            Ok(f) => f,
-            Err(e) => break e.to_string(),
-        };
-        add(&sh.c.frames_received, 1);
-        let (id, offset, len, answer) = match frame {
-            Frame::Data { id, offset, bytes } => {
-                let n = bytes.len() as u64;
-                add(&sh.c.bytes_received, n);
-                let now = sh.cached.fetch_add(n, Ordering::AcqRel) + n;
-                sh.c.peak.fetch_max(now, Ordering::Relaxed);
-                let chunk = Arc::new(Chunk {
-                    bytes,
-                    acct: Arc::clone(&sh.cached),
-                });
-                (id, offset, n, Answer::Data(chunk))
+    // The pages this connection's server asked us to keep (version 2): slot -> bytes.
+    let mut kept: HashMap<u32, Arc<Chunk>> = HashMap::new();
+    let slots = MAX_KEPT_BYTES / sh.welcome.page_size;
+    let mut batch: Vec<(u64, u64, u64, Answer)> = Vec::with_capacity(BATCH);
+    let why = 'conn: loop {
+        let mut failed = None;
+        loop {
+            let frame = match read_frame(&mut r, &mut scratch) {
+                Ok(f) => f,
+                Err(e) => {
+                    failed = Some(e.to_string());
+                    break;
+                }
+            };
+            add(&sh.c.frames_received, 1);
+            match answer_of(&sh, frame, version, slots, &mut kept) {
+                Ok(Some(a)) => batch.push(a),
+                Ok(None) => {}
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
-            Frame::Zero { id, offset, len } => {
-                add(&sh.c.zero_bytes_received, u64::from(len));
-                (id, offset, u64::from(len), Answer::Zero)
+            if batch.len() >= BATCH || !frame_buffered(&r) {
+                break;
             }
-            Frame::Error {
-                id,
-                offset,
-                len,
-                retry,
-                message,
-            } => (id, offset, u64::from(len), Answer::Error(retry, message)),
-            other => break format!("unexpected frame from the server: {other:?}"),
-        };
+        }
+        // What arrived before a failure is applied: it is good, and saves asking again.
         let mut st = sh.lock();
         if st.gen != gen {
             break "connection replaced".to_string();
         }
         st.last_progress = Instant::now();
-        let r = apply(&sh, &mut st, id, offset, len, answer);
+        let mut bg_done = false;
+        let mut bad = None;
+        for (id, offset, len, answer) in batch.drain(..) {
+            match apply(&sh, &mut st, id, offset, len, answer) {
+                Ok(done) => bg_done |= done,
+                Err(e) => {
+                    bad = Some(e);
+                    break;
+                }
+            }
+        }
+        batch.clear();
         drop(st);
         sh.cv.notify_all();
-        match r {
-            Ok(true) => {
-                let _ = sh.tx.send(Cmd::Wake);
-            }
-            Ok(false) => {}
-            Err(e) => break e,
+        if bg_done {
+            let _ = sh.tx.send(Cmd::Wake);
+        }
+        if let Some(e) = bad.or(failed) {
+            break 'conn e;
         }
     };
     tracing::debug!(why, "remote page reader ends");
     let _ = sh.tx.send(Cmd::Lost(gen));
+}
+
+/// What an answer frame says, as `(request id, offset, len, answer)`; `Ok(None)` for a `KEEP`
+/// (stored in `kept`), `Err` for a frame that breaks the protocol.
+fn answer_of(
+    sh: &Shared,
+    frame: Frame,
+    version: u16,
+    slots: u32,
+    kept: &mut HashMap<u32, Arc<Chunk>>,
+) -> Result<Option<(u64, u64, u64, Answer)>, String> {
+    Ok(Some(match frame {
+        Frame::Data { id, offset, bytes } => {
+            let n = bytes.len() as u64;
+            add(&sh.c.bytes_received, n);
+            let now = sh.cached.fetch_add(n, Ordering::AcqRel) + n;
+            sh.c.peak.fetch_max(now, Ordering::Relaxed);
+            let chunk = Arc::new(Chunk {
+                bytes,
+                acct: Arc::clone(&sh.cached),
+            });
+            (id, offset, n, Answer::Data(chunk))
+        }
+        Frame::Zero { id, offset, len } => {
+            add(&sh.c.zero_bytes_received, u64::from(len));
+            (id, offset, u64::from(len), Answer::Zero)
+        }
+        Frame::Error {
+            id,
+            offset,
+            len,
+            retry,
+            message,
+        } => (id, offset, u64::from(len), Answer::Error(retry, message)),
+        Frame::Keep { slot, bytes } if version >= 2 => {
+            if slot >= slots || bytes.len() as u64 != sh.page {
+                return Err(format!(
+                    "KEEP of {} bytes into slot {slot} (pages are {} bytes, {slots} slots)",
+                    bytes.len(),
+                    sh.page
+                ));
+            }
+            add(&sh.c.kept_pages, 1);
+            add(&sh.c.bytes_received, sh.page);
+            sh.kept.fetch_add(sh.page, Ordering::AcqRel);
+            let chunk = Arc::new(Chunk {
+                bytes,
+                acct: Arc::clone(&sh.kept),
+            });
+            kept.insert(slot, chunk);
+            return Ok(None);
+        }
+        Frame::Same {
+            id,
+            offset,
+            len,
+            slot,
+        } if version >= 2 => {
+            let Some(c) = kept.get(&slot) else {
+                return Err(format!("SAME refers to slot {slot}, which was never kept"));
+            };
+            add(&sh.c.same_bytes_received, u64::from(len));
+            (id, offset, u64::from(len), Answer::Same(Arc::clone(c)))
+        }
+        other => return Err(format!("unexpected frame from the server: {other:?}")),
+    }))
 }
 
 /// Apply one answer frame to its request and to the pages it covers. `Ok(true)` when a
@@ -1223,6 +1341,10 @@ fn apply(
         match &answer {
             Answer::Data(c) => {
                 st.cache.insert(p, (Arc::clone(c), (i * sh.page) as usize));
+                st.pages[p as usize] = CACHED | keep;
+            }
+            Answer::Same(c) => {
+                st.cache.insert(p, (Arc::clone(c), 0));
                 st.pages[p as usize] = CACHED | keep;
             }
             Answer::Zero => st.pages[p as usize] = ZERO | keep,

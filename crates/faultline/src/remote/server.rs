@@ -5,15 +5,16 @@ use std::io::{BufReader, BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
 
+use super::dedup::DedupIndex;
 use super::wire::{
     self, read_frame, Frame, Priority, Welcome, WireError, WireRange, MAX_DATA, MAX_RANGES,
-    MAX_RANGE_LEN, VERSION,
+    MAX_RANGE_LEN, MIN_VERSION, VERSION,
 };
 use super::RemoteError;
 use crate::source::{PageSource, Retry};
@@ -29,6 +30,9 @@ pub struct RemoteServerOptions {
     pub max_connections: usize,
     /// Requests queued per connection and priority before the server stops reading from it.
     pub queue_depth: usize,
+    /// Scan the source for repeated pages when starting and send each repeated page once per
+    /// (version-2) connection. The scan reads the whole source once, in the background.
+    pub dedup: bool,
 }
 
 impl Default for RemoteServerOptions {
@@ -38,6 +42,7 @@ impl Default for RemoteServerOptions {
             source_id: None,
             max_connections: 64,
             queue_depth: 64,
+            dedup: true,
         }
     }
 }
@@ -69,6 +74,20 @@ pub struct RemoteServerStats {
     pub bytes_sent: u64,
     /// Bytes answered with `ZERO` frames (not sent).
     pub zero_bytes: u64,
+    /// `KEEP` frames sent (a repeated page's bytes, once per connection).
+    pub keep_frames: u64,
+    /// `SAME` frames sent.
+    pub same_frames: u64,
+    /// Bytes answered with `SAME` frames (not sent).
+    pub same_bytes: u64,
+    /// The duplicate-page scan has finished (successfully or not).
+    pub dedup_done: bool,
+    /// Distinct repeated contents found by the scan (slots).
+    pub dedup_slots: u64,
+    /// Pages that hold one of those contents.
+    pub dedup_pages: u64,
+    /// How long the scan took (ms).
+    pub dedup_scan_ms: u64,
 }
 
 #[derive(Default)]
@@ -85,6 +104,10 @@ struct Counters {
     error_frames: AtomicU64,
     bytes_sent: AtomicU64,
     zero_bytes: AtomicU64,
+    keep_frames: AtomicU64,
+    same_frames: AtomicU64,
+    same_bytes: AtomicU64,
+    dedup_scan_ms: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -105,6 +128,9 @@ struct Shared {
     changed: Condvar,
     changed_lock: Mutex<()>,
     stop: AtomicBool,
+    /// The duplicate-page index, once the scan has built it.
+    dedup: OnceLock<DedupIndex>,
+    dedup_done: AtomicBool,
 }
 
 impl Shared {
@@ -132,6 +158,13 @@ impl Shared {
             error_frames: l(&c.error_frames),
             bytes_sent: l(&c.bytes_sent),
             zero_bytes: l(&c.zero_bytes),
+            keep_frames: l(&c.keep_frames),
+            same_frames: l(&c.same_frames),
+            same_bytes: l(&c.same_bytes),
+            dedup_done: self.dedup_done.load(Ordering::Acquire),
+            dedup_slots: self.dedup.get().map_or(0, |d| d.slots() as u64),
+            dedup_pages: self.dedup.get().map_or(0, |d| d.pages),
+            dedup_scan_ms: l(&c.dedup_scan_ms),
         }
     }
 }
@@ -146,6 +179,7 @@ pub struct RemoteServer {
     shared: Arc<Shared>,
     addr: SocketAddr,
     accept: Option<JoinHandle<()>>,
+    scan: Option<JoinHandle<()>>,
     wake: UnixStream,
 }
 
@@ -214,7 +248,20 @@ impl RemoteServer {
             changed: Condvar::new(),
             changed_lock: Mutex::new(()),
             stop: AtomicBool::new(false),
+            dedup: OnceLock::new(),
+            dedup_done: AtomicBool::new(false),
         });
+        let scan = if shared.options.dedup {
+            let s = Arc::clone(&shared);
+            let h = std::thread::Builder::new()
+                .name("faultline-export-scan".into())
+                .spawn(move || scan_main(&s))
+                .map_err(RemoteError::Bind)?;
+            Some(h)
+        } else {
+            shared.dedup_done.store(true, Ordering::Release);
+            None
+        };
         let (wake_rx, wake) = UnixStream::pair().map_err(RemoteError::Bind)?;
         let s = Arc::clone(&shared);
         let accept = std::thread::Builder::new()
@@ -225,6 +272,7 @@ impl RemoteServer {
             shared,
             addr,
             accept: Some(accept),
+            scan,
             wake,
         })
     }
@@ -295,6 +343,9 @@ impl RemoteServer {
         if let Some(h) = self.accept.take() {
             let _ = h.join();
         }
+        if let Some(h) = self.scan.take() {
+            let _ = h.join();
+        }
         let conns: Vec<_> = {
             let mut c = self
                 .shared
@@ -320,6 +371,27 @@ impl Drop for RemoteServer {
             self.stop();
         }
     }
+}
+
+/// Build the duplicate-page index (see [`DedupIndex`]); connections use it once it is set.
+fn scan_main(shared: &Shared) {
+    let start = Instant::now();
+    let page = shared.welcome.page_size as usize;
+    if let Some(ix) = DedupIndex::scan(&*shared.source, page, &shared.stop) {
+        tracing::info!(
+            slots = ix.slots(),
+            pages = ix.pages,
+            ms = start.elapsed().as_millis() as u64,
+            "duplicate-page scan done"
+        );
+        let _ = shared.dedup.set(ix);
+    }
+    shared
+        .counters
+        .dedup_scan_ms
+        .store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    shared.dedup_done.store(true, Ordering::Release);
+    shared.notify();
 }
 
 fn accept_loop(shared: Arc<Shared>, listener: TcpListener, wake: UnixStream) {
@@ -402,9 +474,9 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
         .map(|a| a.to_string())
         .unwrap_or_default();
     let _ = stream.set_nodelay(true);
-    match handshake(&shared, &stream) {
-        Ok(true) => {}
-        Ok(false) => {
+    let version = match handshake(&shared, &stream) {
+        Ok(Some(v)) => v,
+        Ok(None) => {
             add(&shared.counters.rejected, 1);
             return;
         }
@@ -413,14 +485,14 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
             tracing::warn!(peer, error = %e, "remote page client refused");
             return;
         }
-    }
+    };
     let Ok(writer_stream) = stream.try_clone() else {
         return;
     };
     add(&shared.counters.connections, 1);
     add(&shared.counters.live, 1);
     shared.notify();
-    tracing::info!(peer, "remote page client connected");
+    tracing::info!(peer, version, "remote page client connected");
 
     let depth = shared.options.queue_depth.max(1);
     let (demand_tx, demand_rx) = crossbeam_channel::bounded::<Job>(depth);
@@ -428,7 +500,7 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
     let s = Arc::clone(&shared);
     let writer = std::thread::Builder::new()
         .name("faultline-export-tx".into())
-        .spawn(move || write_loop(s, writer_stream, demand_rx, bg_rx));
+        .spawn(move || write_loop(s, writer_stream, version, demand_rx, bg_rx));
     let (why, writer) = match writer {
         Ok(h) => (read_loop(&shared, &stream, &demand_tx, &bg_tx), Some(h)),
         Err(e) => (Err(WireError::Io(e)), None),
@@ -448,8 +520,9 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
     }
 }
 
-/// Receive the hello and answer it. `Ok(false)`: refused (answered with a refusal).
-fn handshake(shared: &Shared, stream: &TcpStream) -> Result<bool, WireError> {
+/// Receive the hello and answer it: the version the connection speaks, or `Ok(None)` when
+/// refused (answered with a refusal).
+fn handshake(shared: &Shared, stream: &TcpStream) -> Result<Option<u16>, WireError> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut scratch = Vec::new();
     let hello = read_frame(&mut &*stream, &mut scratch)?;
@@ -463,9 +536,10 @@ fn handshake(shared: &Shared, stream: &TcpStream) -> Result<bool, WireError> {
     };
     let mut out = Vec::new();
     let live = shared.counters.live.load(Ordering::Relaxed);
-    let refuse = if !(min_version..=max_version).contains(&VERSION) {
+    let version = max_version.min(VERSION);
+    let refuse = if version < min_version || version < MIN_VERSION {
         Some(format!(
-            "this server speaks version {VERSION}, the client {min_version}..={max_version}"
+            "this server speaks versions {MIN_VERSION}..={VERSION}, the client {min_version}..={max_version}"
         ))
     } else if live >= shared.options.max_connections as u64 {
         Some(format!(
@@ -478,11 +552,15 @@ fn handshake(shared: &Shared, stream: &TcpStream) -> Result<bool, WireError> {
         tracing::warn!(reason, "remote page client refused");
         Frame::Refused { reason }.encode(&mut out);
         (&*stream).write_all(&out)?;
-        return Ok(false);
+        return Ok(None);
     }
-    Frame::Welcome(shared.welcome.clone()).encode(&mut out);
+    Frame::Welcome(Welcome {
+        version,
+        ..shared.welcome.clone()
+    })
+    .encode(&mut out);
     (&*stream).write_all(&out)?;
-    Ok(true)
+    Ok(Some(version))
 }
 
 fn read_loop(
@@ -561,15 +639,45 @@ struct Writer {
     out: BufWriter<TcpStream>,
     buf: Vec<u8>,
     frame: Vec<u8>,
+    /// The connection speaks version 2 (`KEEP`/`SAME`).
+    dedup: bool,
+    /// Slots this connection's client has been sent (`KEEP`).
+    kept: Vec<bool>,
 }
 
-fn write_loop(shared: Arc<Shared>, stream: TcpStream, demand: Receiver<Job>, bg: Receiver<Job>) {
+/// A part of a piece's vectored write.
+enum Seg<'a> {
+    /// `heads[a..b]`: frame headers.
+    Head(usize, usize),
+    /// `buf[a..b]`: page bytes.
+    Buf(usize, usize),
+    /// A kept slot's bytes.
+    Kept(&'a [u8]),
+}
+
+/// How a page of a piece is answered.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Zero,
+    Data,
+    Same(u32),
+}
+
+fn write_loop(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    version: u16,
+    demand: Receiver<Job>,
+    bg: Receiver<Job>,
+) {
     let sock = stream.try_clone();
     let mut w = Writer {
         shared,
         out: BufWriter::with_capacity(64 << 10, stream),
         buf: Vec::new(),
         frame: Vec::new(),
+        dedup: version >= 2,
+        kept: Vec::new(),
     };
     let r = (|| -> std::io::Result<()> {
         loop {
@@ -644,42 +752,161 @@ impl Writer {
         Ok(())
     }
 
-    /// Answer `off..off+n` (whole pages, at most one piece): ZERO and DATA runs, or an ERROR.
+    /// Answer `off..off+n` (whole pages, at most one piece): ZERO, DATA and (version 2) SAME
+    /// runs, or an ERROR. Only the pages that go as DATA are read: indexed copies and pages the
+    /// source knows to be zero are answered without reading them.
     fn piece(&mut self, id: u64, off: u64, n: u64) -> std::io::Result<()> {
         let ps = u64::from(self.shared.welcome.page_size) as usize;
-        if self.shared.source.is_zero(off, n) == Some(true) {
+        let src = &*self.shared.source;
+        if src.is_zero(off, n) == Some(true) {
             return self.zero(id, off, n as u32);
         }
-        self.buf.resize(n as usize, 0);
-        if let Err(e) = self.shared.source.read_at(off, &mut self.buf) {
-            tracing::warn!(offset = off, len = n, error = %e, "source read failed; answering with an error");
-            let msg = match &e.cause {
-                Some(c) => format!("{e}: {c}"),
-                None => e.to_string(),
-            };
-            return self.error(id, off, n as u32, e.retry, &msg);
-        }
-        // Split into runs of zero and data pages.
-        let buf = std::mem::take(&mut self.buf);
-        let pages: Vec<&[u8]> = buf.chunks(ps).collect();
+        let shared = Arc::clone(&self.shared);
+        let index = shared.dedup.get().filter(|_| self.dedup);
+        let first = off / ps as u64;
+        let count = (n as usize).div_ceil(ps);
+        let span = |i: usize| (i * ps, ((i + 1) * ps).min(n as usize));
+        let mut kinds: Vec<Kind> = (0..count)
+            .map(|i| {
+                if let Some(slot) = index.and_then(|ix| ix.slot(first + i as u64)) {
+                    return Kind::Same(slot);
+                }
+                let (a, b) = span(i);
+                match src.is_zero(off + a as u64, (b - a) as u64) {
+                    Some(true) => Kind::Zero,
+                    // Unknown pages are read, and checked for zeros below.
+                    _ => Kind::Data,
+                }
+            })
+            .collect();
+        // Read the runs of pages to send (into their place in the piece's buffer).
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(n as usize, 0);
         let mut i = 0;
-        let mut r = Ok(());
-        while i < pages.len() && r.is_ok() {
-            let zero = is_zero(pages[i]);
+        while i < count {
+            if kinds[i] != Kind::Data {
+                i += 1;
+                continue;
+            }
             let mut k = i + 1;
-            while k < pages.len() && is_zero(pages[k]) == zero {
+            while k < count && kinds[k] == Kind::Data {
+                k += 1;
+            }
+            let (from, _) = span(i);
+            let (_, to) = span(k - 1);
+            if let Err(e) = src.read_at(off + from as u64, &mut buf[from..to]) {
+                self.buf = buf;
+                tracing::warn!(offset = off, len = n, error = %e, "source read failed; answering with an error");
+                let msg = match &e.cause {
+                    Some(c) => format!("{e}: {c}"),
+                    None => e.to_string(),
+                };
+                return self.error(id, off, n as u32, e.retry, &msg);
+            }
+            for (j, kind) in kinds.iter_mut().enumerate().take(k).skip(i) {
+                let (a, b) = span(j);
+                if is_zero(&buf[a..b]) {
+                    *kind = Kind::Zero;
+                }
+            }
+            i = k;
+        }
+        // The whole piece goes out in one vectored write: frame headers from `heads`, bytes
+        // straight from `buf` and from the kept slots (no copy through the write buffer).
+        let mut heads = std::mem::take(&mut self.frame);
+        heads.clear();
+        let mut segs: Vec<Seg<'_>> = Vec::new();
+        let c = &shared.counters;
+        let mut i = 0;
+        while i < kinds.len() {
+            let mut k = i + 1;
+            while k < kinds.len() && kinds[k] == kinds[i] {
                 k += 1;
             }
             let from = i * ps;
             let to = (k * ps).min(buf.len());
-            let at = off + from as u64;
-            r = if zero {
-                self.zero(id, at, (to - from) as u32)
-            } else {
-                self.data(id, at, &buf[from..to])
+            let (at, len) = (off + from as u64, (to - from) as u32);
+            let h = heads.len();
+            let kept = match kinds[i] {
+                Kind::Same(slot) => index.and_then(|ix| ix.bytes(slot)).map(|b| (slot, b)),
+                _ => None,
             };
+            match (kinds[i], kept) {
+                (Kind::Zero, _) => {
+                    Frame::Zero {
+                        id,
+                        offset: at,
+                        len,
+                    }
+                    .encode(&mut heads);
+                    segs.push(Seg::Head(h, heads.len()));
+                    add(&c.zero_frames, 1);
+                    add(&c.zero_bytes, u64::from(len));
+                }
+                (Kind::Data, _) => {
+                    heads.extend_from_slice(&wire::data_head(id, at, len));
+                    segs.push(Seg::Head(h, heads.len()));
+                    segs.push(Seg::Buf(from, to));
+                    add(&c.data_frames, 1);
+                    add(&c.bytes_sent, u64::from(len));
+                }
+                (Kind::Same(_), Some((slot, bytes))) => {
+                    let s = slot as usize;
+                    if self.kept.len() <= s {
+                        self.kept.resize(s + 1, false);
+                    }
+                    if !self.kept[s] {
+                        heads.extend_from_slice(&wire::keep_head(slot, bytes.len() as u32));
+                        segs.push(Seg::Head(h, heads.len()));
+                        segs.push(Seg::Kept(bytes));
+                        self.kept[s] = true;
+                        add(&c.keep_frames, 1);
+                        add(&c.bytes_sent, bytes.len() as u64);
+                    }
+                    let h = heads.len();
+                    Frame::Same {
+                        id,
+                        offset: at,
+                        len,
+                        slot,
+                    }
+                    .encode(&mut heads);
+                    segs.push(Seg::Head(h, heads.len()));
+                    add(&c.same_frames, 1);
+                    add(&c.same_bytes, u64::from(len));
+                }
+                (Kind::Same(slot), None) => {
+                    // Not reached: pages are only classed as copies of slots the index holds.
+                    // Those pages were not read, so they must not go as DATA.
+                    let message = format!("duplicate-page slot {slot} has no bytes");
+                    Frame::Error {
+                        id,
+                        offset: at,
+                        len,
+                        retry: Retry::Permanent,
+                        message,
+                    }
+                    .encode(&mut heads);
+                    segs.push(Seg::Head(h, heads.len()));
+                    add(&c.error_frames, 1);
+                }
+            }
             i = k;
         }
+        let slices: Vec<&[u8]> = segs
+            .iter()
+            .map(|s| match *s {
+                Seg::Head(a, b) => &heads[a..b],
+                Seg::Buf(a, b) => &buf[a..b],
+                Seg::Kept(b) => b,
+            })
+            .collect();
+        let r = self
+            .out
+            .flush()
+            .and_then(|()| wire::write_all_vectored(self.out.get_mut(), &slices));
+        drop(slices);
+        self.frame = heads;
         self.buf = buf;
         r
     }
@@ -690,21 +917,6 @@ impl Writer {
         self.out.write_all(&self.frame)?;
         add(&self.shared.counters.zero_frames, 1);
         add(&self.shared.counters.zero_bytes, u64::from(len));
-        Ok(())
-    }
-
-    fn data(&mut self, id: u64, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
-        let head = wire::data_head(id, offset, bytes.len() as u32);
-        if bytes.len() >= self.out.capacity() {
-            // Large: straight to the socket, header and bytes in one vectored write.
-            self.out.flush()?;
-            wire::write_all_vectored(self.out.get_mut(), &[&head, bytes])?;
-        } else {
-            self.out.write_all(&head)?;
-            self.out.write_all(bytes)?;
-        }
-        add(&self.shared.counters.data_frames, 1);
-        add(&self.shared.counters.bytes_sent, bytes.len() as u64);
         Ok(())
     }
 
@@ -732,7 +944,7 @@ impl Writer {
 }
 
 /// Whether a page is all zero bytes (word-wise, no early exit within 64-byte blocks).
-fn is_zero(page: &[u8]) -> bool {
+pub(super) fn is_zero(page: &[u8]) -> bool {
     let mut blocks = page.chunks_exact(64);
     for b in &mut blocks {
         let mut acc = 0u8;

@@ -7,8 +7,14 @@ use crate::source::Retry;
 
 /// The protocol's magic, first in `HELLO` and `WELCOME`.
 pub const MAGIC: [u8; 4] = *b"FLRP";
-/// The protocol version this crate speaks.
-pub const VERSION: u16 = 1;
+/// The newest protocol version this crate speaks (2 adds `KEEP` and `SAME`: duplicate pages
+/// travel once per connection).
+pub const VERSION: u16 = 2;
+/// The oldest protocol version this crate speaks.
+pub const MIN_VERSION: u16 = 1;
+/// Most bytes a version-2 client keeps for `KEEP` slots: slots are `0 .. MAX_KEPT_BYTES /
+/// page_size`.
+pub const MAX_KEPT_BYTES: u32 = 16 << 20;
 /// Largest `DATA` payload.
 pub const MAX_DATA: u32 = 2 << 20;
 /// Largest frame (`len`: type byte + body).
@@ -33,6 +39,8 @@ const T_READ: u8 = 4;
 const T_DATA: u8 = 5;
 const T_ZERO: u8 = 6;
 const T_ERROR: u8 = 7;
+const T_KEEP: u8 = 8;
+const T_SAME: u8 = 9;
 
 /// Bytes of a `DATA`/`ZERO` body before the payload: id, offset, len.
 const ANSWER_HEAD: usize = 8 + 8 + 4;
@@ -167,6 +175,26 @@ pub enum Frame {
         /// What went wrong.
         message: String,
     },
+    /// Server → client (version 2): keep these bytes (one page) as `slot` for the rest of the
+    /// connection; `SAME` frames refer to them.
+    Keep {
+        /// Slot number, below `MAX_KEPT_BYTES / page_size`.
+        slot: u32,
+        /// The page's bytes.
+        bytes: Vec<u8>,
+    },
+    /// Server → client (version 2): each page of `offset..offset + len` holds the bytes kept
+    /// in `slot`.
+    Same {
+        /// Request id.
+        id: u64,
+        /// Offset.
+        offset: u64,
+        /// Length (whole pages).
+        len: u32,
+        /// The kept slot.
+        slot: u32,
+    },
 }
 
 /// Clip a message to at most `max` bytes on a character boundary.
@@ -279,6 +307,24 @@ impl Frame {
                 out.extend_from_slice(&len.to_le_bytes());
                 out.push(u8::from(*retry == Retry::Retryable));
                 put_str(out, message, MAX_MESSAGE);
+                finish(out, at);
+            }
+            Frame::Keep { slot, bytes } => {
+                debug_assert!(bytes.len() <= MAX_DATA as usize);
+                out.extend_from_slice(&keep_head(*slot, bytes.len() as u32));
+                out.extend_from_slice(bytes);
+            }
+            Frame::Same {
+                id,
+                offset,
+                len,
+                slot,
+            } => {
+                let at = begin(out, T_SAME);
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(&slot.to_le_bytes());
                 finish(out, at);
             }
         }
@@ -405,6 +451,30 @@ impl Frame {
                     message,
                 }
             }
+            T_KEEP => {
+                let slot = r.u32()?;
+                let n = body.len() - 4.min(body.len());
+                if n == 0 || n > MAX_DATA as usize {
+                    return Err(invalid(format!("keep: {n} bytes")));
+                }
+                let bytes = r.take(n)?.to_vec();
+                Frame::Keep { slot, bytes }
+            }
+            T_SAME => {
+                let id = r.u64()?;
+                let offset = r.u64()?;
+                let len = r.u32()?;
+                let slot = r.u32()?;
+                if len == 0 {
+                    return Err(invalid("same: length 0"));
+                }
+                Frame::Same {
+                    id,
+                    offset,
+                    len,
+                    slot,
+                }
+            }
             t => return Err(WireError::UnknownType(t)),
         };
         if r.at != body.len() {
@@ -427,6 +497,8 @@ fn type_name(t: u8) -> &'static str {
         T_DATA => "DATA",
         T_ZERO => "ZERO",
         T_ERROR => "ERROR",
+        T_KEEP => "KEEP",
+        T_SAME => "SAME",
         _ => "unknown",
     }
 }
@@ -458,6 +530,15 @@ pub fn data_head(id: u64, offset: u64, len: u32) -> [u8; 4 + 1 + ANSWER_HEAD] {
     h[5..13].copy_from_slice(&id.to_le_bytes());
     h[13..21].copy_from_slice(&offset.to_le_bytes());
     h[21..25].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
+/// The header of a `KEEP` frame carrying `len` bytes (the bytes follow it on the wire).
+pub fn keep_head(slot: u32, len: u32) -> [u8; 4 + 1 + 4] {
+    let mut h = [0u8; 9];
+    h[..4].copy_from_slice(&(1 + 4 + len).to_le_bytes());
+    h[4] = T_KEEP;
+    h[5..9].copy_from_slice(&slot.to_le_bytes());
     h
 }
 
@@ -663,6 +744,16 @@ mod tests {
                 retry: Retry::Retryable,
                 message: "EIO".into(),
             },
+            Frame::Keep {
+                slot: 3,
+                bytes: vec![7; 4096],
+            },
+            Frame::Same {
+                id: 9,
+                offset: 3 << 12,
+                len: 8192,
+                slot: 3,
+            },
         ];
         for f in &frames {
             assert_eq!(&roundtrip(f), f);
@@ -739,6 +830,20 @@ mod tests {
         .encode(&mut hello);
         hello[5] = b'X';
         assert!(Frame::decode(hello[4], &hello[5..]).is_err());
+        // KEEP without bytes, SAME of no pages.
+        let keep = keep_head(1, 0);
+        let e = Frame::decode(keep[4], &keep[5..]).unwrap_err();
+        assert_eq!(e.to_string(), "keep: 0 bytes");
+        let mut same = Vec::new();
+        Frame::Same {
+            id: 1,
+            offset: 0,
+            len: 0,
+            slot: 0,
+        }
+        .encode(&mut same);
+        let e = Frame::decode(same[4], &same[5..]).unwrap_err();
+        assert_eq!(e.to_string(), "same: length 0");
     }
 
     #[test]
