@@ -46,6 +46,11 @@ pub struct ExportArgs {
     /// are read, and sent as lengths).
     #[arg(long)]
     pub no_zero_scan: bool,
+    /// Skip the start-up scan for repeated pages (by default each repeated page travels once
+    /// per connection and its copies as references; the scan reads the source once, in the
+    /// background, and clients are served meanwhile).
+    #[arg(long)]
+    pub no_dedup: bool,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -98,6 +103,7 @@ pub fn start_export(args: &ExportArgs) -> Result<RemoteServer> {
         page_size: args.page_size,
         source_id: Some(id),
         max_connections: args.max_connections.max(1),
+        dedup: !args.no_dedup,
         ..RemoteServerOptions::default()
     };
     let len = src.len();
@@ -132,6 +138,8 @@ pub fn run_export(args: ExportArgs) -> Result<()> {
         connections = st.connections,
         bytes_sent = st.bytes_sent,
         zero_bytes = st.zero_bytes,
+        same_bytes = st.same_bytes,
+        keep_frames = st.keep_frames,
         demand_requests = st.demand_requests,
         background_requests = st.background_requests,
         "stopping"

@@ -140,7 +140,7 @@ fn a_client_restores_from_a_remote_memory_file() {
 fn a_client_restores_from_a_remote_stream() {
     let (dir, mem) = workdir();
     let mem_arg = mem.display().to_string();
-    let (exporter, addr) = export("127.0.0.1:0", &["--mem-file", &mem_arg]);
+    let (exporter, addr) = export("127.0.0.1:0", &["--mem-file", &mem_arg, "--no-dedup"]);
     let sock = dir.path().join("fl.sock");
     // Unsupervised, streaming into a cache smaller than the memory.
     let server = serve_remote(
@@ -155,7 +155,17 @@ fn a_client_restores_from_a_remote_stream() {
     );
     run_client(&sock, &mem, &["--touch", "rand"]);
     assert!(server.terminate().success());
+    let log = exporter.log.clone();
     assert!(exporter.terminate().success());
+    // Without the scan, nothing goes as a reference to a kept page.
+    let stop = log.wait_for("the exporter's summary", |l| is_message(l, "stopping"));
+    let f = fields(&stop);
+    assert_eq!(
+        (f["same_bytes"].as_u64(), f["keep_frames"].as_u64()),
+        (Some(0), Some(0)),
+        "{stop}"
+    );
+    assert!(f["bytes_sent"].as_u64().unwrap_or(0) > 0, "{stop}");
 }
 
 #[test]

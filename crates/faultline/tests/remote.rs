@@ -773,3 +773,191 @@ fn an_answer_that_does_not_fit_its_request_ends_the_connection() {
     drop(src);
     fake.join().unwrap();
 }
+
+/// `pages` pages: every fifth zero, every third (not zero) a copy of one of `kinds` contents,
+/// the rest unique patterns.
+fn with_copies(pages: usize, kinds: u64) -> Vec<u8> {
+    let mut v = content(pages, 0);
+    for (p, chunk) in v.chunks_mut(PAGE_SIZE).enumerate() {
+        if p % 5 != 0 && p % 3 == 0 {
+            fill_pattern(0xd0b1e, (p as u64 / 3) % kinds, chunk);
+        }
+    }
+    v
+}
+
+/// Pages of `bytes` that are copies (every third page that is not zero).
+fn copies(bytes: &[u8]) -> u64 {
+    (0..bytes.len() / PAGE_SIZE)
+        .filter(|p| p % 5 != 0 && p % 3 == 0)
+        .count() as u64
+}
+
+#[test]
+fn repeated_pages_travel_once_per_connection() {
+    const PAGES: usize = 600;
+    let want = with_copies(PAGES, 7);
+    let server = serve(&want);
+    assert!(server.wait_stats(LIMIT, |s| s.dedup_done));
+    let scan = server.stats();
+    assert_eq!((scan.dedup_slots, scan.dedup_pages), (7, copies(&want)));
+    let src = connect(&server, options());
+    assert_eq!(src.stats().version, 2);
+    // Read in pieces of 16 pages: every byte right.
+    for p in (0..PAGES).step_by(16) {
+        let n = 16.min(PAGES - p);
+        check(&src, &want, p * PAGE_SIZE, n * PAGE_SIZE).unwrap();
+    }
+    let s = server.stats();
+    let dup_bytes = copies(&want) * PS;
+    let zero_bytes = PAGES.div_ceil(5) as u64 * PS;
+    assert_eq!(s.keep_frames, 7, "{s:?}");
+    assert_eq!(s.same_bytes, dup_bytes, "{s:?}");
+    assert_eq!(s.zero_bytes, zero_bytes, "{s:?}");
+    // Unique pages, and each repeated content once.
+    let sent = want.len() as u64 - dup_bytes - zero_bytes + 7 * PS;
+    assert_eq!(s.bytes_sent, sent, "{s:?}");
+    let c = src.stats();
+    assert_eq!(
+        (c.bytes_received, c.same_bytes_received, c.kept_pages),
+        (sent, dup_bytes, 7),
+        "{c:?}"
+    );
+    assert_eq!(c.kept_bytes, 7 * PS, "kept for the connection: {c:?}");
+    // Kept pages live as long as their connection: a new one is sent them again.
+    server.cut_connections();
+    assert!(src.wait_stats(LIMIT, |s| s.reconnects == 1 && s.connected));
+    for p in (0..PAGES).step_by(16) {
+        let n = 16.min(PAGES - p);
+        read_retrying(&src, &want, p * PAGE_SIZE, n * PAGE_SIZE);
+    }
+    let s = server.stats();
+    assert_eq!(s.keep_frames, 14, "{s:?}");
+    assert_eq!(s.same_bytes, 2 * dup_bytes, "{s:?}");
+}
+
+#[test]
+fn without_the_scan_or_for_a_version_1_client_copies_go_as_data() {
+    use faultline::remote::wire::{read_frame, Frame, WireRange};
+    use std::io::Write;
+    let want = with_copies(64, 3);
+    // A server that does not scan sends every nonzero page.
+    let plain = serve_unscanned(Arc::new(MemorySource::new(want.clone())));
+    let src = connect(&plain, options());
+    check(&src, &want, 0, want.len()).unwrap();
+    let s = plain.stats();
+    assert_eq!((s.keep_frames, s.same_frames, s.dedup_slots), (0, 0, 0));
+    assert_eq!(s.bytes_sent + s.zero_bytes, want.len() as u64);
+    // A scanning server speaks version 1 to a client that only speaks 1: DATA and ZERO only.
+    let server = serve(&want);
+    assert!(server.wait_stats(LIMIT, |s| s.dedup_done && s.dedup_slots == 3));
+    let mut raw = std::net::TcpStream::connect(server.local_addr()).unwrap();
+    raw.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut out = Vec::new();
+    Frame::Hello {
+        min_version: 1,
+        max_version: 1,
+    }
+    .encode(&mut out);
+    Frame::Read {
+        id: 1,
+        priority: faultline::remote::wire::Priority::Demand,
+        ranges: vec![WireRange {
+            offset: 0,
+            len: want.len() as u32,
+        }],
+    }
+    .encode(&mut out);
+    raw.write_all(&out).unwrap();
+    let mut scratch = Vec::new();
+    match read_frame(&mut raw, &mut scratch).unwrap() {
+        Frame::Welcome(w) => assert_eq!(w.version, 1),
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+    let mut got = vec![0xa5u8; want.len()];
+    let mut at = 0usize;
+    while at < want.len() {
+        match read_frame(&mut raw, &mut scratch).unwrap() {
+            Frame::Data { offset, bytes, .. } => {
+                assert_eq!(offset as usize, at);
+                got[at..at + bytes.len()].copy_from_slice(&bytes);
+                at += bytes.len();
+            }
+            Frame::Zero { offset, len, .. } => {
+                assert_eq!(offset as usize, at);
+                got[at..at + len as usize].fill(0);
+                at += len as usize;
+            }
+            other => panic!("a version-1 connection got {other:?}"),
+        }
+    }
+    assert!(got == want, "the answer differs from the source");
+    assert_eq!(server.stats().same_frames, 0);
+}
+
+#[test]
+fn a_same_for_a_slot_never_kept_ends_the_connection() {
+    // A hand-written version-2 server: its first connection answers with SAME for a slot it
+    // never sent, its second with the page's bytes.
+    use faultline::remote::wire::{read_frame, Frame, Welcome};
+    use std::io::Write;
+    let want = content(8, 0);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let bytes = want.clone();
+    let fake = std::thread::spawn(move || {
+        for round in 0..2 {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut scratch = Vec::new();
+            assert!(matches!(
+                read_frame(&mut c, &mut scratch).unwrap(),
+                Frame::Hello { max_version: 2, .. }
+            ));
+            let mut out = Vec::new();
+            Frame::Welcome(Welcome {
+                version: 2,
+                page_size: 4096,
+                source_len: bytes.len() as u64,
+                source_id: 5,
+                max_ranges: 16,
+                max_range_len: 1 << 20,
+                name: "fake".into(),
+            })
+            .encode(&mut out);
+            c.write_all(&out).unwrap();
+            let Frame::Read { id, ranges, .. } = read_frame(&mut c, &mut scratch).unwrap() else {
+                panic!("expected a read");
+            };
+            let r = ranges[0];
+            let mut out = Vec::new();
+            if round == 0 {
+                Frame::Same {
+                    id,
+                    offset: r.offset,
+                    len: r.len,
+                    slot: 3,
+                }
+                .encode(&mut out);
+            } else {
+                let from = r.offset as usize;
+                Frame::Data {
+                    id,
+                    offset: r.offset,
+                    bytes: bytes[from..from + r.len as usize].to_vec(),
+                }
+                .encode(&mut out);
+            }
+            let _ = c.write_all(&out);
+            if round == 1 {
+                let _ = read_frame(&mut c, &mut scratch);
+            }
+        }
+    });
+    let src = RemoteSource::connect(&addr.to_string(), options()).unwrap();
+    check(&src, &want, 3 * PAGE_SIZE, PAGE_SIZE).unwrap();
+    let st = src.stats();
+    assert_eq!((st.disconnects, st.reconnects), (1, 1), "{st:?}");
+    assert_eq!(st.same_bytes_received, 0, "{st:?}");
+    drop(src);
+    fake.join().unwrap();
+}
