@@ -664,12 +664,10 @@ fn a_remote_gone_past_the_deadline_poisons_the_page() {
     assert_eq!(exit, ChildExit::Signal(libc::SIGBUS));
 }
 
-#[test]
-fn a_client_that_breaks_the_protocol_is_dropped_and_others_are_served() {
-    use faultline::remote::wire::{read_frame, Frame};
-    use std::io::{Read, Write};
-    let want = content(8, 0);
-    let server = serve(&want);
+/// A raw connection to `server` that says hello speaking only version 1, followed by `then`.
+fn hello_v1(server: &RemoteServer, then: &mut Vec<u8>) -> std::net::TcpStream {
+    use faultline::remote::wire::Frame;
+    use std::io::Write;
     let mut raw = std::net::TcpStream::connect(server.local_addr()).unwrap();
     raw.set_read_timeout(Some(LIMIT)).unwrap();
     let mut out = Vec::new();
@@ -678,7 +676,18 @@ fn a_client_that_breaks_the_protocol_is_dropped_and_others_are_served() {
         max_version: 1,
     }
     .encode(&mut out);
+    out.append(then);
     raw.write_all(&out).unwrap();
+    raw
+}
+
+#[test]
+fn a_client_that_breaks_the_protocol_is_dropped_and_others_are_served() {
+    use faultline::remote::wire::{read_frame, Frame};
+    use std::io::{Read, Write};
+    let want = content(8, 0);
+    let server = serve(&want);
+    let mut raw = hello_v1(&server, &mut Vec::new());
     assert!(matches!(
         read_frame(&mut raw, &mut Vec::new()).unwrap(),
         Frame::Welcome(_)
@@ -709,27 +718,31 @@ fn a_client_that_breaks_the_protocol_is_dropped_and_others_are_served() {
     assert_eq!(server.stats().connections, 2);
 }
 
-#[test]
-fn an_answer_that_does_not_fit_its_request_ends_the_connection() {
+/// A hand-written server of `bytes` speaking `version`, for two connections: to the first
+/// read of connection `round` it answers `answer(round, id, range, bytes)`; it keeps the second
+/// connection until the client hangs up. Returns its address and thread.
+fn fake_server(
+    version: u16,
+    bytes: Vec<u8>,
+    answer: impl Fn(usize, u64, faultline::remote::wire::WireRange, &[u8]) -> faultline::remote::wire::Frame
+        + Send
+        + 'static,
+) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
     use faultline::remote::wire::{read_frame, Frame, Welcome};
     use std::io::Write;
-    // A hand-written server: its first connection answers at a wrong offset, its second
-    // answers right.
-    let want = content(8, 0);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let bytes = want.clone();
     let fake = std::thread::spawn(move || {
         for round in 0..2 {
             let (mut c, _) = listener.accept().unwrap();
             let mut scratch = Vec::new();
             assert!(matches!(
                 read_frame(&mut c, &mut scratch).unwrap(),
-                Frame::Hello { .. }
+                Frame::Hello { max_version: 2, .. }
             ));
             let mut out = Vec::new();
             Frame::Welcome(Welcome {
-                version: 1,
+                version,
                 page_size: 4096,
                 source_len: bytes.len() as u64,
                 source_id: 5,
@@ -742,25 +755,42 @@ fn an_answer_that_does_not_fit_its_request_ends_the_connection() {
             let Frame::Read { id, ranges, .. } = read_frame(&mut c, &mut scratch).unwrap() else {
                 panic!("expected a read");
             };
-            let r = ranges[0];
-            let at = if round == 0 {
-                r.offset + 4096
-            } else {
-                r.offset
-            };
             let mut out = Vec::new();
-            Frame::Data {
-                id,
-                offset: at,
-                bytes: bytes[at as usize..(at + u64::from(r.len)) as usize].to_vec(),
-            }
-            .encode(&mut out);
+            answer(round, id, ranges[0], &bytes).encode(&mut out);
             let _ = c.write_all(&out);
             if round == 1 {
                 // Keep the connection until the client hangs up.
                 let _ = read_frame(&mut c, &mut scratch);
             }
         }
+    });
+    (addr, fake)
+}
+
+/// The right answer to a read of `r`.
+fn data_of(
+    id: u64,
+    r: faultline::remote::wire::WireRange,
+    bytes: &[u8],
+) -> faultline::remote::wire::Frame {
+    let from = r.offset as usize;
+    faultline::remote::wire::Frame::Data {
+        id,
+        offset: r.offset,
+        bytes: bytes[from..from + r.len as usize].to_vec(),
+    }
+}
+
+#[test]
+fn an_answer_that_does_not_fit_its_request_ends_the_connection() {
+    // Its first connection answers at a wrong offset, its second answers right.
+    let want = content(8, 0);
+    let (addr, fake) = fake_server(1, want.clone(), |round, id, r, bytes| {
+        let mut r = r;
+        if round == 0 {
+            r.offset += 4096;
+        }
+        data_of(id, r, bytes)
     });
     let src = RemoteSource::connect(&addr.to_string(), options()).unwrap();
     check(&src, &want, 2 * PAGE_SIZE, PAGE_SIZE).unwrap();
@@ -839,7 +869,6 @@ fn repeated_pages_travel_once_per_connection() {
 #[test]
 fn without_the_scan_or_for_a_version_1_client_copies_go_as_data() {
     use faultline::remote::wire::{read_frame, Frame, WireRange};
-    use std::io::Write;
     let want = with_copies(64, 3);
     // A server that does not scan sends every nonzero page.
     let plain = serve_unscanned(Arc::new(MemorySource::new(want.clone())));
@@ -851,14 +880,7 @@ fn without_the_scan_or_for_a_version_1_client_copies_go_as_data() {
     // A scanning server speaks version 1 to a client that only speaks 1: DATA and ZERO only.
     let server = serve(&want);
     assert!(server.wait_stats(LIMIT, |s| s.dedup_done && s.dedup_slots == 3));
-    let mut raw = std::net::TcpStream::connect(server.local_addr()).unwrap();
-    raw.set_read_timeout(Some(LIMIT)).unwrap();
     let mut out = Vec::new();
-    Frame::Hello {
-        min_version: 1,
-        max_version: 1,
-    }
-    .encode(&mut out);
     Frame::Read {
         id: 1,
         priority: faultline::remote::wire::Priority::Demand,
@@ -868,7 +890,7 @@ fn without_the_scan_or_for_a_version_1_client_copies_go_as_data() {
         }],
     }
     .encode(&mut out);
-    raw.write_all(&out).unwrap();
+    let mut raw = hello_v1(&server, &mut out);
     let mut scratch = Vec::new();
     match read_frame(&mut raw, &mut scratch).unwrap() {
         Frame::Welcome(w) => assert_eq!(w.version, 1),
@@ -897,60 +919,20 @@ fn without_the_scan_or_for_a_version_1_client_copies_go_as_data() {
 
 #[test]
 fn a_same_for_a_slot_never_kept_ends_the_connection() {
-    // A hand-written version-2 server: its first connection answers with SAME for a slot it
-    // never sent, its second with the page's bytes.
-    use faultline::remote::wire::{read_frame, Frame, Welcome};
-    use std::io::Write;
+    // A version-2 server whose first connection answers with SAME for a slot it never sent,
+    // its second with the page's bytes.
+    use faultline::remote::wire::Frame;
     let want = content(8, 0);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let bytes = want.clone();
-    let fake = std::thread::spawn(move || {
-        for round in 0..2 {
-            let (mut c, _) = listener.accept().unwrap();
-            let mut scratch = Vec::new();
-            assert!(matches!(
-                read_frame(&mut c, &mut scratch).unwrap(),
-                Frame::Hello { max_version: 2, .. }
-            ));
-            let mut out = Vec::new();
-            Frame::Welcome(Welcome {
-                version: 2,
-                page_size: 4096,
-                source_len: bytes.len() as u64,
-                source_id: 5,
-                max_ranges: 16,
-                max_range_len: 1 << 20,
-                name: "fake".into(),
-            })
-            .encode(&mut out);
-            c.write_all(&out).unwrap();
-            let Frame::Read { id, ranges, .. } = read_frame(&mut c, &mut scratch).unwrap() else {
-                panic!("expected a read");
-            };
-            let r = ranges[0];
-            let mut out = Vec::new();
-            if round == 0 {
-                Frame::Same {
-                    id,
-                    offset: r.offset,
-                    len: r.len,
-                    slot: 3,
-                }
-                .encode(&mut out);
-            } else {
-                let from = r.offset as usize;
-                Frame::Data {
-                    id,
-                    offset: r.offset,
-                    bytes: bytes[from..from + r.len as usize].to_vec(),
-                }
-                .encode(&mut out);
+    let (addr, fake) = fake_server(2, want.clone(), |round, id, r, bytes| {
+        if round == 0 {
+            Frame::Same {
+                id,
+                offset: r.offset,
+                len: r.len,
+                slot: 3,
             }
-            let _ = c.write_all(&out);
-            if round == 1 {
-                let _ = read_frame(&mut c, &mut scratch);
-            }
+        } else {
+            data_of(id, r, bytes)
         }
     });
     let src = RemoteSource::connect(&addr.to_string(), options()).unwrap();

@@ -215,6 +215,13 @@ fn put_str(out: &mut Vec<u8>, s: &str, max: usize) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// The fields every answer frame starts with: request id, offset, length.
+fn put_answer_head(out: &mut Vec<u8>, id: u64, offset: u64, len: u32) {
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+}
+
 /// Start a frame of type `t` in `out`; returns where its length goes.
 fn begin(out: &mut Vec<u8>, t: u8) -> usize {
     let at = out.len();
@@ -289,9 +296,7 @@ impl Frame {
             }
             Frame::Zero { id, offset, len } => {
                 let at = begin(out, T_ZERO);
-                out.extend_from_slice(&id.to_le_bytes());
-                out.extend_from_slice(&offset.to_le_bytes());
-                out.extend_from_slice(&len.to_le_bytes());
+                put_answer_head(out, *id, *offset, *len);
                 finish(out, at);
             }
             Frame::Error {
@@ -302,9 +307,7 @@ impl Frame {
                 message,
             } => {
                 let at = begin(out, T_ERROR);
-                out.extend_from_slice(&id.to_le_bytes());
-                out.extend_from_slice(&offset.to_le_bytes());
-                out.extend_from_slice(&len.to_le_bytes());
+                put_answer_head(out, *id, *offset, *len);
                 out.push(u8::from(*retry == Retry::Retryable));
                 put_str(out, message, MAX_MESSAGE);
                 finish(out, at);
@@ -321,9 +324,7 @@ impl Frame {
                 slot,
             } => {
                 let at = begin(out, T_SAME);
-                out.extend_from_slice(&id.to_le_bytes());
-                out.extend_from_slice(&offset.to_le_bytes());
-                out.extend_from_slice(&len.to_le_bytes());
+                put_answer_head(out, *id, *offset, *len);
                 out.extend_from_slice(&slot.to_le_bytes());
                 finish(out, at);
             }
