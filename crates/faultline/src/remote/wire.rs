@@ -353,12 +353,12 @@ impl Frame {
             T_WELCOME => {
                 r.magic()?;
                 let version = r.u16()?;
-                r.u16()?;
+                r.reserved16("welcome")?;
                 let page_size = r.u32()?;
                 let source_len = r.u64()?;
                 let source_id = r.u64()?;
                 let max_ranges = r.u16()?;
-                r.u16()?;
+                r.reserved16("welcome")?;
                 let max_range_len = r.u32()?;
                 let name = r.string(MAX_NAME)?;
                 if !page_size.is_power_of_two()
@@ -395,7 +395,9 @@ impl Frame {
                     1 => Priority::Background,
                     p => return Err(invalid(format!("read: priority {p}"))),
                 };
-                r.u8()?;
+                if r.u8()? != 0 {
+                    return Err(invalid("read: reserved byte must be zero"));
+                }
                 let count = r.u16()?;
                 if count == 0 || count > MAX_RANGES {
                     return Err(invalid(format!("read: {count} ranges")));
@@ -586,6 +588,16 @@ impl<'a> Cursor<'a> {
     fn u64(&mut self) -> Result<u64, WireError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
+    /// A reserved 16-bit field, which must be zero.
+    fn reserved16(&mut self, frame: &str) -> Result<(), WireError> {
+        match self.u16()? {
+            0 => Ok(()),
+            v => Err(invalid(format!(
+                "{frame}: reserved field is {v}, must be zero"
+            ))),
+        }
+    }
+
     fn magic(&mut self) -> Result<(), WireError> {
         if self.array::<4>()? != MAGIC {
             return Err(invalid("bad magic (not a faultline remote page peer)"));
@@ -802,6 +814,11 @@ mod tests {
         let mut out = Vec::new();
         Frame::Welcome(w).encode(&mut out);
         assert!(Frame::decode(out[4], &out[5..]).is_err());
+        let mut out = Vec::new();
+        Frame::Welcome(welcome()).encode(&mut out);
+        out[5 + 6] = 3; // the reserved u16 after the version
+        let e = Frame::decode(out[4], &out[5..]).unwrap_err();
+        assert_eq!(e.to_string(), "welcome: reserved field is 3, must be zero");
 
         let mut out = Vec::new();
         Frame::Read {
@@ -816,6 +833,10 @@ mod tests {
         let mut bad = out.clone();
         bad[5 + 10] = 2; // count 2, one range present
         assert!(Frame::decode(bad[4], &bad[5..]).is_err());
+        let mut bad = out.clone();
+        bad[5 + 9] = 1; // reserved byte
+        let e = Frame::decode(bad[4], &bad[5..]).unwrap_err();
+        assert_eq!(e.to_string(), "read: reserved byte must be zero");
         let mut bad = out;
         bad[5] = b'x';
         bad[4] = 99;
