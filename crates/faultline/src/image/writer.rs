@@ -29,6 +29,7 @@ use super::format::{
 };
 use super::reader::{ImageSource, Resolved};
 use super::{Codec, ImageError};
+use crate::source::bytes_are_zero;
 
 /// How to pack.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,17 +153,6 @@ pub struct ImageWriter<'b, W: Write + Seek> {
     started: Instant,
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    let mut words = page.chunks_exact(16);
-    let mut acc = 0u128;
-    for w in &mut words {
-        let mut b = [0u8; 16];
-        b.copy_from_slice(w);
-        acc |= u128::from_ne_bytes(b);
-    }
-    acc == 0 && words.remainder().iter().all(|&b| b == 0)
-}
-
 impl<W: Write + Seek> ImageWriter<'static, W> {
     /// A writer of a full image to `out` (which is overwritten from its current start: write
     /// to a new or truncated file).
@@ -252,7 +242,7 @@ impl<'b, W: Write + Seek> ImageWriter<'b, W> {
         }
         let p = self.index.len() as u64;
         let base = self.base.as_ref().map(|b| b.source.resolved(p));
-        let loc = if is_zero(page) {
+        let loc = if bytes_are_zero(page) {
             match base {
                 Some(Some(Resolved::Zero)) => {
                     self.stats.base_pages += 1;
@@ -497,13 +487,13 @@ mod tests {
     #[test]
     fn zero_detection_sees_every_byte() {
         let mut p = vec![0u8; 4096];
-        assert!(is_zero(&p));
+        assert!(bytes_are_zero(&p));
         for at in [0, 15, 16, 4095] {
             p[at] = 1;
-            assert!(!is_zero(&p), "{at}");
+            assert!(!bytes_are_zero(&p), "{at}");
             p[at] = 0;
         }
-        assert!(!is_zero(&[0, 0, 1]));
+        assert!(!bytes_are_zero(&[0, 0, 1]));
     }
 
     #[test]

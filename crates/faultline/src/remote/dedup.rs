@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::wire::MAX_KEPT_BYTES;
-use crate::source::PageSource;
+use crate::source::{bytes_are_zero, PageSource};
 
 /// Bytes read from the source per scan step.
 const SCAN_PIECE: usize = 1 << 20;
@@ -84,7 +84,7 @@ fn scan_with(
             return None;
         }
         for (i, pg) in b.chunks_exact(page).enumerate() {
-            if super::server::is_zero(pg) {
+            if bytes_are_zero(pg) {
                 continue;
             }
             let h = hash(pg).max(1);

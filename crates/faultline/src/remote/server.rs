@@ -17,7 +17,7 @@ use super::wire::{
     MAX_RANGE_LEN, MIN_VERSION, VERSION,
 };
 use super::RemoteError;
-use crate::source::{PageSource, Retry};
+use crate::source::{bytes_are_zero, PageSource, Retry};
 
 /// Options of a [`RemoteServer`].
 #[derive(Debug, Clone)]
@@ -805,7 +805,7 @@ impl Writer {
             }
             for (j, kind) in kinds.iter_mut().enumerate().take(k).skip(i) {
                 let (a, b) = span(j);
-                if is_zero(&buf[a..b]) {
+                if bytes_are_zero(&buf[a..b]) {
                     *kind = Kind::Zero;
                 }
             }
@@ -941,19 +941,4 @@ impl Writer {
         add(&self.shared.counters.error_frames, 1);
         Ok(())
     }
-}
-
-/// Whether a page is all zero bytes (word-wise, no early exit within 64-byte blocks).
-pub(super) fn is_zero(page: &[u8]) -> bool {
-    let mut blocks = page.chunks_exact(64);
-    for b in &mut blocks {
-        let mut acc = 0u8;
-        for &x in b {
-            acc |= x;
-        }
-        if acc != 0 {
-            return false;
-        }
-    }
-    blocks.remainder().iter().all(|&b| b == 0)
 }

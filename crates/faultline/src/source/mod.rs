@@ -23,6 +23,7 @@ mod zero;
 pub use failure::{Failure, FailureInjecting, FailureStats};
 pub use file::FileSource;
 pub use layered::{LayerError, LayeredSource};
+pub(crate) use memory::bytes_are_zero;
 pub use memory::MemorySource;
 pub use mmap::{MmapSource, MmapSourceOptions};
 pub use object::{

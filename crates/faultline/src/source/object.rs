@@ -961,7 +961,6 @@ fn http_error_kind(e: &object_store::Error) -> Option<object_store::client::Http
     None
 }
 
-/// Parse `s3://bucket/key` (`s3a://` too).
 /// The S3 store of `url` (`s3://bucket/key`) configured from `s3`, then the `AWS_*` variables,
 /// and the object's path in it.
 fn s3_builder(url: &str, s3: &S3Config) -> Result<(AmazonS3Builder, ObjectPath), ObjectError> {
@@ -1040,6 +1039,7 @@ pub fn put_object(url: &str, s3: &S3Config, bytes: Bytes) -> Result<Option<Strin
     })
 }
 
+/// Parse `s3://bucket/key` (`s3a://` too).
 fn parse_s3_url(url: &str) -> Result<(&str, &str), ObjectError> {
     let bad = |why: &str| ObjectError::Url {
         url: url.to_string(),

@@ -38,6 +38,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
+use crate::source::bytes_are_zero;
+
 /// The cache layout this code writes.
 const FORMAT: u32 = 2;
 /// Bytes per page for the zero-page bitmap.
@@ -509,22 +511,11 @@ pub(crate) fn block_len(b: u64, block_size: u64, len: u64) -> u64 {
 fn zero_map(block: &[u8], bytes: usize) -> Vec<u8> {
     let mut map = vec![0u8; bytes];
     for (i, page) in block.chunks(PAGE as usize).enumerate() {
-        if is_zeros(page) {
+        if bytes_are_zero(page) {
             map[i / 8] |= 1 << (i % 8);
         }
     }
     map
-}
-
-/// Whether `b` is all zero bytes (16 at a time: the compiler vectorizes this).
-fn is_zeros(b: &[u8]) -> bool {
-    let mut chunks = b.chunks_exact(16);
-    let wide = chunks.by_ref().all(|c| {
-        let mut w = [0u8; 16];
-        w.copy_from_slice(c);
-        u128::from_ne_bytes(w) == 0
-    });
-    wide && chunks.remainder().iter().all(|&x| x == 0)
 }
 
 /// Take the directory's lock file without waiting. `None` when another holder has it.
@@ -619,8 +610,8 @@ mod tests {
         blk[3 * PAGE as usize + 99] = 7; // the short page 3
         assert_eq!(zero_map(&blk, 1), [0b0101]);
         assert!(
-            is_zeros(&[0; 33])
-                && !is_zeros(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2])
+            bytes_are_zero(&[0; 33])
+                && !bytes_are_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2])
         );
     }
 
