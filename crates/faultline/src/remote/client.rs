@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::wire::{
-    read_frame, Frame, Priority, Welcome, WireError, WireRange, MAX_KEPT_BYTES, MIN_VERSION,
+    self, read_frame, Frame, Priority, Welcome, WireError, WireRange, MAX_KEPT_BYTES, MIN_VERSION,
     VERSION,
 };
 use super::RemoteError;
@@ -233,7 +233,7 @@ struct Shared {
     /// Bytes of `KEEP` pages alive (not counted in `cached`: they are not stream pages).
     kept: Arc<AtomicU64>,
     /// The current connection's protocol version.
-    version: AtomicU64,
+    version: AtomicU16,
     c: Counters,
     tx: Sender<Cmd>,
     connected: AtomicBool,
@@ -288,7 +288,7 @@ impl Shared {
             same_bytes_received: l(&c.same_bytes_received),
             kept_pages: l(&c.kept_pages),
             kept_bytes: self.kept.load(Ordering::Acquire),
-            version: self.version.load(Ordering::Relaxed) as u16,
+            version: self.version.load(Ordering::Relaxed),
             duplicate_pages: l(&c.duplicate_pages),
             reconnects: l(&c.reconnects),
             disconnects: l(&c.disconnects),
@@ -455,7 +455,7 @@ impl RemoteSource {
             npages,
             cached: Arc::new(AtomicU64::new(0)),
             kept: Arc::new(AtomicU64::new(0)),
-            version: AtomicU64::new(u64::from(version)),
+            version: AtomicU16::new(version),
             c: Counters::default(),
             tx,
             connected: AtomicBool::new(false),
@@ -881,7 +881,7 @@ impl Io {
             }
         };
         sh.connected.store(true, Ordering::Release);
-        sh.version.store(u64::from(version), Ordering::Relaxed);
+        sh.version.store(version, Ordering::Relaxed);
         if again {
             add(&sh.c.reconnects, 1);
         }
@@ -1144,12 +1144,6 @@ fn encode_read(out: &mut Vec<u8>, id: u64, r: &Req) {
 /// Most answer frames applied under one lock.
 const BATCH: usize = 256;
 
-/// Whether `r` holds a whole next frame already (it can be read without blocking).
-fn frame_buffered(r: &BufReader<TcpStream>) -> bool {
-    let b = r.buffer();
-    b.len() >= 4 && u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])) + 4 <= b.len() as u64
-}
-
 /// The connection's reader: receives answer frames and applies them to the cache. Frames that
 /// arrived together (all that the read buffer holds, up to [`BATCH`]) are applied under one
 /// lock with one wake-up of the waiting reads: with repeated pages a 1 MiB answer is hundreds
@@ -1180,7 +1174,8 @@ fn reader_main(sh: Arc<Shared>, stream: TcpStream, gen: u64, version: u16) {
                     break;
                 }
             }
-            if batch.len() >= BATCH || !frame_buffered(&r) {
+            // Go on only while the next frame can be read without blocking.
+            if batch.len() >= BATCH || !wire::holds_whole_frame(r.buffer()) {
                 break;
             }
         }
@@ -1201,7 +1196,6 @@ fn reader_main(sh: Arc<Shared>, stream: TcpStream, gen: u64, version: u16) {
                 }
             }
         }
-        batch.clear();
         drop(st);
         sh.cv.notify_all();
         if bg_done {

@@ -45,10 +45,11 @@ impl DedupIndex {
         self.kept.len().checked_div(self.page).unwrap_or(0)
     }
 
-    /// The slot whose bytes page number `p` holds, if it is an indexed copy.
-    pub fn slot(&self, p: u64) -> Option<u32> {
+    /// The slot whose bytes page number `p` holds, and those bytes, if it is an indexed copy.
+    pub fn copy_of(&self, p: u64) -> Option<(u32, &[u8])> {
         let s = *self.slot_of.get(usize::try_from(p).ok()?)?;
-        s.checked_sub(1)
+        let slot = s.checked_sub(1)?;
+        Some((slot, self.bytes(slot)?))
     }
 
     /// A slot's bytes.
@@ -167,11 +168,12 @@ mod tests {
         assert_eq!(ix.bytes(1).unwrap(), &b[..]);
         assert_eq!(ix.pages, 5);
         for (p, want) in [(0, 0), (1, 1), (2, 0), (5, 1), (6, 0)] {
-            assert_eq!(ix.slot(p), Some(want), "page {p}");
-            assert_eq!(ix.bytes(want).unwrap(), &src.bytes()[p as usize * P..][..P]);
+            let (slot, bytes) = ix.copy_of(p).unwrap();
+            assert_eq!(slot, want, "page {p}");
+            assert_eq!(bytes, &src.bytes()[p as usize * P..][..P]);
         }
         for p in [3, 4, 7, 8, 99] {
-            assert_eq!(ix.slot(p), None, "page {p}");
+            assert!(ix.copy_of(p).is_none(), "page {p}");
         }
     }
 
@@ -203,7 +205,9 @@ mod tests {
         assert_eq!(ix.slots(), 1);
         assert_eq!(ix.bytes(0).unwrap(), &a[..]);
         assert_eq!(
-            (0..5).map(|p| ix.slot(p)).collect::<Vec<_>>(),
+            (0..5)
+                .map(|p| ix.copy_of(p).map(|c| c.0))
+                .collect::<Vec<_>>(),
             [Some(0), None, Some(0), None, None]
         );
         assert_eq!(ix.pages, 2);

@@ -656,11 +656,24 @@ enum Seg<'a> {
 }
 
 /// How a page of a piece is answered.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
+#[derive(Clone, Copy)]
+enum Kind<'a> {
     Zero,
     Data,
-    Same(u32),
+    /// A copy of this slot, whose bytes these are.
+    Same(u32, &'a [u8]),
+}
+
+/// Pages of one kind go in one run; copies of one slot are one kind (their bytes are not
+/// compared again).
+impl PartialEq for Kind<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Kind::Same(a, _), Kind::Same(b, _)) => a == b,
+            (Kind::Zero, Kind::Zero) | (Kind::Data, Kind::Data) => true,
+            _ => false,
+        }
+    }
 }
 
 fn write_loop(
@@ -766,10 +779,10 @@ impl Writer {
         let first = off / ps as u64;
         let count = (n as usize).div_ceil(ps);
         let span = |i: usize| (i * ps, ((i + 1) * ps).min(n as usize));
-        let mut kinds: Vec<Kind> = (0..count)
+        let mut kinds: Vec<Kind<'_>> = (0..count)
             .map(|i| {
-                if let Some(slot) = index.and_then(|ix| ix.slot(first + i as u64)) {
-                    return Kind::Same(slot);
+                if let Some((slot, bytes)) = index.and_then(|ix| ix.copy_of(first + i as u64)) {
+                    return Kind::Same(slot, bytes);
                 }
                 let (a, b) = span(i);
                 match src.is_zero(off + a as u64, (b - a) as u64) {
@@ -827,12 +840,8 @@ impl Writer {
             let to = (k * ps).min(buf.len());
             let (at, len) = (off + from as u64, (to - from) as u32);
             let h = heads.len();
-            let kept = match kinds[i] {
-                Kind::Same(slot) => index.and_then(|ix| ix.bytes(slot)).map(|b| (slot, b)),
-                _ => None,
-            };
-            match (kinds[i], kept) {
-                (Kind::Zero, _) => {
+            match kinds[i] {
+                Kind::Zero => {
                     Frame::Zero {
                         id,
                         offset: at,
@@ -843,14 +852,14 @@ impl Writer {
                     add(&c.zero_frames, 1);
                     add(&c.zero_bytes, u64::from(len));
                 }
-                (Kind::Data, _) => {
+                Kind::Data => {
                     heads.extend_from_slice(&wire::data_head(id, at, len));
                     segs.push(Seg::Head(h, heads.len()));
                     segs.push(Seg::Buf(from, to));
                     add(&c.data_frames, 1);
                     add(&c.bytes_sent, u64::from(len));
                 }
-                (Kind::Same(_), Some((slot, bytes))) => {
+                Kind::Same(slot, bytes) => {
                     let s = slot as usize;
                     if self.kept.len() <= s {
                         self.kept.resize(s + 1, false);
@@ -874,21 +883,6 @@ impl Writer {
                     segs.push(Seg::Head(h, heads.len()));
                     add(&c.same_frames, 1);
                     add(&c.same_bytes, u64::from(len));
-                }
-                (Kind::Same(slot), None) => {
-                    // Not reached: pages are only classed as copies of slots the index holds.
-                    // Those pages were not read, so they must not go as DATA.
-                    let message = format!("duplicate-page slot {slot} has no bytes");
-                    Frame::Error {
-                        id,
-                        offset: at,
-                        len,
-                        retry: Retry::Permanent,
-                        message,
-                    }
-                    .encode(&mut heads);
-                    segs.push(Seg::Head(h, heads.len()));
-                    add(&c.error_frames, 1);
                 }
             }
             i = k;

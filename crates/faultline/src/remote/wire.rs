@@ -456,7 +456,7 @@ impl Frame {
             }
             T_KEEP => {
                 let slot = r.u32()?;
-                let n = body.len() - 4.min(body.len());
+                let n = body.len() - r.at;
                 if n == 0 || n > MAX_DATA as usize {
                     return Err(invalid(format!("keep: {n} bytes")));
                 }
@@ -611,6 +611,19 @@ impl<'a> Cursor<'a> {
         }
         let s = self.take(n)?;
         String::from_utf8(s.to_vec()).map_err(|_| invalid("string is not UTF-8"))
+    }
+}
+
+/// Whether `buffered` (bytes received, not yet read) begins with a whole frame, so that
+/// [`read_frame`] takes it without waiting for the peer. Only the length is looked at: the
+/// frame is checked when it is read.
+pub fn holds_whole_frame(buffered: &[u8]) -> bool {
+    match buffered.get(..4) {
+        Some(l) => {
+            let len = u32::from_le_bytes([l[0], l[1], l[2], l[3]]);
+            4 + u64::from(len) <= buffered.len() as u64
+        }
+        None => false,
     }
 }
 
@@ -771,6 +784,22 @@ mod tests {
         for f in &frames {
             assert_eq!(&roundtrip(f), f);
         }
+    }
+
+    #[test]
+    fn a_whole_frame_is_told_from_a_part_of_one() {
+        let mut out = Vec::new();
+        Frame::Zero {
+            id: 1,
+            offset: 0,
+            len: 4096,
+        }
+        .encode(&mut out);
+        assert!(holds_whole_frame(&out));
+        assert!(!holds_whole_frame(&out[..out.len() - 1]));
+        assert!(!holds_whole_frame(&out[..3]));
+        out.push(9); // the start of the next frame does not matter
+        assert!(holds_whole_frame(&out));
     }
 
     #[test]
