@@ -5,7 +5,8 @@
 //!
 //! Two workloads, each with its own baseline on the raw file:
 //! - **full**: every page in order (a restore that reads all memory). Compared: images (zstd and
-//!   lz4; the size of each against the bound, raw × unique-page fraction × 1.1), and the
+//!   lz4 with BLAKE3 page hashes, and lz4 with XXH3-128 ones; the size of each against the
+//!   issue's bound, raw × unique-page fraction × 1.1), and the
 //!   remote page server on loopback (`faultline export` + `serve --remote`, on demand and with
 //!   the background stream).
 //! - **working set**: only a working set (`--working-set-pct`, default 25%: clusters of 16 pages
@@ -23,7 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use faultline::image::{pack, Codec, Image, ImageSource, PackOptions, PackStats, RangeRead};
+use faultline::image::{
+    pack, Codec, HashAlg, Image, ImageSource, PackOptions, PackStats, RangeRead,
+};
 use faultline::remote::{RemoteOptions, RemoteServer, RemoteSource, RemoteStats};
 use faultline::source::{
     put_object, MmapSource, ObjectSource, ObjectSourceOptions, PageSource, S3Config,
@@ -67,11 +70,23 @@ impl SourceRow {
     }
 }
 
+impl ImageRow {
+    /// Its name in the report (as [`image_label`]).
+    fn label(&self) -> String {
+        match self.hash {
+            "blake3" => self.codec.to_string(),
+            h => format!("{}, {h}", self.codec),
+        }
+    }
+}
+
 /// An image packed for the run.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageRow {
     /// Codec.
     pub codec: &'static str,
+    /// Page hash.
+    pub hash: &'static str,
     /// Raw bytes.
     pub raw_bytes: u64,
     /// Image bytes.
@@ -146,7 +161,7 @@ pub struct SourcesReport {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Variant {
     Local,
-    Image(Codec),
+    Image(Codec, HashAlg),
     Demand,
     Stream,
     LocalWs,
@@ -160,7 +175,7 @@ impl Variant {
     fn name(self) -> String {
         match self {
             Variant::Local => "local raw file (mmap)".into(),
-            Variant::Image(c) => format!("local image ({})", c.name()),
+            Variant::Image(c, h) => format!("local image ({})", image_label(c, h)),
             Variant::Demand => "remote, on demand (loopback)".into(),
             Variant::Stream => "remote, background stream (loopback)".into(),
             Variant::LocalWs => "local raw file (mmap), working set".into(),
@@ -189,7 +204,7 @@ struct Ctx<'a> {
     size: u64,
     /// Working-set pages, in first-touch order.
     ws: Vec<usize>,
-    images: Vec<(Codec, std::path::PathBuf)>,
+    images: Vec<((Codec, HashAlg), std::path::PathBuf)>,
     /// The raw file's and the zstd image's URLs in the store, and how to reach it.
     object: Option<(String, String, S3Config)>,
 }
@@ -313,11 +328,11 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<(Duration, Option<String>, Optio
     let mut prefetch_offsets = ws_offsets();
     let src: Arc<dyn PageSource> = match v {
         Variant::Local | Variant::LocalWs => ctx.file.clone(),
-        Variant::Image(codec) => {
+        Variant::Image(codec, hash) => {
             let path = &ctx
                 .images
                 .iter()
-                .find(|(c, _)| *c == codec)
+                .find(|(c, _)| *c == (codec, hash))
                 .context("image not packed")?
                 .1;
             let s = Arc::new(ImageSource::open(path)?);
@@ -483,9 +498,18 @@ fn tcp_ceiling(total: u64) -> Result<f64> {
     Ok((got >> 20) as f64 / took.as_secs_f64())
 }
 
-fn pack_image(raw: &Path, out: &Path, codec: Codec) -> Result<PackStats> {
+/// An image's name in the report: its codec, and its page hash unless it is the default.
+fn image_label(codec: Codec, hash: HashAlg) -> String {
+    match hash {
+        HashAlg::Blake3 => codec.name().to_string(),
+        h => format!("{}, {}", codec.name(), h.name()),
+    }
+}
+
+fn pack_image(raw: &Path, out: &Path, codec: Codec, hash: HashAlg) -> Result<PackStats> {
     let opts = PackOptions {
         codec,
+        hash,
         ..PackOptions::default()
     };
     let input = std::io::BufReader::with_capacity(
@@ -556,14 +580,23 @@ pub fn run(args: &BenchArgs) -> Result<SourcesReport> {
     let mut object = None;
     let mut variants = vec![Variant::Local];
     if args.sources {
-        for codec in [Codec::Zstd, Codec::Lz4] {
-            let out = tmp.path().join(format!("snapshot.{}.img", codec.name()));
-            eprintln!("packing an image ({}) ...", codec.name());
-            let st = pack_image(&path, &out, codec)?;
+        // BLAKE3 (the default) with both codecs; XXH3-128 with the faster-to-read one.
+        for (codec, hash) in [
+            (Codec::Zstd, HashAlg::Blake3),
+            (Codec::Lz4, HashAlg::Blake3),
+            (Codec::Lz4, HashAlg::Xxh3),
+        ] {
+            let label = image_label(codec, hash);
+            let out = tmp
+                .path()
+                .join(format!("snapshot.{}.{}.img", codec.name(), hash.name()));
+            eprintln!("packing an image ({label}) ...");
+            let st = pack_image(&path, &out, codec, hash)?;
             let bound = (st.raw_bytes as f64 * st.unique_pages as f64 / st.pages.max(1) as f64
                 * 1.1) as u64;
             images.push(ImageRow {
                 codec: codec.name(),
+                hash: hash.name(),
                 raw_bytes: st.raw_bytes,
                 image_bytes: st.image_bytes,
                 zero_pages: st.zero_pages,
@@ -572,8 +605,8 @@ pub fn run(args: &BenchArgs) -> Result<SourcesReport> {
                 bound_bytes: bound,
                 pack_mib_s: st.throughput() / f64::from(1 << 20),
             });
-            image_paths.push((codec, out));
-            variants.push(Variant::Image(codec));
+            image_paths.push(((codec, hash), out));
+            variants.push(Variant::Image(codec, hash));
         }
     }
     variants.extend([Variant::Demand, Variant::Stream]);
@@ -581,7 +614,7 @@ pub fn run(args: &BenchArgs) -> Result<SourcesReport> {
         variants.push(Variant::LocalWs);
         let zstd_image = &image_paths
             .iter()
-            .find(|(c, _)| *c == Codec::Zstd)
+            .find(|(c, _)| *c == (Codec::Zstd, HashAlg::Blake3))
             .context("the zstd image was packed")?
             .1;
         match upload(args, &path, zstd_image)? {
@@ -666,7 +699,7 @@ fn targets(variants: &[Variant], rows: &[SourceRow], images: &[ImageRow]) -> Vec
     let mut t = Vec::new();
     for i in images {
         t.push(Target::at_most(
-            format!("image size ({}) / (raw × unique fraction × 1.1)", i.codec),
+            format!("image size ({}) / (raw × unique fraction × 1.1)", i.label()),
             i.image_bytes as f64 / i.bound_bytes as f64,
             1.0,
         ));
@@ -677,7 +710,7 @@ fn targets(variants: &[Variant], rows: &[SourceRow], images: &[ImageRow]) -> Vec
             continue;
         };
         match v {
-            Variant::Image(_) => t.push(Target::at_most(
+            Variant::Image(..) => t.push(Target::at_most(
                 format!("{} restore time / raw file", r.name),
                 r.best_ms() / local,
                 1.3,
@@ -726,7 +759,7 @@ fn print(r: &SourcesReport) {
     for i in &r.images {
         println!(
             "image ({}): {} MiB of {} MiB raw ({} zero, {} duplicate, {} unique pages; bound {} MiB), packed at {:.0} MiB/s",
-            i.codec,
+            i.label(),
             i.image_bytes >> 20,
             i.raw_bytes >> 20,
             i.zero_pages,

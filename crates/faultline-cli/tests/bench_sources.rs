@@ -37,6 +37,7 @@ fn every_source_is_restored_verified_and_reported() {
             "local raw file (mmap)",
             "local image (zstd)",
             "local image (lz4)",
+            "local image (lz4, xxh3)",
             "remote, on demand (loopback)",
             "remote, background stream (loopback)",
             "local raw file (mmap), working set",
@@ -67,7 +68,7 @@ fn every_source_is_restored_verified_and_reported() {
                 .is_some_and(|n| n.starts_with("image size"))
         })
         .collect();
-    assert_eq!(size_targets.len(), 2, "{r}");
+    assert_eq!(size_targets.len(), 3, "{r}");
     assert!(size_targets.iter().all(|t| t["met"] == true), "{r}");
     assert!(
         r["skipped"][0]

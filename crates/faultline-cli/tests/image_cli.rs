@@ -226,9 +226,36 @@ fn bad_flags_and_inputs_are_refused_by_name() {
 
 #[test]
 fn verify_names_the_first_bad_page() {
+    for hash in ["blake3", "xxh3"] {
+        bad_pages_are_named(hash);
+    }
+}
+
+fn bad_pages_are_named(hash: &str) {
     let f = files();
     let img = f.dir.join("mem.img");
-    image_ok(&["pack", s(&f.raw), "-o", s(&img), "--codec", "none"]);
+    let table = image_ok(&[
+        "pack",
+        s(&f.raw),
+        "-o",
+        s(&img),
+        "--codec",
+        "none",
+        "--hash",
+        hash,
+    ]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("page hash") && l.ends_with(hash)),
+        "{table}"
+    );
+    let info = image_ok(&["inspect", s(&img)]);
+    assert!(
+        info.contains(&format!("version 2, {hash} page hashes")),
+        "{info}"
+    );
+    image_ok(&["verify", s(&img)]);
     let image = faultline::image::Image::open(&img).expect("open");
     // Page 15 (unique) and page 27 (unique): corrupt both; 15 is named first.
     let mut bytes = std::fs::read(&img).expect("read");
@@ -404,9 +431,15 @@ fn serve_image_restores_every_byte_supervised_and_not() {
 
 #[test]
 fn a_corrupt_page_is_poisoned_and_the_client_dies_there() {
+    for hash in ["blake3", "xxh3"] {
+        poisoned_with(hash);
+    }
+}
+
+fn poisoned_with(hash: &str) {
     let f = files();
     let img = f.dir.join("mem.img");
-    image_ok(&["pack", s(&f.raw), "-o", s(&img)]);
+    image_ok(&["pack", s(&f.raw), "-o", s(&img), "--hash", hash]);
     const BAD: u64 = 705;
     let image = faultline::image::Image::open(&img).expect("open");
     let Some(faultline::image::PageLoc::Stored { chunk, offset }) = image.page(BAD) else {

@@ -57,7 +57,7 @@ pub mod format;
 mod reader;
 mod writer;
 
-pub use format::{PageHash, PageLoc};
+pub use format::{HashAlg, PageHash, PageLoc};
 pub use reader::{Image, ImageSource, ImageStats, VerifyReport};
 pub use writer::{pack, pack_diff, ImageWriter, PackOptions, PackStats};
 

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::codec;
-use super::format::{self, ChunkEntry, Header, PageHash, PageLoc, Tables, HEADER_LEN};
+use super::format::{ChunkEntry, HashAlg, Header, PageHash, PageLoc, Tables, HEADER_LEN};
 use super::{hex, Codec, FileRange, ImageError, RangeRead};
 use crate::source::{check_bounds, PageSource, Retry, SourceError};
 
@@ -257,7 +257,7 @@ impl Image {
                 Ok(data) => {
                     for (k, page) in data.chunks_exact(ps).enumerate() {
                         let want = self.tables.hashes[first + k];
-                        let got = format::page_hash(page);
+                        let got = self.header.hash.page(page);
                         if got != want {
                             bad_slots.push((
                                 first + k,
@@ -422,7 +422,8 @@ fn bump(c: &AtomicU64, n: u64) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Resolved {
     Zero,
-    Stored(PageHash),
+    /// Stored, with this hash by this algorithm (the layer's).
+    Stored(HashAlg, PageHash),
 }
 
 /// An image served as a [`PageSource`], over its base when it is a diff.
@@ -635,6 +636,7 @@ impl ImageSource {
         match self.image.page(page)? {
             PageLoc::Zero => Some(Resolved::Zero),
             PageLoc::Stored { chunk, offset } => Some(Resolved::Stored(
+                self.image.header.hash,
                 self.image.tables.hashes[self.image.slot(chunk, offset)],
             )),
             PageLoc::Base => self.base.as_ref().and_then(|b| b.resolved(page)),
@@ -694,9 +696,9 @@ impl ImageSource {
 
     /// Whether `entry` has a chunk hash and `data` (its raw bytes) matches it.
     fn chunk_hash_matches(&self, entry: &ChunkEntry, data: &[u8]) -> bool {
-        entry
-            .hash
-            .is_some_and(|h| data.len() == entry.raw_len as usize && blake3::hash(data) == h)
+        entry.hash.is_some_and(|h| {
+            data.len() == entry.raw_len as usize && self.image.header.hash.chunk(&[data]) == h
+        })
     }
 
     /// Whether `run`, the bytes at `offset` of raw chunk `entry`, covers at least half of the
@@ -724,11 +726,7 @@ impl ImageSource {
             return false;
         }
         bump(&self.counters.bytes_read, (raw - covered) as u64);
-        let mut h = blake3::Hasher::new();
-        h.update(head);
-        h.update(run);
-        h.update(tail);
-        h.finalize() == want
+        self.image.header.hash.chunk(&[head, run, tail]) == want
     }
 
     /// How many pages from `page` (at image offset `file_off`, at most `max`) are direct and
@@ -791,7 +789,7 @@ impl ImageSource {
         for (i, bytes) in run.chunks_exact(ps).enumerate() {
             let p = page + i as u64;
             let want = self.image.page_hash(p).unwrap_or_default();
-            let got = format::page_hash(bytes);
+            let got = self.image.header.hash.page(bytes);
             if got != want {
                 bump(&self.counters.hash_mismatches, 1);
                 let (chunk, off) = match self.image.page(p) {
@@ -866,7 +864,7 @@ impl ImageSource {
         let k = at / ps;
         if !data.verified[k].load(Ordering::Acquire) {
             let want = self.image.tables.hashes[self.image.slot(chunk, off)];
-            let got = format::page_hash(bytes);
+            let got = self.image.header.hash.page(bytes);
             if got != want {
                 bump(&self.counters.hash_mismatches, 1);
                 // Re-read next time (a transfer error would not repeat), but fail this read.
@@ -1008,6 +1006,7 @@ impl PageSource for ImageSource {
 #[allow(clippy::unwrap_used)] // unwrap is how a test fails
 mod tests {
     use super::*;
+    use crate::image::format;
     use crate::image::{pack, pack_diff, PackOptions};
     use std::io::Cursor;
 
@@ -1059,38 +1058,42 @@ mod tests {
 
     #[test]
     fn every_codec_reads_back_every_byte() {
-        let raw = raw();
-        for codec in [Codec::None, Codec::Zstd, Codec::Lz4] {
-            let opts = PackOptions {
-                codec,
-                ..small_chunks()
-            };
-            let s = source(packed(&raw, &opts));
-            assert_eq!(s.len(), raw.len() as u64);
-            let mut all = vec![1u8; raw.len()];
-            s.read_at(0, &mut all).unwrap();
-            assert_eq!(all, raw, "{codec:?}");
-            // Unaligned reads across pages.
-            let mut part = vec![0u8; 3 * PS + 17];
-            s.read_at(PS as u64 + 100, &mut part).unwrap();
-            assert_eq!(part, raw[PS + 100..PS + 100 + part.len()]);
-            // Whole unshared pages of uncompressed chunks are read straight into the buffer
-            // (b, the unique pages, and b again); the shared page a, partial pages and the
-            // pages of a compressed chunk (c and its neighbour) go through the cache.
-            let st = s.stats();
-            let want = if codec == Codec::None { (6, 1) } else { (4, 2) };
-            assert_eq!((st.direct_pages, st.chunk_reads), want, "{codec:?}: {st:?}");
-            assert_eq!(st.cache_hits, 1, "{codec:?}: {st:?}");
-            let counts = s.image().page_counts();
-            assert_eq!(
-                counts,
-                PageCounts {
-                    zero: 2,
-                    base: 0,
-                    stored: 7,
-                    distinct: 6
-                }
-            );
+        for hash in [HashAlg::Blake3, HashAlg::Xxh3] {
+            let raw = raw();
+            for codec in [Codec::None, Codec::Zstd, Codec::Lz4] {
+                let opts = PackOptions {
+                    codec,
+                    hash,
+                    ..small_chunks()
+                };
+                let s = source(packed(&raw, &opts));
+                assert_eq!(s.len(), raw.len() as u64);
+                let mut all = vec![1u8; raw.len()];
+                s.read_at(0, &mut all).unwrap();
+                assert_eq!(s.image().header().hash, hash);
+                assert_eq!(all, raw, "{codec:?} {hash}");
+                // Unaligned reads across pages.
+                let mut part = vec![0u8; 3 * PS + 17];
+                s.read_at(PS as u64 + 100, &mut part).unwrap();
+                assert_eq!(part, raw[PS + 100..PS + 100 + part.len()]);
+                // Whole unshared pages of uncompressed chunks are read straight into the buffer
+                // (b, the unique pages, and b again); the shared page a, partial pages and the
+                // pages of a compressed chunk (c and its neighbour) go through the cache.
+                let st = s.stats();
+                let want = if codec == Codec::None { (6, 1) } else { (4, 2) };
+                assert_eq!((st.direct_pages, st.chunk_reads), want, "{codec:?}: {st:?}");
+                assert_eq!(st.cache_hits, 1, "{codec:?}: {st:?}");
+                let counts = s.image().page_counts();
+                assert_eq!(
+                    counts,
+                    PageCounts {
+                        zero: 2,
+                        base: 0,
+                        stored: 7,
+                        distinct: 6
+                    }
+                );
+            }
         }
     }
 
@@ -1176,70 +1179,76 @@ mod tests {
 
     #[test]
     fn a_read_covering_a_raw_chunk_is_checked_with_the_chunk_hash() {
-        // Unique pages only, stored raw in chunks of 4: reading everything reads each chunk
-        // whole, straight into the caller's buffer, and checks it with one hash.
-        let raw: Vec<u8> = (0..8).flat_map(|p| page_of(100 + p)).collect();
-        let opts = PackOptions {
-            codec: Codec::None,
-            chunk_pages: 4,
-            ..PackOptions::default()
-        };
-        let img = packed(&raw, &opts);
-        let s = source(img.clone());
-        let mut all = vec![0u8; raw.len()];
-        s.read_at(0, &mut all).unwrap();
-        assert!(all == raw);
-        let st = s.stats();
-        assert_eq!(
-            (st.direct_pages, st.chunks_verified, st.pages_verified),
-            (8, 2, 8)
-        );
-        // A byte flipped in chunk 1: the chunk hash fails, the pages are checked one by one,
-        // and exactly the bad one is named.
-        let mut bad = img;
-        let chunk1 = Image::from_reader(Arc::new(bad.clone())).unwrap().chunks()[1];
-        bad[chunk1.offset as usize + 2 * PS + 7] ^= 1;
-        let s = source(bad);
-        let e = s.read_at(0, &mut all).unwrap_err();
-        assert!(e.what.starts_with("page 6: content hash mismatch"), "{e}");
-        let st = s.stats();
-        assert_eq!((st.chunks_verified, st.hash_mismatches), (1, 1));
+        for hash in [HashAlg::Blake3, HashAlg::Xxh3] {
+            // Unique pages only, stored raw in chunks of 4: reading everything reads each chunk
+            // whole, straight into the caller's buffer, and checks it with one hash.
+            let raw: Vec<u8> = (0..8).flat_map(|p| page_of(100 + p)).collect();
+            let opts = PackOptions {
+                codec: Codec::None,
+                chunk_pages: 4,
+                hash,
+                ..PackOptions::default()
+            };
+            let img = packed(&raw, &opts);
+            let s = source(img.clone());
+            let mut all = vec![0u8; raw.len()];
+            s.read_at(0, &mut all).unwrap();
+            assert!(all == raw);
+            let st = s.stats();
+            assert_eq!(
+                (st.direct_pages, st.chunks_verified, st.pages_verified),
+                (8, 2, 8)
+            );
+            // A byte flipped in chunk 1: the chunk hash fails, the pages are checked one by one,
+            // and exactly the bad one is named.
+            let mut bad = img;
+            let chunk1 = Image::from_reader(Arc::new(bad.clone())).unwrap().chunks()[1];
+            bad[chunk1.offset as usize + 2 * PS + 7] ^= 1;
+            let s = source(bad);
+            let e = s.read_at(0, &mut all).unwrap_err();
+            assert!(e.what.starts_with("page 6: content hash mismatch"), "{e}");
+            let st = s.stats();
+            assert_eq!((st.chunks_verified, st.hash_mismatches), (1, 1));
+        }
     }
 
     #[test]
     fn a_flipped_byte_fails_only_its_page_permanently() {
-        let raw = raw();
-        let mut img = packed(
-            &raw,
-            &PackOptions {
-                codec: Codec::None,
-                ..small_chunks()
-            },
-        );
-        // Chunk 0 holds pages a (slot 0) and b (slot 1); flip a byte of b.
-        let at = HEADER_LEN + PS + 10;
-        img[at] ^= 0xff;
-        let s = source(img);
-        let mut buf = vec![0u8; PS];
-        let e = s.read_at(2 * PS as u64, &mut buf).unwrap_err();
-        assert_eq!(e.retry, Retry::Permanent);
-        assert!(
-            e.what
-                .starts_with("page 2: content hash mismatch in chunk 0 at offset 4096"),
-            "{e}"
-        );
-        // Page a, in the same chunk, and its duplicate are fine.
-        s.read_at(PS as u64, &mut buf).unwrap();
-        assert_eq!(buf, raw[PS..2 * PS]);
-        s.read_at(3 * PS as u64, &mut buf).unwrap();
-        assert_eq!(s.stats().hash_mismatches, 1);
-        // A read spanning the bad page fails too.
-        let mut big = vec![0u8; 4 * PS];
-        assert!(s.read_at(0, &mut big).is_err());
-        // verify() names it.
-        let r = s.image().verify(|_| {});
-        assert_eq!(r.bad.len(), 1);
-        assert_eq!(r.bad[0].0, Some(2));
+        for hash in [HashAlg::Blake3, HashAlg::Xxh3] {
+            let raw = raw();
+            let mut img = packed(
+                &raw,
+                &PackOptions {
+                    codec: Codec::None,
+                    hash,
+                    ..small_chunks()
+                },
+            );
+            // Chunk 0 holds pages a (slot 0) and b (slot 1); flip a byte of b.
+            let at = HEADER_LEN + PS + 10;
+            img[at] ^= 0xff;
+            let s = source(img);
+            let mut buf = vec![0u8; PS];
+            let e = s.read_at(2 * PS as u64, &mut buf).unwrap_err();
+            assert_eq!(e.retry, Retry::Permanent);
+            assert!(
+                e.what
+                    .starts_with("page 2: content hash mismatch in chunk 0 at offset 4096"),
+                "{e}"
+            );
+            // Page a, in the same chunk, and its duplicate are fine.
+            s.read_at(PS as u64, &mut buf).unwrap();
+            assert_eq!(buf, raw[PS..2 * PS]);
+            s.read_at(3 * PS as u64, &mut buf).unwrap();
+            assert_eq!(s.stats().hash_mismatches, 1);
+            // A read spanning the bad page fails too.
+            let mut big = vec![0u8; 4 * PS];
+            assert!(s.read_at(0, &mut big).is_err());
+            // verify() names it.
+            let r = s.image().verify(|_| {});
+            assert_eq!(r.bad.len(), 1);
+            assert_eq!(r.bad[0].0, Some(2));
+        }
     }
 
     #[test]
@@ -1336,6 +1345,78 @@ mod tests {
             e.to_string().contains("is a diff over the image with id"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_xxh3_image_stores_canonical_xxh3_128_hashes() {
+        let raw = raw();
+        let opts = |hash| PackOptions {
+            codec: Codec::None,
+            hash,
+            ..small_chunks()
+        };
+        let img = packed(&raw, &opts(HashAlg::Xxh3));
+        assert_eq!(img[22], format::HASH_XXH3_128);
+        let image = Image::from_reader(Arc::new(img.clone())).unwrap();
+        assert_eq!(image.header().hash, HashAlg::Xxh3);
+        let a = &raw[PS..2 * PS];
+        let xxh = |b: &[u8]| xxhash_rust::xxh3::xxh3_128(b).to_be_bytes();
+        assert_eq!(image.page_hash(1), Some(xxh(a)));
+        assert_eq!(image.page_hash(3), Some(xxh(a)));
+        // Chunk 0 holds a and b, stored raw: its hash is XXH3-128 of both, then 16 zeros.
+        let c0 = image.chunks()[0];
+        let bytes = &img[c0.offset as usize..][..c0.raw_len as usize];
+        assert_eq!(bytes, &raw[PS..3 * PS]);
+        let mut want = [0u8; 32];
+        want[..16].copy_from_slice(&xxh(bytes));
+        assert_eq!(c0.hash, Some(want));
+        // The same memory with BLAKE3: BLAKE3 hashes, a different image id.
+        let b = Image::from_reader(Arc::new(packed(&raw, &opts(HashAlg::Blake3)))).unwrap();
+        assert_eq!(img.len(), b.file_len() as usize);
+        assert_eq!(
+            b.page_hash(1),
+            Some(format::truncate(blake3::hash(a).as_bytes()))
+        );
+        assert_ne!(b.id(), image.id());
+    }
+
+    #[test]
+    fn layers_may_use_different_hashes() {
+        use HashAlg::{Blake3, Xxh3};
+        let v0 = raw();
+        let mut v1 = v0.clone();
+        v1[2 * PS..3 * PS].copy_from_slice(&page_of(99));
+        let mut v2 = v1.clone();
+        v2[6 * PS..7 * PS].copy_from_slice(&page_of(98));
+        let with = |hash| PackOptions {
+            hash,
+            ..small_chunks()
+        };
+        let diff = |base: &Arc<ImageSource>, new: &[u8], hash| {
+            let mut out = Cursor::new(Vec::new());
+            let st = pack_diff(base, new, &mut out, &with(hash), None, |_| {}).unwrap();
+            let image = Image::from_reader(Arc::new(out.into_inner())).unwrap();
+            (st, ImageSource::with_base(image, Arc::clone(base)).unwrap())
+        };
+        for (a0, a1, a2) in [
+            (Blake3, Xxh3, Blake3),
+            (Xxh3, Blake3, Xxh3),
+            (Xxh3, Xxh3, Xxh3),
+        ] {
+            let l0 = Arc::new(source(packed(&v0, &with(a0))));
+            let (st1, l1) = diff(&l0, &v1, a1);
+            // Only the changed page is stored; the others, zero ones included, are the base's.
+            assert_eq!((st1.unique_pages, st1.base_pages), (1, 8), "{a0}/{a1}");
+            let l1 = Arc::new(l1);
+            // Page 2 of the middle layer is judged unchanged by that layer's hash.
+            let (st2, l2) = diff(&l1, &v2, a2);
+            assert_eq!((st2.unique_pages, st2.base_pages), (1, 8), "{a0}/{a1}/{a2}");
+            let mut all = vec![7u8; v2.len()];
+            l2.read_at(0, &mut all).unwrap();
+            assert!(all == v2, "{a0}/{a1}/{a2}");
+            l1.read_at(0, &mut all).unwrap();
+            assert!(all == v1, "{a0}/{a1}");
+        }
     }
 
     /// A second handle on the same diff bytes (Image is not Clone).

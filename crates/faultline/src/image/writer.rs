@@ -24,12 +24,12 @@ use std::time::{Duration, Instant};
 
 use super::codec::Compressor;
 use super::format::{
-    self, ChunkEntry, Header, PageHash, PageLoc, FLAG_HAS_BASE, HEADER_LEN, MAX_BASE_NAME,
+    self, ChunkEntry, HashAlg, Header, PageHash, PageLoc, FLAG_HAS_BASE, HEADER_LEN, MAX_BASE_NAME,
     MAX_CHUNK_BYTES, MAX_PAGE_SIZE, MIN_PAGE_SIZE, VERSION,
 };
 use super::reader::{ImageSource, Resolved};
 use super::{Codec, ImageError};
-use crate::source::bytes_are_zero;
+use crate::source::{bytes_are_zero, PageSource};
 
 /// How to pack.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +43,9 @@ pub struct PackOptions {
     pub chunk_pages: u32,
     /// Page size (default 4096; 2 MiB for a hugetlb guest's memory).
     pub page_size: u32,
+    /// How the image hashes its pages and chunks for the reader to check (default BLAKE3;
+    /// see [`HashAlg`] for when XXH3-128 is the better choice). Dedup does not depend on it.
+    pub hash: HashAlg,
 }
 
 impl Default for PackOptions {
@@ -52,6 +55,7 @@ impl Default for PackOptions {
             level: 3,
             chunk_pages: 32,
             page_size: 4096,
+            hash: HashAlg::Blake3,
         }
     }
 }
@@ -255,8 +259,15 @@ impl<'b, W: Write + Seek> ImageWriter<'b, W> {
             }
         } else {
             let full = *blake3::hash(page).as_bytes();
-            let short = format::truncate(&full);
-            if base == Some(Some(Resolved::Stored(short))) {
+            let short = match self.opts.hash {
+                HashAlg::Blake3 => format::truncate(&full),
+                alg => alg.page(page),
+            };
+            let unchanged = match base {
+                Some(Some(Resolved::Stored(alg, want))) => self.same_as_base(p, page, alg, want)?,
+                _ => false,
+            };
+            if unchanged {
                 self.stats.base_pages += 1;
                 PageLoc::Base
             } else if let Some(&loc) = self.dedup.get(&full) {
@@ -285,6 +296,35 @@ impl<'b, W: Write + Seek> ImageWriter<'b, W> {
         Ok(())
     }
 
+    /// Whether `page` (index `p`) equals the base's page `p`, whose stored hash is `want` by
+    /// `alg`. A BLAKE3 match is taken as equality (it would take a second preimage to fool); an
+    /// XXH3 match is confirmed by reading the base's page, because a guest can craft XXH3
+    /// collisions and a false "unchanged" would serve the old page.
+    fn same_as_base(
+        &self,
+        p: u64,
+        page: &[u8],
+        alg: HashAlg,
+        want: PageHash,
+    ) -> Result<bool, ImageError> {
+        if alg.page(page) != want {
+            return Ok(false);
+        }
+        if alg == HashAlg::Blake3 {
+            return Ok(true);
+        }
+        let Some(base) = &self.base else {
+            return Ok(false);
+        };
+        let mut theirs = vec![0u8; self.ps];
+        let at = p * self.ps as u64;
+        let n = (base.source.len().saturating_sub(at) as usize).min(self.ps);
+        base.source
+            .read_at(at, &mut theirs[..n])
+            .map_err(|e| ImageError::Invalid(format!("reading the base's page {p}: {e}")))?;
+        Ok(theirs == page)
+    }
+
     fn flush_chunk(&mut self) -> Result<(), ImageError> {
         if self.pending_pages == 0 {
             return Ok(());
@@ -297,7 +337,7 @@ impl<'b, W: Write + Seek> ImageWriter<'b, W> {
             offset: self.pos,
             stored_len: stored.len() as u32,
             raw_len: self.pending.len() as u32,
-            hash: Some(*blake3::hash(&self.pending).as_bytes()),
+            hash: Some(self.opts.hash.chunk(&[&self.pending])),
         };
         self.out
             .write_all(stored)
@@ -367,6 +407,7 @@ impl<'b, W: Write + Seek> ImageWriter<'b, W> {
             page_size: self.opts.page_size,
             codec: self.opts.codec,
             flags,
+            hash: self.opts.hash,
             source_len,
             page_count: pages,
             stored_pages: self.hashes.len() as u64,
