@@ -48,6 +48,9 @@ pub struct SourceRow {
     pub workload: &'static str,
     /// Restore time of each repetition (ms): session start to the last page touched.
     pub restore_ms: Vec<f64>,
+    /// CPU time this process used in each repetition's restore (ms, all threads: touchers, fault
+    /// server, source, and the exporter of the remote rows).
+    pub cpu_ms: Vec<f64>,
     /// Best throughput over the pages touched (MiB/s).
     pub mib_s: f64,
     /// What the source did in the best run, in words.
@@ -62,6 +65,9 @@ impl SourceRow {
             .iter()
             .cloned()
             .fold(f64::INFINITY, f64::min)
+    }
+    fn min_cpu_ms(&self) -> f64 {
+        self.cpu_ms.iter().cloned().fold(f64::INFINITY, f64::min)
     }
     fn median_ms(&self) -> f64 {
         let mut v = self.restore_ms.clone();
@@ -154,6 +160,12 @@ pub struct SourcesReport {
     /// Plain loopback TCP throughput measured in the same run (one connection, 1 MiB writes,
     /// MiB/s): the ceiling for bytes that do travel (zero pages do not).
     pub tcp_mib_s: f64,
+    /// CPU time of plain loopback TCP per MiB moved (ms), both ends.
+    pub tcp_cpu_ms_per_mib: f64,
+    /// For each remote row, the fastest a restore could be on this host by CPU alone (ms): the
+    /// raw-file restore's CPU time plus plain loopback TCP's for the bytes that travelled, over
+    /// the CPUs, and the ratio to the raw file that allows.
+    pub remote_cpu_bounds: Vec<(String, f64, f64)>,
     /// Why rows were left out.
     pub skipped: Vec<String>,
 }
@@ -291,7 +303,19 @@ fn working_set(pages: usize, pct: u32) -> Vec<usize> {
 
 /// One restore: the source is built by `open` (not timed unless it says so), served, touched.
 /// Returns the restore time and the source's own report.
-fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<(Duration, Option<String>, Option<RemoteStats>)> {
+/// CPU time used so far by this process, all threads.
+fn cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
+
+/// One restore's measures: wall time, CPU time, the source's report.
+type Measured = (Duration, Duration, Option<String>, Option<RemoteStats>);
+
+fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<Measured> {
     let exporter;
     let mut remote: Option<Arc<RemoteSource>> = None;
     let mut object: Option<Arc<ObjectSource>> = None;
@@ -419,6 +443,7 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<(Duration, Option<String>, Optio
     let server = Server::start(config)?;
     let pages = v.working_set().then_some(&ctx.ws[..]);
     let start = Instant::now();
+    let cpu_start = cpu_time();
     let prefetch = match (v, &object) {
         (Variant::ObjectCold | Variant::ObjectImageCold, Some(o)) => {
             Some(o.prefetch_in_background(std::mem::take(&mut prefetch_offsets))?)
@@ -428,10 +453,15 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<(Duration, Option<String>, Optio
     let _session = server.add_session(
         uffd,
         vec![Region::for_mapping(&m, src)],
-        SessionOptions::default(),
+        SessionOptions {
+            // As `serve --remote-stream` does: streamed pages are filled in as they arrive.
+            background_fill: v == Variant::Stream,
+            ..SessionOptions::default()
+        },
     )?;
     touch(&m, ctx.args.threads.max(1), pages);
     let took = start.elapsed();
+    let cpu = cpu_time().saturating_sub(cpu_start);
     verify(&m, &ctx.file, pages).context("verifying the restored memory")?;
     server.shutdown();
     if let Some(p) = prefetch {
@@ -463,11 +493,12 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<(Duration, Option<String>, Optio
             s.chunks_verified
         ));
     }
-    Ok((took, detail, remote.as_ref().map(|r| r.stats())))
+    Ok((took, cpu, detail, remote.as_ref().map(|r| r.stats())))
 }
 
-/// Plain loopback TCP: one connection, `total` bytes in 1 MiB writes; MiB/s.
-fn tcp_ceiling(total: u64) -> Result<f64> {
+/// Plain loopback TCP: one connection, `total` bytes in 1 MiB writes; MiB/s, and CPU ms per MiB
+/// (both ends).
+fn tcp_ceiling(total: u64) -> Result<(f64, f64)> {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -484,6 +515,7 @@ fn tcp_ceiling(total: u64) -> Result<f64> {
     let mut c = std::net::TcpStream::connect(addr)?;
     let mut buf = vec![0u8; 1 << 20];
     let start = Instant::now();
+    let cpu_start = cpu_time();
     let mut got = 0u64;
     while got < total {
         match c.read(&mut buf)? {
@@ -495,7 +527,9 @@ fn tcp_ceiling(total: u64) -> Result<f64> {
     writer
         .join()
         .map_err(|_| anyhow::anyhow!("the TCP writer panicked"))??;
-    Ok((got >> 20) as f64 / took.as_secs_f64())
+    let cpu = cpu_time().saturating_sub(cpu_start);
+    let mib = (got >> 20).max(1) as f64;
+    Ok((mib / took.as_secs_f64(), cpu.as_secs_f64() * 1e3 / mib))
 }
 
 /// An image's name in the report: its codec, and its page hash unless it is the default.
@@ -651,6 +685,7 @@ pub fn run(args: &BenchArgs) -> Result<SourcesReport> {
                 "full"
             },
             restore_ms: Vec::new(),
+            cpu_ms: Vec::new(),
             mib_s: 0.0,
             detail: None,
             remote: None,
@@ -658,7 +693,7 @@ pub fn run(args: &BenchArgs) -> Result<SourcesReport> {
         .collect();
     for _ in 0..args.repeat.max(1) {
         for (v, row) in variants.iter().zip(rows.iter_mut()) {
-            let (took, detail, remote) =
+            let (took, cpu, detail, remote) =
                 measure(*v, &ctx).with_context(|| format!("measuring {}", v.name()))?;
             let bytes = if v.working_set() {
                 (ctx.ws.len() * PAGE) as u64
@@ -672,11 +707,13 @@ pub fn run(args: &BenchArgs) -> Result<SourcesReport> {
                 row.remote = remote;
             }
             row.restore_ms.push(took.as_secs_f64() * 1e3);
+            row.cpu_ms.push(cpu.as_secs_f64() * 1e3);
             eprintln!("  {:<48} {:>9.1} ms", row.name, took.as_secs_f64() * 1e3);
         }
     }
-    let tcp_mib_s = tcp_ceiling(size.min(1 << 30))?;
+    let (tcp_mib_s, tcp_cpu_ms_per_mib) = tcp_ceiling(size.min(1 << 30))?;
     let targets = targets(&variants, &rows, &images);
+    let remote_cpu_bounds = remote_cpu_bounds(&variants, &rows, tcp_cpu_ms_per_mib);
     let report = SourcesReport {
         size,
         threads: args.threads.max(1),
@@ -685,6 +722,8 @@ pub fn run(args: &BenchArgs) -> Result<SourcesReport> {
         rows,
         targets,
         tcp_mib_s,
+        tcp_cpu_ms_per_mib,
+        remote_cpu_bounds,
         skipped,
     };
     print(&report);
@@ -692,6 +731,40 @@ pub fn run(args: &BenchArgs) -> Result<SourcesReport> {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(report)
+}
+
+/// The CPU bound of each remote row (see [`SourcesReport::remote_cpu_bounds`]): on a host whose
+/// CPUs are all busy during the raw-file restore, the remote restore must also pay for moving
+/// its bytes through loopback TCP, and cannot finish before that CPU work is done.
+fn remote_cpu_bounds(
+    variants: &[Variant],
+    rows: &[SourceRow],
+    tcp_cpu_ms_per_mib: f64,
+) -> Vec<(String, f64, f64)> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let Some(local) = variants
+        .iter()
+        .position(|v| *v == Variant::Local)
+        .map(|i| &rows[i])
+    else {
+        return Vec::new();
+    };
+    variants
+        .iter()
+        .zip(rows)
+        .filter(|(v, _)| matches!(v, Variant::Demand | Variant::Stream))
+        .filter_map(|(_, r)| {
+            let s = r.remote.as_ref()?;
+            // Payload bytes (kept pages included; zero pages and copies have none).
+            let mib = s.bytes_received as f64 / f64::from(1 << 20);
+            let bound = (local.min_cpu_ms() + tcp_cpu_ms_per_mib * mib) / cpus;
+            Some((
+                r.name.clone(),
+                bound,
+                local.best_ms() / bound.max(local.best_ms()),
+            ))
+        })
+        .collect()
 }
 
 fn targets(variants: &[Variant], rows: &[SourceRow], images: &[ImageRow]) -> Vec<Target> {
@@ -770,17 +843,18 @@ fn print(r: &SourcesReport) {
         );
     }
     println!(
-        "{:<48} {:>12} {:>10} {:>10} {:>9}",
-        "variant", "workload", "best ms", "median ms", "MiB/s"
+        "{:<48} {:>12} {:>10} {:>10} {:>9} {:>10}",
+        "variant", "workload", "best ms", "median ms", "MiB/s", "min CPU ms"
     );
     for row in &r.rows {
         println!(
-            "{:<48} {:>12} {:>10.1} {:>10.1} {:>9.0}",
+            "{:<48} {:>12} {:>10.1} {:>10.1} {:>9.0} {:>10.1}",
             row.name,
             row.workload,
             row.best_ms(),
             row.median_ms(),
-            row.mib_s
+            row.mib_s,
+            row.min_cpu_ms()
         );
         if let Some(d) = &row.detail {
             println!("    {d}");
@@ -803,6 +877,15 @@ fn print(r: &SourcesReport) {
         "{:<48} {:>12} {:>10} {:>10} {:>9.0}   (bytes on the wire; zero pages do not travel)",
         "plain loopback TCP, 1 MiB writes", "", "", "", r.tcp_mib_s
     );
+    println!(
+        "plain loopback TCP CPU time, both ends: {:.2} ms per MiB",
+        r.tcp_cpu_ms_per_mib
+    );
+    for (name, bound, ratio) in &r.remote_cpu_bounds {
+        println!(
+            "{name}: CPU bound on this host {bound:.1} ms (the raw restore's CPU + loopback TCP's for the bytes that travelled, over the CPUs): throughput / raw file at most {ratio:.2}"
+        );
+    }
     for t in &r.targets {
         println!(
             "{}: {:.2} (target {}) {}",
@@ -814,5 +897,53 @@ fn print(r: &SourcesReport) {
     }
     for s in &r.skipped {
         println!("skipped: {s}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, best_ms: f64, cpu_ms: f64, remote: Option<RemoteStats>) -> SourceRow {
+        SourceRow {
+            name: name.into(),
+            workload: "full",
+            restore_ms: vec![best_ms + 5.0, best_ms],
+            cpu_ms: vec![cpu_ms, cpu_ms + 7.0],
+            mib_s: 0.0,
+            detail: None,
+            remote,
+        }
+    }
+
+    #[test]
+    fn the_remote_cpu_bound_adds_the_bytes_moved_to_the_raw_restores_cpu() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let remote = RemoteStats {
+            bytes_received: 100 << 20,
+            zero_bytes_received: 50 << 20,
+            same_bytes_received: 30 << 20,
+            ..RemoteStats::default()
+        };
+        let variants = [
+            Variant::Local,
+            Variant::Image(Codec::Lz4, HashAlg::Xxh3),
+            Variant::Stream,
+        ];
+        let rows = [
+            row("raw", 40.0, 80.0, None),
+            row("image", 50.0, 90.0, None),
+            row("stream", 150.0, 300.0, Some(remote)),
+        ];
+        let b = remote_cpu_bounds(&variants, &rows, 0.5);
+        assert_eq!(b.len(), 1);
+        let (name, ms, ratio) = &b[0];
+        assert_eq!(name, "stream");
+        // Min CPU of the raw restore (80) + 0.5 ms for each of the 100 MiB of payload.
+        let want = (80.0 + 50.0) / cpus;
+        assert!((ms - want).abs() < 1e-9, "{ms} vs {want}");
+        assert!((ratio - 40.0 / want.max(40.0)).abs() < 1e-9, "{ratio}");
+        // Without a raw row there is nothing to bound against.
+        assert!(remote_cpu_bounds(&variants[1..], &rows[1..], 0.5).is_empty());
     }
 }

@@ -45,7 +45,21 @@ fn every_source_is_restored_verified_and_reported() {
     );
     for row in r["rows"].as_array().expect("rows") {
         assert_eq!(row["restore_ms"].as_array().map(Vec::len), Some(1), "{row}");
+        // A restore that touches pages through the fault server uses CPU time.
+        let cpu = row["cpu_ms"][0].as_f64().expect("cpu_ms");
+        assert!(cpu > 0.0, "{row}");
     }
+    // The CPU bound of each remote row: above zero, and a ratio at most 1.
+    let bounds = r["remote_cpu_bounds"].as_array().expect("bounds");
+    assert_eq!(bounds.len(), 2, "{r}");
+    for b in bounds {
+        let (ms, ratio) = (b[1].as_f64().expect("ms"), b[2].as_f64().expect("ratio"));
+        assert!(ms > 0.0 && ratio > 0.0 && ratio <= 1.0, "{b}");
+    }
+    assert!(
+        r["tcp_cpu_ms_per_mib"].as_f64().is_some_and(|c| c > 0.0),
+        "{r}"
+    );
     // The synthetic snapshot: 30% zero pages, 20% copies of 16 pages, 50% unique pages.
     let pages = (16u64 << 20) / 4096;
     for img in r["images"].as_array().expect("images") {
