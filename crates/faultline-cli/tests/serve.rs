@@ -78,21 +78,29 @@ const HUGE: u64 = 2 << 20;
 /// A directory with an 8 MiB memory file of four huge pages (the second all zero), a daemon
 /// serving it and its metrics address; `None` (test skipped) when 4 huge pages cannot be
 /// reserved.
-fn huge_setup(test: &str) -> Option<(tempfile::TempDir, std::path::PathBuf, Daemon, String)> {
-    if !faultline_testing::need_huge_pages(test, 4) {
-        return None;
-    }
+/// What a huge-page test holds: its directory, memory file, daemon, metrics address, and the
+/// huge pages it reserved.
+type HugeSetup = (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Daemon,
+    String,
+    faultline_testing::HugePages,
+);
+
+fn huge_setup(test: &str) -> Option<HugeSetup> {
+    let huge = faultline_testing::need_huge_pages(test, 4)?;
     let dir = tempfile::tempdir().expect("tempdir");
     let mem = dir.path().join("mem");
     write_mem_file(&mem, 4 * HUGE, HUGE);
     let addr = free_local_addr();
     let daemon = Daemon::start(dir.path(), &mem, &["--metrics", &addr]);
-    Some((dir, mem, daemon, addr))
+    Some((dir, mem, daemon, addr, huge))
 }
 
 #[test]
 fn huge_pages_are_served() {
-    let Some((_dir, mem, daemon, addr)) = huge_setup("huge_pages_are_served") else {
+    let Some((_dir, mem, daemon, addr, _huge)) = huge_setup("huge_pages_are_served") else {
         return;
     };
     let huge = HUGE.to_string();
@@ -122,7 +130,8 @@ fn huge_pages_are_served() {
 /// region, each is read back right after its own MADV_DONTNEED.
 #[test]
 fn huge_page_balloon_removes_read_zero() {
-    let Some((_dir, mem, daemon, addr)) = huge_setup("huge_page_balloon_removes_read_zero") else {
+    let Some((_dir, mem, daemon, addr, _huge)) = huge_setup("huge_page_balloon_removes_read_zero")
+    else {
         return;
     };
     let huge = HUGE.to_string();

@@ -18,13 +18,26 @@ pub fn skip(test: &str, reason: &str) {
     eprintln!("skipped: {test}: {reason}");
 }
 
-/// Reserve `pages` 2 MiB huge pages; print a skip line and return false when impossible.
-pub fn need_huge_pages(test: &str, pages: u64) -> bool {
+/// Huge pages reserved for one test, held while it runs. The tests of one binary run in
+/// parallel: two that each found enough free huge pages at once would then share them and one
+/// would fail. Holding this serializes them.
+#[must_use = "the huge pages are only yours while you hold this"]
+pub struct HugePages {
+    _held: std::sync::MutexGuard<'static, ()>,
+}
+
+/// Reserve `pages` 2 MiB huge pages for the calling test (waiting for other tests of this
+/// process that hold some); print a skip line and return `None` when impossible.
+pub fn need_huge_pages(test: &str, pages: u64) -> Option<HugePages> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let held = LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if faultline_uffd::reserve_huge_pages(pages) {
-        true
+        Some(HugePages { _held: held })
     } else {
         skip(test, &format!("cannot reserve {pages} 2 MiB huge pages"));
-        false
+        None
     }
 }
 
@@ -259,11 +272,17 @@ pub const HUGE_PAGE_HEADROOM: u64 = 16;
 /// [`HUGE_PAGE_HEADROOM`] (printing a skip line naming the kind when impossible); the others
 /// always can.
 pub fn need_kind(test: &str, kind: faultline_uffd::MemoryKind, huge_pages: u64) -> bool {
-    !kind.is_hugetlb()
-        || need_huge_pages(
-            &format!("{test} on {kind}"),
-            huge_pages + HUGE_PAGE_HEADROOM,
-        )
+    if !kind.is_hugetlb() || faultline_uffd::reserve_huge_pages(huge_pages + HUGE_PAGE_HEADROOM) {
+        return true;
+    }
+    skip(
+        &format!("{test} on {kind}"),
+        &format!(
+            "cannot reserve {} 2 MiB huge pages",
+            huge_pages + HUGE_PAGE_HEADROOM
+        ),
+    );
+    false
 }
 
 /// A SIGBUS handler: `(signal, info, ucontext)`.

@@ -121,11 +121,12 @@ fn common(st: &Stats, io: &IoctlStats) {
 #[test]
 fn private_hugetlb_one_copy_per_huge_page_zeros_included() {
     let _serial = serial();
-    if !need_features("hugetlb", Features::MISSING_HUGETLBFS)
-        || !need_huge_pages("private hugetlb", PAGES as u64)
-    {
+    if !need_features("hugetlb", Features::MISSING_HUGETLBFS) {
         return;
     }
+    let Some(_huge) = need_huge_pages("private hugetlb", PAGES as u64) else {
+        return;
+    };
     let (st, io) = serve(MemoryKind::HugetlbPrivate, Readahead::Off, 1);
     common(&st, &io);
     assert_eq!(st.faults, PAGES as u64, "one fault per huge page: {st:?}");
@@ -143,11 +144,12 @@ fn private_hugetlb_one_copy_per_huge_page_zeros_included() {
 #[test]
 fn private_hugetlb_touched_by_several_threads_with_readahead() {
     let _serial = serial();
-    if !need_features("hugetlb", Features::MISSING_HUGETLBFS)
-        || !need_huge_pages("private hugetlb", PAGES as u64)
-    {
+    if !need_features("hugetlb", Features::MISSING_HUGETLBFS) {
         return;
     }
+    let Some(_huge) = need_huge_pages("private hugetlb", PAGES as u64) else {
+        return;
+    };
     let (st, io) = serve(MemoryKind::HugetlbPrivate, Readahead::default(), 4);
     common(&st, &io);
 }
@@ -155,11 +157,12 @@ fn private_hugetlb_touched_by_several_threads_with_readahead() {
 #[test]
 fn shared_hugetlb_missing_mode_is_served_with_copy_too() {
     let _serial = serial();
-    if !need_features("hugetlb", Features::MISSING_HUGETLBFS)
-        || !need_huge_pages("shared hugetlb", PAGES as u64)
-    {
+    if !need_features("hugetlb", Features::MISSING_HUGETLBFS) {
         return;
     }
+    let Some(_huge) = need_huge_pages("shared hugetlb", PAGES as u64) else {
+        return;
+    };
     let (st, io) = serve(MemoryKind::HugetlbShared, Readahead::Off, 3);
     common(&st, &io);
 }
