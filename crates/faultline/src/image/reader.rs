@@ -717,16 +717,25 @@ impl ImageSource {
         if covered == raw {
             return self.chunk_hash_matches(entry, run);
         }
-        let mut rest = vec![0u8; raw - covered];
-        let (head, tail) = rest.split_at_mut(before);
-        let after = entry.offset + (before + covered) as u64;
-        if self.image.reader.read_at(entry.offset, head).is_err()
-            || self.image.reader.read_at(after, tail).is_err()
-        {
-            return false;
+        thread_local! {
+            /// The rest of the chunk, read beside a run on this thread (reused: no allocation
+            /// per check).
+            static REST: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
-        bump(&self.counters.bytes_read, (raw - covered) as u64);
-        self.image.header.hash.chunk(&[head, run, tail]) == want
+        REST.with(|cell| {
+            let mut rest = cell.borrow_mut();
+            // Every byte is overwritten by the reads below.
+            rest.resize(raw - covered, 0);
+            let (head, tail) = rest.split_at_mut(before);
+            let after = entry.offset + (before + covered) as u64;
+            if self.image.reader.read_at(entry.offset, head).is_err()
+                || self.image.reader.read_at(after, tail).is_err()
+            {
+                return false;
+            }
+            bump(&self.counters.bytes_read, (raw - covered) as u64);
+            self.image.header.hash.chunk(&[head, run, tail]) == want
+        })
     }
 
     /// How many pages from `page` (at image offset `file_off`, at most `max`) are direct and
@@ -1209,6 +1218,55 @@ mod tests {
             assert!(e.what.starts_with("page 6: content hash mismatch"), "{e}");
             let st = s.stats();
             assert_eq!((st.chunks_verified, st.hash_mismatches), (1, 1));
+        }
+    }
+
+    #[test]
+    fn a_run_over_most_of_a_raw_chunk_is_checked_with_the_chunk_hash() {
+        // Unique pages stored raw in chunks of 4: a read of pages 1..4 covers three quarters of
+        // chunk 0, so page 0 is read beside it and the chunk is checked with one hash.
+        let raw: Vec<u8> = (0..8).flat_map(|p| page_of(200 + p)).collect();
+        for hash in [HashAlg::Blake3, HashAlg::Xxh3] {
+            let opts = PackOptions {
+                codec: Codec::None,
+                chunk_pages: 4,
+                hash,
+                ..PackOptions::default()
+            };
+            let img = packed(&raw, &opts);
+            let s = source(img.clone());
+            let mut part = vec![0u8; 3 * PS];
+            s.read_at(PS as u64, &mut part).unwrap();
+            assert!(part == raw[PS..4 * PS], "{hash}");
+            let st = s.stats();
+            assert_eq!(
+                (st.chunks_verified, st.pages_verified, st.bytes_read),
+                (1, 3, 4 * PS as u64),
+                "{hash}: {st:?}"
+            );
+            // Again on the same thread (the buffer for the rest of the chunk is reused), for
+            // chunk 1 read from its second page with only two pages: half of it.
+            let mut half = vec![0u8; 2 * PS];
+            s.read_at(5 * PS as u64, &mut half).unwrap();
+            assert!(half == raw[5 * PS..7 * PS], "{hash}");
+            assert_eq!(s.stats().chunks_verified, 2, "{hash}");
+            // Page 0, outside the run, corrupt: the chunk hash fails, the run's own pages are
+            // checked one by one and are fine.
+            let mut bad = img;
+            let c0 = Image::from_reader(Arc::new(bad.clone())).unwrap().chunks()[0];
+            bad[c0.offset as usize + 5] ^= 1;
+            let s = source(bad);
+            s.read_at(PS as u64, &mut part).unwrap();
+            assert!(part == raw[PS..4 * PS], "{hash}");
+            let st = s.stats();
+            assert_eq!(
+                (st.chunks_verified, st.pages_verified, st.hash_mismatches),
+                (0, 3, 0),
+                "{hash}: {st:?}"
+            );
+            let mut p0 = vec![0u8; PS];
+            let e = s.read_at(0, &mut p0).unwrap_err();
+            assert!(e.what.starts_with("page 0: content hash mismatch"), "{e}");
         }
     }
 
