@@ -378,9 +378,8 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<Measured> {
             ));
             let opts = RemoteOptions {
                 stream: v == Variant::Stream,
+                // What `serve --remote` uses (its default --remote-cache-mib is 256).
                 cache_bytes: 256 << 20,
-                stream_chunk: 1 << 20,
-                stream_window: 4,
                 ..RemoteOptions::default()
             };
             let r = Arc::new(RemoteSource::connect(
