@@ -860,13 +860,14 @@ fn print(r: &SourcesReport) {
         }
         if let Some(s) = &row.remote {
             println!(
-                "    requests: {} demand, {} background; {} MiB received, {} MiB as zero, {} MiB as copies of {} kept pages; {} reads from the cache of {}",
+                "    requests: {} demand, {} background; {} MiB received, {} MiB as zero, {} MiB as copies of {} kept pages, {} pages received again; {} reads from the cache of {}",
                 s.demand_requests,
                 s.background_requests,
                 s.bytes_received >> 20,
                 s.zero_bytes_received >> 20,
                 s.same_bytes_received >> 20,
                 s.kept_pages,
+                s.duplicate_pages,
                 s.reads_from_cache,
                 s.reads
             );

@@ -943,3 +943,142 @@ fn a_same_for_a_slot_never_kept_ends_the_connection() {
     drop(src);
     fake.join().unwrap();
 }
+
+/// A read a server got: its priority, and its first range's offset and length.
+type SeenRead = (faultline::remote::wire::Priority, u64, u32);
+
+/// A server that answers background reads `delay` late and demand reads at once, for one
+/// connection; it returns every read it got.
+fn slow_background_server(
+    bytes: Vec<u8>,
+    delay: Duration,
+) -> (std::net::SocketAddr, std::thread::JoinHandle<Vec<SeenRead>>) {
+    use faultline::remote::wire::{read_frame, Frame, Priority, Welcome};
+    use std::io::Write;
+    use std::sync::Mutex;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut scratch = Vec::new();
+        assert!(matches!(
+            read_frame(&mut c, &mut scratch).unwrap(),
+            Frame::Hello { .. }
+        ));
+        let mut out = Vec::new();
+        Frame::Welcome(Welcome {
+            version: 1,
+            page_size: 4096,
+            source_len: bytes.len() as u64,
+            source_id: 9,
+            max_ranges: 16,
+            max_range_len: 1 << 20,
+            name: "slow background".into(),
+        })
+        .encode(&mut out);
+        c.write_all(&out).unwrap();
+        // Writes from this thread and the late ones share the socket, a frame at a time.
+        let writer = Arc::new(Mutex::new(c.try_clone().unwrap()));
+        let bytes = Arc::new(bytes);
+        let mut seen = Vec::new();
+        let mut late = Vec::new();
+        while let Ok(Frame::Read {
+            id,
+            priority,
+            ranges,
+        }) = read_frame(&mut c, &mut scratch)
+        {
+            seen.push((priority, ranges[0].offset, ranges[0].len));
+            let (w, b) = (Arc::clone(&writer), Arc::clone(&bytes));
+            let answer = move || {
+                let mut out = Vec::new();
+                for r in ranges {
+                    data_of(id, r, &b).encode(&mut out);
+                }
+                let _ = w.lock().unwrap().write_all(&out);
+            };
+            match priority {
+                Priority::Demand => answer(),
+                Priority::Background => late.push(std::thread::spawn(move || {
+                    std::thread::sleep(delay);
+                    answer();
+                })),
+            }
+        }
+        for t in late {
+            t.join().unwrap();
+        }
+        seen
+    });
+    (addr, server)
+}
+
+#[test]
+fn a_read_waits_for_pages_the_stream_asked_for_instead_of_asking_again() {
+    use faultline::remote::wire::Priority;
+    let want = content(16, 0);
+    // Waiting longer than the stream takes; not at all; less than the stream takes (the read
+    // waits, then asks).
+    for (grace, asks_again) in [
+        (LIMIT, false),
+        (Duration::ZERO, true),
+        (Duration::from_millis(20), true),
+    ] {
+        let (addr, server) = slow_background_server(want.clone(), Duration::from_millis(150));
+        let src = RemoteSource::connect(
+            &addr.to_string(),
+            RemoteOptions {
+                stream: true,
+                stream_chunk: 16 * PS,
+                stream_window: 1,
+                background_grace: grace,
+                ..options()
+            },
+        )
+        .unwrap();
+        // The stream asks for all 16 pages at once; page 6 is wanted before they arrive.
+        let start = Instant::now();
+        while src.stats().background_requests == 0 {
+            assert!(start.elapsed() < LIMIT, "the stream never asked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        check(&src, &want, 6 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        let st = src.stats();
+        assert_eq!(
+            st.demand_requests,
+            u64::from(asks_again),
+            "{grace:?}: {st:?}"
+        );
+        // The background answer arrives (late); everything else is read from it.
+        let start = Instant::now();
+        while src.stats().frames_received < 1 + u64::from(asks_again) {
+            assert!(start.elapsed() < LIMIT, "the background answer never came");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for p in (0..16).filter(|&p| p != 6) {
+            check(&src, &want, p * PAGE_SIZE, PAGE_SIZE).unwrap();
+        }
+        // Page 6 travelled twice only when it was asked for again.
+        assert_eq!(src.stats().duplicate_pages, u64::from(asks_again));
+        drop(src);
+        let seen = server.join().unwrap();
+        let demand: Vec<_> = seen
+            .iter()
+            .filter(|(pri, ..)| *pri == Priority::Demand)
+            .collect();
+        if asks_again {
+            assert_eq!(
+                demand,
+                [&(Priority::Demand, 6 * PS, PAGE_SIZE as u32)],
+                "{seen:?}"
+            );
+        } else {
+            assert!(demand.is_empty(), "{seen:?}");
+        }
+        assert_eq!(
+            seen[0],
+            (Priority::Background, 0, 16 * PAGE_SIZE as u32),
+            "{seen:?}"
+        );
+    }
+}

@@ -52,6 +52,10 @@ pub struct RemoteOptions {
     pub batch_delay: Duration,
     /// Most ranges per request frame (also bounded by the server's limit).
     pub max_batch_ranges: usize,
+    /// How long a read waits for pages already asked for by the background stream before it
+    /// asks for them again as demand (which the server answers first, but which sends the pages
+    /// twice when the background answer was already on its way).
+    pub background_grace: Duration,
 }
 
 impl Default for RemoteOptions {
@@ -69,6 +73,7 @@ impl Default for RemoteOptions {
             stream_window: 4,
             batch_delay: Duration::ZERO,
             max_batch_ranges: 256,
+            background_grace: Duration::from_millis(GRACE_MS),
         }
     }
 }
@@ -570,7 +575,9 @@ impl PageSource for RemoteSource {
         add(&sh.c.reads, 1);
         let first = offset / sh.page;
         let last = (offset + len - 1) / sh.page;
-        let until = Instant::now() + sh.opts.read_timeout;
+        let started = Instant::now();
+        let until = started + sh.opts.read_timeout;
+        let patient_until = started + sh.opts.background_grace;
         let mut st = sh.lock();
         let mut first_look = true;
         loop {
@@ -587,6 +594,8 @@ impl PageSource for RemoteSource {
             let mut missing = false;
             let mut run: Option<u64> = None;
             let mut asked = false;
+            let patient = Instant::now() < patient_until;
+            let mut awaits_background = false;
             for p in first..=last + 1 {
                 let s = if p <= last {
                     st.pages[p as usize]
@@ -594,6 +603,14 @@ impl PageSource for RemoteSource {
                     CACHED
                 };
                 match s & STATE {
+                    BG if patient => {
+                        missing = true;
+                        awaits_background = true;
+                        if let Some(from) = run.take() {
+                            st.queue.push((from, p));
+                            asked = true;
+                        }
+                    }
                     ABSENT | BG => {
                         missing = true;
                         st.pages[p as usize] = DEMAND | (s & READ_ONCE);
@@ -636,6 +653,9 @@ impl PageSource for RemoteSource {
             }
             let now = Instant::now();
             let mut wait = until.saturating_duration_since(now);
+            if awaits_background {
+                wait = wait.min(patient_until.saturating_duration_since(now));
+            }
             if let Some(down) = st.down_since {
                 let gone = now.duration_since(down);
                 if gone >= sh.opts.deadline {
@@ -1141,6 +1161,9 @@ fn encode_read(out: &mut Vec<u8>, id: u64, r: &Req) {
     }
     .encode(out);
 }
+
+/// Default [`RemoteOptions::background_grace`], in ms.
+const GRACE_MS: u64 = 2;
 
 /// Most answer frames applied under one lock.
 const BATCH: usize = 256;
