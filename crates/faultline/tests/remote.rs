@@ -1082,3 +1082,63 @@ fn a_read_waits_for_pages_the_stream_asked_for_instead_of_asking_again() {
         );
     }
 }
+
+#[test]
+fn the_stream_goes_on_where_it_was_as_well_as_where_a_fault_took_it() {
+    // Two vCPUs touching memory in order at two places: after a fault far from the stream, the
+    // stream serves both places in turn, not only the last one that faulted.
+    use faultline::remote::wire::Priority;
+    let want = content(64, 0);
+    let (addr, server) = slow_background_server(want.clone(), Duration::from_millis(20));
+    let src = RemoteSource::connect(
+        &addr.to_string(),
+        RemoteOptions {
+            stream: true,
+            stream_chunk: 4 * PS,
+            stream_window: 1,
+            cache_bytes: 64 * PS,
+            background_grace: LIMIT,
+            ..options()
+        },
+    )
+    .unwrap();
+    let start = Instant::now();
+    while src.stats().background_requests == 0 {
+        assert!(start.elapsed() < LIMIT, "the stream never asked");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // A fault at page 40, far ahead of the stream (at page 4).
+    check(&src, &want, 40 * PAGE_SIZE, PAGE_SIZE).unwrap();
+    while src.stats().background_requests < 6 {
+        assert!(start.elapsed() < LIMIT, "the stream stopped");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Every page is right, wherever it came from.
+    for p in 0..64 {
+        check(&src, &want, p * PAGE_SIZE, PAGE_SIZE).unwrap();
+    }
+    drop(src);
+    let seen = server.join().unwrap();
+    let at = seen
+        .iter()
+        .position(|r| r.0 == Priority::Demand)
+        .expect("the demand read");
+    assert_eq!(
+        seen[at],
+        (Priority::Demand, 40 * PS, PAGE_SIZE as u32),
+        "{seen:?}"
+    );
+    // The stream's next requests: from just after the fault and from where it was, in turn.
+    let next: Vec<u64> = seen[at + 1..]
+        .iter()
+        .filter(|r| r.0 == Priority::Background)
+        .take(4)
+        .map(|r| r.1 / PS)
+        .collect();
+    assert!(next.len() == 4, "{seen:?}");
+    assert!(next[0] == 41 || next[0] == 4, "{seen:?}");
+    let (ahead, behind): (Vec<u64>, Vec<u64>) = next.iter().partition(|&&p| p > 40);
+    assert_eq!((ahead.len(), behind.len()), (2, 2), "{seen:?}");
+    assert!(ahead.windows(2).all(|w| w[1] == w[0] + 4), "{seen:?}");
+    assert!(behind.windows(2).all(|w| w[1] == w[0] + 4), "{seen:?}");
+}

@@ -186,6 +186,12 @@ struct State {
     last_progress: Instant,
     stream_on: bool,
     stream_cursor: u64,
+    /// Where the stream was when a fault elsewhere made it jump (at most [`MAX_FOLLOW`]): those
+    /// places are streamed on too, in turn with the cursor, so that every vCPU touching memory
+    /// in order finds its next pages streamed, not just the one that faulted last.
+    stream_follow: Vec<u64>,
+    /// Whose turn it is: 0 the cursor, `i` the follower `i - 1`.
+    stream_turn: usize,
     /// The current pass over the source asked for pages, or the cursor jumped: another pass
     /// follows. A pass from the start that asks for nothing ends the stream.
     stream_pass_sent: bool,
@@ -446,6 +452,8 @@ impl RemoteSource {
                 last_progress: Instant::now(),
                 stream_on,
                 stream_cursor: 0,
+                stream_follow: Vec::new(),
+                stream_turn: 0,
                 stream_pass_sent: false,
                 stream_done: false,
                 stream_starved: false,
@@ -1069,7 +1077,19 @@ impl Io {
             let window =
                 (self.stream_chunk() / self.shared.page) * self.shared.opts.stream_window as u64;
             let c = st.stream_cursor;
-            if st.stream_on && !st.stream_done && (a >= c || a + window < c) {
+            let near = |f: u64| a < f + window && a + window >= f;
+            if !st.stream_on || st.stream_done {
+            } else if let Some(i) = st.stream_follow.iter().position(|&f| near(f)) {
+                // Near where a follower streams: it goes on from here if it lags.
+                st.stream_follow[i] = st.stream_follow[i].max(b);
+                st.stream_pass_sent = true;
+            } else if a >= c || a + window < c {
+                if c < self.shared.npages {
+                    if st.stream_follow.len() == MAX_FOLLOW {
+                        st.stream_follow.remove(0);
+                    }
+                    st.stream_follow.push(c);
+                }
                 st.stream_cursor = b;
                 st.stream_pass_sent = true;
             }
@@ -1115,8 +1135,17 @@ impl Io {
                 st.stream_starved = true;
                 break;
             }
-            let from = st.stream_cursor;
-            let to = (from + chunk_pages).min(sh.npages);
+            let turn = st.stream_turn % (st.stream_follow.len() + 1);
+            st.stream_turn = st.stream_turn.wrapping_add(1);
+            let (from, to) = if turn == 0 {
+                let from = st.stream_cursor;
+                let to = (from + chunk_pages).min(sh.npages);
+                st.stream_cursor = to;
+                (from, to)
+            } else {
+                let from = st.stream_follow[turn - 1];
+                (from, (from + chunk_pages).min(sh.npages))
+            };
             let mut runs: Vec<(u64, u64)> = Vec::new();
             for p in from..to {
                 let s = st.pages[p as usize];
@@ -1129,7 +1158,15 @@ impl Io {
                     _ => runs.push((p, p + 1)),
                 }
             }
-            st.stream_cursor = to;
+            if turn > 0 {
+                // A follower ends at the end of the source, or where it finds nothing left to
+                // ask for (it has caught up with what was streamed before).
+                if runs.is_empty() || to >= sh.npages {
+                    st.stream_follow.remove(turn - 1);
+                } else {
+                    st.stream_follow[turn - 1] = to;
+                }
+            }
             changed = true;
             if runs.is_empty() {
                 continue;
@@ -1161,6 +1198,9 @@ fn encode_read(out: &mut Vec<u8>, id: u64, r: &Req) {
     }
     .encode(out);
 }
+
+/// Most places the stream follows besides its cursor (see `State::stream_follow`).
+const MAX_FOLLOW: usize = 3;
 
 /// Default [`RemoteOptions::background_grace`], in ms.
 const GRACE_MS: u64 = 2;
