@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use faultline::image::{
-    pack, pack_diff, Codec, Image, ImageError, ImageSource, PackOptions, PageLoc,
+    pack, pack_diff, Codec, HashAlg, Image, ImageError, ImageSource, PackOptions, PageLoc,
 };
 use faultline::source::Retry;
 use faultline::{PageSource, Readahead, Region, Server, ServerConfig, SessionOptions};
@@ -559,15 +559,19 @@ fn write_fuzz_seeds() {
             *b = (i / 64) as u8 ^ seed;
         }
     }
-    let image = |raw: &[u8], codec: Codec, chunk_pages: u32| {
+    let hashed = |raw: &[u8], codec: Codec, chunk_pages: u32, hash: HashAlg| {
         let mut c = std::io::Cursor::new(Vec::new());
         let opts = PackOptions {
             codec,
             chunk_pages,
+            hash,
             ..PackOptions::default()
         };
         pack(raw, &mut c, &opts, |_| {}).expect("pack");
         c.into_inner()
+    };
+    let image = |raw: &[u8], codec: Codec, chunk_pages: u32| {
+        hashed(raw, codec, chunk_pages, HashAlg::Blake3)
     };
     let zstd = image(&raw, Codec::Zstd, 2);
     let mut seeds = vec![
@@ -580,6 +584,11 @@ fn write_fuzz_seeds() {
         ),
         ("empty", image(&[], Codec::Zstd, 32)),
         ("all-zero", image(&vec![0u8; 16 * PS], Codec::Zstd, 32)),
+        ("xxh3-lz4", hashed(&raw, Codec::Lz4, 2, HashAlg::Xxh3)),
+        (
+            "xxh3-none-one-page",
+            hashed(&raw[..2 * PS], Codec::None, 1, HashAlg::Xxh3),
+        ),
     ];
     // A diff over the zstd image.
     let base = ImageSource::new(Image::from_reader(Arc::new(zstd.clone())).expect("open"))
