@@ -254,7 +254,7 @@ impl RemoteServer {
         let scan = if shared.options.dedup {
             let s = Arc::clone(&shared);
             let h = std::thread::Builder::new()
-                .name("faultline-export-scan".into())
+                .name(SCAN_THREAD.into())
                 .spawn(move || scan_main(&s))
                 .map_err(RemoteError::Bind)?;
             Some(h)
@@ -374,7 +374,20 @@ impl Drop for RemoteServer {
 }
 
 /// Build the duplicate-page index (see [`DedupIndex`]); connections use it once it is set.
+/// The duplicate-page scan's thread name (15 bytes at most: what `/proc/…/comm` shows whole).
+const SCAN_THREAD: &str = "faultline-scan";
+
+/// The nice value the scan runs at: it is start-up work that must not slow the first demand
+/// reads of a post-copy restore, which the exporter serves at the same time.
+const SCAN_NICE: i32 = 19;
+
 fn scan_main(shared: &Shared) {
+    // PRIO_PROCESS with a thread id sets that thread's nice value (Linux). Failing to lower our
+    // own priority is harmless: the scan runs at the exporter's.
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), SCAN_NICE)
+    {
+        tracing::debug!(error = %e, "could not lower the scan thread's priority");
+    }
     let start = Instant::now();
     let page = shared.welcome.page_size as usize;
     if let Some(ix) = DedupIndex::scan(&*shared.source, page, &shared.stop) {
@@ -934,5 +947,69 @@ impl Writer {
         self.out.write_all(&self.frame)?;
         add(&self.shared.counters.error_frames, 1);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap is how a test fails
+mod tests {
+    use super::*;
+    use crate::source::{MemorySource, SourceError};
+
+    /// A source whose reads take a while, so that the scan is still running when looked at.
+    #[derive(Debug)]
+    struct Slow(MemorySource);
+
+    impl PageSource for Slow {
+        fn len(&self) -> u64 {
+            self.0.len()
+        }
+        fn name(&self) -> String {
+            "slow".into()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+            std::thread::sleep(Duration::from_millis(2));
+            self.0.read_at(offset, buf)
+        }
+    }
+
+    /// The nice value of this process's thread named `name`, if it runs.
+    fn nice_of_thread(name: &str) -> Option<i32> {
+        for t in std::fs::read_dir("/proc/self/task").ok()? {
+            let dir = t.ok()?.path();
+            if std::fs::read_to_string(dir.join("comm")).ok()?.trim_end() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            // After the ")" that ends the name come field 3 (state) on; nice is field 19.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            return rest.split(' ').nth(16)?.parse().ok();
+        }
+        None
+    }
+
+    #[test]
+    fn the_duplicate_page_scan_runs_at_the_lowest_priority() {
+        let source = Arc::new(Slow(MemorySource::new(vec![1u8; 64 << 20])));
+        let server = RemoteServer::start(
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            source,
+            RemoteServerOptions::default(),
+        )
+        .unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut seen = None;
+        while Instant::now() < until && !server.stats().dedup_done {
+            if let Some(n) = nice_of_thread(SCAN_THREAD) {
+                seen = Some(n);
+                if n == SCAN_NICE {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(seen, Some(SCAN_NICE), "the scan thread's nice value");
+        // The exporter's own threads keep theirs.
+        assert_eq!(nice_of_thread("faultline-expor"), Some(0));
     }
 }
