@@ -2,8 +2,8 @@
 //!
 //! Each page is checked for zeros (not stored), hashed with BLAKE3 and looked up by its full
 //! 32-byte hash among the pages stored so far (a duplicate becomes an index entry pointing at the
-//! first copy), and otherwise appended to the current chunk, which is compressed and written when
-//! it is full. A diff additionally compares each page with the base's page at the same index, by
+//! first copy), and otherwise hashed with the image's page hash (the truncated BLAKE3 hash, or
+//! XXH3-128) and appended to the current chunk, which is compressed and written when it is full. A diff additionally compares each page with the base's page at the same index, by
 //! the base's stored 16-byte hash, and writes "base" for the pages that did not change. The
 //! tables go after the chunk data and the header is written last, at offset 0, once the tables'
 //! hash is known — so the output must be seekable (a file), and an interrupted pack leaves a file
@@ -16,7 +16,7 @@
 //! Dedup keys on the full 256-bit hash, so two different pages are merged only on a BLAKE3
 //! collision; a guest that controls page contents cannot make one of its pages stand in for
 //! another. A diff decides "unchanged" on the base's stored 128-bit hash, which would take a
-//! second preimage to fool.
+//! second preimage to fool when it is BLAKE3; an XXH3 match is confirmed by comparing bytes.
 
 use std::collections::HashMap;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -259,12 +259,10 @@ impl<'b, W: Write + Seek> ImageWriter<'b, W> {
             }
         } else {
             let full = *blake3::hash(page).as_bytes();
-            let short = match self.opts.hash {
-                HashAlg::Blake3 => format::truncate(&full),
-                alg => alg.page(page),
-            };
             let unchanged = match base {
-                Some(Some(Resolved::Stored(alg, want))) => self.same_as_base(p, page, alg, want)?,
+                Some(Some(Resolved::Stored(alg, want))) => {
+                    self.same_as_base(p, page, &full, alg, want)?
+                }
                 _ => false,
             };
             if unchanged {
@@ -283,7 +281,10 @@ impl<'b, W: Write + Seek> ImageWriter<'b, W> {
                 let loc = PageLoc::Stored { chunk, offset };
                 self.pending.extend_from_slice(page);
                 self.pending_pages += 1;
-                self.hashes.push(short);
+                self.hashes.push(match self.opts.hash {
+                    HashAlg::Blake3 => format::truncate(&full),
+                    alg => alg.page(page),
+                });
                 self.dedup.insert(full, loc);
                 self.stats.unique_pages += 1;
                 if self.pending_pages == self.opts.chunk_pages {
@@ -296,22 +297,23 @@ impl<'b, W: Write + Seek> ImageWriter<'b, W> {
         Ok(())
     }
 
-    /// Whether `page` (index `p`) equals the base's page `p`, whose stored hash is `want` by
-    /// `alg`. A BLAKE3 match is taken as equality (it would take a second preimage to fool); an
-    /// XXH3 match is confirmed by reading the base's page, because a guest can craft XXH3
-    /// collisions and a false "unchanged" would serve the old page.
+    /// Whether `page` (index `p`, full BLAKE3 hash `full`) equals the base's page `p`, whose
+    /// stored hash is `want` by `alg`. A BLAKE3 match is taken as equality (it would take a
+    /// second preimage to fool); an XXH3 match is confirmed by reading the base's page, because
+    /// a guest can craft XXH3 collisions and a false "unchanged" would serve the old page.
     fn same_as_base(
         &self,
         p: u64,
         page: &[u8],
+        full: &[u8; 32],
         alg: HashAlg,
         want: PageHash,
     ) -> Result<bool, ImageError> {
+        if alg == HashAlg::Blake3 {
+            return Ok(format::truncate(full) == want);
+        }
         if alg.page(page) != want {
             return Ok(false);
-        }
-        if alg == HashAlg::Blake3 {
-            return Ok(true);
         }
         let Some(base) = &self.base else {
             return Ok(false);
