@@ -1078,12 +1078,15 @@ impl Io {
                 (self.stream_chunk() / self.shared.page) * self.shared.opts.stream_window as u64;
             let c = st.stream_cursor;
             let near = |f: u64| a < f + window && a + window >= f;
+            let follower = st.stream_follow.iter().position(|&f| near(f));
             if !st.stream_on || st.stream_done {
-            } else if let Some(i) = st.stream_follow.iter().position(|&f| near(f)) {
+                // Nothing to steer.
+            } else if let Some(i) = follower {
                 // Near where a follower streams: it goes on from here if it lags.
                 st.stream_follow[i] = st.stream_follow[i].max(b);
                 st.stream_pass_sent = true;
             } else if a >= c || a + window < c {
+                // Away from the cursor: the cursor goes there, and where it was is followed.
                 if c < self.shared.npages {
                     if st.stream_follow.len() == MAX_FOLLOW {
                         st.stream_follow.remove(0);
