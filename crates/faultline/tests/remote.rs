@@ -718,6 +718,29 @@ fn a_client_that_breaks_the_protocol_is_dropped_and_others_are_served() {
     assert_eq!(server.stats().connections, 2);
 }
 
+/// A hand-written server's side of the handshake on `c`: the client's `HELLO` (offering
+/// versions up to 2), then a `WELCOME` to `version` for a source of `len` bytes in 4 KiB pages.
+fn welcome(c: &mut std::net::TcpStream, version: u16, len: usize, name: &str) {
+    use faultline::remote::wire::{read_frame, Frame, Welcome};
+    use std::io::Write;
+    assert!(matches!(
+        read_frame(c, &mut Vec::new()).unwrap(),
+        Frame::Hello { max_version: 2, .. }
+    ));
+    let mut out = Vec::new();
+    Frame::Welcome(Welcome {
+        version,
+        page_size: 4096,
+        source_len: len as u64,
+        source_id: 5,
+        max_ranges: 16,
+        max_range_len: 1 << 20,
+        name: name.into(),
+    })
+    .encode(&mut out);
+    c.write_all(&out).unwrap();
+}
+
 /// A hand-written server of `bytes` speaking `version`, for two connections: to the first
 /// read of connection `round` it answers `answer(round, id, range, bytes)`; it keeps the second
 /// connection until the client hangs up. Returns its address and thread.
@@ -728,7 +751,7 @@ fn fake_server(
         + Send
         + 'static,
 ) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
-    use faultline::remote::wire::{read_frame, Frame, Welcome};
+    use faultline::remote::wire::{read_frame, Frame};
     use std::io::Write;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -736,22 +759,7 @@ fn fake_server(
         for round in 0..2 {
             let (mut c, _) = listener.accept().unwrap();
             let mut scratch = Vec::new();
-            assert!(matches!(
-                read_frame(&mut c, &mut scratch).unwrap(),
-                Frame::Hello { max_version: 2, .. }
-            ));
-            let mut out = Vec::new();
-            Frame::Welcome(Welcome {
-                version,
-                page_size: 4096,
-                source_len: bytes.len() as u64,
-                source_id: 5,
-                max_ranges: 16,
-                max_range_len: 1 << 20,
-                name: "fake".into(),
-            })
-            .encode(&mut out);
-            c.write_all(&out).unwrap();
+            welcome(&mut c, version, bytes.len(), "fake");
             let Frame::Read { id, ranges, .. } = read_frame(&mut c, &mut scratch).unwrap() else {
                 panic!("expected a read");
             };
@@ -953,7 +961,7 @@ fn slow_background_server(
     bytes: Vec<u8>,
     delay: Duration,
 ) -> (std::net::SocketAddr, std::thread::JoinHandle<Vec<SeenRead>>) {
-    use faultline::remote::wire::{read_frame, Frame, Priority, Welcome};
+    use faultline::remote::wire::{read_frame, Frame, Priority};
     use std::io::Write;
     use std::sync::Mutex;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -961,22 +969,7 @@ fn slow_background_server(
     let server = std::thread::spawn(move || {
         let (mut c, _) = listener.accept().unwrap();
         let mut scratch = Vec::new();
-        assert!(matches!(
-            read_frame(&mut c, &mut scratch).unwrap(),
-            Frame::Hello { .. }
-        ));
-        let mut out = Vec::new();
-        Frame::Welcome(Welcome {
-            version: 1,
-            page_size: 4096,
-            source_len: bytes.len() as u64,
-            source_id: 9,
-            max_ranges: 16,
-            max_range_len: 1 << 20,
-            name: "slow background".into(),
-        })
-        .encode(&mut out);
-        c.write_all(&out).unwrap();
+        welcome(&mut c, 1, bytes.len(), "slow background");
         // Writes from this thread and the late ones share the socket, a frame at a time.
         let writer = Arc::new(Mutex::new(c.try_clone().unwrap()));
         let bytes = Arc::new(bytes);
@@ -1013,6 +1006,26 @@ fn slow_background_server(
     (addr, server)
 }
 
+/// A client of `addr` with `opts`, streaming one background request at a time, once the
+/// stream has sent its first.
+fn streaming(addr: std::net::SocketAddr, opts: RemoteOptions) -> RemoteSource {
+    let src = RemoteSource::connect(
+        &addr.to_string(),
+        RemoteOptions {
+            stream: true,
+            stream_window: 1,
+            ..opts
+        },
+    )
+    .unwrap();
+    let start = Instant::now();
+    while src.stats().background_requests == 0 {
+        assert!(start.elapsed() < LIMIT, "the stream never asked");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    src
+}
+
 #[test]
 fn a_read_waits_for_pages_the_stream_asked_for_instead_of_asking_again() {
     use faultline::remote::wire::Priority;
@@ -1025,23 +1038,15 @@ fn a_read_waits_for_pages_the_stream_asked_for_instead_of_asking_again() {
         (Duration::from_millis(20), true),
     ] {
         let (addr, server) = slow_background_server(want.clone(), Duration::from_millis(150));
-        let src = RemoteSource::connect(
-            &addr.to_string(),
+        // The stream asks for all 16 pages at once; page 6 is wanted before they arrive.
+        let src = streaming(
+            addr,
             RemoteOptions {
-                stream: true,
                 stream_chunk: 16 * PS,
-                stream_window: 1,
                 background_grace: grace,
                 ..options()
             },
-        )
-        .unwrap();
-        // The stream asks for all 16 pages at once; page 6 is wanted before they arrive.
-        let start = Instant::now();
-        while src.stats().background_requests == 0 {
-            assert!(start.elapsed() < LIMIT, "the stream never asked");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        );
         check(&src, &want, 6 * PAGE_SIZE, PAGE_SIZE).unwrap();
         let st = src.stats();
         assert_eq!(
@@ -1090,23 +1095,16 @@ fn the_stream_goes_on_where_it_was_as_well_as_where_a_fault_took_it() {
     use faultline::remote::wire::Priority;
     let want = content(64, 0);
     let (addr, server) = slow_background_server(want.clone(), Duration::from_millis(20));
-    let src = RemoteSource::connect(
-        &addr.to_string(),
+    let src = streaming(
+        addr,
         RemoteOptions {
-            stream: true,
             stream_chunk: 4 * PS,
-            stream_window: 1,
             cache_bytes: 64 * PS,
             background_grace: LIMIT,
             ..options()
         },
-    )
-    .unwrap();
+    );
     let start = Instant::now();
-    while src.stats().background_requests == 0 {
-        assert!(start.elapsed() < LIMIT, "the stream never asked");
-        std::thread::sleep(Duration::from_millis(1));
-    }
     // A fault at page 40, far ahead of the stream (at page 4).
     check(&src, &want, 40 * PAGE_SIZE, PAGE_SIZE).unwrap();
     while src.stats().background_requests < 6 {

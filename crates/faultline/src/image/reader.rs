@@ -1208,19 +1208,24 @@ mod tests {
         out
     }
 
+    /// `raw` packed uncompressed in chunks of four pages, with `hash`.
+    fn raw_chunks_of_four(raw: &[u8], hash: HashAlg) -> Vec<u8> {
+        let opts = PackOptions {
+            codec: Codec::None,
+            chunk_pages: 4,
+            hash,
+            ..PackOptions::default()
+        };
+        packed(raw, &opts)
+    }
+
     #[test]
     fn a_read_covering_a_raw_chunk_is_checked_with_the_chunk_hash() {
         for hash in [HashAlg::Blake3, HashAlg::Xxh3] {
             // Unique pages only, stored raw in chunks of 4: reading everything reads each chunk
             // whole, straight into the caller's buffer, and checks it with one hash.
             let raw: Vec<u8> = (0..8).flat_map(|p| page_of(100 + p)).collect();
-            let opts = PackOptions {
-                codec: Codec::None,
-                chunk_pages: 4,
-                hash,
-                ..PackOptions::default()
-            };
-            let img = packed(&raw, &opts);
+            let img = raw_chunks_of_four(&raw, hash);
             let s = source(img.clone());
             let mut all = vec![0u8; raw.len()];
             s.read_at(0, &mut all).unwrap();
@@ -1251,13 +1256,7 @@ mod tests {
         let raw: Vec<u8> = (0..8).flat_map(|p| page_of(200 + p)).collect();
         for hash in [HashAlg::Blake3, HashAlg::Xxh3] {
             let need = partial_check_quarters(hash);
-            let opts = PackOptions {
-                codec: Codec::None,
-                chunk_pages: 4,
-                hash,
-                ..PackOptions::default()
-            };
-            let img = packed(&raw, &opts);
+            let img = raw_chunks_of_four(&raw, hash);
             for q in 1..=3usize {
                 let s = source(img.clone());
                 let mut part = vec![0u8; q * PS];
