@@ -147,6 +147,19 @@ struct Chunk {
     acct: Arc<AtomicU64>,
 }
 
+impl Chunk {
+    /// `bytes`, counted in `acct` while the chunk lives; also returns what `acct` counts now.
+    fn accounted(bytes: Vec<u8>, acct: &Arc<AtomicU64>) -> (Arc<Chunk>, u64) {
+        let n = bytes.len() as u64;
+        let now = acct.fetch_add(n, Ordering::AcqRel) + n;
+        let chunk = Arc::new(Chunk {
+            bytes,
+            acct: Arc::clone(acct),
+        });
+        (chunk, now)
+    }
+}
+
 impl Drop for Chunk {
     fn drop(&mut self) {
         self.acct
@@ -1289,12 +1302,8 @@ fn answer_of(
         Frame::Data { id, offset, bytes } => {
             let n = bytes.len() as u64;
             add(&sh.c.bytes_received, n);
-            let now = sh.cached.fetch_add(n, Ordering::AcqRel) + n;
+            let (chunk, now) = Chunk::accounted(bytes, &sh.cached);
             sh.c.peak.fetch_max(now, Ordering::Relaxed);
-            let chunk = Arc::new(Chunk {
-                bytes,
-                acct: Arc::clone(&sh.cached),
-            });
             (id, offset, n, Answer::Data(chunk))
         }
         Frame::Zero { id, offset, len } => {
@@ -1318,12 +1327,7 @@ fn answer_of(
             }
             add(&sh.c.kept_pages, 1);
             add(&sh.c.bytes_received, sh.page);
-            sh.kept.fetch_add(sh.page, Ordering::AcqRel);
-            let chunk = Arc::new(Chunk {
-                bytes,
-                acct: Arc::clone(&sh.kept),
-            });
-            kept.insert(slot, chunk);
+            kept.insert(slot, Chunk::accounted(bytes, &sh.kept).0);
             return Ok(None);
         }
         Frame::Same {

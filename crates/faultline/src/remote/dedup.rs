@@ -177,22 +177,8 @@ mod tests {
         }
     }
 
-    /// A source whose pages all hash alike: the scan nominates them all, and the byte
+    /// With a hash under which all pages collide the scan nominates them all, and the byte
     /// comparison keeps only true copies.
-    #[derive(Debug)]
-    struct Colliding(MemorySource);
-    impl PageSource for Colliding {
-        fn len(&self) -> u64 {
-            self.0.len()
-        }
-        fn name(&self) -> String {
-            "colliding".into()
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), crate::SourceError> {
-            self.0.read_at(offset, buf)
-        }
-    }
-
     #[test]
     fn only_pages_equal_to_their_slot_are_indexed() {
         let (a, b) = (page(1), page(2));
@@ -200,7 +186,7 @@ mod tests {
         for pg in [&a, &b, &a, &b, &b] {
             mem.extend_from_slice(pg);
         }
-        let src = Colliding(MemorySource::new(mem));
+        let src = MemorySource::new(mem);
         let ix = scan_with(&src, P, &AtomicBool::new(false), |_| 7).unwrap();
         assert_eq!(ix.slots(), 1);
         assert_eq!(ix.bytes(0).unwrap(), &a[..]);

@@ -373,7 +373,6 @@ impl Drop for RemoteServer {
     }
 }
 
-/// Build the duplicate-page index (see [`DedupIndex`]); connections use it once it is set.
 /// The duplicate-page scan's thread name (15 bytes at most: what `/proc/…/comm` shows whole).
 const SCAN_THREAD: &str = "faultline-scan";
 
@@ -381,6 +380,7 @@ const SCAN_THREAD: &str = "faultline-scan";
 /// reads of a post-copy restore, which the exporter serves at the same time.
 const SCAN_NICE: i32 = 19;
 
+/// Build the duplicate-page index (see [`DedupIndex`]); connections use it once it is set.
 fn scan_main(shared: &Shared) {
     // PRIO_PROCESS with a thread id sets that thread's nice value (Linux). Failing to lower our
     // own priority is harmless: the scan runs at the exporter's.

@@ -786,8 +786,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_whole_frame_is_told_from_a_part_of_one() {
+    /// An encoded `ZERO` frame of one page.
+    fn zero_frame() -> Vec<u8> {
         let mut out = Vec::new();
         Frame::Zero {
             id: 1,
@@ -795,6 +795,12 @@ mod tests {
             len: 4096,
         }
         .encode(&mut out);
+        out
+    }
+
+    #[test]
+    fn a_whole_frame_is_told_from_a_part_of_one() {
+        let mut out = zero_frame();
         assert!(holds_whole_frame(&out));
         assert!(!holds_whole_frame(&out[..out.len() - 1]));
         assert!(!holds_whole_frame(&out[..3]));
@@ -823,13 +829,7 @@ mod tests {
         assert!(read_frame(&mut &out[..], &mut Vec::new()).is_err());
         assert!(Frame::decode(out[4], &out[5..]).is_err());
         // Trailing bytes.
-        let mut out = Vec::new();
-        Frame::Zero {
-            id: 1,
-            offset: 0,
-            len: 4096,
-        }
-        .encode(&mut out);
+        let mut out = zero_frame();
         out.push(0);
         out[0] += 1;
         let e = read_frame(&mut &out[..], &mut Vec::new()).unwrap_err();
