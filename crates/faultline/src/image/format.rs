@@ -136,11 +136,6 @@ impl fmt::Display for HashAlg {
     }
 }
 
-/// The BLAKE3 content hash of a page (the [`HashAlg::Blake3`] page hash).
-pub fn page_hash(page: &[u8]) -> PageHash {
-    HashAlg::Blake3.page(page)
-}
-
 /// The first 16 bytes of a full 32-byte BLAKE3 hash.
 pub fn truncate(full: &[u8; 32]) -> PageHash {
     let mut h = [0u8; HASH_LEN];

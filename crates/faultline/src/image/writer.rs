@@ -3,8 +3,9 @@
 //! Each page is checked for zeros (not stored), hashed with BLAKE3 and looked up by its full
 //! 32-byte hash among the pages stored so far (a duplicate becomes an index entry pointing at the
 //! first copy), and otherwise hashed with the image's page hash (the truncated BLAKE3 hash, or
-//! XXH3-128) and appended to the current chunk, which is compressed and written when it is full. A diff additionally compares each page with the base's page at the same index, by
-//! the base's stored 16-byte hash, and writes "base" for the pages that did not change. The
+//! XXH3-128) and appended to the current chunk, which is compressed and written when it is full.
+//! A diff additionally compares each page with the base's page at the same index, by the base's
+//! stored 16-byte hash, and writes "base" for the pages that did not change. The
 //! tables go after the chunk data and the header is written last, at offset 0, once the tables'
 //! hash is known — so the output must be seekable (a file), and an interrupted pack leaves a file
 //! with a zero header that no reader accepts.
@@ -153,6 +154,8 @@ pub struct ImageWriter<'b, W: Write + Seek> {
     hashes: Vec<PageHash>,
     dedup: HashMap<[u8; 32], PageLoc>,
     base: Option<BaseRef<'b>>,
+    /// A base page read to compare with (diffs over an XXH3 base).
+    base_page: Vec<u8>,
     stats: PackStats,
     started: Instant,
 }
@@ -224,6 +227,7 @@ impl<'b, W: Write + Seek> ImageWriter<'b, W> {
             hashes: Vec::new(),
             dedup: HashMap::new(),
             base,
+            base_page: Vec::new(),
             stats: PackStats::default(),
             started: Instant::now(),
         })
@@ -302,7 +306,7 @@ impl<'b, W: Write + Seek> ImageWriter<'b, W> {
     /// second preimage to fool); an XXH3 match is confirmed by reading the base's page, because
     /// a guest can craft XXH3 collisions and a false "unchanged" would serve the old page.
     fn same_as_base(
-        &self,
+        &mut self,
         p: u64,
         page: &[u8],
         full: &[u8; 32],
@@ -318,13 +322,16 @@ impl<'b, W: Write + Seek> ImageWriter<'b, W> {
         let Some(base) = &self.base else {
             return Ok(false);
         };
-        let mut theirs = vec![0u8; self.ps];
+        // Past the base's end (a short last page) the page reads as zeros.
+        let theirs = &mut self.base_page;
+        theirs.clear();
+        theirs.resize(self.ps, 0);
         let at = p * self.ps as u64;
         let n = (base.source.len().saturating_sub(at) as usize).min(self.ps);
         base.source
             .read_at(at, &mut theirs[..n])
             .map_err(|e| ImageError::Invalid(format!("reading the base's page {p}: {e}")))?;
-        Ok(theirs == page)
+        Ok(theirs[..] == *page)
     }
 
     fn flush_chunk(&mut self) -> Result<(), ImageError> {
