@@ -59,30 +59,22 @@ pub struct SourceRow {
     pub remote: Option<RemoteStats>,
 }
 
+/// The smallest of `v` (infinity when empty).
+fn least(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
 impl SourceRow {
     fn best_ms(&self) -> f64 {
-        self.restore_ms
-            .iter()
-            .cloned()
-            .fold(f64::INFINITY, f64::min)
+        least(&self.restore_ms)
     }
     fn min_cpu_ms(&self) -> f64 {
-        self.cpu_ms.iter().cloned().fold(f64::INFINITY, f64::min)
+        least(&self.cpu_ms)
     }
     fn median_ms(&self) -> f64 {
         let mut v = self.restore_ms.clone();
         v.sort_by(|a, b| a.total_cmp(b));
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    }
-}
-
-impl ImageRow {
-    /// Its name in the report (as [`image_label`]).
-    fn label(&self) -> String {
-        match self.hash {
-            "blake3" => self.codec.to_string(),
-            h => format!("{}, {h}", self.codec),
-        }
     }
 }
 
@@ -93,6 +85,8 @@ pub struct ImageRow {
     pub codec: &'static str,
     /// Page hash.
     pub hash: &'static str,
+    /// Its name in the report ([`image_label`]).
+    pub label: String,
     /// Raw bytes.
     pub raw_bytes: u64,
     /// Image bytes.
@@ -630,6 +624,7 @@ pub fn run(args: &BenchArgs) -> Result<SourcesReport> {
             images.push(ImageRow {
                 codec: codec.name(),
                 hash: hash.name(),
+                label,
                 raw_bytes: st.raw_bytes,
                 image_bytes: st.image_bytes,
                 zero_pages: st.zero_pages,
@@ -771,7 +766,7 @@ fn targets(variants: &[Variant], rows: &[SourceRow], images: &[ImageRow]) -> Vec
     let mut t = Vec::new();
     for i in images {
         t.push(Target::at_most(
-            format!("image size ({}) / (raw × unique fraction × 1.1)", i.label()),
+            format!("image size ({}) / (raw × unique fraction × 1.1)", i.label),
             i.image_bytes as f64 / i.bound_bytes as f64,
             1.0,
         ));
@@ -831,7 +826,7 @@ fn print(r: &SourcesReport) {
     for i in &r.images {
         println!(
             "image ({}): {} MiB of {} MiB raw ({} zero, {} duplicate, {} unique pages; bound {} MiB), packed at {:.0} MiB/s",
-            i.label(),
+            i.label,
             i.image_bytes >> 20,
             i.raw_bytes >> 20,
             i.zero_pages,
