@@ -33,12 +33,16 @@ pub fn need_huge_pages(test: &str, pages: u64) -> Option<HugePages> {
     let held = LOCK
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if faultline_uffd::reserve_huge_pages(pages) {
-        Some(HugePages { _held: held })
-    } else {
+    reserve_or_skip(test, pages).then_some(HugePages { _held: held })
+}
+
+/// Reserve `pages` 2 MiB huge pages; print a skip line naming `test` when impossible.
+fn reserve_or_skip(test: &str, pages: u64) -> bool {
+    let ok = faultline_uffd::reserve_huge_pages(pages);
+    if !ok {
         skip(test, &format!("cannot reserve {pages} 2 MiB huge pages"));
-        None
     }
+    ok
 }
 
 /// Whether the kernel offers `features`; prints a skip line when not.
@@ -272,17 +276,11 @@ pub const HUGE_PAGE_HEADROOM: u64 = 16;
 /// [`HUGE_PAGE_HEADROOM`] (printing a skip line naming the kind when impossible); the others
 /// always can.
 pub fn need_kind(test: &str, kind: faultline_uffd::MemoryKind, huge_pages: u64) -> bool {
-    if !kind.is_hugetlb() || faultline_uffd::reserve_huge_pages(huge_pages + HUGE_PAGE_HEADROOM) {
-        return true;
-    }
-    skip(
-        &format!("{test} on {kind}"),
-        &format!(
-            "cannot reserve {} 2 MiB huge pages",
-            huge_pages + HUGE_PAGE_HEADROOM
-        ),
-    );
-    false
+    !kind.is_hugetlb()
+        || reserve_or_skip(
+            &format!("{test} on {kind}"),
+            huge_pages + HUGE_PAGE_HEADROOM,
+        )
 }
 
 /// A SIGBUS handler: `(signal, info, ucontext)`.
