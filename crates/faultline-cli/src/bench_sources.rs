@@ -456,6 +456,14 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<Measured> {
     let took = start.elapsed();
     let cpu = cpu_time().saturating_sub(cpu_start);
     verify(&m, &ctx.file, pages).context("verifying the restored memory")?;
+    let st = server.stats();
+    let resolves = format!(
+        "{} UFFDIO_COPY ({} MiB), {} UFFDIO_ZEROPAGE ({} pages)",
+        st.copy,
+        (st.bytes - st.zero_pages * PAGE as u64) >> 20,
+        st.zeropage,
+        st.zero_pages
+    );
     server.shutdown();
     if let Some(p) = prefetch {
         let r = p
@@ -486,6 +494,10 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<Measured> {
             s.chunks_verified
         ));
     }
+    let detail = Some(match detail {
+        Some(d) => format!("{resolves}; {d}"),
+        None => resolves,
+    });
     Ok((took, cpu, detail, remote.as_ref().map(|r| r.stats())))
 }
 

@@ -40,7 +40,7 @@ use rustix::io::Errno;
 
 use crate::policy::{Readahead, Streams, WorkingSet};
 use crate::region::{Backing, Region, RegionEntry, RegionError, RegionMap};
-use crate::source::SourceError;
+use crate::source::{Lend, SourceError};
 use crate::state::{PageState, PageStates};
 use crate::stats::{add, Counters, Stats};
 
@@ -1324,8 +1324,21 @@ impl Worker {
             } else {
                 max_pages
             };
-            let (q, zero) = Self::plan(e, p, end, cap, self.shared.config.min_zero_run);
-            match self.resolve_pages(s, e, p, q - p, zero) {
+            // A source whose pages arrive from elsewhere has them here first, so that the plan
+            // knows its zero runs.
+            let limit = end.min(p + cap);
+            let ready = e.region.source.wait_ready(
+                e.source_offset_of(p),
+                (limit - p) as u64 * e.region.page_size(),
+            );
+            let (q, zero, outcome) = match ready {
+                Ok(()) => {
+                    let (q, zero) = Self::plan(e, p, end, cap, self.shared.config.min_zero_run);
+                    (q, zero, self.resolve_pages(s, e, p, q - p, zero))
+                }
+                Err(err) => (limit, false, Err(Step::Source(err))),
+            };
+            match outcome {
                 Ok(done) => {
                     let done = done.max(1).min(q - p);
                     // Count before publishing the pages as present: a waiter woken by the last
@@ -1552,11 +1565,34 @@ impl Worker {
                         .copy_from_ptr(addr, ptr, len as usize, CopyMode::empty())
                 } else {
                     self.ensure_buf(len as usize);
-                    e.region
+                    let lend = e
+                        .region
                         .source
-                        .read_at(off, &mut self.buf)
+                        .read_or_lend(off, &mut self.buf)
                         .map_err(Step::Source)?;
-                    s.uffd.copy(addr, &self.buf, CopyMode::empty())
+                    match lend {
+                        Lend::Lent(l) => s.uffd.copy(addr, l.bytes(), CopyMode::empty()),
+                        Lend::Read(n) => {
+                            // At least a page, or all that was asked (a source that reads less
+                            // than a page would be wrong: treat it as having read nothing).
+                            let n = if n >= ps as usize {
+                                n - n % ps as usize
+                            } else {
+                                0
+                            };
+                            if n == 0 {
+                                return Err(Step::Source(SourceError {
+                                    offset: off,
+                                    len,
+                                    source_name: e.region.source.name(),
+                                    what: "read_or_lend read less than a page".into(),
+                                    retry: crate::source::Retry::Permanent,
+                                    cause: None,
+                                }));
+                            }
+                            s.uffd.copy(addr, &self.buf[..n], CopyMode::empty())
+                        }
+                    }
                 }
             }
         };

@@ -518,14 +518,18 @@ fn a_different_source_behind_the_same_address_is_never_served() {
 
 /// The fault server serving a mapping from a remote source; `mid` runs when half the pages
 /// were touched (by every thread).
-fn restore_through_the_fault_server(opts: RemoteOptions, fill: bool, mid: impl Fn(&RemoteServer)) {
-    const PAGES: usize = 2048;
+fn restore_through_the_fault_server(
+    want: &[u8],
+    opts: RemoteOptions,
+    fill: bool,
+    mid: impl Fn(&RemoteServer),
+) -> faultline::Stats {
     const THREADS: usize = 2;
-    let want = content(PAGES, 0);
-    let remote = serve(&want);
+    let pages = want.len() / PAGE_SIZE;
+    let remote = serve(want);
     let src = Arc::new(connect(&remote, opts));
     let uffd = Uffd::new(Features::empty()).unwrap();
-    let m = Mapping::anonymous(PAGES * PAGE_SIZE).unwrap();
+    let m = Mapping::anonymous(pages * PAGE_SIZE).unwrap();
     uffd.register(&m, RegisterMode::MISSING).unwrap();
     let server = Server::start(ServerConfig {
         workers: 2,
@@ -547,10 +551,10 @@ fn restore_through_the_fault_server(opts: RemoteOptions, fill: bool, mid: impl F
     let halfway = Barrier::new(THREADS + 1);
     std::thread::scope(|s| {
         for t in 0..THREADS {
-            let (m, want, halfway) = (&m, &want, &halfway);
+            let (m, halfway) = (&m, &halfway);
             s.spawn(move || {
                 let mut page = vec![0u8; PAGE_SIZE];
-                let mine: Vec<usize> = (0..PAGES).filter(|p| p % THREADS == t).collect();
+                let mine: Vec<usize> = (0..pages).filter(|p| p % THREADS == t).collect();
                 for (i, &p) in mine.iter().enumerate() {
                     if i == mine.len() / 2 {
                         halfway.wait();
@@ -566,31 +570,32 @@ fn restore_through_the_fault_server(opts: RemoteOptions, fill: bool, mid: impl F
         halfway.wait();
         mid(&remote);
     });
-    let mut all = vec![0u8; PAGES * PAGE_SIZE];
+    let mut all = vec![0u8; pages * PAGE_SIZE];
     m.read(0, &mut all).unwrap();
     assert!(all == want, "the restored memory differs from the source");
     let st = session.stats();
     assert_eq!(st.poisoned_pages, 0, "{st:?}");
     // Every page resolved exactly once; with background fill the fill may win every page
     // before the touching threads fault, so only an on-demand restore must have faulted.
-    assert_eq!(st.pages, PAGES as u64, "{st:?}");
+    assert_eq!(st.pages, pages as u64, "{st:?}");
     assert!(fill || st.faults >= 1, "{st:?}");
     let rs = src.stats();
     eprintln!("fault server: {st:?}\nremote source: {rs:?}");
     server.shutdown();
+    st
 }
 
 #[test]
 fn the_fault_server_restores_a_mapping_from_a_remote_source() {
     within(LIMIT * 2, || {
-        restore_through_the_fault_server(options(), false, |_| {});
+        restore_through_the_fault_server(&content(2048, 0), options(), false, |_| {});
     });
 }
 
 #[test]
 fn the_fault_server_restores_across_a_connection_cut() {
     within(LIMIT * 2, || {
-        restore_through_the_fault_server(options(), false, |remote| {
+        restore_through_the_fault_server(&content(2048, 0), options(), false, |remote| {
             remote.cut_connections();
         });
     });
@@ -604,7 +609,7 @@ fn the_fault_server_restores_from_a_stream_across_a_cut() {
             cache_bytes: 2 << 20,
             ..options()
         };
-        restore_through_the_fault_server(opts, true, |remote| {
+        restore_through_the_fault_server(&content(2048, 0), opts, true, |remote| {
             remote.cut_connections();
         });
     });
@@ -1139,4 +1144,81 @@ fn the_stream_goes_on_where_it_was_as_well_as_where_a_fault_took_it() {
     assert_eq!((ahead.len(), behind.len()), (2, 2), "{seen:?}");
     assert!(ahead.windows(2).all(|w| w[1] == w[0] + 4), "{seen:?}");
     assert!(behind.windows(2).all(|w| w[1] == w[0] + 4), "{seen:?}");
+}
+
+/// Blocks of 128 pages: 32 unique, 16 zero, 24 copies of 3 contents, 56 unique.
+fn blocks(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n * 128 * PAGE_SIZE];
+    for (p, chunk) in v.chunks_mut(PAGE_SIZE).enumerate() {
+        match p % 128 {
+            32..48 => {}
+            48..72 => fill_pattern(0xc0b1e5, (p % 3) as u64, chunk),
+            _ => fill_pattern(0x5eed, p as u64, chunk),
+        }
+    }
+    v
+}
+
+#[test]
+fn runs_received_whole_are_lent_and_the_rest_read_out() {
+    use faultline::source::Lend;
+    let want = blocks(1);
+    let server = serve(&want);
+    assert!(server.wait_stats(LIMIT, |s| s.dedup_done && s.dedup_slots == 3));
+    let src = connect(&server, options());
+    let len = want.len() as u64;
+    src.wait_ready(0, len).unwrap();
+    // Ready: the zero pages are known before anything is read.
+    assert_eq!(src.is_zero(32 * PS, 16 * PS), Some(true));
+    assert_eq!(src.is_zero(0, PS), None);
+    let demands = src.stats().demand_requests;
+    let mut got = Vec::new();
+    let mut answers = Vec::new();
+    let mut buf = vec![0xa5u8; want.len()];
+    let mut held = Vec::new();
+    while (got.len() as u64) < len {
+        let at = got.len() as u64;
+        match src
+            .read_or_lend(at, &mut buf[..(len - at) as usize])
+            .unwrap()
+        {
+            Lend::Lent(l) => {
+                answers.push(("lent", l.bytes().len() / PAGE_SIZE));
+                got.extend_from_slice(l.bytes());
+                held.push(l);
+            }
+            Lend::Read(n) => {
+                answers.push(("read", n / PAGE_SIZE));
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+    }
+    assert!(
+        got == want,
+        "the bytes lent and read differ from the source"
+    );
+    // The two unique runs are lent whole; the zeros and the copies between them are read out.
+    assert_eq!(answers, [("lent", 32), ("read", 40), ("lent", 56)]);
+    // Lent bytes stay alive while lent, and are counted; then nothing is cached.
+    assert!(src.stats().cached_bytes >= 88 * PS, "{:?}", src.stats());
+    drop(held);
+    assert_eq!(src.stats().cached_bytes, 0, "{:?}", src.stats());
+    // Pages lent were handed over once: read again, they are asked for again.
+    check(&src, &want, 0, 2 * PAGE_SIZE).unwrap();
+    assert_eq!(src.stats().demand_requests, demands + 1);
+}
+
+#[test]
+fn zero_runs_of_a_remote_source_are_mapped_not_copied() {
+    within(LIMIT * 2, || {
+        let want = blocks(16);
+        let zero_pages = 16 * 16;
+        let st = restore_through_the_fault_server(&want, options(), false, |_| {});
+        // Every run of zeros is resolved with UFFDIO_ZEROPAGE but where a resolve's window cut
+        // one short (below the shortest run worth a ZEROPAGE, it is copied with its
+        // neighbours): before the pages were readied first, none were.
+        assert!(st.zeropage >= 1, "{st:?}");
+        assert!(st.zero_pages >= zero_pages * 3 / 4, "{st:?}");
+        assert!(st.zero_pages <= zero_pages, "{st:?}");
+    });
 }

@@ -15,7 +15,7 @@ use super::wire::{
     VERSION,
 };
 use super::RemoteError;
-use crate::source::{check_bounds, PageSource, Retry, SourceError};
+use crate::source::{check_bounds, Lend, Lent, PageSource, Retry, SourceError};
 
 /// Options of a [`RemoteSource`].
 #[derive(Debug, Clone)]
@@ -81,9 +81,10 @@ impl Default for RemoteOptions {
 /// Counters of a [`RemoteSource`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RemoteStats {
-    /// `read_at` calls.
+    /// `read_at` and `wait_ready` calls (the server readies each run, then reads it through
+    /// `read_or_lend`, which is not counted again).
     pub reads: u64,
-    /// Reads whose pages were all in the cache when asked for (prefetched).
+    /// Of those, the ones whose pages were all in the cache when asked for (prefetched).
     pub reads_from_cache: u64,
     /// Demand `READ` frames sent.
     pub demand_requests: u64,
@@ -159,6 +160,17 @@ impl Chunk {
         (chunk, now)
     }
 }
+
+impl AsRef<[u8]> for Chunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// The fewest pages [`PageSource::read_or_lend`] lends from one received buffer: below that,
+/// copying them out with their neighbours (one `UFFDIO_COPY` for all) is cheaper than a
+/// `UFFDIO_COPY` of their own.
+const MIN_LEND_PAGES: u64 = 16;
 
 impl Drop for Chunk {
     fn drop(&mut self) {
@@ -584,16 +596,114 @@ impl PageSource for RemoteSource {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let sh = &*self.shared;
+        let Some((mut st, first, last)) = self.wait_for(offset, buf.len() as u64, true)? else {
+            return Ok(());
+        };
+        let taken = self.take(&mut st, offset, buf, first, last);
+        self.done_with(st);
+        taken.map_err(|p| self.lost(offset, buf.len() as u64, p))
+    }
+
+    fn wait_ready(&self, offset: u64, len: u64) -> Result<(), SourceError> {
+        if let Some((st, _, _)) = self.wait_for(offset, len, true)? {
+            drop(st);
+        }
+        Ok(())
+    }
+
+    fn read_or_lend(&self, offset: u64, buf: &mut [u8]) -> Result<Lend, SourceError> {
         let len = buf.len() as u64;
+        // Not counted as a read: the server readied the range just before.
+        let Some((mut st, first, last)) = self.wait_for(offset, len, false)? else {
+            return Ok(Lend::Read(0));
+        };
+        let sh = &*self.shared;
+        let whole = |p: u64| {
+            let (ps, pe) = sh.page_span(p);
+            ps >= offset && pe <= offset + len && pe - ps == sh.page
+        };
+        // The stretch of whole pages from `p` that one received buffer holds in order.
+        let stretch = |st: &State, p: u64| -> u64 {
+            let Some((c0, at0)) = st.cache.get(&p) else {
+                return 0;
+            };
+            let mut n = 0;
+            while p + n <= last && whole(p + n) {
+                match st.cache.get(&(p + n)) {
+                    Some((c, at)) if Arc::ptr_eq(c, c0) && *at == at0 + (n * sh.page) as usize => {
+                        n += 1
+                    }
+                    _ => break,
+                }
+            }
+            n
+        };
+        let here = stretch(&st, first);
+        let answer = if here >= MIN_LEND_PAGES && offset % sh.page == 0 {
+            let (chunk, at) = st
+                .cache
+                .get(&first)
+                .cloned()
+                .expect("the stretch starts here");
+            for p in first..first + here {
+                st.cache.remove(&p);
+                st.pages[p as usize] = ABSENT | READ_ONCE;
+            }
+            let bytes = (here * sh.page) as usize;
+            let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = chunk;
+            let lent =
+                Lent::new(owner, at..at + bytes).expect("cached pages lie inside their chunk");
+            Ok(Lend::Lent(lent))
+        } else {
+            // Copy up to where a stretch worth lending begins.
+            let mut upto = first + here.max(1);
+            while upto <= last && stretch(&st, upto) < MIN_LEND_PAGES {
+                upto += 1;
+            }
+            let end = (upto * sh.page).min(offset + len);
+            let n = (end - offset) as usize;
+            self.take(&mut st, offset, &mut buf[..n], first, upto - 1)
+                .map(|()| Lend::Read(n))
+                .map_err(|p| self.lost(offset, len, p))
+        };
+        self.done_with(st);
+        answer
+    }
+
+    fn is_zero(&self, offset: u64, len: u64) -> Option<bool> {
+        if len == 0 || check_bounds("", offset, len, self.shared.len).is_err() {
+            return None;
+        }
+        let first = offset / self.shared.page;
+        let last = (offset + len - 1) / self.shared.page;
+        let st = self.shared.lock();
+        (first..=last)
+            .all(|p| st.pages[p as usize] & STATE == ZERO)
+            .then_some(true)
+    }
+}
+
+impl RemoteSource {
+    /// Wait until every page of `offset..offset + len` has been received (asking for those
+    /// neither here nor asked for as demand), and return the locked state and the range's first
+    /// and last page; `None` for an empty range. `count`: count it in the read statistics.
+    fn wait_for(
+        &self,
+        offset: u64,
+        len: u64,
+        count: bool,
+    ) -> Result<Option<(MutexGuard<'_, State>, u64, u64)>, SourceError> {
+        let sh = &*self.shared;
         if offset.checked_add(len).is_none_or(|end| end > sh.len) {
             // The name is only made when needed: this is the hot path.
             return Err(SourceError::out_of_range(&sh.name(), offset, len, sh.len));
         }
-        if buf.is_empty() {
-            return Ok(());
+        if len == 0 {
+            return Ok(None);
         }
-        add(&sh.c.reads, 1);
+        if count {
+            add(&sh.c.reads, 1);
+        }
         let first = offset / sh.page;
         let last = (offset + len - 1) / sh.page;
         let started = Instant::now();
@@ -649,24 +759,10 @@ impl PageSource for RemoteSource {
                 }
             }
             if !missing {
-                if first_look {
+                if first_look && count {
                     add(&sh.c.reads_from_cache, 1);
                 }
-                let taken = self.take(&mut st, offset, buf, first, last);
-                let wake = std::mem::take(&mut st.stream_starved);
-                drop(st);
-                if wake {
-                    let _ = sh.tx.send(Cmd::Wake);
-                }
-                return match taken {
-                    Ok(()) => Ok(()),
-                    Err(p) => Err(sh.error(
-                        offset,
-                        len,
-                        Retry::Retryable,
-                        format!("page {p} was lost from the cache; it is asked for again"),
-                    )),
-                };
+                return Ok(Some((st, first, last)));
             }
             first_look = false;
             if asked {
@@ -708,20 +804,24 @@ impl PageSource for RemoteSource {
         }
     }
 
-    fn is_zero(&self, offset: u64, len: u64) -> Option<bool> {
-        if len == 0 || check_bounds("", offset, len, self.shared.len).is_err() {
-            return None;
+    /// Release the state after a read, letting the stream go on if it waited for room.
+    fn done_with(&self, mut st: MutexGuard<'_, State>) {
+        let wake = std::mem::take(&mut st.stream_starved);
+        drop(st);
+        if wake {
+            let _ = self.shared.tx.send(Cmd::Wake);
         }
-        let first = offset / self.shared.page;
-        let last = (offset + len - 1) / self.shared.page;
-        let st = self.shared.lock();
-        (first..=last)
-            .all(|p| st.pages[p as usize] & STATE == ZERO)
-            .then_some(true)
     }
-}
 
-impl RemoteSource {
+    fn lost(&self, offset: u64, len: u64, page: u64) -> SourceError {
+        self.shared.error(
+            offset,
+            len,
+            Retry::Retryable,
+            format!("page {page} was lost from the cache; it is asked for again"),
+        )
+    }
+
     /// Copy pages `first..=last` (all received) into `buf` and drop from the cache every page
     /// that has now been read whole (at once, or in parts adding up to it).
     /// `Err(page)` if a page marked received has no bytes (never expected: the page is marked

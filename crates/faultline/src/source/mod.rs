@@ -7,9 +7,15 @@
 //! also say that a range is all zeros ([`PageSource::is_zero`]), which the server resolves with
 //! `UFFDIO_ZEROPAGE` (no allocation of a copy buffer, no read).
 //!
+//! Sources whose bytes arrive from elsewhere (the remote source) are asked first to
+//! [`PageSource::wait_ready`] a range, so that `is_zero` can answer for pages still on their way
+//! and zero runs are mapped, not copied; such a source can then lend the bytes it received
+//! ([`PageSource::read_or_lend`], a [`Lent`] that keeps them alive) instead of copying them out.
+//!
 //! Errors say whether retrying may help ([`SourceError::is_retryable`]); the server retries those
 //! with backoff and poisons the page when a read still fails, so a client never reads a wrong page.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 pub mod failure;
@@ -148,6 +154,24 @@ pub trait PageSource: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// Wait until `offset..offset + len` can be read without waiting, so that
+    /// [`PageSource::is_zero`] answers for it. For sources whose pages arrive from elsewhere (a
+    /// remote page server); the default does nothing. The server calls it before planning each
+    /// run; an error is handled as a failed read of the range.
+    fn wait_ready(&self, _offset: u64, _len: u64) -> Result<(), SourceError> {
+        Ok(())
+    }
+
+    /// Read `offset..offset + buf.len()` as [`PageSource::read_at`] does, or lend a prefix of it:
+    /// [`Lend::Read`]`(n)` says the first `n` bytes (at least one page, or all of `buf`) were
+    /// read into `buf`; [`Lend::Lent`] hands over bytes the source holds (whole pages from
+    /// `offset`), which the server copies into place straight from there. Either way the caller
+    /// goes on from where the answer ends. The default reads the whole range.
+    fn read_or_lend(&self, offset: u64, buf: &mut [u8]) -> Result<Lend, SourceError> {
+        self.read_at(offset, buf)?;
+        Ok(Lend::Read(buf.len()))
+    }
+
     /// Make durable what this source keeps for a later process (an object source's on-disk
     /// cache: the blocks fetched since its last group commit). A daemon calls it when it stops
     /// cleanly; it returns once that is on disk. Nothing to do by default.
@@ -172,6 +196,12 @@ impl<T: PageSource + ?Sized> PageSource for Arc<T> {
     fn is_zero(&self, offset: u64, len: u64) -> Option<bool> {
         (**self).is_zero(offset, len)
     }
+    fn wait_ready(&self, offset: u64, len: u64) -> Result<(), SourceError> {
+        (**self).wait_ready(offset, len)
+    }
+    fn read_or_lend(&self, offset: u64, buf: &mut [u8]) -> Result<Lend, SourceError> {
+        (**self).read_or_lend(offset, buf)
+    }
     fn flush(&self) -> std::io::Result<()> {
         (**self).flush()
     }
@@ -193,8 +223,49 @@ impl<T: PageSource + ?Sized> PageSource for Box<T> {
     fn is_zero(&self, offset: u64, len: u64) -> Option<bool> {
         (**self).is_zero(offset, len)
     }
+    fn wait_ready(&self, offset: u64, len: u64) -> Result<(), SourceError> {
+        (**self).wait_ready(offset, len)
+    }
+    fn read_or_lend(&self, offset: u64, buf: &mut [u8]) -> Result<Lend, SourceError> {
+        (**self).read_or_lend(offset, buf)
+    }
     fn flush(&self) -> std::io::Result<()> {
         (**self).flush()
+    }
+}
+
+/// What [`PageSource::read_or_lend`] did with the front of the range it was asked for.
+#[derive(Debug)]
+pub enum Lend {
+    /// This many bytes from the start were read into the caller's buffer.
+    Read(usize),
+    /// These bytes are the front of the range, lent by the source.
+    Lent(Lent),
+}
+
+/// Bytes a source lends instead of copying them out: they stay alive, and unchanged, while the
+/// `Lent` lives (it holds a reference to the buffer they are in).
+pub struct Lent {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    range: Range<usize>,
+}
+
+impl Lent {
+    /// `range` of `owner`'s bytes; `None` if it is empty or does not lie inside them.
+    pub fn new(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Option<Lent> {
+        let inside = range.start < range.end && range.end <= (*owner).as_ref().len();
+        inside.then_some(Lent { owner, range })
+    }
+
+    /// The lent bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &(*self.owner).as_ref()[self.range.clone()]
+    }
+}
+
+impl std::fmt::Debug for Lent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lent").field("range", &self.range).finish()
     }
 }
 
