@@ -1,6 +1,5 @@
 //! [`RemoteSource`]: a [`PageSource`] whose bytes come from a [`super::RemoteServer`].
 
-use std::collections::HashMap;
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
@@ -9,6 +8,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+// Keys are page numbers and request ids: a multiply-and-rotate hash serves them as well as
+// SipHash at a fraction of its cost (a map operation per page received and per page read).
+use rustc_hash::FxHashMap as HashMap;
 
 use super::wire::{
     self, read_frame, Frame, Priority, Welcome, WireError, WireRange, MAX_KEPT_BYTES, MIN_VERSION,
@@ -464,11 +466,11 @@ impl RemoteSource {
         let shared = Arc::new(Shared {
             st: Mutex::new(State {
                 pages: vec![ABSENT; n],
-                cache: HashMap::new(),
-                partial: HashMap::new(),
-                failed: HashMap::new(),
+                cache: HashMap::default(),
+                partial: HashMap::default(),
+                failed: HashMap::default(),
                 queue: Vec::new(),
-                requests: HashMap::new(),
+                requests: HashMap::default(),
                 next_id: 1,
                 gen: 0,
                 up: false,
@@ -1324,15 +1326,21 @@ const GRACE_MS: u64 = 2;
 /// Most answer frames applied under one lock.
 const BATCH: usize = 256;
 
+/// The reader's receive buffer (see [`reader_main`]).
+const RECV_BUFFER: usize = 16 << 10;
+
 /// The connection's reader: receives answer frames and applies them to the cache. Frames that
 /// arrived together (all that the read buffer holds, up to [`BATCH`]) are applied under one
 /// lock with one wake-up of the waiting reads: with repeated pages a 1 MiB answer is hundreds
 /// of small frames.
 fn reader_main(sh: Arc<Shared>, stream: TcpStream, gen: u64, version: u16) {
-    let mut r = BufReader::with_capacity(256 << 10, stream);
+    // Small: it holds the headers and small frames of one receive. A DATA payload larger than
+    // what is left buffered is read from the socket straight into its own buffer (BufReader
+    // passes reads of at least its capacity through), so page bytes are copied once here.
+    let mut r = BufReader::with_capacity(RECV_BUFFER, stream);
     let mut scratch = Vec::new();
     // The pages this connection's server asked us to keep (version 2): slot -> bytes.
-    let mut kept: HashMap<u32, Arc<Chunk>> = HashMap::new();
+    let mut kept: HashMap<u32, Arc<Chunk>> = HashMap::default();
     let slots = MAX_KEPT_BYTES / sh.welcome.page_size;
     let mut batch: Vec<(u64, u64, u64, Answer)> = Vec::with_capacity(BATCH);
     let why = 'conn: loop {
