@@ -1520,9 +1520,9 @@ impl Worker {
                     self.ensure_buf(len as usize);
                     e.region
                         .source
-                        .read_at(off, &mut self.buf)
+                        .read_at(off, &mut self.buf[..len as usize])
                         .map_err(Step::Source)?;
-                    cache.write(cache_off, &self.buf)
+                    cache.write(cache_off, &self.buf[..len as usize])
                 };
                 if write.is_err() {
                     return Err(Step::Failed);
@@ -1568,7 +1568,7 @@ impl Worker {
                     let lend = e
                         .region
                         .source
-                        .read_or_lend(off, &mut self.buf)
+                        .read_or_lend(off, &mut self.buf[..len as usize])
                         .map_err(Step::Source)?;
                     match lend {
                         Lend::Lent(l) => s.uffd.copy(addr, l.bytes(), CopyMode::empty()),
@@ -1641,6 +1641,11 @@ impl Worker {
     }
 
     fn ensure_buf(&mut self, len: usize) {
+        // Only ever grows: filling it with zeros again at every length change costs a memset
+        // of the difference per resolve.
+        if self.buf.len() >= len {
+            return;
+        }
         let before = self.buf.capacity();
         self.buf.resize(len, 0);
         let grown = self.buf.capacity().saturating_sub(before);

@@ -807,7 +807,10 @@ impl Writer {
             .collect();
         // Read the runs of pages to send (into their place in the piece's buffer).
         let mut buf = std::mem::take(&mut self.buf);
-        buf.resize(n as usize, 0);
+        // Grown, never shrunk: zero-filling it again per piece would cost a memset.
+        if buf.len() < n as usize {
+            buf.resize(n as usize, 0);
+        }
         let mut i = 0;
         while i < count {
             if kinds[i] != Kind::Data {
@@ -850,7 +853,7 @@ impl Writer {
                 k += 1;
             }
             let from = i * ps;
-            let to = (k * ps).min(buf.len());
+            let to = (k * ps).min(n as usize);
             let (at, len) = (off + from as u64, (to - from) as u32);
             let h = heads.len();
             match kinds[i] {
