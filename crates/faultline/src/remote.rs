@@ -56,6 +56,7 @@
 
 mod client;
 mod dedup;
+mod send;
 mod server;
 pub mod wire;
 

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
 
 use super::dedup::DedupIndex;
+use super::send::{self, Mapped, Part};
 use super::wire::{
     self, read_frame, Frame, Priority, Welcome, WireError, WireRange, MAX_DATA, MAX_RANGES,
     MAX_RANGE_LEN, MIN_VERSION, VERSION,
@@ -792,6 +794,9 @@ impl Writer {
         let first = off / ps as u64;
         let count = (n as usize).div_ceil(ps);
         let span = |i: usize| (i * ps, ((i + 1) * ps).min(n as usize));
+        // Pages the source knows hold data need no zero check: when the source lends them (a
+        // memory file's mapping), they are sent from there, not read into `buf` first.
+        let mut known = vec![false; count];
         let mut kinds: Vec<Kind<'_>> = (0..count)
             .map(|i| {
                 if let Some((slot, bytes)) = index.and_then(|ix| ix.copy_of(first + i as u64)) {
@@ -800,11 +805,16 @@ impl Writer {
                 let (a, b) = span(i);
                 match src.is_zero(off + a as u64, (b - a) as u64) {
                     Some(true) => Kind::Zero,
+                    Some(false) => {
+                        known[i] = true;
+                        Kind::Data
+                    }
                     // Unknown pages are read, and checked for zeros below.
-                    _ => Kind::Data,
+                    None => Kind::Data,
                 }
             })
             .collect();
+        let mut mapped: Vec<(usize, Mapped<'_>)> = Vec::new();
         // Read the runs of pages to send (into their place in the piece's buffer).
         let mut buf = std::mem::take(&mut self.buf);
         // Grown, never shrunk: zero-filling it again per piece would cost a memset.
@@ -823,6 +833,13 @@ impl Writer {
             }
             let (from, _) = span(i);
             let (_, to) = span(k - 1);
+            if known[i..k].iter().all(|&f| f) {
+                if let Some(m) = Mapped::of(src, off + from as u64, to - from) {
+                    mapped.push((from, m));
+                    i = k;
+                    continue;
+                }
+            }
             if let Err(e) = src.read_at(off + from as u64, &mut buf[from..to]) {
                 self.buf = buf;
                 tracing::warn!(offset = off, len = n, error = %e, "source read failed; answering with an error");
@@ -903,19 +920,22 @@ impl Writer {
             }
             i = k;
         }
-        let slices: Vec<&[u8]> = segs
+        let parts: Vec<Part<'_>> = segs
             .iter()
             .map(|s| match *s {
-                Seg::Head(a, b) => &heads[a..b],
-                Seg::Buf(a, b) => &buf[a..b],
-                Seg::Kept(b) => b,
+                Seg::Head(a, b) => Part::Bytes(&heads[a..b]),
+                Seg::Buf(a, b) => match mapped.iter().find(|(from, _)| *from == a) {
+                    Some((_, m)) => Part::Mapped(*m),
+                    None => Part::Bytes(&buf[a..b]),
+                },
+                Seg::Kept(b) => Part::Bytes(b),
             })
             .collect();
         let r = self
             .out
             .flush()
-            .and_then(|()| wire::write_all_vectored(self.out.get_mut(), &slices));
-        drop(slices);
+            .and_then(|()| send::write_all(self.out.get_ref().as_fd(), &parts));
+        drop(parts);
         self.frame = heads;
         self.buf = buf;
         r
