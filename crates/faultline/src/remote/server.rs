@@ -998,12 +998,17 @@ mod tests {
 
     /// The nice value of this process's thread named `name`, if it runs.
     fn nice_of_thread(name: &str) -> Option<i32> {
-        for t in std::fs::read_dir("/proc/self/task").ok()? {
-            let dir = t.ok()?.path();
-            if std::fs::read_to_string(dir.join("comm")).ok()?.trim_end() != name {
-                continue;
+        // A thread that ends while we look (the scan, when it finishes) is skipped, not the end
+        // of the search.
+        for t in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let dir = t.path();
+            match std::fs::read_to_string(dir.join("comm")) {
+                Ok(comm) if comm.trim_end() == name => {}
+                _ => continue,
             }
-            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+                continue;
+            };
             // After the ")" that ends the name come field 3 (state) on; nice is field 19.
             let rest = &stat[stat.rfind(')')? + 2..];
             return rest.split(' ').nth(16)?.parse().ok();
