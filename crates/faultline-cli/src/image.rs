@@ -69,10 +69,11 @@ impl From<CodecFlag> for Codec {
 /// Page hash flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum HashFlag {
-    /// BLAKE3 (cryptographic: the image id commits to every page).
+    /// BLAKE3 (cryptographic: the image id commits to every page, for images from storage the
+    /// host does not trust, whose id it checks).
     Blake3,
-    /// XXH3-128: about 4x cheaper to check on restore; catches corruption, not tampering
-    /// (for images on storage the host trusts).
+    /// XXH3-128 (the default): about 4x cheaper to check on restore; catches corruption as
+    /// surely, not tampering.
     Xxh3,
 }
 
@@ -97,7 +98,7 @@ struct PackFlags {
     #[arg(long, default_value_t = 32)]
     chunk_pages: u32,
     /// The hash every page is checked against before it is served.
-    #[arg(long, value_enum, default_value_t = HashFlag::Blake3)]
+    #[arg(long, value_enum, default_value_t = HashFlag::Xxh3)]
     hash: HashFlag,
     /// Print the result as one JSON object instead of a table.
     #[arg(long)]

@@ -37,7 +37,7 @@ fn every_source_is_restored_verified_and_reported() {
             "local raw file (mmap)",
             "local image (zstd)",
             "local image (lz4)",
-            "local image (lz4, xxh3)",
+            "local image (zstd, blake3)",
             "remote, on demand (loopback)",
             "remote, background stream (loopback)",
             "local raw file (mmap), working set",

@@ -1165,8 +1165,13 @@ mod tests {
         assert_eq!((st.chunk_reads, st.chunks_verified), (3, 3));
         assert_eq!(st.pages_verified, 2 * pages_in(0) + pages_in(1));
 
-        // Version 1 (no chunk hashes): each page is checked on its own, once per decompression.
-        let s = source(to_v1(&packed(&raw(), &small_chunks()))).with_cache_bytes(1);
+        // Version 1 (no chunk hashes, BLAKE3 page hashes only): each page is checked on its
+        // own, once per decompression.
+        let blake3 = PackOptions {
+            hash: HashAlg::Blake3,
+            ..small_chunks()
+        };
+        let s = source(to_v1(&packed(&raw(), &blake3))).with_cache_bytes(1);
         assert_eq!(s.image().header().version, 1);
         s.read_at(PS as u64, &mut buf).unwrap();
         s.read_at(3 * PS as u64, &mut buf).unwrap();

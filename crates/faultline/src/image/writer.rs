@@ -44,8 +44,8 @@ pub struct PackOptions {
     pub chunk_pages: u32,
     /// Page size (default 4096; 2 MiB for a hugetlb guest's memory).
     pub page_size: u32,
-    /// How the image hashes its pages and chunks for the reader to check (default BLAKE3;
-    /// see [`HashAlg`] for when XXH3-128 is the better choice). Dedup does not depend on it.
+    /// How the image hashes its pages and chunks for the reader to check (default XXH3-128;
+    /// see [`HashAlg`] for when BLAKE3 is the better choice). Dedup does not depend on it.
     pub hash: HashAlg,
 }
 
@@ -56,7 +56,7 @@ impl Default for PackOptions {
             level: 3,
             chunk_pages: 32,
             page_size: 4096,
-            hash: HashAlg::Blake3,
+            hash: HashAlg::Xxh3,
         }
     }
 }
