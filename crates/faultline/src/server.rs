@@ -1570,27 +1570,31 @@ impl Worker {
                         .source
                         .read_or_lend(off, &mut self.buf[..len as usize])
                         .map_err(Step::Source)?;
+                    // Whole pages of what was asked, at least one: anything else is a broken
+                    // source, and its pages are poisoned rather than filled from a guess.
+                    let fits = |n: usize| n > 0 && n <= len as usize && n % ps as usize == 0;
                     match lend {
-                        Lend::Lent(l) => s.uffd.copy(addr, l.bytes(), CopyMode::empty()),
-                        Lend::Read(n) => {
-                            // At least a page, or all that was asked (a source that reads less
-                            // than a page would be wrong: treat it as having read nothing).
-                            let n = if n >= ps as usize {
-                                n - n % ps as usize
-                            } else {
-                                0
-                            };
-                            if n == 0 {
-                                return Err(Step::Source(SourceError {
-                                    offset: off,
-                                    len,
-                                    source_name: e.region.source.name(),
-                                    what: "read_or_lend read less than a page".into(),
-                                    retry: crate::source::Retry::Permanent,
-                                    cause: None,
-                                }));
-                            }
+                        Lend::Lent(l) if fits(l.bytes().len()) => {
+                            s.uffd.copy(addr, l.bytes(), CopyMode::empty())
+                        }
+                        Lend::Read(n) if fits(n) => {
                             s.uffd.copy(addr, &self.buf[..n], CopyMode::empty())
+                        }
+                        other => {
+                            let got = match other {
+                                Lend::Lent(l) => format!("lent {} bytes", l.bytes().len()),
+                                Lend::Read(n) => format!("read {n} bytes"),
+                            };
+                            return Err(Step::Source(SourceError {
+                                offset: off,
+                                len,
+                                source_name: e.region.source.name(),
+                                what: format!(
+                                    "read_or_lend {got}, not whole pages of the {len} asked for"
+                                ),
+                                retry: crate::source::Retry::Permanent,
+                                cause: None,
+                            }));
                         }
                     }
                 }

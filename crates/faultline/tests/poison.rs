@@ -356,3 +356,106 @@ fn a_short_read_poisons_only_the_page_it_cuts() {
     });
     assert_eq!(exit, ChildExit::Signal(libc::SIGBUS));
 }
+
+/// A source that lends (or says it read) something other than whole pages of what it was asked
+/// for, at page [`BAD`]: a broken source.
+#[derive(Debug)]
+struct BadLender {
+    inner: MemorySource,
+    lend_too_much: bool,
+}
+
+impl faultline::PageSource for BadLender {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn name(&self) -> String {
+        "bad lender".into()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), faultline::SourceError> {
+        self.inner.read_at(offset, buf)
+    }
+    fn read_or_lend(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<faultline::source::Lend, faultline::SourceError> {
+        use faultline::source::{Lend, Lent};
+        self.inner.read_at(offset, buf)?;
+        let bad = offset / PAGE_SIZE as u64 == BAD as u64;
+        Ok(match (bad, self.lend_too_much) {
+            (false, _) => Lend::Read(buf.len()),
+            // Less than a page.
+            (true, false) => Lend::Read(100),
+            // More than was asked for.
+            (true, true) => {
+                let bytes: Arc<dyn AsRef<[u8]> + Send + Sync> =
+                    Arc::new(vec![7u8; buf.len() + PAGE_SIZE]);
+                Lend::Lent(Lent::new(bytes, 0..buf.len() + PAGE_SIZE).unwrap())
+            }
+        })
+    }
+}
+
+#[test]
+fn a_source_that_lends_or_reads_other_than_whole_pages_gets_its_page_poisoned() {
+    if !need_features("poison", Features::POISON) {
+        return;
+    }
+    for lend_too_much in [false, true] {
+        let exit = within(LIMIT, move || {
+            in_child(move || {
+                let run = || -> Result<(), String> {
+                    let want = content();
+                    let source = Arc::new(BadLender {
+                        inner: MemorySource::new(want.clone()),
+                        lend_too_much,
+                    });
+                    let uffd = Uffd::new(Features::POISON).map_err(|e| e.to_string())?;
+                    let m = Mapping::anonymous(PAGES * PAGE_SIZE).map_err(|e| e.to_string())?;
+                    uffd.register(&m, RegisterMode::MISSING)
+                        .map_err(|e| e.to_string())?;
+                    let config = ServerConfig {
+                        workers: 1,
+                        readahead: Readahead::Off,
+                        ..ServerConfig::default()
+                    };
+                    let server = Server::start(config).map_err(|e| e.to_string())?;
+                    let _session = server
+                        .add_session(
+                            uffd,
+                            vec![Region::for_mapping(&m, source)],
+                            SessionOptions::default(),
+                        )
+                        .map_err(|e| e.to_string())?;
+                    let mut page = vec![0u8; PAGE_SIZE];
+                    for p in [BAD - 1, BAD + 1] {
+                        m.read(p * PAGE_SIZE, &mut page)
+                            .map_err(|e| e.to_string())?;
+                        if page[..] != want[p * PAGE_SIZE..(p + 1) * PAGE_SIZE] {
+                            return Err(format!("page {p} has wrong bytes"));
+                        }
+                    }
+                    // Dies here of SIGBUS.
+                    let _ = m.read_u8(BAD * PAGE_SIZE);
+                    Err(format!("page {BAD} was readable"))
+                };
+                match run() {
+                    Ok(()) => 0,
+                    Err(why) => {
+                        let _ = std::io::Write::write_all(
+                            &mut std::io::stderr(),
+                            format!("child: {why}\n").as_bytes(),
+                        );
+                        1
+                    }
+                }
+            })
+        });
+        assert_eq!(
+            exit,
+            ChildExit::Signal(libc::SIGBUS),
+            "lend_too_much {lend_too_much}: the client must die of SIGBUS on page {BAD}"
+        );
+    }
+}

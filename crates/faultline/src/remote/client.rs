@@ -649,6 +649,7 @@ impl PageSource for RemoteSource {
                 .expect("the stretch starts here");
             for p in first..first + here {
                 st.cache.remove(&p);
+                st.partial.remove(&p);
                 st.pages[p as usize] = ABSENT | READ_ONCE;
             }
             let bytes = (here * sh.page) as usize;
