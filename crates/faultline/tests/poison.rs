@@ -391,7 +391,7 @@ impl faultline::PageSource for BadLender {
             (true, true) => {
                 let bytes: Arc<dyn AsRef<[u8]> + Send + Sync> =
                     Arc::new(vec![7u8; buf.len() + PAGE_SIZE]);
-                Lend::Lent(Lent::new(bytes, 0..buf.len() + PAGE_SIZE).unwrap())
+                Lend::Lent(Lent::new(bytes, 0..buf.len() + PAGE_SIZE).expect("inside the buffer"))
             }
         })
     }
