@@ -84,6 +84,23 @@ fn every_source_is_restored_verified_and_reported() {
         .collect();
     assert_eq!(size_targets.len(), 3, "{r}");
     assert!(size_targets.iter().all(|t| t["met"] == true), "{r}");
+    // The restore targets hold the default image hash and the streamed remote restore; the
+    // BLAKE3 image and the on-demand remote rows are shown for comparison.
+    let compared: Vec<&str> = r["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .filter(|t| !t["comparison"].is_null())
+        .map(|t| t["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(
+        compared,
+        [
+            "local image (zstd, blake3) restore time / raw file",
+            "remote, on demand (loopback) throughput / raw file",
+        ],
+        "{r}"
+    );
     assert!(
         r["skipped"][0]
             .as_str()
