@@ -836,11 +836,17 @@ fn targets(variants: &[Variant], rows: &[SourceRow], images: &[ImageRow]) -> Vec
         Variant::ObjectImageWarm,
     ] {
         if let (Some(r), Some(base)) = (row(v), local_ws) {
-            t.push(Target::at_most(
+            let target = Target::at_most(
                 format!("{} / raw file, working set", r.name),
                 r.best_ms() / base,
                 2.0,
-            ));
+            );
+            t.push(match v {
+                Variant::ObjectWarm | Variant::ObjectImageWarm => target,
+                _ => target.for_comparison(
+                    "the working set is still being fetched while it is touched; the target is for it prefetched ahead",
+                ),
+            });
         }
     }
     t
