@@ -1203,6 +1203,10 @@ fn runs_received_whole_are_lent_and_the_rest_read_out() {
     assert!(src.stats().cached_bytes >= 88 * PS, "{:?}", src.stats());
     drop(held);
     assert_eq!(src.stats().cached_bytes, 0, "{:?}", src.stats());
+    // Zero pages stay known zero once read: read again, they are not asked for.
+    assert_eq!(src.is_zero(32 * PS, 16 * PS), Some(true));
+    check(&src, &want, 32 * PAGE_SIZE, 16 * PAGE_SIZE).unwrap();
+    assert_eq!(src.stats().demand_requests, demands);
     // Pages lent were handed over once: read again, they are asked for again.
     check(&src, &want, 0, 2 * PAGE_SIZE).unwrap();
     assert_eq!(src.stats().demand_requests, demands + 1);

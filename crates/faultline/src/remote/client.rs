@@ -276,11 +276,23 @@ struct Shared {
     c: Counters,
     tx: Sender<Cmd>,
     connected: AtomicBool,
+    /// Pages answered as zero, one bit each. Zero is a fact about the source's bytes, not about
+    /// the cache: a bit once set stays (a page read already is still zero), and it is read
+    /// without the lock — by [`PageSource::is_zero`], which the fault server asks page by page.
+    zero: Vec<AtomicU64>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn is_known_zero(&self, p: u64) -> bool {
+        self.zero[(p / 64) as usize].load(Ordering::Acquire) & (1 << (p % 64)) != 0
+    }
+
+    fn mark_zero(&self, p: u64) {
+        self.zero[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::AcqRel);
     }
 
     fn page_span(&self, p: u64) -> (u64, u64) {
@@ -494,6 +506,9 @@ impl RemoteSource {
             page,
             len,
             npages,
+            zero: (0..npages.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             cached: Arc::new(AtomicU64::new(0)),
             kept: Arc::new(AtomicU64::new(0)),
             version: AtomicU16::new(version),
@@ -679,9 +694,8 @@ impl PageSource for RemoteSource {
         }
         let first = offset / self.shared.page;
         let last = (offset + len - 1) / self.shared.page;
-        let st = self.shared.lock();
         (first..=last)
-            .all(|p| st.pages[p as usize] & STATE == ZERO)
+            .all(|p| self.shared.is_known_zero(p))
             .then_some(true)
     }
 }
@@ -731,10 +745,13 @@ impl RemoteSource {
             let patient = Instant::now() < patient_until;
             let mut awaits_background = false;
             for p in first..=last + 1 {
-                let s = if p <= last {
-                    st.pages[p as usize]
-                } else {
+                let s = if p > last {
                     CACHED
+                } else if sh.is_known_zero(p) {
+                    // Zero whatever the cache says: nothing to wait for, nothing to ask.
+                    ZERO
+                } else {
+                    st.pages[p as usize]
                 };
                 match s & STATE {
                     BG if patient => {
@@ -1506,6 +1523,9 @@ fn apply(
     let mut dup = 0;
     for i in 0..n {
         let p = first + i;
+        if matches!(answer, Answer::Zero) {
+            sh.mark_zero(p);
+        }
         let s = st.pages[p as usize];
         if !matches!(s & STATE, BG | DEMAND) {
             dup += 1;
