@@ -71,7 +71,8 @@ pub struct BenchArgs {
     /// Touching threads.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// Server worker threads (default: number of CPUs).
+    /// Server worker threads (default: number of CPUs; one more for the remote rows, as `serve
+    /// --remote` runs).
     #[arg(long)]
     pub workers: Option<usize>,
     /// Readahead policy.

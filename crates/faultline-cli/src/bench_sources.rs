@@ -441,6 +441,10 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<Measured> {
         source_attempts: u32::MAX,
         ..ServerConfig::default()
     };
+    if matches!(v, Variant::Demand | Variant::Stream) {
+        // What `serve --remote` runs.
+        config.workers = ServerConfig::network_workers();
+    }
     if let Some(w) = ctx.args.workers {
         config.workers = w.max(1);
     }

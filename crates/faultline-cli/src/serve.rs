@@ -69,7 +69,8 @@ pub struct ServeArgs {
     /// `--object-url s3://...` (the memory in an object store) and its cache.
     #[command(flatten)]
     pub object: crate::object::ObjectFlags,
-    /// Fault-serving worker threads (default: number of CPUs).
+    /// Fault-serving worker threads (default: number of CPUs; one more with `--remote`, whose
+    /// reads wait on the network).
     #[arg(long)]
     pub workers: Option<usize>,
     /// Pin worker i to CPU i.
@@ -207,6 +208,9 @@ impl Core {
             pin_workers: args.pin_workers,
             ..ServerConfig::default()
         };
+        if args.remote.is_some() {
+            config.workers = ServerConfig::network_workers();
+        }
         if let Some(w) = args.workers {
             config.workers = w.max(1);
         }
