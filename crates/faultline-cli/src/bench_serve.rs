@@ -199,6 +199,7 @@ pub fn run(
         socket: dir.path().join("faultline.sock"),
         mem_file: Some(mem.clone()),
         image: None,
+        image_id: None,
         remote: None,
         remote_flags: Default::default(),
         object: Default::default(),

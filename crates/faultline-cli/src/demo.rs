@@ -106,6 +106,7 @@ fn serve_args(
         socket: dir.join("faultline.sock"),
         mem_file: Some(mem.to_path_buf()),
         image: None,
+        image_id: None,
         remote: None,
         remote_flags: Default::default(),
         object: Default::default(),

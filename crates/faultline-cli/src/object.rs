@@ -161,11 +161,13 @@ fn prefetch_detached(
 
 /// `--image s3://...`: a full image in the store, its header and tables read through the cache.
 /// With a working set, the chunks holding its pages are fetched in the background, in
-/// first-touch order and in parallel, ahead of the faults that need them.
+/// first-touch order and in parallel, ahead of the faults that need them. With `expect_id`, the
+/// image must be the one it names ([`ImageSource::check_id`]).
 pub fn open_image(
     flags: &ObjectFlags,
     url: &str,
     prefetch_ws: Option<&Path>,
+    expect_id: Option<&[u8; 32]>,
 ) -> Result<Arc<dyn PageSource>> {
     let obj = flags.open(url)?;
     let image = Image::from_reader(Arc::clone(&obj) as Arc<dyn RangeRead>)
@@ -173,6 +175,9 @@ pub fn open_image(
     let src = ImageSource::new(image).with_context(|| {
         format!("{url}: diffs in an object store are not supported yet; serve a full image")
     })?;
+    if let Some(id) = expect_id {
+        src.check_id(id)?;
+    }
     if let Some(p) = prefetch_ws {
         prefetch_detached(&obj, p, |offsets| {
             obj.offsets_of_ranges(&src.working_set_ranges(&offsets))

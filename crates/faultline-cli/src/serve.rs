@@ -59,6 +59,11 @@ pub struct ServeArgs {
     /// checked against its hash before it is served; a bad page is poisoned, never served.
     #[arg(long, value_name = "IMG")]
     pub image: Option<PathBuf>,
+    /// Serve the image only if its id (`faultline image inspect` shows it) is this one, 64 hex
+    /// digits. The id vouches for every page only with BLAKE3 page hashes (`image pack --hash
+    /// blake3`), so an image with XXH3-128 page hashes is refused with it.
+    #[arg(long, value_name = "HEX", value_parser = parse_image_id)]
+    pub image_id: Option<[u8; 32]>,
     /// Serve pages fetched from a remote page server (`faultline export --listen ADDR` on the
     /// host the VM is moving from) instead of a local file: host:port.
     #[arg(long, value_name = "ADDR", conflicts_with_all = ["mem_file", "image"])]
@@ -358,6 +363,7 @@ impl Core {
 /// over its base) or `--mem-file F` (the raw file, mmapped, zero pages found by a start-up scan
 /// unless `--no-zero-scan`). The two flags exclude each other.
 pub fn open_snapshot(args: &ServeArgs) -> Result<Arc<dyn PageSource>> {
+    check_image_id_flag(args)?;
     if let Some(addr) = &args.remote {
         return crate::remote::open_remote(addr, &args.remote_flags);
     }
@@ -365,11 +371,19 @@ pub fn open_snapshot(args: &ServeArgs) -> Result<Arc<dyn PageSource>> {
         return crate::object::open_memory(&args.object, url, args.prefetch_ws.as_deref());
     }
     if let Some(url) = args.image.as_deref().and_then(crate::object::url_of) {
-        return crate::object::open_image(&args.object, url, args.prefetch_ws.as_deref());
+        return crate::object::open_image(
+            &args.object,
+            url,
+            args.prefetch_ws.as_deref(),
+            args.image_id.as_ref(),
+        );
     }
     if let Some(img) = &args.image {
         let src = faultline::image::ImageSource::open(img)
             .with_context(|| format!("opening the image {}", img.display()))?;
+        if let Some(id) = &args.image_id {
+            src.check_id(id)?;
+        }
         return Ok(Arc::new(src));
     }
     let Some(mem) = &args.mem_file else {
@@ -387,9 +401,35 @@ pub fn open_snapshot(args: &ServeArgs) -> Result<Arc<dyn PageSource>> {
     Ok(Arc::new(src))
 }
 
+/// `--image-id` names an image: it goes with `--image`.
+fn check_image_id_flag(args: &ServeArgs) -> Result<()> {
+    if args.image_id.is_some() && args.image.is_none() {
+        bail!("--image-id checks the image given with --image; there is none");
+    }
+    Ok(())
+}
+
+/// `--image-id`: 64 hex digits.
+fn parse_image_id(s: &str) -> Result<[u8; 32], String> {
+    let digits = s.trim();
+    if digits.len() != 64 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "an image id is 64 hex digits (as `faultline image inspect` shows it); got {} characters",
+            digits.len()
+        ));
+    }
+    let mut id = [0u8; 32];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&digits[2 * i..2 * i + 2], 16)
+            .map_err(|e| format!("image id: {e}"))?;
+    }
+    Ok(id)
+}
+
 /// The length of what `args` serves (the guest memory size a handshake may use), checking the
 /// snapshot can be opened (an image's header and tables are validated).
 pub fn snapshot_len(args: &ServeArgs) -> Result<u64> {
+    check_image_id_flag(args)?;
     if let Some(url) = &args.object.object_url {
         return crate::object::object_len(&args.object, url);
     }

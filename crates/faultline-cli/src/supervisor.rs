@@ -179,6 +179,9 @@ fn worker_flags(a: &ServeArgs) -> Vec<String> {
     if let Some(p) = &a.image {
         v.extend(["--image".into(), p.display().to_string()]);
     }
+    if let Some(id) = &a.image_id {
+        v.extend(["--image-id".into(), faultline::image::hex(id)]);
+    }
     if let Some(r) = &a.remote {
         v.extend(["--remote".into(), r.clone()]);
         v.extend(a.remote_flags.to_args());

@@ -481,3 +481,75 @@ fn poisoned_with(hash: &str) {
         .count();
     assert_eq!(poisoned, 1, "{}", d.log.text());
 }
+
+#[test]
+fn serve_image_id_serves_the_named_blake3_image_and_refuses_others() {
+    let f = files();
+    let img = f.dir.join("mem.img");
+    image_ok(&["pack", s(&f.raw), "-o", s(&img), "--hash", "blake3"]);
+    let id_of = |img: &Path| {
+        json(&image_ok(&["inspect", s(img), "--json"]))["layers"][0]["id"]
+            .as_str()
+            .expect("the image's id")
+            .to_string()
+    };
+    let id = id_of(&img);
+    assert_eq!(id.len(), 64, "{id}");
+    // The right id: served (through the supervised worker, which gets the flag too).
+    {
+        let d = Daemon::start(&f.dir, &img, &["--image-id", &id]);
+        verified(&d.client(&f.raw), &d.log);
+    }
+    let sock = f.dir.join("refused.sock");
+    let refused = |image: &Path, id: &str, want: &str| {
+        let out = faultline(&[
+            "serve",
+            "--socket",
+            s(&sock),
+            "--image",
+            s(image),
+            "--image-id",
+            id,
+        ]);
+        assert!(!out.status.success(), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "wanted {want:?} in: {err}");
+    };
+    // Another id: refused at start, naming both.
+    let mut other = id.clone().into_bytes();
+    other[0] = if other[0] == b'0' { b'1' } else { b'0' };
+    let other = String::from_utf8(other).expect("hex");
+    refused(
+        &img,
+        &other,
+        &format!("has image id {id}, not the expected {other}"),
+    );
+    // Not 64 hex digits.
+    refused(&img, &id[..63], "64 hex digits");
+    refused(&img, &format!("{}g", &id[..63]), "64 hex digits");
+    // An XXH3-128 image: its id cannot vouch for its pages.
+    let fast = f.dir.join("fast.img");
+    image_ok(&["pack", s(&f.raw), "-o", s(&fast)]);
+    let fast_id = id_of(&fast);
+    refused(
+        &fast,
+        &fast_id,
+        "xxh3 page hashes, which its id cannot vouch for",
+    );
+    // --image-id without --image.
+    let out = faultline(&[
+        "serve",
+        "--socket",
+        s(&sock),
+        "--mem-file",
+        s(&f.raw),
+        "--image-id",
+        &id,
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("--image-id checks the image given with --image"),
+        "{out:?}"
+    );
+}

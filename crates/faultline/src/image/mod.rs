@@ -148,6 +148,10 @@ pub enum ImageError {
     /// Bad writer options or input.
     #[error("{0}")]
     Invalid(String),
+    /// The image is not the one its expected id names ([`ImageSource::check_id`]), or its page
+    /// hash cannot make its id vouch for its pages.
+    #[error("{0}")]
+    Id(String),
     /// A page could not be read (a corrupt chunk, a hash mismatch, an I/O error).
     #[error("page read failed")]
     Page(#[source] crate::SourceError),

@@ -614,6 +614,38 @@ impl ImageSource {
         self.base.as_ref()
     }
 
+    /// Check that this is the image `want` names and that the id vouches for every byte it
+    /// serves: the id is the BLAKE3 hash of a header that holds the tables' hash, the tables hold
+    /// each page's hash, and every page is checked against its hash before it is served — so the
+    /// chain holds only if the page hashes are cryptographic. Every layer (a diff names its base
+    /// by id, checked when the diff is opened) must therefore use BLAKE3 page hashes; an
+    /// XXH3-128 layer is refused by name, since pages matching its hashes can be crafted.
+    pub fn check_id(&self, want: &[u8; 32]) -> Result<(), ImageError> {
+        let got = self.image.id();
+        if &got != want {
+            return Err(ImageError::Id(format!(
+                "{} has image id {}, not the expected {}",
+                self.image.name(),
+                hex(&got),
+                hex(want)
+            )));
+        }
+        let mut layer = Some(self);
+        while let Some(l) = layer {
+            let h = l.image.header().hash;
+            if h != HashAlg::Blake3 {
+                return Err(ImageError::Id(format!(
+                    "{} has {} page hashes, which its id cannot vouch for (anyone who can write \
+                     it can make pages that match them); pack it with --hash blake3",
+                    l.image.name(),
+                    h.name()
+                )));
+            }
+            layer = l.base.as_deref();
+        }
+        Ok(())
+    }
+
     /// This layer's counters.
     pub fn stats(&self) -> ImageStats {
         let c = &self.counters;
@@ -1126,6 +1158,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn an_image_id_vouches_only_for_blake3_layers() {
+        let blake3 = PackOptions {
+            hash: HashAlg::Blake3,
+            ..small_chunks()
+        };
+        let b = source(packed(&raw(), &blake3));
+        let id = b.image().id();
+        b.check_id(&id).unwrap();
+        let mut other = id;
+        other[31] ^= 1;
+        let e = b.check_id(&other).unwrap_err().to_string();
+        assert!(e.contains("not the expected"), "{e}");
+        // XXH3-128 (the default): the right id is still refused.
+        let x = source(packed(&raw(), &small_chunks()));
+        let e = x.check_id(&x.image().id()).unwrap_err().to_string();
+        assert!(e.contains("xxh3 page hashes"), "{e}");
+        // A BLAKE3 diff over an XXH3-128 base: refused, for the base.
+        let base = Arc::new(x);
+        let mut changed = raw();
+        changed[2 * PS] ^= 0xff;
+        let mut out = Cursor::new(Vec::new());
+        pack_diff(&base, &changed[..], &mut out, &blake3, None, |_| {}).unwrap();
+        let diff = Image::from_reader(Arc::new(out.into_inner())).unwrap();
+        let d = ImageSource::with_base(diff, Arc::clone(&base)).unwrap();
+        let e = d.check_id(&d.image().id()).unwrap_err().to_string();
+        assert!(e.contains("xxh3 page hashes"), "{e}");
     }
 
     #[test]
