@@ -668,6 +668,8 @@ enum Seg<'a> {
     Buf(usize, usize),
     /// A kept slot's bytes.
     Kept(&'a [u8]),
+    /// Page bytes in the source's memory.
+    Mapped(Mapped<'a>),
 }
 
 /// How a page of a piece is answered.
@@ -675,6 +677,9 @@ enum Seg<'a> {
 enum Kind<'a> {
     Zero,
     Data,
+    /// Data the source lends a pointer to (sent from its memory, not read into the buffer):
+    /// every page of the run holds the run's pointer, so the run is one kind.
+    Lent(Mapped<'a>),
     /// A copy of this slot, whose bytes these are.
     Same(u32, &'a [u8]),
 }
@@ -685,6 +690,7 @@ impl PartialEq for Kind<'_> {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
             (Kind::Same(a, _), Kind::Same(b, _)) => a == b,
+            (Kind::Lent(a), Kind::Lent(b)) => a == b,
             (Kind::Zero, Kind::Zero) | (Kind::Data, Kind::Data) => true,
             _ => false,
         }
@@ -814,7 +820,6 @@ impl Writer {
                 }
             })
             .collect();
-        let mut mapped: Vec<(usize, Mapped<'_>)> = Vec::new();
         // Read the runs of pages to send (into their place in the piece's buffer).
         let mut buf = std::mem::take(&mut self.buf);
         // Grown, never shrunk: zero-filling it again per piece would cost a memset.
@@ -835,7 +840,7 @@ impl Writer {
             let (_, to) = span(k - 1);
             if known[i..k].iter().all(|&f| f) {
                 if let Some(m) = Mapped::of(src, off + from as u64, to - from) {
-                    mapped.push((from, m));
+                    kinds[i..k].fill(Kind::Lent(m));
                     i = k;
                     continue;
                 }
@@ -885,10 +890,13 @@ impl Writer {
                     add(&c.zero_frames, 1);
                     add(&c.zero_bytes, u64::from(len));
                 }
-                Kind::Data => {
+                kind @ (Kind::Data | Kind::Lent(_)) => {
                     heads.extend_from_slice(&wire::data_head(id, at, len));
                     segs.push(Seg::Head(h, heads.len()));
-                    segs.push(Seg::Buf(from, to));
+                    segs.push(match kind {
+                        Kind::Lent(m) => Seg::Mapped(m),
+                        _ => Seg::Buf(from, to),
+                    });
                     add(&c.data_frames, 1);
                     add(&c.bytes_sent, u64::from(len));
                 }
@@ -924,10 +932,8 @@ impl Writer {
             .iter()
             .map(|s| match *s {
                 Seg::Head(a, b) => Part::Bytes(&heads[a..b]),
-                Seg::Buf(a, b) => match mapped.iter().find(|(from, _)| *from == a) {
-                    Some((_, m)) => Part::Mapped(*m),
-                    None => Part::Bytes(&buf[a..b]),
-                },
+                Seg::Buf(a, b) => Part::Bytes(&buf[a..b]),
+                Seg::Mapped(m) => Part::Mapped(m),
                 Seg::Kept(b) => Part::Bytes(b),
             })
             .collect();
