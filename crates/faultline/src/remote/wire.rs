@@ -1,7 +1,7 @@
 //! The frames of the remote page protocol (`docs/remote-protocol.md`): encoding, and decoding
 //! with every length checked before anything is allocated or read.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read};
 
 use crate::source::Retry;
 
@@ -666,40 +666,6 @@ pub fn read_frame(r: &mut impl Read, scratch: &mut Vec<u8>) -> Result<Frame, Wir
     Frame::decode(t, scratch)
 }
 
-/// Write all of `bufs` (a vectored `write_all`).
-pub fn write_all_vectored(w: &mut impl Write, bufs: &[&[u8]]) -> io::Result<()> {
-    let mut idx = 0;
-    let mut skip = 0;
-    while idx < bufs.len() {
-        if bufs[idx].len() == skip {
-            idx += 1;
-            skip = 0;
-            continue;
-        }
-        let slices: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(&bufs[idx][skip..]))
-            .chain(bufs[idx + 1..].iter().map(|b| IoSlice::new(b)))
-            .collect();
-        let mut n = match w.write_vectored(&slices) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        while n > 0 && idx < bufs.len() {
-            let left = bufs[idx].len() - skip;
-            if n >= left {
-                n -= left;
-                idx += 1;
-                skip = 0;
-            } else {
-                skip += n;
-                n = 0;
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // unwrap is how a test fails
 mod tests {
@@ -907,24 +873,6 @@ mod tests {
             panic!("not a refusal")
         };
         assert!(reason.len() <= MAX_MESSAGE && msg.starts_with(&reason));
-    }
-
-    #[test]
-    fn vectored_write_survives_short_writes() {
-        struct Trickle(Vec<u8>);
-        impl Write for Trickle {
-            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-                let n = b.len().min(3);
-                self.0.extend_from_slice(&b[..n]);
-                Ok(n)
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let mut t = Trickle(Vec::new());
-        write_all_vectored(&mut t, &[b"abcd", b"", b"efghij", b"k"]).unwrap();
-        assert_eq!(t.0, b"abcdefghijk");
     }
 
     proptest! {
