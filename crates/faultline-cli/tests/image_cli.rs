@@ -501,16 +501,11 @@ fn serve_image_id_serves_the_named_blake3_image_and_refuses_others() {
         verified(&d.client(&f.raw), &d.log);
     }
     let sock = f.dir.join("refused.sock");
-    let refused = |image: &Path, id: &str, want: &str| {
-        let out = faultline(&[
-            "serve",
-            "--socket",
-            s(&sock),
-            "--image",
-            s(image),
-            "--image-id",
-            id,
-        ]);
+    // `serve` with these flags fails at start, saying `want`.
+    let refused = |flags: &[&str], want: &str| {
+        let mut args = vec!["serve", "--socket", s(&sock)];
+        args.extend_from_slice(flags);
+        let out = faultline(&args);
         assert!(!out.status.success(), "{out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "wanted {want:?} in: {err}");
@@ -520,36 +515,27 @@ fn serve_image_id_serves_the_named_blake3_image_and_refuses_others() {
     other[0] = if other[0] == b'0' { b'1' } else { b'0' };
     let other = String::from_utf8(other).expect("hex");
     refused(
-        &img,
-        &other,
+        &["--image", s(&img), "--image-id", &other],
         &format!("has image id {id}, not the expected {other}"),
     );
     // Not 64 hex digits.
-    refused(&img, &id[..63], "64 hex digits");
-    refused(&img, &format!("{}g", &id[..63]), "64 hex digits");
+    refused(
+        &["--image", s(&img), "--image-id", &id[..63]],
+        "64 hex digits",
+    );
+    let bad = format!("{}g", &id[..63]);
+    refused(&["--image", s(&img), "--image-id", &bad], "64 hex digits");
     // An XXH3-128 image: its id cannot vouch for its pages.
     let fast = f.dir.join("fast.img");
     image_ok(&["pack", s(&f.raw), "-o", s(&fast)]);
     let fast_id = id_of(&fast);
     refused(
-        &fast,
-        &fast_id,
+        &["--image", s(&fast), "--image-id", &fast_id],
         "xxh3 page hashes, which its id cannot vouch for",
     );
     // --image-id without --image.
-    let out = faultline(&[
-        "serve",
-        "--socket",
-        s(&sock),
-        "--mem-file",
-        s(&f.raw),
-        "--image-id",
-        &id,
-    ]);
-    assert!(!out.status.success(), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stderr)
-            .contains("--image-id checks the image given with --image"),
-        "{out:?}"
+    refused(
+        &["--mem-file", s(&f.raw), "--image-id", &id],
+        "--image-id checks the image given with --image",
     );
 }

@@ -1119,6 +1119,15 @@ mod tests {
         }
     }
 
+    /// [`small_chunks`] with BLAKE3 page hashes (version 1 had only those; an id vouches only
+    /// for them).
+    fn small_blake3_chunks() -> PackOptions {
+        PackOptions {
+            hash: HashAlg::Blake3,
+            ..small_chunks()
+        }
+    }
+
     #[test]
     fn every_codec_reads_back_every_byte() {
         for hash in [HashAlg::Blake3, HashAlg::Xxh3] {
@@ -1162,10 +1171,7 @@ mod tests {
 
     #[test]
     fn an_image_id_vouches_only_for_blake3_layers() {
-        let blake3 = PackOptions {
-            hash: HashAlg::Blake3,
-            ..small_chunks()
-        };
+        let blake3 = small_blake3_chunks();
         let b = source(packed(&raw(), &blake3));
         let id = b.image().id();
         b.check_id(&id).unwrap();
@@ -1228,11 +1234,7 @@ mod tests {
 
         // Version 1 (no chunk hashes, BLAKE3 page hashes only): each page is checked on its
         // own, once per decompression.
-        let blake3 = PackOptions {
-            hash: HashAlg::Blake3,
-            ..small_chunks()
-        };
-        let s = source(to_v1(&packed(&raw(), &blake3))).with_cache_bytes(1);
+        let s = source(to_v1(&packed(&raw(), &small_blake3_chunks()))).with_cache_bytes(1);
         assert_eq!(s.image().header().version, 1);
         s.read_at(PS as u64, &mut buf).unwrap();
         s.read_at(3 * PS as u64, &mut buf).unwrap();
