@@ -215,14 +215,12 @@ impl Core {
         };
         if args.remote.is_some() {
             config.workers = ServerConfig::network_workers();
-        }
-        if let Some(w) = args.workers {
-            config.workers = w.max(1);
-        }
-        if args.remote.is_some() {
             // A remote read that waits for a reconnect fails as retryable and is retried; the
             // remote source's deadline (--remote-deadline) decides when a page is given up.
             config.source_attempts = u32::MAX;
+        }
+        if let Some(w) = args.workers {
+            config.workers = w.max(1);
         }
         let from_store = args.object.object_url.is_some()
             || args
