@@ -311,6 +311,7 @@ impl Core {
             on_remove: hooks.removed,
             resume: resume.is_some(),
             removed: resume.unwrap_or_default(),
+            ..SessionOptions::default()
         };
         match self.server.add_session(c.uffd, regions, opts) {
             Ok(s) => {

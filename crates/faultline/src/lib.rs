@@ -48,6 +48,7 @@ pub use policy::{Readahead, WorkingSet};
 pub use region::{Backing, Region, RegionError};
 pub use server::{
     EndHook, RemoveHook, Server, ServerConfig, ServerError, SessionHandle, SessionOptions,
+    Unservable,
 };
 pub use source::{PageSource, SourceError};
 pub use stats::Stats;

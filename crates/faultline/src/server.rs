@@ -127,6 +127,32 @@ pub struct SessionOptions {
     /// The session is resumed from a handler that died: wake every thread blocked on the regions
     /// first, so faults whose messages the dead handler read (and never resolved) are taken again.
     pub resume: bool,
+    /// The session's id, chosen by the caller (a supervisor that hands sessions to a restarted
+    /// worker keeps their ids); `None`: the server numbers it. Must not be in use.
+    pub id: Option<u64>,
+    /// Counters carried over from an earlier life of this session (a worker that died): the
+    /// session's statistics and its end summary include them.
+    pub carried: Option<Stats>,
+    /// The client process, as a pidfd: its exit ends the session (whatever happens to its socket),
+    /// and it is what [`Unservable::Kill`] kills.
+    pub pidfd: Option<OwnedFd>,
+    /// What to do with a fault that has no right bytes (see [`Unservable`]).
+    pub on_unservable: Unservable,
+}
+
+/// What the server does with a claimed fault it cannot serve the right bytes for (a source that
+/// fails for good, a range the kernel refuses, a fault outside every region): never a wrong or
+/// zero page, never a thread left asleep.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unservable {
+    /// `UFFDIO_POISON` the page (the client gets SIGBUS there and only there); where the kernel
+    /// lacks POISON (before Linux 6.6), kill the client process through its pidfd.
+    #[default]
+    Poison,
+    /// Kill the client process through its pidfd (the whole VM ends, logged), even where POISON
+    /// exists: for platforms that would rather restart a VM than let its guest see a machine check.
+    Kill,
 }
 
 /// A callback run for every REMOVE event of a session.
@@ -169,6 +195,9 @@ pub enum ServerError {
     /// No such session.
     #[error("no session {0}")]
     NoSession(u64),
+    /// A session with this id is already served.
+    #[error("session id {0} is already in use")]
+    DuplicateId(u64),
 }
 
 fn os(operation: &'static str) -> impl FnOnce(Errno) -> ServerError {
@@ -220,6 +249,9 @@ pub struct Session {
     readahead: Readahead,
     recording: Option<Mutex<Vec<u64>>>,
     watch: Option<OwnedFd>,
+    /// The client process (see [`SessionOptions::pidfd`]).
+    pidfd: Option<OwnedFd>,
+    on_unservable: Unservable,
     on_end: Mutex<Option<EndHook>>,
     on_remove: Option<RemoveHook>,
     /// Held while reading messages and applying non-fault events.
@@ -649,7 +681,22 @@ impl Shared {
         if self.shutdown.load(Ordering::Acquire) {
             return Err(ServerError::ShuttingDown);
         }
-        let id = self.next_id.fetch_add(1, Ordering::AcqRel);
+        let id = match o.id {
+            Some(id) => {
+                if self
+                    .sessions
+                    .read()
+                    .map_err(|_| ServerError::ShuttingDown)?
+                    .contains_key(&id)
+                {
+                    return Err(ServerError::DuplicateId(id));
+                }
+                // Ids the server picks later stay clear of the caller's.
+                self.next_id.fetch_max(id + 1, Ordering::AcqRel);
+                id
+            }
+            None => self.next_id.fetch_add(1, Ordering::AcqRel),
+        };
         let total_pages: u64 = map.entries().iter().map(|e| e.region.pages() as u64).sum();
         let page_size = map
             .entries()
@@ -682,6 +729,8 @@ impl Shared {
             readahead,
             recording: o.record_working_set.then(|| Mutex::new(Vec::new())),
             watch: o.watch,
+            pidfd: o.pidfd,
+            on_unservable: o.on_unservable,
             on_end: Mutex::new(o.on_end),
             on_remove: o.on_remove,
             read_lock: Mutex::new(()),
@@ -698,6 +747,9 @@ impl Shared {
             prefetch_inflight: AtomicU64::new(0),
             page_size,
         });
+        if let Some(carried) = &o.carried {
+            session.stats.add_stats(carried);
+        }
         for &(start, end) in &o.removed {
             apply_remove(&session, start, end);
         }
@@ -713,10 +765,16 @@ impl Shared {
                 }
             }
         }
-        self.sessions
-            .write()
-            .map_err(|_| ServerError::ShuttingDown)?
-            .insert(id, Arc::clone(&session));
+        {
+            let mut map = self
+                .sessions
+                .write()
+                .map_err(|_| ServerError::ShuttingDown)?;
+            if map.contains_key(&id) {
+                return Err(ServerError::DuplicateId(id));
+            }
+            map.insert(id, Arc::clone(&session));
+        }
         let flags = epoll::EventFlags::IN;
         epoll::add(
             &self.epoll,
@@ -725,7 +783,7 @@ impl Shared {
             flags,
         )
         .map_err(os("epoll_ctl(userfaultfd)"))?;
-        if let Some(w) = &session.watch {
+        for w in session.watch.iter().chain(&session.pidfd) {
             epoll::add(
                 &self.epoll,
                 w,
@@ -774,7 +832,7 @@ impl Shared {
             *g = why.to_string();
         }
         let _ = epoll::delete(&self.epoll, &s.uffd);
-        if let Some(w) = &s.watch {
+        for w in s.watch.iter().chain(&s.pidfd) {
             let _ = epoll::delete(&self.epoll, w);
         }
         if let Ok(mut d) = s.deferred.lock() {

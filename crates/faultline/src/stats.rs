@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Live counters of a session (or of the whole server).
 #[derive(Debug)]
@@ -36,6 +36,8 @@ pub struct Counters {
     pub(crate) events_remap: AtomicU64,
     pub(crate) events_fork: AtomicU64,
     pub(crate) events_unknown: AtomicU64,
+    pub(crate) unservable: AtomicU64,
+    pub(crate) stuck_faults: AtomicU64,
     latency: Mutex<Histogram<u32>>,
 }
 
@@ -68,6 +70,8 @@ impl Default for Counters {
             events_remap: AtomicU64::new(0),
             events_fork: AtomicU64::new(0),
             events_unknown: AtomicU64::new(0),
+            unservable: AtomicU64::new(0),
+            stuck_faults: AtomicU64::new(0),
             latency: Mutex::new(
                 // 1 µs .. 60 s at 2 significant digits with 32-bit counts: ~13 KiB per session
                 // (3 digits and 64-bit counts from 1 ns took ~220 KiB).
@@ -91,41 +95,92 @@ impl Counters {
         }
     }
 
+    /// The counters with the same name in `self` and `other`, in pairs.
+    fn pairs<'a>(&'a self, other: &'a Counters) -> [(&'a AtomicU64, &'a AtomicU64); 28] {
+        [
+            (&self.faults, &other.faults),
+            (&self.duplicate_faults, &other.duplicate_faults),
+            (&self.present_refaults, &other.present_refaults),
+            (&self.copy, &other.copy),
+            (&self.zeropage, &other.zeropage),
+            (&self.continue_, &other.continue_),
+            (&self.move_, &other.move_),
+            (&self.poison, &other.poison),
+            (&self.wake, &other.wake),
+            (&self.bytes, &other.bytes),
+            (&self.pages, &other.pages),
+            (&self.zero_pages, &other.zero_pages),
+            (&self.eexist, &other.eexist),
+            (&self.eagain, &other.eagain),
+            (&self.deferred, &other.deferred),
+            (&self.readahead_pages, &other.readahead_pages),
+            (&self.prefetch_pages, &other.prefetch_pages),
+            (&self.fill_pages, &other.fill_pages),
+            (&self.source_errors, &other.source_errors),
+            (&self.source_retries, &other.source_retries),
+            (&self.poisoned_pages, &other.poisoned_pages),
+            (&self.events_remove, &other.events_remove),
+            (&self.events_unmap, &other.events_unmap),
+            (&self.events_remap, &other.events_remap),
+            (&self.events_fork, &other.events_fork),
+            (&self.events_unknown, &other.events_unknown),
+            (&self.unservable, &other.unservable),
+            (&self.stuck_faults, &other.stuck_faults),
+        ]
+    }
+
     /// Add these counters (and the latency samples) into `into`.
     pub(crate) fn merge_into(&self, into: &Counters) {
-        let pairs: [(&AtomicU64, &AtomicU64); 26] = [
-            (&self.faults, &into.faults),
-            (&self.duplicate_faults, &into.duplicate_faults),
-            (&self.present_refaults, &into.present_refaults),
-            (&self.copy, &into.copy),
-            (&self.zeropage, &into.zeropage),
-            (&self.continue_, &into.continue_),
-            (&self.move_, &into.move_),
-            (&self.poison, &into.poison),
-            (&self.wake, &into.wake),
-            (&self.bytes, &into.bytes),
-            (&self.pages, &into.pages),
-            (&self.zero_pages, &into.zero_pages),
-            (&self.eexist, &into.eexist),
-            (&self.eagain, &into.eagain),
-            (&self.deferred, &into.deferred),
-            (&self.readahead_pages, &into.readahead_pages),
-            (&self.prefetch_pages, &into.prefetch_pages),
-            (&self.fill_pages, &into.fill_pages),
-            (&self.source_errors, &into.source_errors),
-            (&self.source_retries, &into.source_retries),
-            (&self.poisoned_pages, &into.poisoned_pages),
-            (&self.events_remove, &into.events_remove),
-            (&self.events_unmap, &into.events_unmap),
-            (&self.events_remap, &into.events_remap),
-            (&self.events_fork, &into.events_fork),
-            (&self.events_unknown, &into.events_unknown),
-        ];
-        for (from, to) in pairs {
+        for (from, to) in self.pairs(into) {
             to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         if let (Ok(from), Ok(mut to)) = (self.latency.lock(), into.latency.lock()) {
             let _ = to.add(&*from);
+        }
+    }
+
+    /// Add the counts of `carried` (a snapshot taken elsewhere, e.g. by a worker process that
+    /// died) to these counters; its latency samples are not carried (only their summary was).
+    pub fn add_stats(&self, carried: &Stats) {
+        let theirs = Counters::from_counts(carried);
+        for (from, to) in theirs.pairs(self) {
+            to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    fn from_counts(s: &Stats) -> Counters {
+        let c = Counters::default();
+        let n = |v: u64| AtomicU64::new(v);
+        Counters {
+            faults: n(s.faults),
+            duplicate_faults: n(s.duplicate_faults),
+            present_refaults: n(s.present_refaults),
+            copy: n(s.copy),
+            zeropage: n(s.zeropage),
+            continue_: n(s.continue_),
+            move_: n(s.move_),
+            poison: n(s.poison),
+            wake: n(s.wake),
+            bytes: n(s.bytes),
+            pages: n(s.pages),
+            zero_pages: n(s.zero_pages),
+            eexist: n(s.eexist),
+            eagain: n(s.eagain),
+            deferred: n(s.deferred),
+            readahead_pages: n(s.readahead_pages),
+            prefetch_pages: n(s.prefetch_pages),
+            fill_pages: n(s.fill_pages),
+            source_errors: n(s.source_errors),
+            source_retries: n(s.source_retries),
+            poisoned_pages: n(s.poisoned_pages),
+            events_remove: n(s.events_remove),
+            events_unmap: n(s.events_unmap),
+            events_remap: n(s.events_remap),
+            events_fork: n(s.events_fork),
+            events_unknown: n(s.events_unknown),
+            unservable: n(s.unservable),
+            stuck_faults: n(s.stuck_faults),
+            latency: c.latency,
         }
     }
 
@@ -168,6 +223,8 @@ impl Counters {
             events_remap: l(&self.events_remap),
             events_fork: l(&self.events_fork),
             events_unknown: l(&self.events_unknown),
+            unservable: l(&self.unservable),
+            stuck_faults: l(&self.stuck_faults),
             latency_samples: n,
             latency_p50_ns: p50,
             latency_p99_ns: p99,
@@ -177,7 +234,8 @@ impl Counters {
 }
 
 /// A snapshot of the counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Stats {
     /// Fault messages read.
     pub faults: u64,
@@ -231,6 +289,11 @@ pub struct Stats {
     pub events_fork: u64,
     /// Unknown events.
     pub events_unknown: u64,
+    /// Pages that could be neither served nor poisoned, so their client was ended explicitly
+    /// (killed through its pidfd, or its session closed): see [`crate::server::Unservable`].
+    pub unservable: u64,
+    /// Faults the watchdog found unresolved past the server's fault deadline (each logged once).
+    pub stuck_faults: u64,
     /// Faults with a latency sample.
     pub latency_samples: u64,
     /// Median fault latency (ns).
