@@ -36,6 +36,7 @@ pub use faultline_uffd as uffd;
 
 pub mod firecracker;
 pub mod image;
+pub mod inject;
 pub mod policy;
 pub mod region;
 pub mod remote;
@@ -43,6 +44,7 @@ pub mod server;
 pub mod source;
 pub mod state;
 pub mod stats;
+mod sync;
 
 pub use policy::{Readahead, WorkingSet};
 pub use region::{Backing, Region, RegionError};

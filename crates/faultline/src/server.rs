@@ -25,10 +25,11 @@
 //! chunk of background work (readahead ahead of a sequential stream, working-set prefetch,
 //! background fill), then back to `epoll_wait` with a zero timeout while background work remains.
 
+use crate::sync::{lock, read, write};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -317,14 +318,12 @@ impl SessionHandle {
         self.0
             .regions
             .read()
-            .map(|r| r.all_present())
-            .unwrap_or(false)
+            .unwrap_or_else(PoisonError::into_inner)
+            .all_present()
     }
     /// Whether the pages at these source offsets are all present.
     pub fn offsets_present(&self, offsets: &[u64]) -> bool {
-        let Ok(regions) = self.0.regions.read() else {
-            return false;
-        };
+        let regions = read(&self.0.regions);
         offsets.iter().all(|&off| match locate(&regions, off) {
             Some((e, p)) => e.states.get(e.state_base + p) == PageState::Present,
             None => true,
@@ -333,10 +332,7 @@ impl SessionHandle {
     /// Wait until the session ends or `timeout` passes; returns whether it ended.
     pub fn wait_closed(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut g = match self.0.ended.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut g = lock(&self.0.ended);
         while g.is_none() {
             let now = Instant::now();
             if now >= deadline {
@@ -353,10 +349,7 @@ impl SessionHandle {
     /// whether every page is present.
     pub fn wait_all_present(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut g = match self.0.ended.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut g = lock(&self.0.ended);
         loop {
             if self.all_present() {
                 return true;
@@ -382,17 +375,9 @@ impl SessionHandle {
         let deadline = Instant::now() + timeout;
         let done = || {
             self.0.prefetch_inflight.load(Ordering::Acquire) == 0
-                && self
-                    .0
-                    .background
-                    .lock()
-                    .map(|b| b.prefetch.is_empty())
-                    .unwrap_or(true)
+                && lock(&self.0.background).prefetch.is_empty()
         };
-        let mut g = match self.0.ended.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut g = lock(&self.0.ended);
         loop {
             if done() {
                 return true;
@@ -418,7 +403,7 @@ impl SessionHandle {
             .0
             .recording
             .as_ref()
-            .and_then(|r| r.lock().ok().map(|v| v.clone()))
+            .map(|r| lock(r).clone())
             .unwrap_or_default();
         WorkingSet {
             page_size: self.0.page_size,
@@ -431,8 +416,8 @@ impl SessionHandle {
             .0
             .ended
             .lock()
-            .ok()
-            .and_then(|g| *g)
+            .map(|g| *g)
+            .unwrap_or_else(|p| *p.into_inner())
             .unwrap_or_else(Instant::now);
         end - self.0.started
     }
@@ -556,33 +541,26 @@ impl Server {
     pub fn add_region(&self, id: u64, region: Region) -> Result<(), ServerError> {
         let s = self.shared.session(id).ok_or(ServerError::NoSession(id))?;
         let pages = region.pages() as u64;
-        s.regions
-            .write()
-            .map_err(|_| ServerError::ShuttingDown)?
-            .insert(RegionEntry::new(region))?;
+        write(&s.regions).insert(RegionEntry::new(region))?;
         s.total_pages.fetch_add(pages, Ordering::AcqRel);
         Ok(())
     }
 
     /// Handles on the live sessions.
     pub fn sessions(&self) -> Vec<SessionHandle> {
-        self.shared
-            .sessions
-            .read()
-            .map(|m| {
-                m.values()
-                    .filter(|s| !s.closed.load(Ordering::Acquire))
-                    .cloned()
-                    .map(SessionHandle)
-                    .collect()
-            })
-            .unwrap_or_default()
+        read(&self.shared.sessions)
+            .values()
+            .filter(|s| !s.closed.load(Ordering::Acquire))
+            .cloned()
+            .map(SessionHandle)
+            .collect()
     }
 
     /// Start background fill in every live session (used to drain before stopping).
     pub fn fill_all(&self) {
         for s in self.sessions() {
-            if let Ok(mut b) = s.0.background.lock() {
+            {
+                let mut b = lock(&s.0.background);
                 if b.fill_cursor.is_none() {
                     b.fill_cursor = Some((0, 0));
                 }
@@ -598,7 +576,8 @@ impl Server {
         let sum = Counters::default();
         // Under the sessions lock: a closing session moves from the map into the total
         // atomically with respect to this.
-        if let Ok(m) = self.shared.sessions.read() {
+        {
+            let m = read(&self.shared.sessions);
             self.shared.total.merge_into(&sum);
             for s in m.values() {
                 s.stats.merge_into(&sum);
@@ -647,12 +626,7 @@ impl Server {
         for h in self.workers.drain(..) {
             let _ = h.join();
         }
-        let sessions: Vec<_> = self
-            .shared
-            .sessions
-            .read()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
+        let sessions: Vec<_> = read(&self.shared.sessions).values().cloned().collect();
         for s in sessions {
             self.shared.close(&s, "server shut down");
         }
@@ -669,7 +643,7 @@ impl Drop for Server {
 
 impl Shared {
     fn session(&self, id: u64) -> Option<Arc<Session>> {
-        self.sessions.read().ok()?.get(&id).cloned()
+        read(&self.sessions).get(&id).cloned()
     }
 
     fn add(
@@ -683,12 +657,7 @@ impl Shared {
         }
         let id = match o.id {
             Some(id) => {
-                if self
-                    .sessions
-                    .read()
-                    .map_err(|_| ServerError::ShuttingDown)?
-                    .contains_key(&id)
-                {
+                if read(&self.sessions).contains_key(&id) {
                     return Err(ServerError::DuplicateId(id));
                 }
                 // Ids the server picks later stay clear of the caller's.
@@ -756,7 +725,8 @@ impl Shared {
         if o.resume {
             // Threads asleep on faults the dead handler read are woken to fault again; those
             // whose page is present just go on. One WAKE per region, counted.
-            if let Ok(regions) = session.regions.read() {
+            {
+                let regions = read(&session.regions);
                 for e in regions.entries() {
                     add(&session.stats.wake, 1);
                     if let Err(err) = session.uffd.wake(e.region.start, e.region.len) {
@@ -766,10 +736,7 @@ impl Shared {
             }
         }
         {
-            let mut map = self
-                .sessions
-                .write()
-                .map_err(|_| ServerError::ShuttingDown)?;
+            let mut map = write(&self.sessions);
             if map.contains_key(&id) {
                 return Err(ServerError::DuplicateId(id));
             }
@@ -828,14 +795,16 @@ impl Shared {
         if s.closed.swap(true, Ordering::SeqCst) {
             return;
         }
-        if let Ok(mut g) = s.end_reason.lock() {
+        {
+            let mut g = lock(&s.end_reason);
             *g = why.to_string();
         }
         let _ = epoll::delete(&self.epoll, &s.uffd);
         for w in s.watch.iter().chain(&s.pidfd) {
             let _ = epoll::delete(&self.epoll, w);
         }
-        if let Ok(mut d) = s.deferred.lock() {
+        {
+            let mut d = lock(&s.deferred);
             self.deferred_jobs
                 .fetch_sub(d.len() as u64, Ordering::AcqRel);
             d.clear();
@@ -852,16 +821,18 @@ impl Shared {
         if s.finished.swap(true, Ordering::AcqRel) {
             return;
         }
-        if let Ok(mut m) = self.sessions.write() {
+        {
+            let mut m = write(&self.sessions);
             s.stats.merge_into(&self.total);
             m.remove(&s.id);
         }
-        if let Ok(mut g) = s.ended.lock() {
+        {
+            let mut g = lock(&s.ended);
             *g = Some(Instant::now());
         }
         s.changed.notify_all();
         let st = s.stats.snapshot();
-        let why = s.end_reason.lock().map(|g| g.clone()).unwrap_or_default();
+        let why = lock(&s.end_reason).clone();
         tracing::info!(
             session = s.id,
             label = %s.label,
@@ -870,7 +841,7 @@ impl Shared {
             summary = %st.to_json(),
             "session ended"
         );
-        let hook = s.on_end.lock().ok().and_then(|mut h| h.take());
+        let hook = lock(&s.on_end).take();
         if let Some(EndHook(f)) = hook {
             f(&SessionHandle(Arc::clone(s)));
         }
@@ -883,21 +854,23 @@ impl Shared {
         if self.deferred_jobs.load(Ordering::Acquire) == 0 {
             return None;
         }
-        let sessions = self.sessions.read().ok()?;
+        let sessions = read(&self.sessions);
         let mut soonest: Option<Duration> = None;
         let now = Instant::now();
         for s in sessions.values() {
-            if let Ok(b) = s.background.lock() {
+            {
+                let b = lock(&s.background);
                 if !b.ahead.is_empty() || !b.prefetch.is_empty() || b.fill_cursor.is_some() {
                     return Some(Duration::ZERO);
                 }
             }
-            if s.orphans.lock().map(|o| !o.is_empty()).unwrap_or(false) {
+            if !lock(&s.orphans).is_empty() {
                 soonest = Some(soonest.map_or(Duration::from_millis(1), |w| {
                     w.min(Duration::from_millis(1))
                 }));
             }
-            if let Ok(d) = s.deferred.lock() {
+            {
+                let d = lock(&s.deferred);
                 for j in d.iter() {
                     let wait = j.not_before.saturating_duration_since(now);
                     soonest = Some(soonest.map_or(wait, |w| w.min(wait)));
@@ -1031,10 +1004,7 @@ impl Worker {
             // batch are applied: the kernel lets the process behind a REMOVE or REMAP go on as soon
             // as the message is read, so a fault it causes next must not be looked at by another
             // worker before the page states and regions reflect the event.
-            let guard = match s.read_lock.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let guard = lock(&s.read_lock);
             let n = match s.uffd.read_events(&mut self.events) {
                 Ok(n) => n,
                 Err(faultline_uffd::Error::Decode(e)) => {
@@ -1066,7 +1036,8 @@ impl Worker {
                     Event::Unmap { start, end } => {
                         add(&s.stats.events_unmap, 1);
                         changed = true;
-                        if let Ok(mut r) = s.regions.write() {
+                        {
+                            let mut r = write(&s.regions);
                             for e in r.remove_range(start, end) {
                                 let gone = e.region.pages() as u64;
                                 s.total_pages.fetch_sub(
@@ -1079,7 +1050,8 @@ impl Worker {
                     Event::Remap { from, to, len } => {
                         add(&s.stats.events_remap, 1);
                         changed = true;
-                        if let Ok(mut r) = s.regions.write() {
+                        {
+                            let mut r = write(&s.regions);
                             r.remap(from, to, len);
                         }
                     }
@@ -1093,7 +1065,8 @@ impl Worker {
                     }
                 }
             }
-            if let Ok(mut o) = s.orphans.lock() {
+            {
+                let mut o = lock(&s.orphans);
                 self.shared
                     .deferred_jobs
                     .fetch_sub(o.len() as u64, Ordering::AcqRel);
@@ -1117,7 +1090,7 @@ impl Worker {
 
     fn adopt_fork(&mut self, parent: &Arc<Session>, child: Uffd) {
         let map = {
-            let Ok(r) = parent.regions.read() else { return };
+            let r = read(&parent.regions);
             let mut copies: Vec<(Arc<PageStates>, Arc<PageStates>)> = Vec::new();
             let mut map = RegionMap::new();
             for e in r.entries() {
@@ -1157,9 +1130,7 @@ impl Worker {
         let mut aheads: Vec<Job> = Vec::new();
         let mut orphans: Vec<(u64, Instant)> = Vec::new();
         {
-            let Ok(regions) = s.regions.read() else {
-                return;
-            };
+            let regions = read(&s.regions);
             for &(addr, t) in faults.iter() {
                 add(&s.stats.faults, 1);
                 let Some(e) = regions.find(addr) else {
@@ -1191,7 +1162,8 @@ impl Worker {
                     continue;
                 }
                 if let Some(rec) = &s.recording {
-                    if let Ok(mut v) = rec.lock() {
+                    {
+                        let mut v = lock(&rec);
                         v.push(e.source_offset_of(page));
                     }
                 }
@@ -1203,11 +1175,7 @@ impl Worker {
                         continue;
                     }
                 }
-                let window = s
-                    .streams
-                    .lock()
-                    .map(|mut st| st.on_fault(s.readahead, e.region.start, page))
-                    .unwrap_or(crate::policy::Window { now: 1, ahead: 0 });
+                let window = lock(&s.streams).on_fault(s.readahead, e.region.start, page);
                 let max_pages = e.region.pages();
                 // Resolve the faulting page (and a first chunk after it) now, so the faulting
                 // thread wakes early; queue the rest of the window and the readahead beyond it as
@@ -1236,7 +1204,8 @@ impl Worker {
         }
         if !orphans.is_empty() {
             add(&s.stats.deferred, orphans.len() as u64);
-            if let Ok(mut o) = s.orphans.lock() {
+            {
+                let mut o = lock(&s.orphans);
                 self.shared
                     .deferred_jobs
                     .fetch_add(orphans.len() as u64, Ordering::AcqRel);
@@ -1244,7 +1213,8 @@ impl Worker {
             }
         }
         if !aheads.is_empty() {
-            if let Ok(mut b) = s.background.lock() {
+            {
+                let mut b = lock(&s.background);
                 b.ahead.extend(aheads);
             }
             self.shared.bg_hint.store(true, Ordering::Release);
@@ -1257,9 +1227,7 @@ impl Worker {
 
     fn run_job(&mut self, s: &Arc<Session>, j: Job) {
         let entry = {
-            let Ok(regions) = s.regions.read() else {
-                return;
-            };
+            let regions = read(&s.regions);
             match regions.find(j.addr) {
                 Some(e)
                     if Arc::ptr_eq(&e.states, &j.states)
@@ -1300,7 +1268,8 @@ impl Worker {
                     rest.not_before = Instant::now() + pause;
                 }
                 add(&s.stats.deferred, 1);
-                if let Ok(mut d) = s.deferred.lock() {
+                {
+                    let mut d = lock(&s.deferred);
                     d.push_back(rest);
                     self.shared.deferred_jobs.fetch_add(1, Ordering::AcqRel);
                 }
@@ -1733,20 +1702,11 @@ impl Worker {
         if self.shared.deferred_jobs.load(Ordering::Acquire) == 0 {
             return;
         }
-        let sessions: Vec<Arc<Session>> = self
-            .shared
-            .sessions
-            .read()
-            .map(|m| {
-                m.values()
-                    .filter(|s| {
-                        s.deferred.lock().map(|d| !d.is_empty()).unwrap_or(false)
-                            || s.orphans.lock().map(|o| !o.is_empty()).unwrap_or(false)
-                    })
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
+        let sessions: Vec<Arc<Session>> = read(&self.shared.sessions)
+            .values()
+            .filter(|s| !lock(&s.deferred).is_empty() || !lock(&s.orphans).is_empty())
+            .cloned()
+            .collect();
         for s in sessions {
             if let Some(_busy) = self.shared.enter(&s) {
                 self.run_deferred_of(&s, false);
@@ -1757,18 +1717,16 @@ impl Worker {
     /// Run the deferred work of `s` that is due; with `events_read`, EAGAIN work is due at once.
     fn run_deferred_of(&mut self, s: &Arc<Session>, events_read: bool) {
         let now = Instant::now();
-        let due: Vec<Job> = match s.deferred.lock() {
-            Ok(mut d) => {
-                let (due, later): (Vec<Job>, Vec<Job>) = d
-                    .drain(..)
-                    .partition(|j| j.not_before <= now || (events_read && j.eagain > 0));
-                d.extend(later);
-                self.shared
-                    .deferred_jobs
-                    .fetch_sub(due.len() as u64, Ordering::AcqRel);
-                due
-            }
-            Err(_) => return,
+        let due: Vec<Job> = {
+            let mut d = lock(&s.deferred);
+            let (due, later): (Vec<Job>, Vec<Job>) = d
+                .drain(..)
+                .partition(|j| j.not_before <= now || (events_read && j.eagain > 0));
+            d.extend(later);
+            self.shared
+                .deferred_jobs
+                .fetch_sub(due.len() as u64, Ordering::AcqRel);
+            due
         };
         for j in due {
             if s.closed.load(Ordering::Acquire) {
@@ -1777,8 +1735,8 @@ impl Worker {
             self.run_job(s, j);
         }
         // Faults that found no region: look again (the regions may have moved meanwhile).
-        let mut orphans = match s.orphans.lock() {
-            Ok(mut o) if !o.is_empty() => {
+        let mut orphans = match lock(&s.orphans) {
+            mut o if !o.is_empty() => {
                 self.shared
                     .deferred_jobs
                     .fetch_sub(o.len() as u64, Ordering::AcqRel);
@@ -1797,12 +1755,7 @@ impl Worker {
         if !self.shared.bg_hint.swap(false, Ordering::AcqRel) {
             return;
         }
-        let sessions: Vec<Arc<Session>> = self
-            .shared
-            .sessions
-            .read()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
+        let sessions: Vec<Arc<Session>> = read(&self.shared.sessions).values().cloned().collect();
         if sessions.is_empty() {
             return;
         }
@@ -1823,7 +1776,7 @@ impl Worker {
             }
             if prefetched > 0 {
                 let left = s.prefetch_inflight.fetch_sub(prefetched, Ordering::AcqRel) - prefetched;
-                let queued = s.background.lock().map(|b| b.prefetch.len()).unwrap_or(0);
+                let queued = lock(&s.background).prefetch.len();
                 if left == 0 && queued == 0 {
                     tracing::debug!(
                         session = s.id,
@@ -1860,8 +1813,8 @@ impl Worker {
 
     fn next_prefetch_job(&mut self, s: &Arc<Session>) -> Option<Job> {
         let max_io = self.shared.config.max_io as u64;
-        let mut bg = s.background.lock().ok()?;
-        let regions = s.regions.read().ok()?;
+        let mut bg = lock(&s.background);
+        let regions = read(&s.regions);
         Self::pop_prefetch(s, &mut bg, &regions, max_io)
     }
 
@@ -1898,8 +1851,8 @@ impl Worker {
     /// Claim the next background run of `s`: readahead windows, then prefetch, then fill.
     fn next_background_job(&mut self, s: &Arc<Session>) -> Option<Job> {
         let max_io = self.shared.config.max_io as u64;
-        let mut bg = s.background.lock().ok()?;
-        let regions = s.regions.read().ok()?;
+        let mut bg = lock(&s.background);
+        let regions = read(&s.regions);
         while let Some(a) = bg.ahead.pop_front() {
             if let Some(j) = claim_run(&regions, &a, max_io) {
                 if a.pages > j.pages {
@@ -1958,9 +1911,7 @@ impl Worker {
 
 /// Mark `start..end` removed in every region it covers: served as zeros from now on.
 fn apply_remove(s: &Session, start: u64, end: u64) {
-    let Ok(regions) = s.regions.read() else {
-        return;
-    };
+    let regions = read(&s.regions);
     for e in regions.entries() {
         let (rs, re) = (e.region.start, e.region.end());
         let (a, b) = (start.max(rs), end.min(re));

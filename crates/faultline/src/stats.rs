@@ -1,5 +1,6 @@
 //! Counters and the fault-latency histogram, as a struct, JSON and Prometheus text.
 
+use crate::sync::lock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -90,7 +91,8 @@ impl Counters {
     /// Record one fault's latency (message read → page resolved).
     pub(crate) fn record_latency(&self, d: Duration) {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1_000);
-        if let Ok(mut h) = self.latency.lock() {
+        {
+            let mut h = lock(&self.latency);
             h.saturating_record(ns);
         }
     }
@@ -134,9 +136,8 @@ impl Counters {
         for (from, to) in self.pairs(into) {
             to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        if let (Ok(from), Ok(mut to)) = (self.latency.lock(), into.latency.lock()) {
-            let _ = to.add(&*from);
-        }
+        let from = lock(&self.latency);
+        let _ = lock(&into.latency).add(&*from);
     }
 
     /// Add the counts of `carried` (a snapshot taken elsewhere, e.g. by a worker process that
@@ -187,8 +188,8 @@ impl Counters {
     /// A consistent-enough copy of the counters.
     pub fn snapshot(&self) -> Stats {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (p50, p99, max, n) = match self.latency.lock() {
-            Ok(h) if !h.is_empty() => (
+        let (p50, p99, max, n) = match lock(&self.latency) {
+            h if !h.is_empty() => (
                 h.value_at_quantile(0.5),
                 h.value_at_quantile(0.99),
                 h.max(),

@@ -14,6 +14,7 @@
 //! A mismatch evicts the chunk and fails the read with a permanent error naming the page, so the
 //! server poisons it; the other pages of the chunk still verify, or fail, on their own.
 
+use crate::sync::lock;
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -598,7 +599,8 @@ impl ImageSource {
     /// kept). Many clones restoring one image at once share what is cached, each chunk
     /// decompressed and each page verified once while it stays.
     pub fn with_cache_bytes(self, bytes: usize) -> ImageSource {
-        if let Ok(mut c) = self.cache.lock() {
+        {
+            let mut c = lock(&self.cache);
             c.capacity = bytes;
         }
         self
