@@ -38,6 +38,7 @@ pub mod firecracker;
 pub mod image;
 pub mod inject;
 pub mod policy;
+mod ratelimit;
 pub mod region;
 pub mod remote;
 pub mod server;

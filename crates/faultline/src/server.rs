@@ -34,12 +34,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use faultline_uffd::{
-    ContinueMode, CopyMode, Event, EventBuffer, ResolveErrorKind, Resolved, Uffd, ZeropageMode,
+    ContinueMode, CopyMode, Event, EventBuffer, Features, ResolveError, ResolveErrorKind,
+    ResolveOp, Resolved, Uffd, ZeropageMode,
 };
 use rustix::event::epoll;
 use rustix::io::Errno;
 
+use crate::inject::ResolveFaults;
 use crate::policy::{Readahead, Streams, WorkingSet};
+use crate::ratelimit::RateLimit;
 use crate::region::{Backing, Region, RegionEntry, RegionError, RegionMap};
 use crate::source::{Lend, SourceError};
 use crate::state::{PageState, PageStates};
@@ -68,6 +71,22 @@ pub struct ServerConfig {
     pub source_attempts: u32,
     /// First backoff between attempts (doubles each time).
     pub retry_backoff: Duration,
+    /// The longest a claimed page may stay unresolved (EAGAIN after EAGAIN, a source retried
+    /// and retried, a worker stuck in a source read): past it, the page is unservable and ends
+    /// as [`SessionOptions::on_unservable`] says (poisoned, or the client killed), so no
+    /// thread sleeps for ever on a fault the server read.
+    pub fault_deadline: Duration,
+    /// The watchdog logs (once per fault, with address and age) a fault unresolved this long.
+    pub stuck_after: Duration,
+    /// How long a fault at an address no region covers is kept, waiting for the REMAP that may
+    /// explain it, before it is unservable (a client touching registered memory it never
+    /// declared).
+    pub orphan_grace: Duration,
+    /// Features treated as missing though the kernel has them: `Features::POISON` makes the
+    /// server behave as on a kernel before 6.6 (unservable pages end the client instead).
+    pub missing_features: Features,
+    /// Failure injection under the resolve ioctls (tests; see [`crate::inject`]).
+    pub inject: Option<Arc<ResolveFaults>>,
 }
 
 impl ServerConfig {
@@ -95,6 +114,11 @@ impl Default for ServerConfig {
             min_zero_run: 8,
             source_attempts: 4,
             retry_backoff: Duration::from_millis(2),
+            fault_deadline: Duration::from_secs(60),
+            stuck_after: Duration::from_secs(2),
+            orphan_grace: Duration::from_secs(1),
+            missing_features: Features::empty(),
+            inject: None,
         }
     }
 }
@@ -229,6 +253,10 @@ struct Job {
     eagain: u32,
     not_before: Instant,
     fault_read: Option<Instant>,
+    /// When its pages were claimed (or its fault read): the fault deadline counts from here.
+    since: Instant,
+    /// The watchdog has reported it.
+    reported: bool,
 }
 
 struct Background {
@@ -253,6 +281,9 @@ pub struct Session {
     /// The client process (see [`SessionOptions::pidfd`]).
     pidfd: Option<OwnedFd>,
     on_unservable: Unservable,
+    /// UFFDIO_POISON works here: the kernel has it (and it is not masked) and no POISON of this
+    /// session was refused as unknown.
+    can_poison: AtomicBool,
     on_end: Mutex<Option<EndHook>>,
     on_remove: Option<RemoveHook>,
     /// Held while reading messages and applying non-fault events.
@@ -451,12 +482,20 @@ struct Shared {
     bg_hint: AtomicBool,
     /// Deferred jobs queued over all sessions.
     deferred_jobs: AtomicU64,
+    /// What this kernel offers, less [`ServerConfig::missing_features`].
+    kernel_features: Features,
+    /// Log lines per cause.
+    logs: RateLimit,
+    /// What each worker is resolving now, for the watchdog: (session, address, since).
+    current: Vec<Mutex<Option<Current>>>,
 }
 
 /// A running fault server.
 pub struct Server {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
+    /// The watchdog thread, and what stops it.
+    watchdog: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
 impl std::fmt::Debug for Server {
@@ -483,7 +522,16 @@ impl Server {
             epoll::EventFlags::IN,
         )
         .map_err(os("epoll_ctl"))?;
+        let offered = faultline_uffd::Uffd::builder()
+            .probe()
+            .map(|info| info.features)
+            .unwrap_or(Features::empty());
+        let kernel_features = offered - config.missing_features;
+        let n_workers = config.workers.max(1);
         let shared = Arc::new(Shared {
+            current: (0..n_workers).map(|_| Mutex::new(None)).collect(),
+            kernel_features,
+            logs: RateLimit::default(),
             config,
             epoll,
             notify,
@@ -496,7 +544,7 @@ impl Server {
             bg_hint: AtomicBool::new(false),
             deferred_jobs: AtomicU64::new(0),
         });
-        let n = shared.config.workers.max(1);
+        let n = n_workers;
         let ncpu = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -506,14 +554,27 @@ impl Server {
             let pin = sh.config.pin_workers.then_some(i % ncpu);
             let h = std::thread::Builder::new()
                 .name(format!("faultline-w{i}"))
-                .spawn(move || Worker::new(sh, pin).run())
+                .spawn(move || Worker::new(sh, pin, i).run_or_abort())
                 .map_err(|e| ServerError::Os {
                     operation: "spawn worker",
                     errno: Errno::from_io_error(&e).unwrap_or(Errno::AGAIN),
                 })?;
             workers.push(h);
         }
-        Ok(Server { shared, workers })
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let sh = Arc::clone(&shared);
+        let watchdog = std::thread::Builder::new()
+            .name("faultline-watchdog".into())
+            .spawn(move || sh.watchdog(&stopped))
+            .map_err(|e| ServerError::Os {
+                operation: "spawn watchdog",
+                errno: Errno::from_io_error(&e).unwrap_or(Errno::AGAIN),
+            })?;
+        Ok(Server {
+            shared,
+            workers,
+            watchdog: Some((stop, watchdog)),
+        })
     }
 
     /// Serve `uffd` (already handshaken, its ranges registered) for `regions`.
@@ -626,6 +687,10 @@ impl Server {
         for h in self.workers.drain(..) {
             let _ = h.join();
         }
+        if let Some((stop, h)) = self.watchdog.take() {
+            drop(stop);
+            let _ = h.join();
+        }
         let sessions: Vec<_> = read(&self.shared.sessions).values().cloned().collect();
         for s in sessions {
             self.shared.close(&s, "server shut down");
@@ -700,6 +765,7 @@ impl Shared {
             watch: o.watch,
             pidfd: o.pidfd,
             on_unservable: o.on_unservable,
+            can_poison: AtomicBool::new(self.kernel_features.contains(Features::POISON)),
             on_end: Mutex::new(o.on_end),
             on_remove: o.on_remove,
             read_lock: Mutex::new(()),
@@ -763,6 +829,188 @@ impl Shared {
         self.bg_hint.store(true, Ordering::Release);
         self.kick();
         Ok(session)
+    }
+
+    /// A failure injected in place of the resolve ioctl `op` (tests), or `Ok(())`: do the call.
+    fn injected(&self, op: ResolveOp, start: u64, len: u64) -> Result<(), ResolveError> {
+        match &self.config.inject {
+            Some(faults) => faults.check(op, start, len),
+            None => Ok(()),
+        }
+    }
+
+    /// Claimed pages that are not ours to serve (their range moved, went away or was
+    /// unregistered): the claims go back, and the range is woken so that a thread asleep there
+    /// faults again, to wherever that address now belongs. A wake is never wrong: at worst one
+    /// thread faults once more.
+    fn give_back(&self, s: &Session, j: &Job) {
+        if j.claimed {
+            for i in 0..j.pages {
+                j.states.release(j.state_index + i);
+            }
+        }
+        add(&s.stats.wake, 1);
+        let len = j.pages as u64 * s.page_size;
+        if let Err(err) = self
+            .injected(ResolveOp::Wake, j.addr, len)
+            .and_then(|()| s.uffd.wake(j.addr, len))
+        {
+            tracing::debug!(session = s.id, addr = j.addr, error = %err, "wake of a range given back failed");
+        }
+    }
+
+    /// The one way out for a page with no right bytes: `UFFDIO_POISON` where the session's policy
+    /// and the kernel allow it (the client gets SIGBUS at that page only), else an explicit,
+    /// logged end of the client ([`Shared::end_client`]). Never a wrong or zero page, never a
+    /// thread left asleep.
+    fn unservable(
+        &self,
+        s: &Arc<Session>,
+        addr: u64,
+        len: u64,
+        why: &dyn std::fmt::Display,
+    ) -> Unserved {
+        if s.on_unservable == Unservable::Poison && s.can_poison.load(Ordering::Acquire) {
+            add(&s.stats.poison, 1);
+            match self
+                .injected(ResolveOp::Poison, addr, len)
+                .and_then(|()| s.uffd.poison(addr, len))
+            {
+                Ok(_) => {
+                    add(&s.stats.poisoned_pages, len.div_ceil(s.page_size));
+                    if let Some(left_out) = self.logs.allow("poison") {
+                        tracing::error!(
+                            session = s.id,
+                            label = %s.label,
+                            addr = format_args!("{addr:#x}"),
+                            cause = %why,
+                            left_out,
+                            "page poisoned: no right bytes for it (the client gets SIGBUS there)"
+                        );
+                    }
+                    return Unserved::Poisoned;
+                }
+                Err(err) if err.kind == ResolveErrorKind::AlreadyPresent => {
+                    // Someone resolved it meanwhile (a late resolve of a stuck read).
+                    add(&s.stats.eexist, 1);
+                    return Unserved::Poisoned;
+                }
+                Err(err) if err.kind == ResolveErrorKind::ProcessGone => {
+                    self.close(s, "client gone (ESRCH)");
+                    return Unserved::Ended;
+                }
+                Err(err) => {
+                    // EINVAL is also how a kernel without UFFDIO_POISON answers it: no more
+                    // poisoning for this session.
+                    if matches!(
+                        err.kind,
+                        ResolveErrorKind::InvalidRange | ResolveErrorKind::NotPermitted
+                    ) {
+                        s.can_poison.store(false, Ordering::Release);
+                    }
+                    return self.end_client(s, addr, &format!("{why}; and {err}"));
+                }
+            }
+        }
+        self.end_client(s, addr, why)
+    }
+
+    /// End the client explicitly: kill its process through its pidfd (as Firecracker's own
+    /// example handler does), log it, close the session. Without a pidfd, the session is closed
+    /// and the log says the client could not be ended.
+    fn end_client(&self, s: &Arc<Session>, addr: u64, why: &dyn std::fmt::Display) -> Unserved {
+        add(&s.stats.unservable, 1);
+        let how = match &s.pidfd {
+            Some(pidfd) => {
+                match rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::KILL) {
+                    Ok(()) => "the client process was killed".to_string(),
+                    Err(Errno::SRCH) => "the client process had already exited".to_string(),
+                    Err(e) => format!("killing the client process failed: {e}"),
+                }
+            }
+            None => "no pidfd to end the client by: only its session is closed".to_string(),
+        };
+        tracing::error!(
+            session = s.id,
+            label = %s.label,
+            addr = format_args!("{addr:#x}"),
+            cause = %why,
+            policy = ?s.on_unservable,
+            poison = s.can_poison.load(Ordering::Acquire),
+            "unservable page: ending the client ({how})"
+        );
+        self.close(s, "client ended: unservable page");
+        Unserved::Ended
+    }
+
+    /// The watchdog: every tick, report (once per fault, with address and age) any claimed fault
+    /// older than [`ServerConfig::stuck_after`], and end as unservable what a worker has been
+    /// resolving for longer than [`ServerConfig::fault_deadline`] (a source read that hangs).
+    /// Deferred work reaches its deadline in the worker ([`Worker::run_job`]).
+    fn watchdog(&self, stop: &std::sync::mpsc::Receiver<()>) {
+        let tick = (self.config.stuck_after / 4)
+            .clamp(Duration::from_millis(10), Duration::from_millis(250));
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(tick) {
+            self.watch_once(Instant::now());
+        }
+    }
+
+    fn watch_once(&self, now: Instant) {
+        let (stuck, deadline) = (self.config.stuck_after, self.config.fault_deadline);
+        for slot in &self.current {
+            let mut g = lock(slot);
+            let Some(c) = g.as_mut() else { continue };
+            let age = now.saturating_duration_since(c.since);
+            let Some(s) = self.session(c.session) else {
+                continue;
+            };
+            if c.stage == 0 && age >= stuck {
+                c.stage = 1;
+                self.report_stuck(&s, c.addr, age, "a worker is still reading its source");
+            }
+            if c.stage == 1 && age >= deadline {
+                c.stage = 2;
+                let (addr, len) = (c.addr, c.len);
+                drop(g);
+                let why = format!(
+                    "a worker has been reading its source for {} ms, past the fault deadline",
+                    age.as_millis()
+                );
+                // Whichever comes first wins in the kernel: if the read ever returns, its
+                // resolve finds the pages settled (EEXIST) and nothing is overwritten.
+                let _ = self.unservable(&s, addr, len, &why);
+            }
+        }
+        let sessions: Vec<Arc<Session>> = read(&self.sessions).values().cloned().collect();
+        for s in sessions {
+            let mut late = Vec::new();
+            for j in lock(&s.deferred).iter_mut() {
+                let age = now.saturating_duration_since(j.since);
+                if !j.reported && age >= stuck {
+                    j.reported = true;
+                    late.push((j.addr, age));
+                }
+            }
+            for (addr, age) in late {
+                self.report_stuck(&s, addr, age, "deferred (EAGAIN or a source being retried)");
+            }
+        }
+    }
+
+    fn report_stuck(&self, s: &Session, addr: u64, age: Duration, state: &str) {
+        add(&s.stats.stuck_faults, 1);
+        if let Some(left_out) = self.logs.allow("stuck") {
+            tracing::warn!(
+                session = s.id,
+                label = %s.label,
+                addr = format_args!("{addr:#x}"),
+                age_ms = age.as_millis() as u64,
+                state,
+                deadline_ms = self.config.fault_deadline.as_millis() as u64,
+                left_out,
+                "fault unresolved"
+            );
+        }
     }
 
     /// Wake a worker blocked in epoll_wait (new background work).
@@ -864,10 +1112,13 @@ impl Shared {
                     return Some(Duration::ZERO);
                 }
             }
-            if !lock(&s.orphans).is_empty() {
-                soonest = Some(soonest.map_or(Duration::from_millis(1), |w| {
-                    w.min(Duration::from_millis(1))
-                }));
+            // Orphans are looked at again after every read of events, and once more when the
+            // oldest one's grace is over.
+            if let Some(oldest) = lock(&s.orphans).iter().map(|o| o.1).min() {
+                let wait = (oldest + self.config.orphan_grace)
+                    .saturating_duration_since(now)
+                    .max(Duration::from_millis(1));
+                soonest = Some(soonest.map_or(wait, |w| w.min(wait)));
             }
             {
                 let d = lock(&s.deferred);
@@ -896,6 +1147,25 @@ impl Drop for Busy {
     }
 }
 
+/// How an unservable page ended.
+enum Unserved {
+    /// Poisoned (or found resolved meanwhile): the page is settled, the session goes on.
+    Poisoned,
+    /// The client was ended and the session closed.
+    Ended,
+}
+
+/// What a worker is resolving now, for the watchdog.
+#[derive(Debug, Clone, Copy)]
+struct Current {
+    session: u64,
+    addr: u64,
+    len: u64,
+    since: Instant,
+    /// 0: not reported; 1: reported stuck; 2: ended past the deadline.
+    stage: u8,
+}
+
 /// What resolving a run of pages came to.
 enum RunEnd {
     /// All pages done (resolved, found present or poisoned).
@@ -904,11 +1174,15 @@ enum RunEnd {
     Defer(usize, bool),
     /// The client is gone.
     Gone,
+    /// The client was ended explicitly (an unservable page); the session is closed.
+    Ended,
 }
 
 struct Worker {
     shared: Arc<Shared>,
     pin: Option<usize>,
+    /// Its slot in [`Shared::current`].
+    index: usize,
     events: EventBuffer,
     buf: Vec<u8>,
     zeros: Vec<u8>,
@@ -916,15 +1190,27 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(shared: Arc<Shared>, pin: Option<usize>) -> Worker {
+    fn new(shared: Arc<Shared>, pin: Option<usize>, index: usize) -> Worker {
         let batch = shared.config.batch;
         Worker {
             shared,
             pin,
+            index,
             events: EventBuffer::new(batch),
             buf: Vec::new(),
             zeros: Vec::new(),
             scratch: None,
+        }
+    }
+
+    /// Serve until shutdown. A panic here (not in a page source: those are caught where they
+    /// are called) leaves pages claimed that nobody will resolve: the process aborts, so that a
+    /// supervisor restarts the worker and resumes every session, rather than limping on with
+    /// sleepers nobody serves.
+    fn run_or_abort(self) {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run())).is_err() {
+            tracing::error!("a fault-serving thread panicked: aborting (a supervisor restarts the worker and resumes every session)");
+            std::process::abort();
         }
     }
 
@@ -1008,7 +1294,9 @@ impl Worker {
             let n = match s.uffd.read_events(&mut self.events) {
                 Ok(n) => n,
                 Err(faultline_uffd::Error::Decode(e)) => {
-                    tracing::warn!(session = s.id, error = %e, "malformed userfaultfd message");
+                    if let Some(left_out) = self.shared.logs.allow("malformed message") {
+                        tracing::warn!(session = s.id, error = %e, left_out, "malformed userfaultfd message");
+                    }
                     self.events.len()
                 }
                 Err(e) => {
@@ -1061,7 +1349,14 @@ impl Worker {
                     }
                     Event::Unknown { code, .. } => {
                         add(&s.stats.events_unknown, 1);
-                        tracing::warn!(session = s.id, code, "unknown userfaultfd event");
+                        if let Some(left_out) = self.shared.logs.allow("unknown event") {
+                            tracing::warn!(
+                                session = s.id,
+                                code,
+                                left_out,
+                                "unknown userfaultfd event"
+                            );
+                        }
                     }
                 }
             }
@@ -1129,18 +1424,21 @@ impl Worker {
         let mut refaults: Vec<Job> = Vec::new();
         let mut aheads: Vec<Job> = Vec::new();
         let mut orphans: Vec<(u64, Instant)> = Vec::new();
+        let mut lost: Vec<(u64, Instant)> = Vec::new();
         {
             let regions = read(&s.regions);
             for &(addr, t) in faults.iter() {
                 add(&s.stats.faults, 1);
                 let Some(e) = regions.find(addr) else {
                     // A fault at an address no region covers: the REMAP that moves a region there
-                    // may not have been read yet. Keep it and look again after the next events;
-                    // dropping it would leave the thread asleep forever.
-                    if t.elapsed() > Duration::from_secs(5) {
-                        tracing::warn!(session = s.id, addr, "fault outside every region for 5 s");
+                    // may not have been read yet. Keep it and look again after the next events
+                    // (dropping it would leave the thread asleep for ever); past the grace, it
+                    // is a fault in registered memory the client never declared: no right bytes.
+                    if t.elapsed() >= self.shared.config.orphan_grace {
+                        lost.push((addr, t));
+                    } else {
+                        orphans.push((addr, t));
                     }
-                    orphans.push((addr, t));
                     continue;
                 };
                 let page = e.page_of(addr);
@@ -1163,7 +1461,7 @@ impl Worker {
                 }
                 if let Some(rec) = &s.recording {
                     {
-                        let mut v = lock(&rec);
+                        let mut v = lock(rec);
                         v.push(e.source_offset_of(page));
                     }
                 }
@@ -1202,6 +1500,16 @@ impl Worker {
                 }
             }
         }
+        for (addr, t) in lost {
+            let why = format!(
+                "fault outside every declared region for {} ms",
+                t.elapsed().as_millis()
+            );
+            let page = addr & !(s.page_size - 1);
+            if let Unserved::Ended = self.shared.unservable(s, page, s.page_size, &why) {
+                return;
+            }
+        }
         if !orphans.is_empty() {
             add(&s.stats.deferred, orphans.len() as u64);
             {
@@ -1236,18 +1544,41 @@ impl Worker {
                     e.clone()
                 }
                 _ => {
-                    // The range moved or went away: give the claims back.
-                    if j.claimed {
-                        for i in 0..j.pages {
-                            j.states.release(j.state_index + i);
-                        }
-                    }
+                    // The range moved or went away: its pages are not ours to serve here.
+                    self.shared.give_back(s, &j);
                     return;
                 }
             }
         };
         let first = entry.page_of(j.addr);
-        match self.resolve_run(s, &entry, first, j.pages, &j) {
+        if j.claimed && j.since.elapsed() >= self.shared.config.fault_deadline {
+            // Deferred again and again (EAGAIN, a source that keeps failing as retryable): no
+            // right bytes within the deadline, so the pages end as unservable.
+            let why = format!(
+                "unresolved for {} ms, past the fault deadline",
+                j.since.elapsed().as_millis()
+            );
+            for i in first..first + j.pages {
+                match self
+                    .shared
+                    .unservable(s, entry.addr_of(i), entry.region.page_size(), &why)
+                {
+                    Unserved::Poisoned => self.mark_resolved(s, &entry, i, &j),
+                    Unserved::Ended => return,
+                }
+            }
+            return;
+        }
+        *lock(&self.shared.current[self.index]) = Some(Current {
+            session: s.id,
+            addr: j.addr,
+            len: j.pages as u64 * entry.region.page_size(),
+            since: j.since,
+            stage: 0,
+        });
+        let end = self.resolve_run(s, &entry, first, j.pages, &j);
+        *lock(&self.shared.current[self.index]) = None;
+        match end {
             RunEnd::Done => {}
             RunEnd::Defer(done, retry_source) => {
                 let mut rest = j.clone();
@@ -1267,6 +1598,10 @@ impl Worker {
                     let pause = Duration::from_micros(50 << rest.eagain.min(5));
                     rest.not_before = Instant::now() + pause;
                 }
+                // Never later than the deadline, where it ends as unservable.
+                rest.not_before = rest
+                    .not_before
+                    .min(rest.since + self.shared.config.fault_deadline);
                 add(&s.stats.deferred, 1);
                 {
                     let mut d = lock(&s.deferred);
@@ -1275,6 +1610,7 @@ impl Worker {
                 }
             }
             RunEnd::Gone => self.shared.close(s, "client gone (ESRCH)"),
+            RunEnd::Ended => {}
         }
     }
 
@@ -1365,17 +1701,39 @@ impl Worker {
             // A source whose pages arrive from elsewhere has them here first, so that the plan
             // knows its zero runs.
             let limit = end.min(p + cap);
-            let ready = e.region.source.wait_ready(
-                e.source_offset_of(p),
-                (limit - p) as u64 * e.region.page_size(),
-            );
-            let (q, zero, outcome) = match ready {
-                Ok(()) => {
-                    let (q, zero) = Self::plan(e, p, end, cap, self.shared.config.min_zero_run);
-                    (q, zero, self.resolve_pages(s, e, p, q - p, zero))
+            // A page source that panics fails this read for good (its pages are poisoned);
+            // the worker and every other session go on.
+            let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let ready = e.region.source.wait_ready(
+                    e.source_offset_of(p),
+                    (limit - p) as u64 * e.region.page_size(),
+                );
+                match ready {
+                    Ok(()) => {
+                        let (q, zero) = Self::plan(e, p, end, cap, self.shared.config.min_zero_run);
+                        (q, zero, self.resolve_pages(s, e, p, q - p, zero))
+                    }
+                    Err(err) => (limit, false, Err(Step::Source(err))),
                 }
-                Err(err) => (limit, false, Err(Step::Source(err))),
-            };
+            }));
+            let (q, zero, outcome) = attempt.unwrap_or_else(|panic| {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|m| m.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                let len = (limit - p) as u64 * e.region.page_size();
+                (
+                    limit,
+                    false,
+                    Err(Step::Source(source_failed(
+                        e,
+                        p,
+                        len,
+                        format!("the page source panicked: {msg}"),
+                    ))),
+                )
+            });
             match outcome {
                 Ok(done) => {
                     let done = done.max(1).min(q - p);
@@ -1410,6 +1768,43 @@ impl Worker {
                 }
                 Err(Step::Retry) => return RunEnd::Defer(p - first, false),
                 Err(Step::Gone) => return RunEnd::Gone,
+                Err(Step::GiveBack) => {
+                    // Not registered any more (the client unregistered or unmapped it): not
+                    // ours to serve. The claims go back and the range is woken, so a thread
+                    // still asleep there faults again, wherever that fault now goes.
+                    let rest = Job {
+                        addr: e.addr_of(p),
+                        pages: end - p,
+                        state_index: e.state_base + p,
+                        ..j.clone()
+                    };
+                    self.shared.give_back(s, &rest);
+                    return RunEnd::Done;
+                }
+                Err(Step::Unservable(err)) => {
+                    if q - p > 1 {
+                        // Which page does the kernel refuse? One at a time.
+                        for i in p..q {
+                            match self.resolve_run(s, e, i, 1, j) {
+                                RunEnd::Done => {}
+                                RunEnd::Defer(_, src) => return RunEnd::Defer(i - first, src),
+                                other => return other,
+                            }
+                        }
+                        p = q;
+                        continue;
+                    }
+                    match self
+                        .shared
+                        .unservable(s, e.addr_of(p), e.region.page_size(), &err)
+                    {
+                        Unserved::Poisoned => {
+                            self.mark_resolved(s, e, p, j);
+                            p += 1;
+                        }
+                        Unserved::Ended => return RunEnd::Ended,
+                    }
+                }
                 Err(Step::Source(err)) => {
                     add(&s.stats.source_errors, 1);
                     if err.is_retryable() && j.attempts + 1 < self.shared.config.source_attempts {
@@ -1425,34 +1820,23 @@ impl Worker {
                         for i in p..q {
                             match self.resolve_run(s, e, i, 1, &one) {
                                 RunEnd::Done => {}
-                                RunEnd::Gone => return RunEnd::Gone,
                                 RunEnd::Defer(_, src) => return RunEnd::Defer(i - first, src),
+                                other => return other,
                             }
                         }
                         p = q;
                         continue;
                     }
-                    match self.poison(s, e, p, &err) {
-                        Ok(()) => {
+                    match self
+                        .shared
+                        .unservable(s, e.addr_of(p), e.region.page_size(), &err)
+                    {
+                        Unserved::Poisoned => {
                             self.mark_resolved(s, e, p, j);
                             p += 1;
                         }
-                        Err(Step::Retry) => return RunEnd::Defer(p - first, false),
-                        Err(Step::Gone) => return RunEnd::Gone,
-                        Err(_) => {
-                            self.mark_resolved(s, e, p, j);
-                            p += 1;
-                        }
+                        Unserved::Ended => return RunEnd::Ended,
                     }
-                }
-                Err(Step::Failed) => {
-                    // Not registered / invalid: the range is not ours any more. Give it back.
-                    for i in p..end {
-                        if j.claimed {
-                            e.states.release(e.state_base + i);
-                        }
-                    }
-                    return RunEnd::Done;
                 }
             }
         }
@@ -1492,34 +1876,9 @@ impl Worker {
         }
     }
 
-    fn poison(
-        &mut self,
-        s: &Arc<Session>,
-        e: &RegionEntry,
-        page: usize,
-        err: &SourceError,
-    ) -> Result<(), Step> {
-        let addr = e.addr_of(page);
-        let ps = e.region.page_size();
-        tracing::error!(
-            session = s.id,
-            region = format_args!("{:#x}+{:#x}", e.region.start, e.region.len),
-            offset = e.source_offset_of(page),
-            cause = %err,
-            "source read failed; poisoning the page (the client gets SIGBUS there)"
-        );
-        add(&s.stats.poison, 1);
-        match s.uffd.poison(addr, ps) {
-            Ok(_) => {
-                add(&s.stats.poisoned_pages, 1);
-                Ok(())
-            }
-            Err(e) => Err(self.classify(s, e.kind)),
-        }
-    }
-
-    fn classify(&self, s: &Session, kind: ResolveErrorKind) -> Step {
-        match kind {
+    /// What a resolve ioctl's error means for the pages (from page `p` of `e`) it was for.
+    fn classify(&self, s: &Session, e: &RegionEntry, p: usize, err: ResolveError) -> Step {
+        match err.kind {
             ResolveErrorKind::AlreadyPresent => {
                 add(&s.stats.eexist, 1);
                 Step::Exists
@@ -1528,9 +1887,22 @@ impl Worker {
                 add(&s.stats.eagain, 1);
                 Step::Retry
             }
-            ResolveErrorKind::ProcessGone => Step::Gone,
+            // The kernel could not allocate: a pause, then again (bounded by the deadline).
             ResolveErrorKind::OutOfMemory => Step::Retry,
-            _ => Step::Failed,
+            ResolveErrorKind::ProcessGone => Step::Gone,
+            ResolveErrorKind::NotRegistered => Step::GiveBack,
+            // The kernel could not read the bytes it was given: a source mapping whose file
+            // shrank under it (the only source memory the kernel reads that user space did not
+            // fill). Those bytes do not exist any more.
+            ResolveErrorKind::BadAddress => Step::Source(source_failed(
+                e,
+                p,
+                err.len,
+                format!(
+                    "the kernel could not read the source's bytes ({err}): was the file truncated?"
+                ),
+            )),
+            _ => Step::Unservable(err),
         }
     }
 
@@ -1562,11 +1934,18 @@ impl Worker {
                         .map_err(Step::Source)?;
                     cache.write(cache_off, &self.buf[..len as usize])
                 };
-                if write.is_err() {
-                    return Err(Step::Failed);
+                if let Err(err) = write {
+                    return Err(Step::Source(source_failed(
+                        e,
+                        p,
+                        len,
+                        format!("writing the page cache failed: {err}"),
+                    )));
                 }
                 add(&s.stats.continue_, 1);
-                s.uffd.continue_minor(addr, len, ContinueMode::empty())
+                self.shared
+                    .injected(ResolveOp::Continue, addr, len)
+                    .and_then(|()| s.uffd.continue_minor(addr, len, ContinueMode::empty()))
             }
             Backing::Move
                 if !zero
@@ -1575,26 +1954,35 @@ impl Worker {
                     && e.region.kind == faultline_uffd::MemoryKind::PrivateAnonymous =>
             {
                 add(&s.stats.move_, 1);
-                let scratch = self.scratch(len as usize).map_err(|_| Step::Failed)?;
+                let injected = self.shared.injected(ResolveOp::Move, addr, len);
+                // No scratch memory now: like ENOMEM, later.
+                let scratch = self.scratch(len as usize).map_err(|_| Step::Retry)?;
                 e.region
                     .source
                     .read_at(off, &mut scratch.as_mut_slice()[..len as usize])
                     .map_err(Step::Source)?;
-                s.uffd.move_from_scratch(
-                    addr,
-                    scratch,
-                    0,
-                    len as usize,
-                    faultline_uffd::MoveMode::empty(),
-                )
+                injected.and_then(|()| {
+                    s.uffd.move_from_scratch(
+                        addr,
+                        scratch,
+                        0,
+                        len as usize,
+                        faultline_uffd::MoveMode::empty(),
+                    )
+                })
             }
             Backing::Copy | Backing::Move if zero && !e.region.kind.is_hugetlb() => {
                 add(&s.stats.zeropage, 1);
-                s.uffd.zeropage(addr, len, ZeropageMode::empty())
+                self.shared
+                    .injected(ResolveOp::Zeropage, addr, len)
+                    .and_then(|()| s.uffd.zeropage(addr, len, ZeropageMode::empty()))
             }
             Backing::Copy | Backing::Move => {
                 add(&s.stats.copy, 1);
-                if zero {
+                let injected = self.shared.injected(ResolveOp::Copy, addr, len);
+                if let Err(err) = injected {
+                    Err(err)
+                } else if zero {
                     self.ensure_zeros(len as usize);
                     s.uffd
                         .copy(addr, &self.zeros[..len as usize], CopyMode::empty())
@@ -1653,7 +2041,7 @@ impl Worker {
                 }
                 Ok(pages)
             }
-            Err(err) => Err(self.classify(s, err.kind)),
+            Err(err) => Err(self.classify(s, e, p, err)),
         }
     }
 
@@ -1894,6 +2282,8 @@ impl Worker {
                 eagain: 0,
                 not_before: Instant::now(),
                 fault_read: None,
+                since: Instant::now(),
+                reported: false,
             };
             match claim_run(&regions, &want, max_io) {
                 Some(j) => {
@@ -1968,6 +2358,8 @@ fn job(
         eagain: 0,
         not_before: Instant::now(),
         fault_read: t,
+        since: t.unwrap_or_else(Instant::now),
+        reported: false,
     }
 }
 
@@ -1984,9 +2376,28 @@ enum PageClass {
 
 /// Why one resolve step did not make progress.
 enum Step {
+    /// EEXIST: the page is there.
     Exists,
+    /// EAGAIN / ENOMEM: later.
     Retry,
+    /// ESRCH: the client's memory is gone.
     Gone,
-    Failed,
+    /// ENOENT: the range is not registered (any more).
+    GiveBack,
+    /// The kernel refuses the resolve (EINVAL ...): no right bytes can go there.
+    Unservable(ResolveError),
+    /// The source failed.
     Source(SourceError),
+}
+
+/// A source error for `len` bytes at page `page` of `e`, permanent.
+fn source_failed(e: &RegionEntry, page: usize, len: u64, what: String) -> SourceError {
+    SourceError {
+        offset: e.source_offset_of(page),
+        len,
+        source_name: e.region.source.name(),
+        what,
+        retry: crate::source::Retry::Permanent,
+        cause: None,
+    }
 }
