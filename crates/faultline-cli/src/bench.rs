@@ -20,6 +20,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
 use faultline::source::{MmapSource, PageSource};
 use faultline::{Readahead, Region, Server, ServerConfig, SessionOptions, WorkingSet};
+use faultline_testing::baseline::FileMapping;
 use faultline_uffd::{CopyMode, Features, Mapping, MemoryKind, RegisterMode, Uffd};
 use serde::Serialize;
 
@@ -589,16 +590,18 @@ impl Ctx {
         let mut row = self.row("kernel (file mapping)");
         let path = self.src.name();
         for _ in 0..self.args.repeat.max(1) {
-            let map = MmapSource::options().populate(false).open(&path)?;
+            // The kernel's path is user space touching a file mapping; the runtime's mmap source
+            // never does that (it reads files with pread), so the baseline maps the file itself.
+            let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+            let map = FileMapping::map(&file).with_context(|| format!("mapping {path}"))?;
             let page = self.page as usize;
-            let run = |map: &MmapSource| {
+            let run = |map: &FileMapping| {
                 let start = Instant::now();
                 std::thread::scope(|s| {
                     for o in &self.orders {
                         s.spawn(move || {
-                            let mut b = [0u8; 1];
                             for &p in o {
-                                let _ = map.read_at((p * page) as u64, &mut b);
+                                std::hint::black_box(map.touch(p * page));
                             }
                         });
                     }
@@ -803,7 +806,8 @@ pub fn run_local(args: BenchArgs) -> Result<Report> {
             .populate(true)
             .open(&path)
             .with_context(|| format!("mapping {}", path.display()))?
-            .with_zero_scan(),
+            .with_zero_scan()
+            .with_context(|| format!("scanning {} for zero pages", path.display()))?,
     );
     ensure!(
         src.len() >= size,

@@ -857,11 +857,12 @@ fn targets(variants: &[Variant], rows: &[SourceRow], images: &[ImageRow]) -> Vec
 }
 
 fn open(path: &Path) -> Result<MmapSource> {
-    Ok(MmapSource::options()
+    MmapSource::options()
         .populate(true)
         .open(path)
         .with_context(|| format!("mapping {}", path.display()))?
-        .with_zero_scan())
+        .with_zero_scan()
+        .with_context(|| format!("scanning {} for zero pages", path.display()))
 }
 
 fn print(r: &SourcesReport) {

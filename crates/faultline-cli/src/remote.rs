@@ -81,6 +81,7 @@ fn open_export(args: &ExportArgs) -> Result<(Arc<dyn PageSource>, u64)> {
         src
     } else {
         src.with_zero_scan()
+            .with_context(|| format!("scanning the memory file {} for zero pages", mem.display()))?
     };
     let who = format!(
         "{}:{}:{}:{}.{}",

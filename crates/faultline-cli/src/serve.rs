@@ -396,6 +396,7 @@ pub fn open_snapshot(args: &ServeArgs) -> Result<Arc<dyn PageSource>> {
         src
     } else {
         src.with_zero_scan()
+            .with_context(|| format!("scanning the memory file {} for zero pages", mem.display()))?
     };
     Ok(Arc::new(src))
 }

@@ -3,6 +3,7 @@
 //! One thread, one message per `read(2)`, one page-sized `UFFDIO_COPY` per fault from a source
 //! pointer. [`naive_faultline`] runs that loop on `faultline-uffd`; [`naive_crate`] (feature
 //! `userfaultfd-crate`) runs the same loop on the `userfaultfd` crate, the existing Rust binding.
+//! [`FileMapping`] is the kernel's own path: a file mapping touched from user space.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -126,4 +127,77 @@ pub fn naive_crate(
         }
     }
     st
+}
+
+/// A read-only shared mapping of a file that this process reads itself: the kernel's own
+/// page-cache fault path, the `kernel` baseline of `faultline bench`.
+///
+/// Only for benchmarks and tests on files nobody truncates: touching a page past a new, shorter
+/// end of the file raises `SIGBUS`. (That is why faultline's `MmapSource` never reads its mapping
+/// from user space, and why this lives here and not in the runtime.)
+#[derive(Debug)]
+pub struct FileMapping {
+    addr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and read only with volatile loads through a raw pointer; it is
+// unmapped once, on drop. Sharing or sending the address between threads is no more than sharing
+// the file.
+unsafe impl Send for FileMapping {}
+// SAFETY: see `Send`.
+unsafe impl Sync for FileMapping {}
+
+impl FileMapping {
+    /// Map all of `file` (open for reading, not empty) read-only and shared, without populating.
+    pub fn map(file: &std::fs::File) -> std::io::Result<FileMapping> {
+        use rustix::mm::{MapFlags, ProtFlags};
+        let len = usize::try_from(file.metadata()?.len())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: a fresh mapping chosen by the kernel (no address hint), so nothing of ours is
+        // replaced; it is read only through volatile loads in `touch`, and unmapped on drop.
+        let addr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ,
+                MapFlags::SHARED,
+                file,
+                0,
+            )
+        }?;
+        let addr = std::ptr::NonNull::new(addr.cast::<u8>())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::AddrNotAvailable))?;
+        Ok(FileMapping { addr, len })
+    }
+
+    /// The mapped length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never: an empty file cannot be mapped).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Read byte `offset` through the mapping (a page fault served by the kernel if the page is
+    /// not mapped yet); `None` past the end. `SIGBUS` if the file was truncated below `offset`.
+    pub fn touch(&self, offset: usize) -> Option<u8> {
+        if offset >= self.len {
+            return None;
+        }
+        let byte = self.addr.as_ptr().wrapping_add(offset);
+        // SAFETY: `byte` is inside the live, readable mapping (`offset < len`); a volatile load
+        // of a `u8` needs no alignment, forms no reference and any byte is a valid `u8`.
+        Some(unsafe { byte.read_volatile() })
+    }
+}
+
+impl Drop for FileMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `map` with this address and length and is unmapped
+        // exactly once; no reference into it exists.
+        let _ = unsafe { rustix::mm::munmap(self.addr.as_ptr().cast(), self.len) };
+    }
 }

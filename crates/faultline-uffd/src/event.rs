@@ -17,8 +17,10 @@ use std::os::fd::RawFd;
 use linux_raw_sys::general as g;
 
 use crate::flags::{Features, PagefaultFlags};
-use crate::sys::UFFD_MSG_SIZE;
 use crate::uffd::Uffd;
+
+/// Size of one `struct uffd_msg`: the unit of [`decode`] and of a read from a userfaultfd.
+pub use crate::sys::UFFD_MSG_SIZE;
 
 /// A decoded message, as plain data (a FORK's fd is a number, not yet owned).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -47,7 +47,12 @@
 //! arbitrary range ([`Uffd::register_raw`]), adopting a received fd ([`Uffd::from_initialized_fd`])
 //! and moving pages out of a source range ([`Uffd::move_pages`]) are `unsafe`, with the contract
 //! stated on each. All `unsafe` code of the crate lives in `sys` (the ioctls), `mapping` (mmap and
-//! volatile access) and `uffd` (adopting fds).
+//! volatile access) and `uffd` (adopting fds). The raw ioctls are private to the crate: safe
+//! code outside it cannot name them, so it cannot, say, `UFFDIO_MOVE` a page out of a live `Vec`:
+//! ```compile_fail,E0603
+//! // `sys` is private: this does not compile.
+//! use faultline_uffd::sys;
+//! ```
 //!
 //! # Kernel semantics the API encodes
 //! - A resolve without DONTWAKE wakes every thread blocked on the range, including faults whose
@@ -65,7 +70,7 @@ pub mod mapping;
 pub mod pagemap;
 pub mod resolve;
 pub mod scratch;
-pub mod sys;
+mod sys;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 pub mod uffd;

@@ -10,6 +10,13 @@
 //! The functions here are thin: they issue one ioctl and hand back the errno and the kernel's
 //! progress field untouched. Interpretation (partial progress, typed error kinds) is in
 //! [`crate::resolve`].
+//!
+//! The module is private and its calls are `pub(crate)` (STYLE rule 3a): they are safe functions
+//! only because the crate's public API decides which ranges reach them. A public `move_pages` or
+//! `copy` taking any address would let safe code move pages out of, or write into, memory it
+//! does not own (a live `Vec`); outside the crate the same ioctls are reachable only through
+//! [`crate::Uffd`]'s methods, which are `unsafe` where the range is the caller's word
+//! ([`crate::Uffd::register_raw`], [`crate::Uffd::move_pages`]).
 #![allow(unsafe_code)]
 
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -17,81 +24,83 @@ use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use rustix::io::Errno;
 use rustix::ioctl::{self, Ioctl, IoctlOutput, Opcode, Updater};
 
-pub use linux_raw_sys::general::{
-    page_region, pm_scan_arg, uffd_msg, uffdio_api, uffdio_continue, uffdio_copy, uffdio_move,
-    uffdio_poison, uffdio_range, uffdio_register, uffdio_writeprotect, uffdio_zeropage,
+pub(crate) use linux_raw_sys::general::{
+    page_region, pm_scan_arg, uffdio_api, uffdio_continue, uffdio_copy, uffdio_move, uffdio_poison,
+    uffdio_range, uffdio_register, uffdio_writeprotect, uffdio_zeropage,
 };
 
 /// `UFFD_API`: the only API version the kernel knows.
-pub const UFFD_API: u64 = linux_raw_sys::general::UFFD_API as u64;
+pub(crate) const UFFD_API: u64 = linux_raw_sys::general::UFFD_API as u64;
 /// `UFFD_USER_MODE_ONLY`: the flag for `userfaultfd(2)` / `USERFAULTFD_IOC_NEW`.
-pub const UFFD_USER_MODE_ONLY: u32 = linux_raw_sys::general::UFFD_USER_MODE_ONLY;
+pub(crate) const UFFD_USER_MODE_ONLY: u32 = linux_raw_sys::general::UFFD_USER_MODE_ONLY;
 /// `UFFDIO` ioctl group (`0xAA`).
 const UFFDIO: u8 = 0xAA;
 
 /// `_UFFDIO_*` ioctl numbers (bit positions in the `ioctls` masks the kernel returns).
-pub mod nr {
+pub(crate) mod nr {
     /// `_UFFDIO_REGISTER`
-    pub const REGISTER: u8 = 0x00;
+    pub(crate) const REGISTER: u8 = 0x00;
     /// `_UFFDIO_UNREGISTER`
-    pub const UNREGISTER: u8 = 0x01;
+    pub(crate) const UNREGISTER: u8 = 0x01;
     /// `_UFFDIO_WAKE`
-    pub const WAKE: u8 = 0x02;
+    pub(crate) const WAKE: u8 = 0x02;
     /// `_UFFDIO_COPY`
-    pub const COPY: u8 = 0x03;
+    pub(crate) const COPY: u8 = 0x03;
     /// `_UFFDIO_ZEROPAGE`
-    pub const ZEROPAGE: u8 = 0x04;
+    pub(crate) const ZEROPAGE: u8 = 0x04;
     /// `_UFFDIO_MOVE`
-    pub const MOVE: u8 = 0x05;
+    pub(crate) const MOVE: u8 = 0x05;
     /// `_UFFDIO_WRITEPROTECT`
-    pub const WRITEPROTECT: u8 = 0x06;
+    pub(crate) const WRITEPROTECT: u8 = 0x06;
     /// `_UFFDIO_CONTINUE`
-    pub const CONTINUE: u8 = 0x07;
+    pub(crate) const CONTINUE: u8 = 0x07;
     /// `_UFFDIO_POISON`
-    pub const POISON: u8 = 0x08;
+    pub(crate) const POISON: u8 = 0x08;
     /// `_UFFDIO_API`
-    pub const API: u8 = 0x3F;
+    pub(crate) const API: u8 = 0x3F;
 }
 
 /// `UFFDIO_API`: `_IOWR(UFFDIO, _UFFDIO_API, struct uffdio_api)`.
-pub const UFFDIO_API: Opcode = ioctl::opcode::read_write::<uffdio_api>(UFFDIO, nr::API);
+pub(crate) const UFFDIO_API: Opcode = ioctl::opcode::read_write::<uffdio_api>(UFFDIO, nr::API);
 /// `UFFDIO_REGISTER`: `_IOWR(UFFDIO, _UFFDIO_REGISTER, struct uffdio_register)`.
-pub const UFFDIO_REGISTER: Opcode =
+pub(crate) const UFFDIO_REGISTER: Opcode =
     ioctl::opcode::read_write::<uffdio_register>(UFFDIO, nr::REGISTER);
 /// `UFFDIO_UNREGISTER`: `_IOR(UFFDIO, _UFFDIO_UNREGISTER, struct uffdio_range)`.
-pub const UFFDIO_UNREGISTER: Opcode = ioctl::opcode::read::<uffdio_range>(UFFDIO, nr::UNREGISTER);
+pub(crate) const UFFDIO_UNREGISTER: Opcode =
+    ioctl::opcode::read::<uffdio_range>(UFFDIO, nr::UNREGISTER);
 /// `UFFDIO_WAKE`: `_IOR(UFFDIO, _UFFDIO_WAKE, struct uffdio_range)`.
-pub const UFFDIO_WAKE: Opcode = ioctl::opcode::read::<uffdio_range>(UFFDIO, nr::WAKE);
+pub(crate) const UFFDIO_WAKE: Opcode = ioctl::opcode::read::<uffdio_range>(UFFDIO, nr::WAKE);
 /// `UFFDIO_COPY`: `_IOWR(UFFDIO, _UFFDIO_COPY, struct uffdio_copy)`.
-pub const UFFDIO_COPY: Opcode = ioctl::opcode::read_write::<uffdio_copy>(UFFDIO, nr::COPY);
+pub(crate) const UFFDIO_COPY: Opcode = ioctl::opcode::read_write::<uffdio_copy>(UFFDIO, nr::COPY);
 /// `UFFDIO_ZEROPAGE`: `_IOWR(UFFDIO, _UFFDIO_ZEROPAGE, struct uffdio_zeropage)`.
-pub const UFFDIO_ZEROPAGE: Opcode =
+pub(crate) const UFFDIO_ZEROPAGE: Opcode =
     ioctl::opcode::read_write::<uffdio_zeropage>(UFFDIO, nr::ZEROPAGE);
 /// `UFFDIO_MOVE`: `_IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)` (Linux 6.8).
-pub const UFFDIO_MOVE: Opcode = ioctl::opcode::read_write::<uffdio_move>(UFFDIO, nr::MOVE);
+pub(crate) const UFFDIO_MOVE: Opcode = ioctl::opcode::read_write::<uffdio_move>(UFFDIO, nr::MOVE);
 /// `UFFDIO_WRITEPROTECT`: `_IOWR(UFFDIO, _UFFDIO_WRITEPROTECT, struct uffdio_writeprotect)`.
-pub const UFFDIO_WRITEPROTECT: Opcode =
+pub(crate) const UFFDIO_WRITEPROTECT: Opcode =
     ioctl::opcode::read_write::<uffdio_writeprotect>(UFFDIO, nr::WRITEPROTECT);
 /// `UFFDIO_CONTINUE`: `_IOWR(UFFDIO, _UFFDIO_CONTINUE, struct uffdio_continue)`.
-pub const UFFDIO_CONTINUE: Opcode =
+pub(crate) const UFFDIO_CONTINUE: Opcode =
     ioctl::opcode::read_write::<uffdio_continue>(UFFDIO, nr::CONTINUE);
 /// `UFFDIO_POISON`: `_IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)` (Linux 6.6).
-pub const UFFDIO_POISON: Opcode = ioctl::opcode::read_write::<uffdio_poison>(UFFDIO, nr::POISON);
+pub(crate) const UFFDIO_POISON: Opcode =
+    ioctl::opcode::read_write::<uffdio_poison>(UFFDIO, nr::POISON);
 /// `USERFAULTFD_IOC_NEW`: `_IO(USERFAULTFD_IOC, 0x00)` on `/dev/userfaultfd` (Linux 6.1).
-pub const USERFAULTFD_IOC_NEW: Opcode = ioctl::opcode::none(UFFDIO, 0x00);
+pub(crate) const USERFAULTFD_IOC_NEW: Opcode = ioctl::opcode::none(UFFDIO, 0x00);
 /// `PAGEMAP_SCAN`: `_IOWR('f', 16, struct pm_scan_arg)` on `/proc/<pid>/pagemap` (Linux 6.7).
-pub const PAGEMAP_SCAN: Opcode = ioctl::opcode::read_write::<pm_scan_arg>(b'f', 16);
+pub(crate) const PAGEMAP_SCAN: Opcode = ioctl::opcode::read_write::<pm_scan_arg>(b'f', 16);
 
 /// `PM_SCAN_WP_MATCHING`: write-protect the pages that match while scanning.
-pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+pub(crate) const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 /// `PM_SCAN_CHECK_WPASYNC`: fail with EPERM unless the range is registered for async WP.
-pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+pub(crate) const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 
 /// Size of one `struct uffd_msg` on the wire.
 pub const UFFD_MSG_SIZE: usize = 32;
 
 /// `userfaultfd(2)` with the given open flags (`O_CLOEXEC`, `O_NONBLOCK`, `UFFD_USER_MODE_ONLY`).
-pub fn userfaultfd_syscall(flags: u32) -> Result<OwnedFd, Errno> {
+pub(crate) fn userfaultfd_syscall(flags: u32) -> Result<OwnedFd, Errno> {
     let flags = rustix::mm::UserfaultfdFlags::from_bits_retain(flags);
     // SAFETY: creating a userfaultfd has no memory-safety precondition by itself; the returned fd
     // is owned by the caller, and every operation that can change memory through it is guarded by
@@ -127,7 +136,7 @@ unsafe impl<const OPCODE: Opcode> Ioctl for NewFd<OPCODE> {
 }
 
 /// `ioctl(/dev/userfaultfd, USERFAULTFD_IOC_NEW, flags)`.
-pub fn userfaultfd_dev_new(dev: BorrowedFd<'_>, flags: u32) -> Result<OwnedFd, Errno> {
+pub(crate) fn userfaultfd_dev_new(dev: BorrowedFd<'_>, flags: u32) -> Result<OwnedFd, Errno> {
     let req = NewFd::<USERFAULTFD_IOC_NEW> {
         arg: flags as usize,
     };
@@ -138,7 +147,7 @@ pub fn userfaultfd_dev_new(dev: BorrowedFd<'_>, flags: u32) -> Result<OwnedFd, E
 macro_rules! updater_call {
     ($(#[$m:meta])* $name:ident, $opcode:ident, $ty:ty) => {
         $(#[$m])*
-        pub fn $name(fd: BorrowedFd<'_>, arg: &mut $ty) -> Result<(), Errno> {
+        pub(crate) fn $name(fd: BorrowedFd<'_>, arg: &mut $ty) -> Result<(), Errno> {
             // SAFETY: the opcode was built from this struct's size and the kernel reads and writes
             // exactly one `$ty` through the pointer, which is valid and exclusively borrowed for
             // the whole call. The ioctl touches memory of the uffd's address space only through the
@@ -219,7 +228,7 @@ unsafe impl Ioctl for PagemapScan<'_> {
 }
 
 /// `ioctl(pagemap, PAGEMAP_SCAN, arg)` writing into `out` (the function sets `vec`/`vec_len`).
-pub fn pagemap_scan(
+pub(crate) fn pagemap_scan(
     pagemap: BorrowedFd<'_>,
     arg: &mut pm_scan_arg,
     out: &mut [page_region],
@@ -238,6 +247,7 @@ pub fn pagemap_scan(
 mod tests {
     use super::*;
     use core::mem::size_of;
+    use linux_raw_sys::general::uffd_msg;
 
     /// Opcode values of the Linux 6.18 x86_64 uapi (`include/uapi/linux/userfaultfd.h`),
     /// written out so that a wrong size or direction in the computation is caught.

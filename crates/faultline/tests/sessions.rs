@@ -70,7 +70,8 @@ fn source(
             let f = temp_file(&bytes);
             let s = MmapSource::open(f.path())
                 .expect("mmap source")
-                .with_zero_scan();
+                .with_zero_scan()
+                .expect("zero scan");
             files.push(f);
             (Arc::new(s), bytes)
         }

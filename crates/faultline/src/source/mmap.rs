@@ -4,47 +4,59 @@
 //! mapping ([`PageSource::ptr_at`]). The server hands them to `UFFDIO_COPY`, so the kernel copies
 //! each page straight from the page cache into the faulting process: one copy in total, against
 //! two for `pread` into a buffer and then `UFFDIO_COPY` from it. `populate(true)` adds
-//! `MAP_POPULATE`, which reads the whole file in at open so no fault of ours is taken on the
-//! source side later (worth it when most of the file will be served).
+//! `MAP_POPULATE`, which makes the kernel read the whole file in at open so no fault is taken on
+//! the source side later (worth it when most of the file will be served).
 //!
-//! # Why this module uses `unsafe`, and the rules it keeps
-//! A file mapping is memory that can change underneath us: another process may write the file,
-//! and that write shows through our mapping (it is a shared mapping; a private one would show it
-//! too, as long as we never write). So, following STYLE.md rule 3, this module never forms a
-//! `&[u8]` over the mapping (memmap2's `Deref` is never used): it only takes the mapping's base
-//! pointer and copies out of it with `std::ptr::copy_nonoverlapping` into the caller's buffer.
-//! Because no reference exists, a concurrent writer cannot break a Rust aliasing guarantee; at
-//! worst a read returns a mix of old and new bytes, which is the caller's problem: a source serves
-//! a snapshot file that must not be written while it is served.
+//! # The mapping is for the kernel; user space reads the file with `pread`
+//! A file mapping is memory that can change underneath us, and worse, can stop existing: if the
+//! file is truncated while mapped, touching a page past its new end from user space raises
+//! `SIGBUS`, which would kill the whole daemon serving every client. The kernel, reading the same
+//! page for a `UFFDIO_COPY` (`copy_from_user`), gets `EFAULT` instead, and the server turns that
+//! into an error for the one fault. So this module keeps one rule (STYLE.md rule 3): **user space
+//! never reads the mapping.** It forms no `&[u8]` over it (memmap2's `Deref` is never used) and no
+//! pointer into it is dereferenced here; the mapping's only use is [`PageSource::ptr_at`], a raw
+//! pointer handed to the kernel. Every byte this process looks at — [`PageSource::read_at`], the
+//! zero scan of [`MmapSource::with_zero_scan`] (1 MiB `pread`s into one reused buffer), the edges
+//! of an unaligned [`PageSource::is_zero`] — comes from positioned reads (`pread`) on a descriptor
+//! of the same file, kept by the source. Both read the same page cache.
 //!
-//! Truncation is the other hazard: touching a page of the mapping past the new end of the file
-//! raises `SIGBUS` in this process (`read_at`, `with_zero_scan`), and makes a `UFFDIO_COPY` from a
-//! lent pointer fail with `EFAULT`. The file must therefore keep its length while the source
-//! lives. This is the same contract as every mmap-based reader (and the reason memmap2's
-//! constructors are `unsafe`); we take it on in [`MmapSource::open`] and document it rather than
-//! pass `unsafe` on to every caller, as `vm-memory` does for its file-backed regions.
+//! The source's length is the file's length when it was mapped. A read that meets the file's
+//! current end before that fails with a permanent [`SourceError`] naming the file, the offset and
+//! that the file is shorter than when it was opened: never a short read, never zeros, never a
+//! signal. Writes to the file show through (the source is a view, not a snapshot): a source serves
+//! a snapshot file that must not be written while it is served, and a writer can change which
+//! bytes are served but cannot break memory safety, as no reference to the mapping exists.
 
 #![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use memmap2::Mmap;
 
 use super::memory::{bytes_are_zero, ZeroPages, ZERO_GRANULE};
-use super::{check_bounds, PageSource, SourceError};
+use super::{check_bounds, PageSource, Retry, SourceError};
+
+/// The zero scan reads the file in `pread`s of this size, into one buffer reused for the whole
+/// scan: large enough that the system call cost vanishes next to the copy, small enough to stay
+/// in the L2/L3 cache while its 256 granules are checked. A multiple of [`ZERO_GRANULE`], so a
+/// granule never straddles two reads.
+const ZERO_SCAN_CHUNK: usize = 1 << 20;
+const _: () = assert!(ZERO_SCAN_CHUNK as u64 % ZERO_GRANULE == 0);
 
 /// A read-only shared mapping of a file, lending pointers into it for one-copy resolves.
 ///
-/// The file must keep its length while the source lives: copying from a page past a new, shorter
-/// end raises `SIGBUS` in this process (and a `UFFDIO_COPY` from a lent pointer fails with
-/// `EFAULT`). Writes to the file show through the mapping; the source copies out of it only
-/// through raw pointers, never through `&[u8]`, so a writer can change the bytes served but not
-/// break memory safety.
+/// The mapping is only ever handed to the kernel ([`PageSource::ptr_at`]); this process reads the
+/// file with `pread` on its own descriptor. A file truncated while the source lives makes reads
+/// past its new end fail with a permanent [`SourceError`] (and a `UFFDIO_COPY` from a lent
+/// pointer fail with `EFAULT`), never `SIGBUS` in this process. Writes to the file show through.
 #[derive(Debug)]
 pub struct MmapSource {
     map: Mmap,
+    /// The mapped file, for `pread`: every user-space read of the file goes through it.
+    file: File,
     name: String,
     zero: Option<ZeroPages>,
 }
@@ -56,8 +68,8 @@ pub struct MmapSourceOptions {
 }
 
 impl MmapSourceOptions {
-    /// Pre-fault the whole mapping at open (`MAP_POPULATE`): open reads the file in, later
-    /// copies out of the mapping find it resident. Off by default.
+    /// Pre-fault the whole mapping at open (`MAP_POPULATE`, done by the kernel): open reads the
+    /// file in, later copies out of the mapping find it resident. Off by default.
     pub fn populate(mut self, populate: bool) -> MmapSourceOptions {
         self.populate = populate;
         self
@@ -67,26 +79,32 @@ impl MmapSourceOptions {
     pub fn open(self, path: impl AsRef<Path>) -> io::Result<MmapSource> {
         let path = path.as_ref();
         let file = File::open(path)?;
-        let mut source = self.map_file(&file)?;
+        let mut source = self.map_owned(file)?;
         source.name = path.display().to_string();
         Ok(source)
     }
 
-    /// Map an open file (open for reading). The file may be closed afterwards: the mapping
-    /// keeps its own reference.
+    /// Map an open file (open for reading). The source keeps a duplicate of the descriptor (for
+    /// `pread`), so `file` may be closed afterwards.
     pub fn map_file(self, file: &File) -> io::Result<MmapSource> {
+        self.map_owned(file.try_clone()?)
+    }
+
+    fn map_owned(self, file: File) -> io::Result<MmapSource> {
         let mut options = memmap2::MmapOptions::new();
         if self.populate {
             options.populate();
         }
         // SAFETY: memmap2 asks the caller to make sure the file is not modified or truncated
         // while mapped, because its `Mmap` dereferences to `&[u8]`. This module never uses that
-        // `Deref` (it only copies out through the raw base pointer, see the module docs), so a
-        // concurrent write cannot invalidate a reference; truncation (SIGBUS) is the documented
-        // contract of `MmapSource`.
-        let map = unsafe { options.map(file) }?;
+        // `Deref` and never dereferences a pointer into the mapping (see the module docs): the
+        // mapping only goes to the kernel as a raw pointer, which reports a truncated page as
+        // EFAULT. So neither a concurrent write nor a truncation can invalidate a reference or
+        // raise a signal in this process.
+        let map = unsafe { options.map(&file) }?;
         Ok(MmapSource {
             map,
+            file,
             name: "mmap".to_string(),
             zero: None,
         })
@@ -117,15 +135,30 @@ impl MmapSource {
 
     /// Scan the whole file once and remember which 4 KiB pages are all zeros, so
     /// [`PageSource::is_zero`] answers (and the server resolves those pages with
-    /// `UFFDIO_ZEROPAGE`). Without it `is_zero` answers `None`. Reads every page of the file.
-    pub fn with_zero_scan(mut self) -> MmapSource {
-        let mut page = [0u8; ZERO_GRANULE as usize];
-        let zero = ZeroPages::build(self.len(), |offset, len| {
-            let buf = &mut page[..len as usize];
-            self.read_at(offset, buf).map(|()| bytes_are_zero(buf))
-        });
-        self.zero = Some(zero.expect("ZeroPages::build only asks for granules inside the source"));
-        self
+    /// `UFFDIO_ZEROPAGE`). Without it `is_zero` answers `None`. Reads every page of the file, with
+    /// `pread`s of 1 MiB into one buffer; fails (naming the file and offset) if the file is now
+    /// shorter than when it was opened, or on an I/O error.
+    pub fn with_zero_scan(mut self) -> Result<MmapSource, SourceError> {
+        let len = self.len();
+        let mut chunk = vec![0u8; ZERO_SCAN_CHUNK.min(usize::try_from(len).unwrap_or(usize::MAX))];
+        // The bytes of the file at `held.start..held.end` are in `chunk[..held.len()]`.
+        let mut held = 0u64..0u64;
+        let zero = ZeroPages::build(len, |offset, granule| {
+            let end = offset + granule; // inside the source: `build` asks for its granules only
+            if offset < held.start || end > held.end {
+                // Granules come in order and a chunk holds whole granules: read the next chunk.
+                let n = chunk
+                    .len()
+                    .min(usize::try_from(len - offset).unwrap_or(usize::MAX));
+                self.pread_exact(offset, &mut chunk[..n])?;
+                held = offset..offset + n as u64;
+            }
+            let at = usize::try_from(offset - held.start).expect("inside the held chunk");
+            let g = usize::try_from(granule).expect("a granule is at most 4 KiB");
+            Ok::<bool, SourceError>(bytes_are_zero(&chunk[at..at + g]))
+        })?;
+        self.zero = Some(zero);
+        Ok(self)
     }
 
     /// How many 4 KiB pages (counting a shorter last page) are all zeros, if
@@ -134,9 +167,44 @@ impl MmapSource {
         self.zero.as_ref().map(ZeroPages::zero_granules)
     }
 
+    /// Fill `buf` from the file at `offset` (already checked against the length) with `pread`,
+    /// retrying `EINTR` and continuing after short reads. End of file before `buf` is full means
+    /// the file shrank since it was opened: a permanent error, never a short read.
+    #[doc(alias = "pread")]
+    fn pread_exact(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let len = buf.len() as u64;
+        let mut done = 0usize;
+        while done < buf.len() {
+            // In range: offset + len was checked not to overflow.
+            let at = offset + done as u64;
+            match self.file.read_at(&mut buf[done..], at) {
+                Ok(0) => return Err(self.shrunk(offset, len, at)),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(SourceError::from_io(&self.name, offset, len, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The error for a read at `offset` that met the end of the file at `at`.
+    fn shrunk(&self, offset: u64, len: u64, at: u64) -> SourceError {
+        SourceError {
+            offset,
+            len,
+            source_name: self.name.clone(),
+            what: format!(
+                "the file is shorter than when it was opened ({} bytes then; no data at offset \
+                 {at:#x} now): truncated under the source",
+                self.len()
+            ),
+            retry: Retry::Permanent,
+            cause: None,
+        }
+    }
+
     /// The address of byte `offset` of the mapping, for an `offset` already checked against the
-    /// length. `wrapping_add` keeps this safe code: the result is only dereferenced (by
-    /// `read_at`, or by the kernel) within the checked range.
+    /// length. `wrapping_add` keeps this safe code: the result is only ever handed to the kernel.
     fn addr(&self, offset: u64) -> *const u8 {
         let offset = usize::try_from(offset).expect("offset checked against the mapping length");
         self.map.as_ptr().wrapping_add(offset)
@@ -152,22 +220,14 @@ impl PageSource for MmapSource {
         self.name.clone()
     }
 
+    /// `pread` from the mapped file (never a copy out of the mapping: see the module docs).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         check_bounds(&self.name, offset, buf.len() as u64, self.len())?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let src = self.addr(offset);
-        // SAFETY: `src..src + buf.len()` lies inside the mapping (checked above), which stays
-        // mapped and readable while `self` lives (and the file keeps its length, the documented
-        // contract). `buf` is an exclusively borrowed allocation of ours, not part of the
-        // read-only mapping, so the ranges do not overlap. `u8` needs no alignment and every bit
-        // pattern is valid. No reference to the mapping is formed, so a concurrent writer of the
-        // file can only change which bytes we copy.
-        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
-        Ok(())
+        self.pread_exact(offset, buf)
     }
 
+    /// A pointer into the mapping, for the kernel (`UFFDIO_COPY`): this process never reads
+    /// through it. If the file was truncated, the kernel's read fails with `EFAULT`.
     fn ptr_at(&self, offset: u64, len: u64) -> Option<*const u8> {
         check_bounds(&self.name, offset, len, self.len()).ok()?;
         Some(self.addr(offset))
@@ -176,7 +236,7 @@ impl PageSource for MmapSource {
     fn is_zero(&self, offset: u64, len: u64) -> Option<bool> {
         self.zero.as_ref()?.query(offset, len, |o, l| {
             let mut page = [0u8; ZERO_GRANULE as usize];
-            let buf = &mut page[..l as usize];
+            let buf = &mut page[..usize::try_from(l).ok()?];
             self.read_at(o, buf).ok()?;
             Some(bytes_are_zero(buf))
         })
@@ -275,7 +335,10 @@ mod tests {
     #[test]
     fn empty_file_maps_as_an_empty_source() {
         let f = temp_with(&[]);
-        let s = MmapSource::open(f.path()).unwrap().with_zero_scan();
+        let s = MmapSource::open(f.path())
+            .unwrap()
+            .with_zero_scan()
+            .unwrap();
         assert!(s.is_empty());
         s.read_at(0, &mut []).unwrap();
         assert!(s.read_at(0, &mut [0u8; 1]).is_err());
@@ -302,7 +365,7 @@ mod tests {
         let plain = MmapSource::open(f.path()).unwrap();
         assert_eq!(plain.is_zero(0, P as u64), None);
         assert_eq!(plain.zero_pages(), None);
-        let s = plain.with_zero_scan();
+        let s = plain.with_zero_scan().unwrap();
         assert_eq!(s.zero_pages(), Some(4));
         assert_eq!(s.is_zero(0, P as u64), Some(true));
         assert_eq!(s.is_zero(P as u64, P as u64), Some(false));
@@ -313,5 +376,133 @@ mod tests {
         assert_eq!(s.is_zero(P as u64 + 6, P as u64 - 6), Some(true));
         assert_eq!(s.is_zero(P as u64, 6), Some(false));
         assert_eq!(s.is_zero(5 * P as u64, P as u64), None);
+    }
+
+    /// A file of 300 pages and 10 bytes (more than one 1 MiB scan chunk, not a whole number of
+    /// pages) with non-zero bytes at the first and last byte of pages on both sides of the chunk
+    /// boundary (page 256): the scan marks exactly the pages that are zero, as a byte-by-byte
+    /// look at the data does.
+    #[test]
+    fn zero_scan_marks_exactly_the_zero_pages_across_chunks() {
+        let pages = 300;
+        let mut data = vec![0u8; pages * P + 10];
+        let non_zero = [
+            (1, 0),
+            (3, P - 1),
+            (255, P - 1),
+            (256, 0),
+            (257, 17),
+            (299, P - 1),
+        ];
+        for &(page, at) in &non_zero {
+            data[page * P + at] = 0x5a;
+        }
+        let f = temp_with(&data);
+        let s = MmapSource::open(f.path())
+            .unwrap()
+            .with_zero_scan()
+            .unwrap();
+        assert_eq!(s.zero_pages(), Some((pages + 1 - non_zero.len()) as u64));
+        for page in 0..=pages {
+            let start = page * P;
+            let len = P.min(data.len() - start);
+            let want = !non_zero.iter().any(|&(p, _)| p == page);
+            assert_eq!(want, data[start..start + len].iter().all(|&b| b == 0));
+            assert_eq!(
+                s.is_zero(start as u64, len as u64),
+                Some(want),
+                "page {page}"
+            );
+        }
+        // The last, 10-byte page is zero; a range running past the end is not answered.
+        assert_eq!(s.is_zero((pages * P) as u64, 10), Some(true));
+        assert_eq!(s.is_zero((pages * P) as u64, 11), None);
+        // A range across the chunk boundary holding a non-zero page.
+        assert_eq!(s.is_zero(254 * P as u64, 4 * P as u64), Some(false));
+    }
+
+    /// A file truncated under the source: reads past its new end are errors naming the file and
+    /// the offset (never a SIGBUS, a short read or zeros), reads before it still work, the zero
+    /// scan fails the same way, and `ptr_at` still lends a pointer, which this process never
+    /// reads. That this test returns at all shows that no signal was raised.
+    #[test]
+    fn truncated_file_gives_errors_not_sigbus() {
+        let data = pattern(8 * P);
+        let f = temp_with(&data);
+        let s = MmapSource::open(f.path()).unwrap();
+        let scanned = MmapSource::open(f.path())
+            .unwrap()
+            .with_zero_scan()
+            .unwrap();
+        f.as_file().set_len(2 * P as u64 + 100).unwrap();
+        let name = f.path().display().to_string();
+
+        let mut buf = vec![0u8; P];
+        let e = s.read_at(4 * P as u64, &mut buf).unwrap_err();
+        assert_eq!(e.retry, Retry::Permanent);
+        assert_eq!(e.offset, 4 * P as u64);
+        let msg = e.to_string();
+        assert!(msg.contains(&name), "{msg}");
+        assert!(msg.contains("0x4000"), "{msg}");
+        assert!(msg.contains("shorter than when it was opened"), "{msg}");
+
+        // A read that meets the new end part-way fails too: no short read, no zero fill.
+        let mut two = vec![0xffu8; 2 * P];
+        let e = s.read_at(P as u64, &mut two).unwrap_err();
+        assert_eq!((e.offset, e.len), (P as u64, 2 * P as u64));
+        assert!(e.to_string().contains("0x2064"), "{e}");
+
+        // Bytes before the new end are still served.
+        s.read_at(P as u64, &mut buf).unwrap();
+        assert_eq!(buf, data[P..2 * P]);
+
+        // `ptr_at` hands out an address, no read: it is the kernel that will find the hole.
+        let base = s.ptr_at(0, 1).unwrap();
+        assert_eq!(
+            s.ptr_at(4 * P as u64, P as u64),
+            Some(base.wrapping_add(4 * P))
+        );
+
+        // A source scanned before the truncation answers whole pages from its bitmap and the
+        // unaligned edges (which need a read) with "don't know".
+        assert_eq!(scanned.is_zero(4 * P as u64, P as u64), Some(false));
+        assert_eq!(scanned.is_zero(4 * P as u64 + 1, 8), None);
+
+        // The zero scan reads every page: it reports the truncation instead of dying.
+        let e = s.with_zero_scan().map(|_| ()).unwrap_err();
+        assert_eq!(e.retry, Retry::Permanent);
+        let msg = e.to_string();
+        assert!(msg.contains(&name), "{msg}");
+        assert!(msg.contains("no data at offset 0x2064"), "{msg}");
+        assert!(msg.contains("shorter than when it was opened"), "{msg}");
+    }
+
+    /// The lent pointer's bytes are read by the kernel only: a `UFFDIO_COPY` from a page the
+    /// file no longer has fails with EFAULT (an error for the one fault), where a read by this
+    /// process would have raised SIGBUS. A page still in the file copies as before.
+    #[test]
+    fn kernel_copy_from_a_truncated_page_fails_with_efault() {
+        use faultline_uffd::{CopyMode, Features, Mapping, RegisterMode, ResolveErrorKind, Uffd};
+        let data = pattern(4 * P);
+        let f = temp_with(&data);
+        let s = MmapSource::open(f.path()).unwrap();
+        f.as_file().set_len(P as u64).unwrap();
+        let uffd = Uffd::new(Features::empty()).unwrap();
+        let region = Mapping::anonymous(2 * P).unwrap();
+        uffd.register(&region, RegisterMode::MISSING).unwrap();
+        let lent = |offset: usize| s.ptr_at(offset as u64, P as u64).unwrap();
+
+        let done = uffd
+            .copy_from_ptr(region.addr(), lent(0), P, CopyMode::empty())
+            .unwrap();
+        assert!(done.is_complete(), "{done:?}");
+        let mut page = vec![0u8; P];
+        region.read(0, &mut page).unwrap();
+        assert_eq!(page, data[..P]);
+
+        let e = uffd
+            .copy_from_ptr(region.addr() + P as u64, lent(2 * P), P, CopyMode::empty())
+            .unwrap_err();
+        assert_eq!(e.kind, ResolveErrorKind::BadAddress, "{e}");
     }
 }
