@@ -977,8 +977,15 @@ impl Shared {
                     age.as_millis()
                 );
                 // Whichever comes first wins in the kernel: if the read ever returns, its
-                // resolve finds the pages settled (EEXIST) and nothing is overwritten.
-                let _ = self.unservable(&s, addr, len, &why);
+                // resolve finds the pages settled (EEXIST) and nothing is overwritten. Page by
+                // page: pages of the run already resolved answer EEXIST and are skipped.
+                let mut page = addr;
+                while page < addr + len && !s.closed.load(Ordering::Acquire) {
+                    if let Unserved::Ended = self.unservable(&s, page, s.page_size, &why) {
+                        break;
+                    }
+                    page += s.page_size;
+                }
             }
         }
         let sessions: Vec<Arc<Session>> = read(&self.sessions).values().cloned().collect();
@@ -1553,12 +1560,19 @@ impl Worker {
         let first = entry.page_of(j.addr);
         if j.claimed && j.since.elapsed() >= self.shared.config.fault_deadline {
             // Deferred again and again (EAGAIN, a source that keeps failing as retryable): no
-            // right bytes within the deadline, so the pages end as unservable.
+            // right bytes within the deadline, so the pages end as unservable. Each page gets
+            // one last try on its own first (the run may have stalled on one page only).
             let why = format!(
                 "unresolved for {} ms, past the fault deadline",
                 j.since.elapsed().as_millis()
             );
             for i in first..first + j.pages {
+                match self.resolve_run(s, &entry, i, 1, &j) {
+                    RunEnd::Done => continue,
+                    RunEnd::Gone => return self.shared.close(s, "client gone (ESRCH)"),
+                    RunEnd::Ended => return,
+                    RunEnd::Defer(..) => {}
+                }
                 match self
                     .shared
                     .unservable(s, entry.addr_of(i), entry.region.page_size(), &why)

@@ -49,6 +49,20 @@ pub enum Failure {
     },
     /// Every read sleeps this long before doing anything else.
     Slow(Duration),
+    /// Every read touching `offset` panics (a buggy source): the server must poison its pages
+    /// and keep serving.
+    PanicAt {
+        /// A byte offset in the source.
+        offset: u64,
+    },
+    /// Every read touching `offset` blocks this long, then goes through (a hung network read):
+    /// the server's watchdog must end the fault at its deadline.
+    HangAt {
+        /// A byte offset in the source.
+        offset: u64,
+        /// How long the read blocks.
+        delay: Duration,
+    },
 }
 
 /// A rule and how many more times it fires (for the counted rules).
@@ -74,9 +88,10 @@ impl Rule {
         match self.failure {
             Failure::FirstReads(_) => self.remaining > 0,
             Failure::RetryableAt { offset: at, .. } => self.remaining > 0 && touches(at),
-            Failure::PermanentAt { offset: at } | Failure::ShortReadAt { offset: at } => {
-                touches(at)
-            }
+            Failure::PermanentAt { offset: at }
+            | Failure::ShortReadAt { offset: at }
+            | Failure::PanicAt { offset: at }
+            | Failure::HangAt { offset: at, .. } => touches(at),
             Failure::Slow(_) => true,
         }
     }
@@ -87,6 +102,8 @@ impl Rule {
 enum Injected {
     Fail { retry: Retry, at: Option<u64> },
     Short { at: u64 },
+    Panic { at: u64 },
+    Hang { delay: Duration },
 }
 
 /// Counts of what a [`FailureInjecting`] source did.
@@ -208,6 +225,8 @@ impl<S: PageSource> FailureInjecting<S> {
                     at: Some(at),
                 },
                 Failure::ShortReadAt { offset: at } => Injected::Short { at },
+                Failure::PanicAt { offset: at } => Injected::Panic { at },
+                Failure::HangAt { delay, .. } => Injected::Hang { delay },
                 Failure::Slow(_) => continue,
             };
             rule.remaining = rule.remaining.saturating_sub(1);
@@ -261,6 +280,16 @@ impl<S: PageSource> PageSource for FailureInjecting<S> {
                     retry,
                     cause: None,
                 })
+            }
+            Some(Injected::Panic { at }) => {
+                self.permanent.fetch_add(1, Ordering::Relaxed);
+                panic!("injected panic reading {name} at offset {at:#x}")
+            }
+            Some(Injected::Hang { delay }) => {
+                self.slowed.fetch_add(1, Ordering::Relaxed);
+                // The injected behaviour itself (a hung read), not synchronisation.
+                std::thread::sleep(delay);
+                self.inner.read_at(offset, buf)
             }
             Some(Injected::Short { at }) => {
                 self.short_reads.fetch_add(1, Ordering::Relaxed);
