@@ -217,6 +217,9 @@ pub fn run(
         allow_uid: Vec::new(),
         on_exit: crate::serve::OnExit::Abandon,
         no_supervisor: true,
+        on_unservable: crate::serve::OnUnservable::Poison,
+        fault_deadline: 60,
+        simulate_no_poison: false,
     };
     eprintln!("restoring {clients} client(s) through faultline serve ...");
     let daemon = Daemon::start(&args)?;

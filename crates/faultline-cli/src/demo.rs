@@ -124,6 +124,9 @@ fn serve_args(
         allow_uid: Vec::new(),
         on_exit: crate::serve::OnExit::Abandon,
         no_supervisor: true,
+        on_unservable: crate::serve::OnUnservable::Poison,
+        fault_deadline: 60,
+        simulate_no_poison: false,
     }
 }
 

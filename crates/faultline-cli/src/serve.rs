@@ -122,6 +122,39 @@ pub struct ServeArgs {
     /// Run in one process, without the supervisor that restarts a crashed worker.
     #[arg(long)]
     pub no_supervisor: bool,
+    /// What ends a fault that has no right bytes (its source cannot be read, the kernel refuses
+    /// the resolve, it lies outside every declared region, it is unresolved past
+    /// `--fault-deadline`): `poison` makes the guest see SIGBUS at that page only (a machine
+    /// check), and where the kernel has no UFFDIO_POISON (before Linux 6.6) kills the
+    /// Firecracker process; `kill` always kills the Firecracker process. Either way it is
+    /// logged, and no wrong or zero page is ever served.
+    #[arg(long, value_enum, default_value_t = OnUnservable::Poison)]
+    pub on_unservable: OnUnservable,
+    /// Seconds a fault may stay unresolved (a source retried, a hung read) before it is
+    /// unservable.
+    #[arg(long, default_value_t = 60)]
+    pub fault_deadline: u64,
+    /// Behave as on a kernel without UFFDIO_POISON (tests of the kill fallback).
+    #[arg(long, hide = true)]
+    pub simulate_no_poison: bool,
+}
+
+/// `--on-unservable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnUnservable {
+    /// Poison the page (SIGBUS there); kill the client where the kernel lacks POISON.
+    Poison,
+    /// Kill the client.
+    Kill,
+}
+
+impl From<OnUnservable> for faultline::Unservable {
+    fn from(o: OnUnservable) -> Self {
+        match o {
+            OnUnservable::Poison => faultline::Unservable::Poison,
+            OnUnservable::Kill => faultline::Unservable::Kill,
+        }
+    }
 }
 
 /// What `faultline serve` does with live sessions when told to stop.
@@ -181,6 +214,7 @@ pub struct Core {
     prefetch: Option<WorkingSet>,
     background_fill: bool,
     record: Option<PathBuf>,
+    on_unservable: faultline::Unservable,
     /// Sessions started so far.
     pub started: Arc<AtomicU64>,
     /// Handshakes refused so far.
@@ -211,8 +245,12 @@ impl Core {
         let mut config = ServerConfig {
             readahead,
             pin_workers: args.pin_workers,
+            fault_deadline: Duration::from_secs(args.fault_deadline.max(1)),
             ..ServerConfig::default()
         };
+        if args.simulate_no_poison {
+            config.missing_features = faultline_uffd::Features::POISON;
+        }
         if args.remote.is_some() {
             config.workers = ServerConfig::network_workers();
             // A remote read that waits for a reconnect fails as retryable and is retried; the
@@ -246,6 +284,7 @@ impl Core {
                 || args.prefetch_ws.is_some()
                 || args.remote_flags.remote_stream,
             record: args.record_ws.clone(),
+            on_unservable: args.on_unservable.into(),
             started: Arc::new(AtomicU64::new(0)),
             refused: Arc::new(AtomicU64::new(0)),
         })
@@ -311,6 +350,7 @@ impl Core {
             on_remove: hooks.removed,
             resume: resume.is_some(),
             removed: resume.unwrap_or_default(),
+            on_unservable: self.on_unservable,
             ..SessionOptions::default()
         };
         match self.server.add_session(c.uffd, regions, opts) {

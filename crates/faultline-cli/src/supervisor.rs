@@ -172,7 +172,14 @@ fn worker_flags(a: &ServeArgs) -> Vec<String> {
         format!("{:?}", a.on_exit).to_lowercase(),
         "--handshake-timeout".into(),
         a.handshake_timeout.to_string(),
+        "--on-unservable".into(),
+        format!("{:?}", a.on_unservable).to_lowercase(),
+        "--fault-deadline".into(),
+        a.fault_deadline.to_string(),
     ];
+    if a.simulate_no_poison {
+        v.push("--simulate-no-poison".into());
+    }
     if let Some(p) = &a.mem_file {
         v.extend(["--mem-file".into(), p.display().to_string()]);
     }
