@@ -310,6 +310,19 @@ pub struct ResolveError {
 }
 
 impl ResolveError {
+    /// The error of `op` on `start..start + len` that the kernel answered with `errno` (its
+    /// kind classified from it). Public so that layers above can stand in for the kernel, e.g.
+    /// to inject failures in tests.
+    pub fn from_errno(op: ResolveOp, start: u64, len: u64, errno: Errno) -> ResolveError {
+        ResolveError {
+            op,
+            kind: ResolveErrorKind::from_errno(errno),
+            start,
+            len,
+            errno,
+        }
+    }
+
     /// EEXIST: the page was already there.
     pub fn is_already_present(&self) -> bool {
         self.kind == ResolveErrorKind::AlreadyPresent

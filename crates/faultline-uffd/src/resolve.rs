@@ -130,13 +130,7 @@ fn outcome(
                     if errno == Errno::EXIST {
                         counters.eexist.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(ResolveError {
-                        op,
-                        kind: ResolveErrorKind::from_errno(errno),
-                        start,
-                        len,
-                        errno,
-                    })
+                    Err(ResolveError::from_errno(op, start, len, errno))
                 }
             }
         }
@@ -318,13 +312,8 @@ impl Uffd {
             mode: mode.bits(),
         };
         self.stats.writeprotect.fetch_add(1, Ordering::Relaxed);
-        sys::writeprotect(self.borrow(), &mut arg).map_err(|errno| ResolveError {
-            op: ResolveOp::Writeprotect,
-            kind: ResolveErrorKind::from_errno(errno),
-            start,
-            len,
-            errno,
-        })
+        sys::writeprotect(self.borrow(), &mut arg)
+            .map_err(|errno| ResolveError::from_errno(ResolveOp::Writeprotect, start, len, errno))
     }
 
     /// `UFFDIO_WAKE`: wake the threads blocked on the range (after DONTWAKE resolves).
@@ -333,13 +322,8 @@ impl Uffd {
         checked(ResolveOp::Wake, start, len)?;
         let mut arg = sys::uffdio_range { start, len };
         self.stats.wake.fetch_add(1, Ordering::Relaxed);
-        sys::wake(self.borrow(), &mut arg).map_err(|errno| ResolveError {
-            op: ResolveOp::Wake,
-            kind: ResolveErrorKind::from_errno(errno),
-            start,
-            len,
-            errno,
-        })
+        sys::wake(self.borrow(), &mut arg)
+            .map_err(|errno| ResolveError::from_errno(ResolveOp::Wake, start, len, errno))
     }
 }
 

@@ -15,7 +15,9 @@
 
 use std::sync::Mutex;
 
-use faultline_uffd::{ResolveError, ResolveErrorKind, ResolveOp};
+#[cfg(test)]
+use faultline_uffd::ResolveErrorKind;
+use faultline_uffd::{ResolveError, ResolveOp};
 use rustix::io::Errno;
 
 /// One injection rule: calls of `op` fail with `errno`, after `skip` calls that pass, `times`
@@ -109,13 +111,7 @@ impl ResolveFaults {
             None => Ok(()),
             Some(errno) => {
                 crate::sync::lock(&self.injected).push((op, errno, start));
-                Err(ResolveError {
-                    op,
-                    kind: ResolveErrorKind::from_errno(errno),
-                    start,
-                    len,
-                    errno,
-                })
+                Err(ResolveError::from_errno(op, start, len, errno))
             }
         }
     }
@@ -124,6 +120,7 @@ impl ResolveFaults {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use faultline_uffd::ResolveErrorKind;
 
     #[test]
     fn rules_fire_where_and_as_often_as_asked() {

@@ -1796,27 +1796,9 @@ impl Worker {
                     return RunEnd::Done;
                 }
                 Err(Step::Unservable(err)) => {
-                    if q - p > 1 {
-                        // Which page does the kernel refuse? One at a time.
-                        for i in p..q {
-                            match self.resolve_run(s, e, i, 1, j) {
-                                RunEnd::Done => {}
-                                RunEnd::Defer(_, src) => return RunEnd::Defer(i - first, src),
-                                other => return other,
-                            }
-                        }
-                        p = q;
-                        continue;
-                    }
-                    match self
-                        .shared
-                        .unservable(s, e.addr_of(p), e.region.page_size(), &err)
-                    {
-                        Unserved::Poisoned => {
-                            self.mark_resolved(s, e, p, j);
-                            p += 1;
-                        }
-                        Unserved::Ended => return RunEnd::Ended,
+                    match self.no_right_bytes(s, e, (first, p, q), j, &err) {
+                        Ok(next) => p = next,
+                        Err(end) => return end,
                     }
                 }
                 Err(Step::Source(err)) => {
@@ -1825,36 +1807,47 @@ impl Worker {
                         add(&s.stats.source_retries, 1);
                         return RunEnd::Defer(p - first, true);
                     }
-                    if q - p > 1 {
-                        // Find the bad page(s): resolve one page at a time.
-                        let one = Job {
-                            kind: j.kind,
-                            ..j.clone()
-                        };
-                        for i in p..q {
-                            match self.resolve_run(s, e, i, 1, &one) {
-                                RunEnd::Done => {}
-                                RunEnd::Defer(_, src) => return RunEnd::Defer(i - first, src),
-                                other => return other,
-                            }
-                        }
-                        p = q;
-                        continue;
-                    }
-                    match self
-                        .shared
-                        .unservable(s, e.addr_of(p), e.region.page_size(), &err)
-                    {
-                        Unserved::Poisoned => {
-                            self.mark_resolved(s, e, p, j);
-                            p += 1;
-                        }
-                        Unserved::Ended => return RunEnd::Ended,
+                    match self.no_right_bytes(s, e, (first, p, q), j, &err) {
+                        Ok(next) => p = next,
+                        Err(end) => return end,
                     }
                 }
             }
         }
         RunEnd::Done
+    }
+
+    /// Pages `p..q` of a run that started at `first` got no right bytes (`why`): with several
+    /// pages, each is tried on its own to find which; a single page ends as unservable. Returns
+    /// where the run goes on, or how it ends.
+    fn no_right_bytes(
+        &mut self,
+        s: &Arc<Session>,
+        e: &RegionEntry,
+        (first, p, q): (usize, usize, usize),
+        j: &Job,
+        why: &dyn std::fmt::Display,
+    ) -> Result<usize, RunEnd> {
+        if q - p > 1 {
+            for i in p..q {
+                match self.resolve_run(s, e, i, 1, j) {
+                    RunEnd::Done => {}
+                    RunEnd::Defer(_, src) => return Err(RunEnd::Defer(i - first, src)),
+                    other => return Err(other),
+                }
+            }
+            return Ok(q);
+        }
+        match self
+            .shared
+            .unservable(s, e.addr_of(p), e.region.page_size(), why)
+        {
+            Unserved::Poisoned => {
+                self.mark_resolved(s, e, p, j);
+                Ok(p + 1)
+            }
+            Unserved::Ended => Err(RunEnd::Ended),
+        }
     }
 
     /// A REMOVE that arrived while pages `p..p+n` were being resolved zapped what we just
