@@ -15,8 +15,6 @@
 
 use std::sync::Mutex;
 
-#[cfg(test)]
-use faultline_uffd::ResolveErrorKind;
 use faultline_uffd::{ResolveError, ResolveOp};
 use rustix::io::Errno;
 
