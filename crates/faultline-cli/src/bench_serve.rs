@@ -217,6 +217,7 @@ pub fn run(
         allow_uid: Vec::new(),
         on_exit: crate::serve::OnExit::Abandon,
         no_supervisor: true,
+        worker_down_limit: 30,
     };
     eprintln!("restoring {clients} client(s) through faultline serve ...");
     let daemon = Daemon::start(&args)?;

@@ -124,6 +124,7 @@ fn serve_args(
         allow_uid: Vec::new(),
         on_exit: crate::serve::OnExit::Abandon,
         no_supervisor: true,
+        worker_down_limit: 30,
     }
 }
 
