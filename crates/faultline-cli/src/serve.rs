@@ -386,6 +386,9 @@ pub struct Handed {
     pub remote_id: Option<u64>,
     /// The image's id (`--image`, a local file).
     pub image_id: Option<[u8; 32]>,
+    /// The length served when the supervisor opened it: a memory file of another length now
+    /// (truncated or extended since) is refused, never served.
+    pub len: Option<u64>,
 }
 
 /// The snapshot as the supervisor opens it, once, at start: see [`Handed`].
@@ -468,10 +471,7 @@ impl Pinned {
 }
 
 /// [`open_snapshot`] from what a supervisor handed over, when it did.
-pub fn open_snapshot_from(
-    args: &ServeArgs,
-    handed: Option<Handed>,
-) -> Result<Arc<dyn PageSource>> {
+pub fn open_snapshot_from(args: &ServeArgs, handed: Option<Handed>) -> Result<Arc<dyn PageSource>> {
     check_image_id_flag(args)?;
     if let Some(addr) = &args.remote {
         let expect = handed.as_ref().and_then(|h| h.remote_id);
@@ -500,10 +500,17 @@ pub fn open_snapshot_from(
                 }
                 let src = faultline::image::ImageSource::from_layers(layers)
                     .with_context(|| format!("opening the image {}", img.display()))?;
+                // The same open file: its header (and so its id) changes only if it was
+                // rewritten in place; then it is refused, never served.
                 if let Some(id) = &h.image_id {
-                    src.check_id(id).context(
-                        "the image is no longer the one the supervisor opened: refusing to serve it",
-                    )?;
+                    if src.image().id() != *id {
+                        bail!(
+                            "the image {} is no longer the one the supervisor opened (id {}, was {}): refusing to serve it",
+                            img.display(),
+                            faultline::image::hex(&src.image().id()),
+                            faultline::image::hex(id)
+                        );
+                    }
                 }
                 src
             }
@@ -518,12 +525,24 @@ pub fn open_snapshot_from(
     let Some(mem) = &args.mem_file else {
         bail!("nothing to serve: give --mem-file or --image");
     };
+    let want_len = handed.as_ref().and_then(|h| h.len);
     let src = match handed.and_then(|h| h.files.into_iter().next()) {
-        Some((file, name)) => MmapSource::options()
-            .populate(false)
-            .map_file(&file)
-            .with_context(|| format!("mapping the memory file {name}"))?
-            .with_name(name),
+        Some((file, name)) => {
+            let now = file
+                .metadata()
+                .with_context(|| format!("reading the memory file {name}"))?
+                .len();
+            if let Some(want) = want_len.filter(|&w| w != now) {
+                bail!(
+                    "the memory file {name} is now {now} bytes, not the {want} its sessions started on: refusing to serve it"
+                );
+            }
+            MmapSource::options()
+                .populate(false)
+                .map_file(&file)
+                .with_context(|| format!("mapping the memory file {name}"))?
+                .with_name(name)
+        }
         None => MmapSource::options()
             .populate(false)
             .open(mem)

@@ -101,6 +101,7 @@ struct Reg {
 /// Supervisor → worker, first: the snapshot, its files attached in this order.
 #[derive(Debug, Serialize, Deserialize)]
 struct InitMsg {
+    len: u64,
     names: Vec<String>,
     remote_id: Option<u64>,
     image_id: Option<String>,
@@ -133,11 +134,23 @@ enum Report {
     /// The worker serves.
     Ready,
     /// The worker cannot start, and exits.
-    CannotStart { error: String },
-    Ended { id: u64, stats: Option<Stats> },
-    Removed { id: u64, start: u64, end: u64 },
+    CannotStart {
+        error: String,
+    },
+    Ended {
+        id: u64,
+        stats: Option<Stats>,
+    },
+    Removed {
+        id: u64,
+        start: u64,
+        end: u64,
+    },
     /// A session's counters (its whole life so far).
-    Counters { id: u64, stats: Stats },
+    Counters {
+        id: u64,
+        stats: Stats,
+    },
 }
 
 /// Byte ranges, kept merged: overlapping and adjacent ranges are one.
@@ -229,7 +242,10 @@ fn recv_msg(fd: BorrowedFd<'_>) -> std::io::Result<Option<(Vec<u8>, Vec<OwnedFd>
             RecvFlags::CMSG_CLOEXEC,
         ) {
             Ok(r) => break r.bytes,
-            Err(Errno::INTR) => continue,
+            // A peer that exits with messages unread in its queue (sessions handed to a worker
+            // that could not start) reports ECONNRESET once; what it sent before is still
+            // queued, then the end.
+            Err(Errno::INTR) | Err(Errno::CONNRESET) => continue,
             Err(e) => return Err(e.into()),
         }
     };
@@ -272,6 +288,7 @@ fn spawn_worker(args: &ServeArgs, pinned: &Pinned) -> Result<Worker> {
     let child = cmd.spawn().context("starting the serve worker")?;
     tracing::info!(worker = child.id(), "worker started");
     let init = InitMsg {
+        len: pinned.len,
         names: pinned.files.iter().map(|(_, n)| n.clone()).collect(),
         remote_id: pinned.remote_id,
         image_id: pinned.image_id.as_ref().map(|id| faultline::image::hex(id)),
@@ -789,6 +806,7 @@ fn receive_snapshot(control: BorrowedFd<'_>) -> Result<Handed> {
         files: fds.into_iter().map(File::from).zip(init.names).collect(),
         remote_id: init.remote_id,
         image_id,
+        len: Some(init.len),
     })
 }
 
@@ -806,19 +824,25 @@ pub fn run_worker(args: ServeArgs) -> Result<()> {
     let control = Arc::new(control);
     // The snapshot comes from the supervisor (open files, never a path); a worker that cannot
     // serve it says why, once, to the supervisor, which logs it (rate-limited) and backs off.
-    let core = match receive_snapshot(control.as_fd()).and_then(|h| Core::build_from(&args, Some(h)))
-    {
-        Ok(core) => Arc::new(core),
-        Err(e) => {
-            let error = format!("{e:#}");
-            if send_msg(control.as_fd(), &Report::CannotStart { error: error.clone() }, &[])
+    let core =
+        match receive_snapshot(control.as_fd()).and_then(|h| Core::build_from(&args, Some(h))) {
+            Ok(core) => Arc::new(core),
+            Err(e) => {
+                let error = format!("{e:#}");
+                if send_msg(
+                    control.as_fd(),
+                    &Report::CannotStart {
+                        error: error.clone(),
+                    },
+                    &[],
+                )
                 .is_err()
-            {
-                tracing::error!(error, "cannot start, and the supervisor is gone");
+                {
+                    tracing::error!(error, "cannot start, and the supervisor is gone");
+                }
+                std::process::exit(EXIT_CANNOT_START);
             }
-            std::process::exit(EXIT_CANNOT_START);
-        }
-    };
+        };
     let _ = send_msg(control.as_fd(), &Report::Ready, &[]);
     // Each session's counters go to the supervisor every COUNTERS_EVERY: a restarted worker
     // starts the session with them, so its summary covers its whole life.
@@ -946,11 +970,7 @@ fn control_loop(core: &Core, control: &Arc<OwnedFd>) {
             carried: msg.carried,
         };
         if core.start_session(accepted, handover, hooks).is_err() {
-            let _ = send_msg(
-                control.as_fd(),
-                &Report::Ended { id, stats: None },
-                &[],
-            );
+            let _ = send_msg(control.as_fd(), &Report::Ended { id, stats: None }, &[]);
         }
     }
     // The supervisor is gone (killed): nothing new can come, but the VMs served here must not

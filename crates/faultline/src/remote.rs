@@ -104,7 +104,9 @@ pub enum RemoteError {
     Thread(#[source] std::io::Error),
     /// The server serves another source than the one expected
     /// ([`RemoteOptions::expect_source_id`]).
-    #[error("the remote page server {addr} serves source {got:#x}, not the expected {want:#x}: refused")]
+    #[error(
+        "the remote page server {addr} serves source {got:#x}, not the expected {want:#x}: refused"
+    )]
     SourceChanged {
         /// The address.
         addr: String,

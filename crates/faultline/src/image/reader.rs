@@ -545,10 +545,10 @@ impl ImageSource {
         let mut layers = Vec::new();
         let mut path = path.as_ref().to_path_buf();
         loop {
-            let r = Arc::new(
-                FileRange::open(&path)
-                    .map_err(|e| ImageError::io(format!("opening the image {}", path.display()), e))?,
-            );
+            let r =
+                Arc::new(FileRange::open(&path).map_err(|e| {
+                    ImageError::io(format!("opening the image {}", path.display()), e)
+                })?);
             let image = Image::from_reader(Arc::clone(&r) as Arc<dyn RangeRead>)?;
             layers.push(r);
             if image.base_id().is_none() {
