@@ -113,7 +113,7 @@ enum ToWorker {
     /// Ranges a session's balloon removed, sent in bounded chunks before its `Session`.
     Removed { id: u64, ranges: Vec<(u64, u64)> },
     /// A session, its userfaultfd and socket attached.
-    Session(SessionMsg),
+    Session(Box<SessionMsg>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -368,14 +368,14 @@ fn hand_over(control: BorrowedFd<'_>, id: u64, r: &Record, resume: bool) -> std:
             send_msg(control, &ToWorker::Removed { id, ranges }, &[])?;
         }
     }
-    let msg = ToWorker::Session(SessionMsg {
+    let msg = ToWorker::Session(Box::new(SessionMsg {
         id,
         pid: r.peer.pid,
         uid: r.peer.uid,
         regions: r.regions.clone(),
         resume,
         carried: if resume { r.stats } else { None },
-    });
+    }));
     send_msg(control, &msg, &[r.uffd.as_fd(), r.stream.as_fd()])
 }
 
@@ -468,6 +468,11 @@ fn end_unserved(shared: &Shared, limit: Duration) {
                 pid = r.peer.pid,
                 limit_s = limit.as_secs(),
                 "no serve worker for the limit: ended the VM (SIGKILL)"
+            ),
+            Some(Err(Errno::SRCH)) => tracing::info!(
+                session = id,
+                pid = r.peer.pid,
+                "no serve worker for the limit: the VM had already exited; its session is dropped"
             ),
             Some(Err(e)) => tracing::error!(
                 session = id,
@@ -898,7 +903,7 @@ fn control_loop(core: &Core, control: &Arc<OwnedFd>) {
             Ok(None) | Err(_) => break,
         };
         let msg = match serde_json::from_slice::<ToWorker>(&bytes) {
-            Ok(ToWorker::Session(m)) => m,
+            Ok(ToWorker::Session(m)) => *m,
             Ok(ToWorker::Removed { id, ranges }) => {
                 removed.entry(id).or_default().extend(ranges);
                 continue;
@@ -988,4 +993,99 @@ fn control_loop(core: &Core, control: &Arc<OwnedFd>) {
     tracing::info!("the last session ended; the worker exits");
     core.flush();
     std::process::exit(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ranges(s: &RangeSet) -> Vec<(u64, u64)> {
+        s.0.iter().map(|(&a, &b)| (a, b)).collect()
+    }
+
+    #[test]
+    fn overlapping_and_adjacent_ranges_merge() {
+        let mut s = RangeSet::default();
+        s.insert(10, 20);
+        s.insert(30, 40);
+        assert_eq!(ranges(&s), [(10, 20), (30, 40)]);
+        s.insert(20, 25); // adjacent to the first
+        assert_eq!(ranges(&s), [(10, 25), (30, 40)]);
+        s.insert(5, 10); // adjacent before
+        assert_eq!(ranges(&s), [(5, 25), (30, 40)]);
+        s.insert(24, 31); // bridges both
+        assert_eq!(ranges(&s), [(5, 40)]);
+        s.insert(0, 100); // swallows everything
+        assert_eq!(ranges(&s), [(0, 100)]);
+        s.insert(50, 60); // inside
+        s.insert(7, 7); // empty
+        assert_eq!(ranges(&s), [(0, 100)]);
+    }
+
+    #[test]
+    fn the_same_page_removed_again_and_again_stays_one_range() {
+        let mut s = RangeSet::default();
+        for _ in 0..100_000 {
+            s.insert(4096, 8192);
+        }
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn chunks_bound_every_message() {
+        let mut s = RangeSet::default();
+        for i in 0..10_000u64 {
+            s.insert(2 * i * 4096, (2 * i + 1) * 4096);
+        }
+        let chunks = s.chunks(REMOVED_CHUNK);
+        assert_eq!(chunks.len(), 10_000usize.div_ceil(REMOVED_CHUNK));
+        assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 10_000);
+        // The largest message (ranges near the top of a 64-bit address space) is far below a
+        // SEQPACKET socket's default send buffer (~208 KiB).
+        let msg = ToWorker::Removed {
+            id: u64::MAX,
+            ranges: vec![(u64::MAX - 1, u64::MAX); REMOVED_CHUNK],
+        };
+        let len = serde_json::to_vec(&msg).expect("json").len();
+        assert!(len < 100 << 10, "{len} bytes");
+    }
+
+    #[test]
+    fn restarts_back_off_and_reset_after_a_healthy_worker() {
+        let mut r = Restarts {
+            failures: 0,
+            next_start: None,
+            down_since: None,
+            last_cause: None,
+        };
+        let young = |ready| Worker {
+            child: Command::new("true").spawn().expect("spawning true"),
+            control: rustix::net::socketpair(
+                AddressFamily::UNIX,
+                SocketType::SEQPACKET,
+                SocketFlags::CLOEXEC,
+                None,
+            )
+            .expect("socketpair")
+            .0,
+            started: Instant::now(),
+            ready,
+            cannot_start: None,
+        };
+        let now = Instant::now();
+        let mut delays = Vec::new();
+        for _ in 0..10 {
+            let mut w = young(false);
+            delays.push(r.died(&w, now).as_millis());
+            let _ = w.child.wait();
+        }
+        assert_eq!(
+            delays,
+            [0, 100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]
+        );
+        let mut old = young(true);
+        old.started = now - HEALTHY;
+        assert_eq!(r.died(&old, now), Duration::ZERO);
+        let _ = old.child.wait();
+    }
 }
