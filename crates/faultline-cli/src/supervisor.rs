@@ -208,6 +208,22 @@ fn send_msg(
     msg: &impl Serialize,
     fds: &[BorrowedFd<'_>],
 ) -> std::io::Result<()> {
+    send_msg_with(fd, msg, fds, SendFlags::NOSIGNAL)
+}
+
+/// [`send_msg`] that gives up at once (EAGAIN) when the socket's buffer is full: for reports
+/// that a later one replaces (a session's counters), so the sender never waits on a supervisor
+/// that is itself waiting on this worker.
+fn try_send_msg(fd: BorrowedFd<'_>, msg: &impl Serialize) -> std::io::Result<()> {
+    send_msg_with(fd, msg, &[], SendFlags::NOSIGNAL | SendFlags::DONTWAIT)
+}
+
+fn send_msg_with(
+    fd: BorrowedFd<'_>,
+    msg: &impl Serialize,
+    fds: &[BorrowedFd<'_>],
+    flags: SendFlags,
+) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(msg)?;
     let rights = SendAncillaryMessage::ScmRights(fds);
     let mut space = vec![MaybeUninit::<u8>::uninit(); rights.size()];
@@ -216,12 +232,7 @@ fn send_msg(
         return Err(std::io::Error::other("SCM_RIGHTS does not fit"));
     }
     loop {
-        match sendmsg(
-            fd,
-            &[IoSlice::new(&bytes)],
-            &mut control,
-            SendFlags::NOSIGNAL,
-        ) {
+        match sendmsg(fd, &[IoSlice::new(&bytes)], &mut control, flags) {
             Ok(_) => return Ok(()),
             Err(Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
@@ -862,7 +873,7 @@ pub fn run_worker(args: ServeArgs) -> Result<()> {
                         id: s.id(),
                         stats: s.stats(),
                     };
-                    let _ = send_msg(control.as_fd(), &report, &[]);
+                    let _ = try_send_msg(control.as_fd(), &report);
                 }
             })?;
     }
@@ -975,7 +986,14 @@ fn control_loop(core: &Core, control: &Arc<OwnedFd>) {
             carried: msg.carried,
         };
         if core.start_session(accepted, handover, hooks).is_err() {
-            let _ = send_msg(control.as_fd(), &Report::Ended { id, stats: None }, &[]);
+            // From another thread: this one must go on reading, or a supervisor blocked sending
+            // to it could never read this.
+            let c = Arc::clone(control);
+            let _ = std::thread::Builder::new()
+                .name("faultline-report".into())
+                .spawn(move || {
+                    let _ = send_msg(c.as_fd(), &Report::Ended { id, stats: None }, &[]);
+                });
         }
     }
     // The supervisor is gone (killed): nothing new can come, but the VMs served here must not
