@@ -389,6 +389,9 @@ pub struct Handed {
     /// The length served when the supervisor opened it: a memory file of another length now
     /// (truncated or extended since) is refused, never served.
     pub len: Option<u64>,
+    /// The memory file's modification time (seconds, nanoseconds) when the supervisor opened
+    /// it: a file written since (in place: same inode, other bytes) is refused, never served.
+    pub modified: Option<(i64, i64)>,
 }
 
 /// The snapshot as the supervisor opens it, once, at start: see [`Handed`].
@@ -403,6 +406,8 @@ pub struct Pinned {
     pub remote_id: Option<u64>,
     /// See [`Handed::image_id`].
     pub image_id: Option<[u8; 32]>,
+    /// See [`Handed::modified`].
+    pub modified: Option<(i64, i64)>,
 }
 
 impl Pinned {
@@ -414,6 +419,7 @@ impl Pinned {
             files: Vec::new(),
             remote_id: None,
             image_id: None,
+            modified: None,
         };
         if let Some(addr) = &args.remote {
             let w = crate::remote::remote_source(addr)?;
@@ -461,10 +467,11 @@ impl Pinned {
         };
         let file = std::fs::File::open(mem)
             .with_context(|| format!("opening the memory file {}", mem.display()))?;
-        pinned.len = file
+        let meta = file
             .metadata()
-            .with_context(|| format!("opening the memory file {}", mem.display()))?
-            .len();
+            .with_context(|| format!("opening the memory file {}", mem.display()))?;
+        pinned.len = meta.len();
+        pinned.modified = Some(modified(&meta));
         pinned.files.push((file, mem.display().to_string()));
         Ok(pinned)
     }
@@ -525,16 +532,23 @@ pub fn open_snapshot_from(args: &ServeArgs, handed: Option<Handed>) -> Result<Ar
     let Some(mem) = &args.mem_file else {
         bail!("nothing to serve: give --mem-file or --image");
     };
-    let want_len = handed.as_ref().and_then(|h| h.len);
+    let (want_len, want_modified) = handed
+        .as_ref()
+        .map_or((None, None), |h| (h.len, h.modified));
     let src = match handed.and_then(|h| h.files.into_iter().next()) {
         Some((file, name)) => {
-            let now = file
+            let meta = file
                 .metadata()
-                .with_context(|| format!("reading the memory file {name}"))?
-                .len();
+                .with_context(|| format!("reading the memory file {name}"))?;
+            let now = meta.len();
             if let Some(want) = want_len.filter(|&w| w != now) {
                 bail!(
                     "the memory file {name} is now {now} bytes, not the {want} its sessions started on: refusing to serve it"
+                );
+            }
+            if want_modified.is_some_and(|w| w != modified(&meta)) {
+                bail!(
+                    "the memory file {name} was written since its sessions started on it: refusing to serve it"
                 );
             }
             MmapSource::options()
@@ -554,6 +568,12 @@ pub fn open_snapshot_from(args: &ServeArgs, handed: Option<Handed>) -> Result<Ar
         src.with_zero_scan()
     };
     Ok(Arc::new(src))
+}
+
+/// A file's modification time, to the nanosecond.
+fn modified(meta: &std::fs::Metadata) -> (i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.mtime(), meta.mtime_nsec())
 }
 
 /// `--image-id` names an image: it goes with `--image`.

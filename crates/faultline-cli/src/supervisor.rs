@@ -102,6 +102,7 @@ struct Reg {
 #[derive(Debug, Serialize, Deserialize)]
 struct InitMsg {
     len: u64,
+    modified: Option<(i64, i64)>,
     names: Vec<String>,
     remote_id: Option<u64>,
     image_id: Option<String>,
@@ -300,6 +301,7 @@ fn spawn_worker(args: &ServeArgs, pinned: &Pinned) -> Result<Worker> {
     tracing::info!(worker = child.id(), "worker started");
     let init = InitMsg {
         len: pinned.len,
+        modified: pinned.modified,
         names: pinned.files.iter().map(|(_, n)| n.clone()).collect(),
         remote_id: pinned.remote_id,
         image_id: pinned.image_id.as_ref().map(|id| faultline::image::hex(id)),
@@ -823,6 +825,7 @@ fn receive_snapshot(control: BorrowedFd<'_>) -> Result<Handed> {
         remote_id: init.remote_id,
         image_id,
         len: Some(init.len),
+        modified: init.modified,
     })
 }
 

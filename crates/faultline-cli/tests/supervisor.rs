@@ -266,6 +266,55 @@ fn a_restarted_worker_serves_the_image_the_session_started_on() {
     guest.assert_all(&original, &|_| false);
 }
 
+/// Finding 1 (in place): the memory file is rewritten in place (same inode and size, other
+/// bytes) and the worker is killed. The open file the supervisor hands over now holds other
+/// bytes: the new worker sees the file was written since the session started and refuses it
+/// (logged); the VM, left without a worker, is ended after `--worker-down-limit` — it never
+/// reads a byte of the new content.
+#[test]
+fn a_memory_file_rewritten_in_place_is_refused_by_a_restarted_worker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = dir.path().join("mem");
+    write_mem_file(&mem, MEM_LEN, 4096);
+    let copy = dir.path().join("copy");
+    std::fs::copy(&mem, &copy).expect("copying the memory file");
+    let socket = dir.path().join("fl.sock");
+    let mem_arg = mem.display().to_string();
+    let daemon = serve(
+        &socket,
+        &["--mem-file", &mem_arg, "--worker-down-limit", "1"],
+        "info",
+    );
+    let worker = daemon.worker_pid(1);
+    let held = HeldClient::spawn(&socket, &copy, &["--touch", "none", "--verify-after-hold"]);
+    let pid = held.pid();
+    daemon.log.wait_for("the held session", |l| {
+        is_message(l, "session started") && fields(l)["pid"] == pid
+    });
+    let other = dir.path().join("other");
+    write_salted(&other, MEM_LEN, 0xbad);
+    std::fs::write(&mem, std::fs::read(&other).expect("other")).expect("rewriting in place");
+    signal(worker, Signal::KILL);
+    let refused = daemon
+        .log
+        .wait_for("the new worker's refusal", is_cannot_start);
+    assert!(
+        fields(&refused)["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("was written since")),
+        "{refused}"
+    );
+    let out = held.release();
+    let ended = daemon.log.wait_for("the VM's end", is_vm_ended);
+    assert_eq!(fields(&ended)["pid"], pid, "{ended}");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(9),
+        "{out:?}"
+    );
+    assert!(out.stdout.is_empty(), "{out:?}");
+}
+
 /// `faultline export --listen <listen> --mem-file <mem>`; returns it and its address.
 fn export(listen: &str, mem: &Path) -> (Proc, String) {
     let mem_arg = mem.display().to_string();
