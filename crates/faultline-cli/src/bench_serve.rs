@@ -220,6 +220,7 @@ pub fn run(
         on_unservable: crate::serve::OnUnservable::Poison,
         fault_deadline: 60,
         simulate_no_poison: false,
+        worker_down_limit: 30,
     };
     eprintln!("restoring {clients} client(s) through faultline serve ...");
     let daemon = Daemon::start(&args)?;

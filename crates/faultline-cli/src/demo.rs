@@ -127,6 +127,7 @@ fn serve_args(
         on_unservable: crate::serve::OnUnservable::Poison,
         fault_deadline: 60,
         simulate_no_poison: false,
+        worker_down_limit: 30,
     }
 }
 

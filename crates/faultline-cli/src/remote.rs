@@ -83,13 +83,18 @@ fn open_export(args: &ExportArgs) -> Result<(Arc<dyn PageSource>, u64)> {
         src.with_zero_scan()
             .with_context(|| format!("scanning the memory file {} for zero pages", mem.display()))?
     };
+    // The change time too: set by the kernel on every write, truncate, chmod or rename of the
+    // inode, it tells an edited file from the one a client started on even when its size and
+    // modification time were put back.
     let who = format!(
-        "{}:{}:{}:{}.{}",
+        "{}:{}:{}:{}.{}:{}.{}",
         mem.display(),
         meta.dev(),
         meta.ino(),
         meta.mtime(),
-        meta.mtime_nsec()
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
     );
     let id = default_source_id(&who, meta.len(), args.page_size);
     Ok((Arc::new(src), id))
@@ -202,15 +207,28 @@ impl RemoteFlags {
     }
 }
 
-/// Connect to the page server at `addr` (waiting up to the deadline for it to come up).
-pub fn open_remote(addr: &str, flags: &RemoteFlags) -> Result<Arc<dyn PageSource>> {
+/// Connect to the page server at `addr` (waiting up to the deadline for it to come up); with
+/// `expect_id`, only if it serves that source (a supervised worker's sessions started on it).
+pub fn open_remote(
+    addr: &str,
+    flags: &RemoteFlags,
+    expect_id: Option<u64>,
+) -> Result<Arc<dyn PageSource>> {
+    let options = RemoteOptions {
+        expect_source_id: expect_id,
+        ..flags.options()
+    };
     // The error names the address and what failed.
-    Ok(Arc::new(RemoteSource::connect(addr, flags.options())?))
+    Ok(Arc::new(RemoteSource::connect(addr, options)?))
 }
 
-/// The length of the source served at `addr` (asked with one hello).
+/// What the page server at `addr` announces: the source's length and id (asked with one hello).
+pub fn remote_source(addr: &str) -> Result<faultline::remote::Welcome> {
+    faultline::remote::probe(addr, Duration::from_secs(5))
+        .with_context(|| format!("asking the remote page server {addr}"))
+}
+
+/// The length of the source served at `addr`.
 pub fn remote_len(addr: &str) -> Result<u64> {
-    let w = faultline::remote::probe(addr, Duration::from_secs(5))
-        .with_context(|| format!("asking the remote page server {addr}"))?;
-    Ok(w.source_len)
+    Ok(remote_source(addr)?.source_len)
 }

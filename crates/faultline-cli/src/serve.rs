@@ -137,6 +137,11 @@ pub struct ServeArgs {
     /// Behave as on a kernel without UFFDIO_POISON (tests of the kill fallback).
     #[arg(long, hide = true)]
     pub simulate_no_poison: bool,
+    /// Seconds live sessions may go without a serve worker (one that keeps failing to start is
+    /// restarted with backoff, 100 ms doubling to 10 s) before the supervisor ends their VMs
+    /// (SIGKILL through a pidfd, logged): their faults are never left waiting without a bound.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub worker_down_limit: u64,
 }
 
 /// `--on-unservable`.
@@ -224,7 +229,13 @@ pub struct Core {
 impl Core {
     /// Open the memory file, load the working set, start the fault server and metrics.
     pub fn build(args: &ServeArgs) -> Result<Core> {
-        let src = open_snapshot(args)?;
+        Core::build_from(args, None)
+    }
+
+    /// [`Core::build`], serving `handed` (the snapshot a supervisor opened and pinned) instead
+    /// of opening the snapshot by its path.
+    pub fn build_from(args: &ServeArgs, handed: Option<Handed>) -> Result<Core> {
+        let src = open_snapshot_from(args, handed)?;
         let prefetch = match &args.prefetch_ws {
             Some(p) => Some(
                 WorkingSet::load(p)
@@ -299,14 +310,10 @@ impl Core {
         }
     }
 
-    /// Start serving an accepted client. `resume` with the ranges it removed so far, for a session
-    /// taken over from a worker that died; `hooks` report its end and its REMOVEs.
-    pub fn start_session(
-        &self,
-        c: Accepted,
-        resume: Option<Vec<(u64, u64)>>,
-        hooks: Hooks,
-    ) -> Result<u64> {
+    /// Start serving an accepted client. `handover` says what a supervisor knows of it (its id,
+    /// and for a session taken over from a worker that died, the ranges it removed so far and
+    /// its counters); `hooks` report its end and its REMOVEs.
+    pub fn start_session(&self, c: Accepted, handover: Handover, hooks: Hooks) -> Result<u64> {
         let peer = c.peer;
         let regions: Vec<Region> = c
             .regions
@@ -335,7 +342,7 @@ impl Core {
                 }
             }
             if let Some(f) = ended {
-                f();
+                f(s);
             }
         }));
         let n_regions = regions.len();
@@ -348,8 +355,10 @@ impl Core {
             readahead: None,
             on_end: Some(on_end),
             on_remove: hooks.removed,
-            resume: resume.is_some(),
-            removed: resume.unwrap_or_default(),
+            resume: handover.resume,
+            removed: handover.removed,
+            id: handover.id,
+            carried: handover.carried,
             on_unservable: self.on_unservable,
             ..SessionOptions::default()
         };
@@ -402,10 +411,120 @@ impl Core {
 /// over its base) or `--mem-file F` (the raw file, mmapped, zero pages found by a start-up scan
 /// unless `--no-zero-scan`). The two flags exclude each other.
 pub fn open_snapshot(args: &ServeArgs) -> Result<Arc<dyn PageSource>> {
+    open_snapshot_from(args, None)
+}
+
+/// The snapshot a supervisor opened once and hands to each of its workers: the open files (the
+/// memory file, or an image's layers, top first) with their names, and the identity its sessions
+/// started on. A worker serves exactly these files, whatever is renamed over their paths later,
+/// and only a remote source announcing this id.
+#[derive(Debug, Default)]
+pub struct Handed {
+    /// The open files and their names (for logs), in the order [`Pinned::files`] gives.
+    pub files: Vec<(std::fs::File, String)>,
+    /// The remote source's id (`--remote`).
+    pub remote_id: Option<u64>,
+    /// The image's id (`--image`, a local file).
+    pub image_id: Option<[u8; 32]>,
+    /// The length served when the supervisor opened it: a memory file of another length now
+    /// (truncated or extended since) is refused, never served.
+    pub len: Option<u64>,
+    /// The memory file's modification time (seconds, nanoseconds) when the supervisor opened
+    /// it: a file written since (in place: same inode, other bytes) is refused, never served.
+    pub modified: Option<(i64, i64)>,
+}
+
+/// The snapshot as the supervisor opens it, once, at start: see [`Handed`].
+#[derive(Debug)]
+pub struct Pinned {
+    /// The length served (the guest memory size a handshake may use).
+    pub len: u64,
+    /// The open files handed to every worker (empty for sources that are not local files: an
+    /// object store).
+    pub files: Vec<(std::fs::File, String)>,
+    /// See [`Handed::remote_id`].
+    pub remote_id: Option<u64>,
+    /// See [`Handed::image_id`].
+    pub image_id: Option<[u8; 32]>,
+    /// See [`Handed::modified`].
+    pub modified: Option<(i64, i64)>,
+}
+
+impl Pinned {
+    /// Open and validate what `args` serve, and pin its identity.
+    pub fn open(args: &ServeArgs) -> Result<Pinned> {
+        check_image_id_flag(args)?;
+        let mut pinned = Pinned {
+            len: 0,
+            files: Vec::new(),
+            remote_id: None,
+            image_id: None,
+            modified: None,
+        };
+        if let Some(addr) = &args.remote {
+            let w = crate::remote::remote_source(addr)?;
+            pinned.len = w.source_len;
+            pinned.remote_id = Some(w.source_id);
+            return Ok(pinned);
+        }
+        let from_store = args.object.object_url.is_some()
+            || args
+                .image
+                .as_deref()
+                .and_then(crate::object::url_of)
+                .is_some();
+        if from_store {
+            pinned.len = snapshot_len(args)?;
+            return Ok(pinned);
+        }
+        if let Some(img) = &args.image {
+            let layers = faultline::image::ImageSource::open_layer_files(img)
+                .with_context(|| format!("opening the image {}", img.display()))?;
+            let readers = layers
+                .iter()
+                .map(|l| Arc::clone(l) as Arc<dyn faultline::image::RangeRead>)
+                .collect();
+            let src = faultline::image::ImageSource::from_layers(readers)
+                .with_context(|| format!("opening the image {}", img.display()))?;
+            if let Some(id) = &args.image_id {
+                src.check_id(id)?;
+            }
+            pinned.len = src.len();
+            pinned.image_id = Some(src.image().id());
+            drop(src);
+            for l in layers {
+                let name = faultline::image::RangeRead::name(&*l);
+                let file = l
+                    .file()
+                    .try_clone()
+                    .with_context(|| format!("keeping the image {name} open"))?;
+                pinned.files.push((file, name));
+            }
+            return Ok(pinned);
+        }
+        let Some(mem) = &args.mem_file else {
+            bail!("nothing to serve: give --mem-file or --image");
+        };
+        let file = std::fs::File::open(mem)
+            .with_context(|| format!("opening the memory file {}", mem.display()))?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("opening the memory file {}", mem.display()))?;
+        pinned.len = meta.len();
+        pinned.modified = Some(modified(&meta));
+        pinned.files.push((file, mem.display().to_string()));
+        Ok(pinned)
+    }
+}
+
+/// [`open_snapshot`] from what a supervisor handed over, when it did.
+pub fn open_snapshot_from(args: &ServeArgs, handed: Option<Handed>) -> Result<Arc<dyn PageSource>> {
     check_image_id_flag(args)?;
     if let Some(addr) = &args.remote {
-        return crate::remote::open_remote(addr, &args.remote_flags);
+        let expect = handed.as_ref().and_then(|h| h.remote_id);
+        return crate::remote::open_remote(addr, &args.remote_flags, expect);
     }
+    let handed = handed.filter(|h| !h.files.is_empty());
     if let Some(url) = &args.object.object_url {
         return crate::object::open_memory(&args.object, url, args.prefetch_ws.as_deref());
     }
@@ -418,8 +537,33 @@ pub fn open_snapshot(args: &ServeArgs) -> Result<Arc<dyn PageSource>> {
         );
     }
     if let Some(img) = &args.image {
-        let src = faultline::image::ImageSource::open(img)
-            .with_context(|| format!("opening the image {}", img.display()))?;
+        let src = match handed {
+            Some(h) => {
+                let mut layers: Vec<Arc<dyn faultline::image::RangeRead>> = Vec::new();
+                for (file, name) in h.files {
+                    let r = faultline::image::FileRange::from_file(file, &name)
+                        .with_context(|| format!("reading the image {name}"))?;
+                    layers.push(Arc::new(r));
+                }
+                let src = faultline::image::ImageSource::from_layers(layers)
+                    .with_context(|| format!("opening the image {}", img.display()))?;
+                // The same open file: its header (and so its id) changes only if it was
+                // rewritten in place; then it is refused, never served.
+                if let Some(id) = &h.image_id {
+                    if src.image().id() != *id {
+                        bail!(
+                            "the image {} is no longer the one the supervisor opened (id {}, was {}): refusing to serve it",
+                            img.display(),
+                            faultline::image::hex(&src.image().id()),
+                            faultline::image::hex(id)
+                        );
+                    }
+                }
+                src
+            }
+            None => faultline::image::ImageSource::open(img)
+                .with_context(|| format!("opening the image {}", img.display()))?,
+        };
         if let Some(id) = &args.image_id {
             src.check_id(id)?;
         }
@@ -428,10 +572,36 @@ pub fn open_snapshot(args: &ServeArgs) -> Result<Arc<dyn PageSource>> {
     let Some(mem) = &args.mem_file else {
         bail!("nothing to serve: give --mem-file or --image");
     };
-    let src = MmapSource::options()
-        .populate(false)
-        .open(mem)
-        .with_context(|| format!("opening the memory file {}", mem.display()))?;
+    let (want_len, want_modified) = handed
+        .as_ref()
+        .map_or((None, None), |h| (h.len, h.modified));
+    let src = match handed.and_then(|h| h.files.into_iter().next()) {
+        Some((file, name)) => {
+            let meta = file
+                .metadata()
+                .with_context(|| format!("reading the memory file {name}"))?;
+            let now = meta.len();
+            if let Some(want) = want_len.filter(|&w| w != now) {
+                bail!(
+                    "the memory file {name} is now {now} bytes, not the {want} its sessions started on: refusing to serve it"
+                );
+            }
+            if want_modified.is_some_and(|w| w != modified(&meta)) {
+                bail!(
+                    "the memory file {name} was written since its sessions started on it: refusing to serve it"
+                );
+            }
+            MmapSource::options()
+                .populate(false)
+                .map_file(&file)
+                .with_context(|| format!("mapping the memory file {name}"))?
+                .with_name(name)
+        }
+        None => MmapSource::options()
+            .populate(false)
+            .open(mem)
+            .with_context(|| format!("opening the memory file {}", mem.display()))?,
+    };
     let src = if args.no_zero_scan {
         src
     } else {
@@ -439,6 +609,12 @@ pub fn open_snapshot(args: &ServeArgs) -> Result<Arc<dyn PageSource>> {
             .with_context(|| format!("scanning the memory file {} for zero pages", mem.display()))?
     };
     Ok(Arc::new(src))
+}
+
+/// A file's modification time, to the nanosecond.
+fn modified(meta: &std::fs::Metadata) -> (i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.mtime(), meta.mtime_nsec())
 }
 
 /// `--image-id` names an image: it goes with `--image`.
@@ -450,7 +626,7 @@ fn check_image_id_flag(args: &ServeArgs) -> Result<()> {
 }
 
 /// `--image-id`: 64 hex digits.
-fn parse_image_id(s: &str) -> Result<[u8; 32], String> {
+pub(crate) fn parse_image_id(s: &str) -> Result<[u8; 32], String> {
     let digits = s.trim();
     if digits.len() != 64 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!(
@@ -499,11 +675,27 @@ pub fn snapshot_name(args: &ServeArgs) -> String {
     }
 }
 
+/// What a supervisor hands over with a session (see [`Core::start_session`]).
+#[derive(Debug, Default)]
+pub struct Handover {
+    /// The supervisor's id for the session, kept across worker restarts.
+    pub id: Option<u64>,
+    /// Taken over from a worker that died: wake the threads it left waiting.
+    pub resume: bool,
+    /// The ranges the client removed so far (served as zeros).
+    pub removed: Vec<(u64, u64)>,
+    /// The session's counters so far (its earlier workers' work).
+    pub carried: Option<faultline::Stats>,
+}
+
+/// A session's end hook: given the session as it ends.
+pub type EndedHook = Box<dyn FnOnce(&faultline::SessionHandle) + Send>;
+
 /// Callbacks of one session, used by the supervised worker to report to its supervisor.
 #[derive(Default)]
 pub struct Hooks {
     /// Run when the session ends.
-    pub ended: Option<Box<dyn FnOnce() + Send>>,
+    pub ended: Option<EndedHook>,
     /// Run for every REMOVE.
     pub removed: Option<faultline::RemoveHook>,
 }
@@ -561,7 +753,7 @@ impl Daemon {
             dispatch: Box::new(move |stream: UnixStream, limits: &Limits| {
                 match accept_client(&stream, limits, &allow) {
                     Ok(c) => {
-                        let _ = core.start_session(c, None, Hooks::default());
+                        let _ = core.start_session(c, Handover::default(), Hooks::default());
                     }
                     Err(e) => {
                         core.refused.fetch_add(1, Ordering::Relaxed);

@@ -4,31 +4,48 @@
 //! freeze (Firecracker keeps its own copy of the userfaultfd, so nothing reads zero pages, but
 //! nothing serves them either). So `faultline serve` splits in two:
 //!
-//! - the **supervisor** owns what must survive: the listening socket, and for every live session
-//!   the client's socket, a duplicate of its userfaultfd, its validated regions and the ranges its
-//!   balloon removed. It accepts clients, receives and validates their handshakes, and hands each
-//!   session to the worker over a `SOCK_SEQPACKET` socket pair (JSON + the two fds).
+//! - the **supervisor** owns what must survive: the listening socket, the snapshot (opened once
+//!   at start: the open files, never their paths, are handed to every worker, and the source's
+//!   identity is pinned), and for every live session the client's socket, a duplicate of its
+//!   userfaultfd, a pidfd of its process, its validated regions, the ranges its balloon removed
+//!   (merged) and its latest counters. It accepts clients, receives and validates their
+//!   handshakes, and hands each session to the worker over a `SOCK_SEQPACKET` socket pair (JSON +
+//!   the fds).
 //! - the **worker** (`faultline serve-worker`, the same binary, the pair on its stdin) runs the fault
-//!   server. It tells the supervisor when a session ends and every REMOVE it applies.
+//!   server. Its first message is the snapshot's files; it tells the supervisor when it is ready
+//!   (or why it cannot start), when a session ends, every REMOVE it applies and, every 500 ms,
+//!   each session's counters.
 //!
 //! When the worker dies (a crash, an OOM kill, SIGKILL), the supervisor starts a new one and hands
-//! it every live session again, marked `resume`: the new worker applies the recorded REMOVEs (those
-//! pages still read zero), then wakes every thread blocked on each region — faults whose messages
-//! the dead worker had read but not resolved fault again and are served; pages already present
-//! stay (a resolve of one answers EEXIST and is counted, never overwritten).
+//! it every live session again, marked `resume`, with the session's id and counters: the new
+//! worker applies the recorded REMOVEs (those pages still read zero), then wakes every thread
+//! blocked on each region — faults whose messages the dead worker had read but not resolved fault
+//! again and are served; pages already present stay (a resolve of one answers EEXIST and is
+//! counted, never overwritten). The session keeps its id, and its end summary covers its whole
+//! life.
+//!
+//! A worker that cannot start (its source refuses it, say) is restarted with backoff (100 ms
+//! doubling to 10 s; at once after a worker that lived 10 s), its cause logged once a minute at
+//! most. Sessions left without a worker for `--worker-down-limit` seconds have their VMs ended
+//! (SIGKILL through the client's pidfd, logged): a fault never waits without a bound.
+//!
+//! When the supervisor dies (SIGKILL), the worker keeps serving the sessions it has until each
+//! ends, then exits; nothing new reaches it (the listening socket died with the supervisor).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::io::{IoSlice, IoSliceMut, Read};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use faultline::firecracker::{PeerCred, ValidatedRegion};
+use faultline::Stats;
 use faultline_uffd::Uffd;
 use rustix::io::Errno;
 use rustix::net::{
@@ -37,7 +54,40 @@ use rustix::net::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::serve::{accept_client, accept_loop, bind, ConnCtx, Core, Hooks, OnExit, ServeArgs};
+use crate::serve::{
+    accept_client, accept_loop, bind, ConnCtx, Core, Handed, Handover, Hooks, OnExit, Pinned,
+    ServeArgs,
+};
+
+/// Lock `m`, recovering the guard from a poisoned lock: the data behind the supervisor's locks
+/// (records, the worker) stays consistent at every step a panic could interrupt, and work is
+/// never skipped because some other thread panicked.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Most ranges per `Removed` message (a few dozen bytes each in JSON): the messages stay far
+/// below a `SOCK_SEQPACKET` socket's send buffer whatever the balloon did.
+const REMOVED_CHUNK: usize = 2048;
+
+/// How often the worker reports each session's counters.
+const COUNTERS_EVERY: Duration = Duration::from_millis(500);
+
+/// A worker that lived this long was healthy: the next restart is immediate.
+const HEALTHY: Duration = Duration::from_secs(10);
+
+/// First and longest pause between restarts of a worker that keeps dying young.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// The same start-up failure is logged at most this often.
+const CAUSE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The worker exits with this code when it cannot start (it reported why first).
+const EXIT_CANNOT_START: i32 = 3;
+
+/// Most files a snapshot hands to a worker (an image and its layers of diffs).
+const MAX_FILES: usize = 32;
 
 /// A region as the supervisor keeps it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -48,31 +98,109 @@ struct Reg {
     offset: u64,
 }
 
-/// Supervisor → worker.
+/// Supervisor → worker, first: the snapshot, its files attached in this order.
+#[derive(Debug, Serialize, Deserialize)]
+struct InitMsg {
+    len: u64,
+    modified: Option<(i64, i64)>,
+    names: Vec<String>,
+    remote_id: Option<u64>,
+    image_id: Option<String>,
+}
+
+/// Supervisor → worker, after [`InitMsg`].
+#[derive(Debug, Serialize, Deserialize)]
+enum ToWorker {
+    /// Ranges a session's balloon removed, sent in bounded chunks before its `Session`.
+    Removed { id: u64, ranges: Vec<(u64, u64)> },
+    /// A session, its userfaultfd and socket attached.
+    Session(Box<SessionMsg>),
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct SessionMsg {
     id: u64,
     pid: i32,
     uid: u32,
     regions: Vec<Reg>,
-    /// Taken over from a dead worker: the ranges removed so far.
-    resume: Option<Vec<(u64, u64)>>,
+    /// Taken over from a dead worker (its removed ranges came before this message).
+    resume: bool,
+    /// The session's counters so far.
+    carried: Option<Stats>,
 }
 
 /// Worker → supervisor.
 #[derive(Debug, Serialize, Deserialize)]
 enum Report {
-    Ended { id: u64 },
-    Removed { id: u64, start: u64, end: u64 },
+    /// The worker serves.
+    Ready,
+    /// The worker cannot start, and exits.
+    CannotStart {
+        error: String,
+    },
+    Ended {
+        id: u64,
+        stats: Option<Stats>,
+    },
+    Removed {
+        id: u64,
+        start: u64,
+        end: u64,
+    },
+    /// A session's counters (its whole life so far).
+    Counters {
+        id: u64,
+        stats: Stats,
+    },
+}
+
+/// Byte ranges, kept merged: overlapping and adjacent ranges are one.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct RangeSet(BTreeMap<u64, u64>);
+
+impl RangeSet {
+    /// Add `start..end`.
+    fn insert(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let (mut s, mut e) = (start, end);
+        if let Some((&ps, &pe)) = self.0.range(..=s).next_back() {
+            if pe >= s {
+                s = ps;
+                e = e.max(pe);
+            }
+        }
+        let within: Vec<u64> = self.0.range(s..=e).map(|(&k, _)| k).collect();
+        for k in within {
+            if let Some(v) = self.0.remove(&k) {
+                e = e.max(v);
+            }
+        }
+        self.0.insert(s, e);
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The ranges in order, at most `n` at a time.
+    fn chunks(&self, n: usize) -> Vec<Vec<(u64, u64)>> {
+        let all: Vec<(u64, u64)> = self.0.iter().map(|(&s, &e)| (s, e)).collect();
+        all.chunks(n.max(1)).map(<[_]>::to_vec).collect()
+    }
 }
 
 /// What the supervisor keeps of a live session.
 struct Record {
     stream: UnixStream,
     uffd: OwnedFd,
+    /// The client process (`None` if it could not be opened: it is then ended by its socket).
+    pidfd: Option<OwnedFd>,
     regions: Vec<Reg>,
     peer: PeerCred,
-    removed: Vec<(u64, u64)>,
+    removed: RangeSet,
+    stats: Option<Stats>,
 }
 
 /// Send one message with fds on a SEQPACKET socket.
@@ -80,6 +208,22 @@ fn send_msg(
     fd: BorrowedFd<'_>,
     msg: &impl Serialize,
     fds: &[BorrowedFd<'_>],
+) -> std::io::Result<()> {
+    send_msg_with(fd, msg, fds, SendFlags::NOSIGNAL)
+}
+
+/// [`send_msg`] that gives up at once (EAGAIN) when the socket's buffer is full: for reports
+/// that a later one replaces (a session's counters), so the sender never waits on a supervisor
+/// that is itself waiting on this worker.
+fn try_send_msg(fd: BorrowedFd<'_>, msg: &impl Serialize) -> std::io::Result<()> {
+    send_msg_with(fd, msg, &[], SendFlags::NOSIGNAL | SendFlags::DONTWAIT)
+}
+
+fn send_msg_with(
+    fd: BorrowedFd<'_>,
+    msg: &impl Serialize,
+    fds: &[BorrowedFd<'_>],
+    flags: SendFlags,
 ) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(msg)?;
     let rights = SendAncillaryMessage::ScmRights(fds);
@@ -89,12 +233,7 @@ fn send_msg(
         return Err(std::io::Error::other("SCM_RIGHTS does not fit"));
     }
     loop {
-        match sendmsg(
-            fd,
-            &[IoSlice::new(&bytes)],
-            &mut control,
-            SendFlags::NOSIGNAL,
-        ) {
+        match sendmsg(fd, &[IoSlice::new(&bytes)], &mut control, flags) {
             Ok(_) => return Ok(()),
             Err(Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
@@ -105,7 +244,7 @@ fn send_msg(
 /// Receive one message with its fds; `None` when the peer is gone.
 fn recv_msg(fd: BorrowedFd<'_>) -> std::io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
     let mut buf = vec![0u8; 1 << 20];
-    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(4))];
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FILES))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let n = loop {
         match recvmsg(
@@ -115,7 +254,10 @@ fn recv_msg(fd: BorrowedFd<'_>) -> std::io::Result<Option<(Vec<u8>, Vec<OwnedFd>
             RecvFlags::CMSG_CLOEXEC,
         ) {
             Ok(r) => break r.bytes,
-            Err(Errno::INTR) => continue,
+            // A peer that exits with messages unread in its queue (sessions handed to a worker
+            // that could not start) reports ECONNRESET once; what it sent before is still
+            // queued, then the end.
+            Err(Errno::INTR) | Err(Errno::CONNRESET) => continue,
             Err(e) => return Err(e.into()),
         }
     };
@@ -135,9 +277,15 @@ fn recv_msg(fd: BorrowedFd<'_>) -> std::io::Result<Option<(Vec<u8>, Vec<OwnedFd>
 struct Worker {
     child: Child,
     control: OwnedFd,
+    started: Instant,
+    /// It reported that it serves.
+    ready: bool,
+    /// Why it cannot start, as it reported.
+    cannot_start: Option<String>,
 }
 
-fn spawn_worker(args: &ServeArgs) -> Result<Worker> {
+/// Start a worker and hand it the snapshot (its first message).
+fn spawn_worker(args: &ServeArgs, pinned: &Pinned) -> Result<Worker> {
     let (ours, theirs) = rustix::net::socketpair(
         AddressFamily::UNIX,
         SocketType::SEQPACKET,
@@ -151,12 +299,26 @@ fn spawn_worker(args: &ServeArgs) -> Result<Worker> {
         .stdin(Stdio::from(theirs));
     let child = cmd.spawn().context("starting the serve worker")?;
     tracing::info!(worker = child.id(), "worker started");
+    let init = InitMsg {
+        len: pinned.len,
+        modified: pinned.modified,
+        names: pinned.files.iter().map(|(_, n)| n.clone()).collect(),
+        remote_id: pinned.remote_id,
+        image_id: pinned.image_id.as_ref().map(|id| faultline::image::hex(id)),
+    };
+    let fds: Vec<BorrowedFd<'_>> = pinned.files.iter().map(|(f, _)| f.as_fd()).collect();
+    // A worker that died already shows as a hang-up on the control socket: handled there.
+    if let Err(e) = send_msg(ours.as_fd(), &init, &fds) {
+        tracing::warn!(error = %e, "cannot hand the snapshot to the worker");
+    }
     Ok(Worker {
         child,
         control: ours,
+        started: Instant::now(),
+        ready: false,
+        cannot_start: None,
     })
 }
-
 /// The worker's command line: the serving flags of `args` (not the socket: the supervisor has it).
 fn worker_flags(a: &ServeArgs) -> Vec<String> {
     let mut v = vec![
@@ -218,16 +380,133 @@ fn worker_flags(a: &ServeArgs) -> Vec<String> {
     v
 }
 
-/// Hand a session to the worker.
+/// Hand a session to the worker: for one taken over from a dead worker, its removed ranges (in
+/// bounded chunks) and counters go with it.
 fn hand_over(control: BorrowedFd<'_>, id: u64, r: &Record, resume: bool) -> std::io::Result<()> {
-    let msg = SessionMsg {
+    if resume {
+        for ranges in r.removed.chunks(REMOVED_CHUNK) {
+            send_msg(control, &ToWorker::Removed { id, ranges }, &[])?;
+        }
+    }
+    let msg = ToWorker::Session(Box::new(SessionMsg {
         id,
         pid: r.peer.pid,
         uid: r.peer.uid,
         regions: r.regions.clone(),
-        resume: resume.then(|| r.removed.clone()),
-    };
+        resume,
+        carried: if resume { r.stats } else { None },
+    }));
     send_msg(control, &msg, &[r.uffd.as_fd(), r.stream.as_fd()])
+}
+
+/// A pidfd of the client process `pid` (from SO_PEERCRED), to end its VM if it cannot be served.
+fn client_pidfd(pid: i32) -> Option<OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(pid)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+}
+
+/// The supervisor's state shared with the handshake threads.
+struct Shared {
+    records: Mutex<HashMap<u64, Record>>,
+    worker: Mutex<Option<Worker>>,
+    next_id: AtomicU64,
+    /// No worker served for longer than `--worker-down-limit`: new clients are refused.
+    given_up: AtomicBool,
+}
+
+/// What the supervisor knows about starting workers.
+struct Restarts {
+    /// Deaths in a row of workers that died young.
+    failures: u32,
+    /// When to start the next worker (none running).
+    next_start: Option<Instant>,
+    /// No worker has served since then.
+    down_since: Option<Instant>,
+    /// The last start-up failure logged, when, and how many times it recurred since.
+    last_cause: Option<(String, Instant, u64)>,
+}
+
+impl Restarts {
+    /// The worker `w` died (reaped, with `status`): schedule its successor.
+    fn died(&mut self, w: &Worker, now: Instant) -> Duration {
+        if w.started.elapsed() >= HEALTHY {
+            self.failures = 0;
+        }
+        let delay = match self.failures {
+            0 => Duration::ZERO,
+            n => BACKOFF_MIN
+                .saturating_mul(1u32 << (n - 1).min(16))
+                .min(BACKOFF_MAX),
+        };
+        self.failures = self.failures.saturating_add(1);
+        self.next_start = Some(now + delay);
+        if !w.ready {
+            self.down_since.get_or_insert(now);
+        } else {
+            self.down_since = Some(now);
+        }
+        delay
+    }
+
+    /// Log a start-up failure: once per cause per [`CAUSE_LOG_EVERY`], with how often it recurred.
+    fn cannot_start(&mut self, worker: u32, error: &str, retry_in: Duration) {
+        let now = Instant::now();
+        if let Some((cause, at, repeats)) = &mut self.last_cause {
+            if cause == error && now.duration_since(*at) < CAUSE_LOG_EVERY {
+                *repeats += 1;
+                return;
+            }
+        }
+        let repeats = match self.last_cause.take() {
+            Some((cause, _, n)) if cause == error => n,
+            _ => 0,
+        };
+        tracing::error!(
+            worker,
+            error,
+            attempts = self.failures,
+            repeats_since_last_line = repeats,
+            retry_in_ms = u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX),
+            "the serve worker cannot start; retrying with backoff"
+        );
+        self.last_cause = Some((error.to_string(), now, 0));
+    }
+}
+
+/// End the VMs of every live session (no worker could serve them for `limit`): SIGKILL through
+/// each client's pidfd, logged; their records go.
+fn end_unserved(shared: &Shared, limit: Duration) {
+    let mut recs = lock(&shared.records);
+    for (id, r) in recs.drain() {
+        let killed = r
+            .pidfd
+            .as_ref()
+            .map(|p| rustix::process::pidfd_send_signal(p, rustix::process::Signal::KILL));
+        match killed {
+            Some(Ok(())) => tracing::error!(
+                session = id,
+                pid = r.peer.pid,
+                limit_s = limit.as_secs(),
+                "no serve worker for the limit: ended the VM (SIGKILL)"
+            ),
+            Some(Err(Errno::SRCH)) => tracing::info!(
+                session = id,
+                pid = r.peer.pid,
+                "no serve worker for the limit: the VM had already exited; its session is dropped"
+            ),
+            Some(Err(e)) => tracing::error!(
+                session = id,
+                pid = r.peer.pid,
+                error = %e,
+                "no serve worker for the limit: cannot kill the VM; its session is dropped"
+            ),
+            None => tracing::error!(
+                session = id,
+                pid = r.peer.pid,
+                "no serve worker for the limit and no pidfd of the VM: its session is dropped"
+            ),
+        }
+    }
 }
 
 /// `faultline serve` (supervised): run until SIGTERM or SIGINT.
@@ -238,29 +517,30 @@ pub fn run(args: ServeArgs) -> Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&term))?;
         signal_hook::low_level::pipe::register(sig, sig_tx.try_clone()?)?;
     }
-    // Validate the memory file (and working set) here too, so a bad flag fails at once.
-    let mem_len = crate::serve::snapshot_len(&args)?;
+    // Open the snapshot once, here: every worker serves these files and this identity (a bad
+    // flag fails at once, too).
+    let pinned = Pinned::open(&args)?;
     if let Some(p) = &args.prefetch_ws {
         faultline::WorkingSet::load(p)
             .with_context(|| format!("reading the working set {}", p.display()))?;
     }
+    let down_limit = Duration::from_secs(args.worker_down_limit.max(1));
     let listener = bind(&args.socket)?;
-    let records: Arc<Mutex<HashMap<u64, Record>>> = Arc::new(Mutex::new(HashMap::new()));
-    let worker = Arc::new(Mutex::new(spawn_worker(&args)?));
-    let next_id = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let shared = Arc::new(Shared {
+        records: Mutex::new(HashMap::new()),
+        worker: Mutex::new(Some(spawn_worker(&args, &pinned)?)),
+        next_id: AtomicU64::new(1),
+        given_up: AtomicBool::new(false),
+    });
 
     // Accept on a thread; each handshake on its own thread; accepted sessions go to the worker.
     let limits = faultline::firecracker::Limits {
         timeout: Duration::from_secs(args.handshake_timeout.max(1)),
-        mem_len: Some(mem_len),
+        mem_len: Some(pinned.len),
         ..Default::default()
     };
     let allow = args.allow_uid.clone();
-    let (records2, worker2, next2) = (
-        Arc::clone(&records),
-        Arc::clone(&worker),
-        Arc::clone(&next_id),
-    );
+    let shared2 = Arc::clone(&shared);
     let ctx = Arc::new(ConnCtx {
         limits,
         dispatch: Box::new(move |stream: UnixStream, limits| {
@@ -271,7 +551,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
                     return;
                 }
             };
-            let id = next2.fetch_add(1, Ordering::AcqRel);
+            if shared2.given_up.load(Ordering::Acquire) {
+                tracing::error!(
+                    pid = c.peer.pid,
+                    "no serve worker can start: client refused; connection closed"
+                );
+                return;
+            }
+            let id = shared2.next_id.fetch_add(1, Ordering::AcqRel);
             let regions = c
                 .regions
                 .iter()
@@ -285,20 +572,25 @@ pub fn run(args: ServeArgs) -> Result<()> {
             let record = Record {
                 stream,
                 uffd: c.uffd.into_fd(),
+                pidfd: client_pidfd(c.peer.pid),
                 regions,
                 peer: c.peer,
-                removed: Vec::new(),
+                removed: RangeSet::default(),
+                stats: None,
             };
             // Hold the records lock while handing over, so a worker restart cannot miss it.
-            let Ok(mut recs) = records2.lock() else {
-                return;
-            };
-            let w = match worker2.lock() {
-                Ok(w) => w,
-                Err(p) => p.into_inner(),
-            };
-            if let Err(e) = hand_over(w.control.as_fd(), id, &record, false) {
-                tracing::warn!(error = %e, "worker unavailable; the session will be handed to its successor");
+            let mut recs = lock(&shared2.records);
+            let w = lock(&shared2.worker);
+            match w.as_ref() {
+                Some(w) => {
+                    if let Err(e) = hand_over(w.control.as_fd(), id, &record, false) {
+                        tracing::warn!(error = %e, "worker unavailable; the session will be handed to its successor");
+                    }
+                }
+                None => tracing::warn!(
+                    session = id,
+                    "no serve worker at the moment; the session will be handed to the next one"
+                ),
             }
             recs.insert(id, record);
         }),
@@ -313,71 +605,163 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     tracing::info!(socket = %args.socket.display(), snapshot = %crate::serve::snapshot_name(&args), "serving (supervised)");
 
-    // Main loop: reports from the worker, the worker's death, signals.
-    use rustix::event::{poll, PollFd, PollFlags};
+    // Main loop: reports from the worker, the worker's death, restarts, signals.
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut restarts = Restarts {
+        failures: 0,
+        next_start: None,
+        down_since: Some(Instant::now()),
+        last_cause: None,
+    };
     let mut b = [0u8; 64];
     loop {
         if term.load(Ordering::Acquire) {
             break;
         }
-        let control = {
-            let w = worker
-                .lock()
-                .map_err(|_| anyhow::anyhow!("worker lock poisoned"))?;
-            w.control.try_clone()?
-        };
-        let mut fds = [
-            PollFd::new(&control, PollFlags::IN),
-            PollFd::new(&sig_rx, PollFlags::IN),
-        ];
-        match poll(&mut fds, None) {
+        let now = Instant::now();
+        // Sessions without a worker for too long: their VMs end.
+        if let Some(down) = restarts.down_since {
+            if now.duration_since(down) >= down_limit {
+                if !shared.given_up.swap(true, Ordering::AcqRel) {
+                    tracing::error!(
+                        limit_s = down_limit.as_secs(),
+                        "no serve worker for the limit: ending the live sessions' VMs and refusing new clients until one starts"
+                    );
+                }
+                end_unserved(&shared, down_limit);
+            }
+        }
+        // Start the next worker when its time has come.
+        if let Some(at) = restarts.next_start {
+            if now >= at {
+                restarts.next_start = None;
+                let recs = lock(&shared.records);
+                let mut w = lock(&shared.worker);
+                match spawn_worker(&args, &pinned) {
+                    Ok(nw) => {
+                        let mut handed = 0;
+                        for (id, r) in recs.iter() {
+                            match hand_over(nw.control.as_fd(), *id, r, true) {
+                                Ok(()) => handed += 1,
+                                Err(e) => {
+                                    // Kept: the worker died meanwhile, its successor gets it.
+                                    tracing::error!(session = id, error = %e, "cannot hand a session to the new worker");
+                                    break;
+                                }
+                            }
+                        }
+                        tracing::debug!(sessions = handed, "sessions handed to the new worker");
+                        *w = Some(nw);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "cannot start a serve worker");
+                        restarts.failures = restarts.failures.saturating_add(1);
+                        restarts.next_start = Some(now + BACKOFF_MAX);
+                    }
+                }
+            }
+        }
+        let control = lock(&shared.worker)
+            .as_ref()
+            .map(|w| w.control.try_clone())
+            .transpose()?;
+        // Wake for the next start or the down limit, whichever comes first.
+        let wake_at = [
+            restarts.next_start,
+            restarts
+                .down_since
+                .filter(|_| !shared.given_up.load(Ordering::Acquire))
+                .map(|d| d + down_limit),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let timeout = wake_at.map(|at| {
+            let d = at.saturating_duration_since(Instant::now());
+            Timespec {
+                tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                tv_nsec: i64::from(d.subsec_nanos()),
+            }
+        });
+        let mut fds = vec![PollFd::new(&sig_rx, PollFlags::IN)];
+        if let Some(c) = &control {
+            fds.push(PollFd::new(c, PollFlags::IN));
+        }
+        match poll(&mut fds, timeout.as_ref()) {
             Ok(_) | Err(Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }
-        if !fds[1].revents().is_empty() {
+        if !fds[0].revents().is_empty() {
             let _ = (&sig_rx).read(&mut b);
             continue;
         }
-        if fds[0].revents().is_empty() {
+        let readable = fds.get(1).is_some_and(|f| !f.revents().is_empty());
+        drop(fds);
+        let Some(control) = control else { continue };
+        if !readable {
             continue;
         }
         match recv_msg(control.as_fd()) {
             Ok(Some((bytes, _))) => match serde_json::from_slice::<Report>(&bytes) {
-                Ok(Report::Ended { id }) => {
-                    if let Ok(mut r) = records.lock() {
-                        r.remove(&id);
+                Ok(Report::Ready) => {
+                    if let Some(w) = lock(&shared.worker).as_mut() {
+                        w.ready = true;
+                    }
+                    if restarts.down_since.take().is_some()
+                        && shared.given_up.swap(false, Ordering::AcqRel)
+                    {
+                        tracing::info!("a serve worker started again; accepting clients");
+                    }
+                    restarts.last_cause = None;
+                }
+                Ok(Report::CannotStart { error }) => {
+                    if let Some(w) = lock(&shared.worker).as_mut() {
+                        w.cannot_start = Some(error);
                     }
                 }
+                Ok(Report::Ended { id, .. }) => {
+                    lock(&shared.records).remove(&id);
+                }
                 Ok(Report::Removed { id, start, end }) => {
-                    if let Ok(mut r) = records.lock() {
-                        if let Some(rec) = r.get_mut(&id) {
-                            rec.removed.push((start, end));
-                        }
+                    if let Some(rec) = lock(&shared.records).get_mut(&id) {
+                        rec.removed.insert(start, end);
+                    }
+                }
+                Ok(Report::Counters { id, stats }) => {
+                    if let Some(rec) = lock(&shared.records).get_mut(&id) {
+                        tracing::debug!(session = id, pages = stats.pages, "session counters");
+                        rec.stats = Some(stats);
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "malformed report from the worker"),
             },
             Ok(None) | Err(_) => {
-                // The worker is gone: reap it, start another, hand it every live session.
-                let mut recs = records
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("records lock poisoned"))?;
-                let mut w = worker
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("worker lock poisoned"))?;
+                // The worker is gone: reap it and schedule its successor.
+                let recs = lock(&shared.records);
+                let mut slot = lock(&shared.worker);
+                let Some(mut w) = slot.take() else { continue };
                 let status = w.child.wait()?;
                 if term.load(Ordering::Acquire) {
                     break;
                 }
-                tracing::error!(worker = w.child.id(), %status, sessions = recs.len(), "worker died; restarting it and resuming every session");
-                *w = spawn_worker(&args)?;
-                recs.retain(|id, r| match hand_over(w.control.as_fd(), *id, r, true) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::error!(session = id, error = %e, "cannot hand a session to the new worker");
-                        false
+                let delay = restarts.died(&w, Instant::now());
+                match &w.cannot_start {
+                    Some(error) => restarts.cannot_start(w.child.id(), error, delay),
+                    None if status.code() == Some(EXIT_CANNOT_START) => {
+                        restarts.cannot_start(w.child.id(), "(no reason given)", delay)
                     }
-                });
+                    None => {
+                        let removed: usize = recs.values().map(|r| r.removed.len()).sum();
+                        tracing::error!(
+                            worker = w.child.id(),
+                            %status,
+                            sessions = recs.len(),
+                            removed_ranges = removed,
+                            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                            "worker died; restarting it and resuming every session"
+                        );
+                    }
+                }
             }
         }
     }
@@ -385,10 +769,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     stop.store(true, Ordering::Release);
     let _ = std::io::Write::write_all(&mut &wake_tx, b"x");
     let _ = accept.join();
-    {
-        let mut w = worker
-            .lock()
-            .map_err(|_| anyhow::anyhow!("worker lock poisoned"))?;
+    if let Some(w) = lock(&shared.worker).as_mut() {
         stop_worker(&mut w.child);
     }
     let _ = std::fs::remove_file(&args.socket);
@@ -428,6 +809,33 @@ fn stop_worker(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// The worker's first message: the snapshot the supervisor opened.
+fn receive_snapshot(control: BorrowedFd<'_>) -> Result<Handed> {
+    let (bytes, fds) = recv_msg(control)?.context("the supervisor closed the control socket")?;
+    let init: InitMsg = serde_json::from_slice(&bytes).context("the supervisor's first message")?;
+    if init.names.len() != fds.len() {
+        anyhow::bail!(
+            "the supervisor named {} snapshot files and sent {}",
+            init.names.len(),
+            fds.len()
+        );
+    }
+    let image_id = match &init.image_id {
+        Some(hex) => Some(
+            crate::serve::parse_image_id(hex)
+                .map_err(|e| anyhow::anyhow!("the supervisor's image id: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok(Handed {
+        files: fds.into_iter().map(File::from).zip(init.names).collect(),
+        remote_id: init.remote_id,
+        image_id,
+        len: Some(init.len),
+        modified: init.modified,
+    })
+}
+
 /// `faultline serve-worker`: the serving half; its stdin is the control socket.
 pub fn run_worker(args: ServeArgs) -> Result<()> {
     crate::serve::init_logging(args.log_format);
@@ -437,82 +845,54 @@ pub fn run_worker(args: ServeArgs) -> Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&term))?;
         signal_hook::low_level::pipe::register(sig, sig_tx.try_clone()?)?;
     }
-    let core = Arc::new(Core::build(&args)?);
     let stdin = std::io::stdin();
     let control: OwnedFd = stdin.as_fd().try_clone_to_owned()?;
     let control = Arc::new(control);
+    // The snapshot comes from the supervisor (open files, never a path); a worker that cannot
+    // serve it says why, once, to the supervisor, which logs it (rate-limited) and backs off.
+    let core =
+        match receive_snapshot(control.as_fd()).and_then(|h| Core::build_from(&args, Some(h))) {
+            Ok(core) => Arc::new(core),
+            Err(e) => {
+                let error = format!("{e:#}");
+                if send_msg(
+                    control.as_fd(),
+                    &Report::CannotStart {
+                        error: error.clone(),
+                    },
+                    &[],
+                )
+                .is_err()
+                {
+                    tracing::error!(error, "cannot start, and the supervisor is gone");
+                }
+                std::process::exit(EXIT_CANNOT_START);
+            }
+        };
+    let _ = send_msg(control.as_fd(), &Report::Ready, &[]);
+    // Each session's counters go to the supervisor every COUNTERS_EVERY: a restarted worker
+    // starts the session with them, so its summary covers its whole life.
+    {
+        let (core, control) = (Arc::clone(&core), Arc::clone(&control));
+        std::thread::Builder::new()
+            .name("faultline-counters".into())
+            .spawn(move || loop {
+                std::thread::sleep(COUNTERS_EVERY);
+                for s in core.server.sessions() {
+                    let report = Report::Counters {
+                        id: s.id(),
+                        stats: s.stats(),
+                    };
+                    let _ = try_send_msg(control.as_fd(), &report);
+                }
+            })?;
+    }
     // Sessions arrive on a thread; the main thread waits for the signal.
     {
         let (core, control) = (Arc::clone(&core), Arc::clone(&control));
         std::thread::Builder::new()
             .name("faultline-control".into())
-            .spawn(move || loop {
-                let (bytes, fds) = match recv_msg(control.as_fd()) {
-                    Ok(Some(m)) => m,
-                    Ok(None) | Err(_) => {
-                        tracing::error!("the supervisor is gone; exiting");
-                        std::process::exit(1);
-                    }
-                };
-                let msg: SessionMsg = match serde_json::from_slice(&bytes) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::error!(error = %e, "malformed session from the supervisor");
-                        continue;
-                    }
-                };
-                let mut fds = fds.into_iter();
-                let (Some(uffd), Some(watch)) = (fds.next(), fds.next()) else {
-                    tracing::error!(session = msg.id, "session without its fds");
-                    continue;
-                };
-                let uffd = match Uffd::from_received_fd(uffd) {
-                    Ok(u) => u,
-                    Err(e) => {
-                        tracing::error!(session = msg.id, error = %e, "not a userfaultfd");
-                        continue;
-                    }
-                };
-                let id = msg.id;
-                let (c1, c2) = (Arc::clone(&control), Arc::clone(&control));
-                let hooks = Hooks {
-                    ended: Some(Box::new(move || {
-                        let _ = send_msg(c1.as_fd(), &Report::Ended { id }, &[]);
-                    })),
-                    removed: Some(faultline::RemoveHook(Box::new(move |start, end| {
-                        let _ = send_msg(c2.as_fd(), &Report::Removed { id, start, end }, &[]);
-                    }))),
-                };
-                let accepted = crate::serve::Accepted {
-                    uffd,
-                    regions: msg
-                        .regions
-                        .iter()
-                        .map(|r| ValidatedRegion {
-                            start: r.start,
-                            len: r.len,
-                            page_size: r.page_size,
-                            offset: r.offset,
-                        })
-                        .collect(),
-                    peer: PeerCred {
-                        pid: msg.pid,
-                        uid: msg.uid,
-                        gid: 0,
-                    },
-                    watch,
-                };
-                if msg.resume.is_some() {
-                    tracing::info!(
-                        session = id,
-                        pid = msg.pid,
-                        "resuming a session of a dead worker"
-                    );
-                }
-                if core.start_session(accepted, msg.resume, hooks).is_err() {
-                    let _ = send_msg(control.as_fd(), &Report::Ended { id }, &[]);
-                }
-            })?;
+            .spawn(move || control_loop(&core, &control))?;
     }
     let mut b = [0u8; 16];
     while !term.load(Ordering::Acquire) {
@@ -532,4 +912,208 @@ pub fn run_worker(args: ServeArgs) -> Result<()> {
     }
     core.flush();
     Ok(())
+}
+
+/// The worker's side of the control socket: sessions from the supervisor until it is gone; then
+/// the live sessions are served until each ends, and the worker exits.
+fn control_loop(core: &Core, control: &Arc<OwnedFd>) {
+    let mut removed: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
+    loop {
+        let (bytes, fds) = match recv_msg(control.as_fd()) {
+            Ok(Some(m)) => m,
+            Ok(None) | Err(_) => break,
+        };
+        let msg = match serde_json::from_slice::<ToWorker>(&bytes) {
+            Ok(ToWorker::Session(m)) => *m,
+            Ok(ToWorker::Removed { id, ranges }) => {
+                removed.entry(id).or_default().extend(ranges);
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "malformed message from the supervisor");
+                continue;
+            }
+        };
+        let id = msg.id;
+        let removed = removed.remove(&id).unwrap_or_default();
+        let mut fds = fds.into_iter();
+        let (Some(uffd), Some(watch)) = (fds.next(), fds.next()) else {
+            tracing::error!(session = id, "session without its fds");
+            continue;
+        };
+        let uffd = match Uffd::from_received_fd(uffd) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(session = id, error = %e, "not a userfaultfd");
+                continue;
+            }
+        };
+        let (c1, c2) = (Arc::clone(control), Arc::clone(control));
+        let hooks = Hooks {
+            ended: Some(Box::new(move |s: &faultline::SessionHandle| {
+                let report = Report::Ended {
+                    id,
+                    stats: Some(s.stats()),
+                };
+                let _ = send_msg(c1.as_fd(), &report, &[]);
+            })),
+            removed: Some(faultline::RemoveHook(Box::new(move |start, end| {
+                let _ = send_msg(c2.as_fd(), &Report::Removed { id, start, end }, &[]);
+            }))),
+        };
+        let accepted = crate::serve::Accepted {
+            uffd,
+            regions: msg
+                .regions
+                .iter()
+                .map(|r| ValidatedRegion {
+                    start: r.start,
+                    len: r.len,
+                    page_size: r.page_size,
+                    offset: r.offset,
+                })
+                .collect(),
+            peer: PeerCred {
+                pid: msg.pid,
+                uid: msg.uid,
+                gid: 0,
+            },
+            watch,
+        };
+        if msg.resume {
+            tracing::info!(
+                session = id,
+                pid = msg.pid,
+                removed_ranges = removed.len(),
+                carried_pages = msg.carried.map_or(0, |s| s.pages),
+                "resuming a session of a dead worker"
+            );
+        }
+        let handover = Handover {
+            id: Some(id),
+            resume: msg.resume,
+            removed,
+            carried: msg.carried,
+        };
+        if core.start_session(accepted, handover, hooks).is_err() {
+            // From another thread: this one must go on reading, or a supervisor blocked sending
+            // to it could never read this.
+            let c = Arc::clone(control);
+            let _ = std::thread::Builder::new()
+                .name("faultline-report".into())
+                .spawn(move || {
+                    let _ = send_msg(c.as_fd(), &Report::Ended { id, stats: None }, &[]);
+                });
+        }
+    }
+    // The supervisor is gone (killed): nothing new can come, but the VMs served here must not
+    // freeze. Serve each live session until it ends, then exit.
+    let live = core.server.sessions();
+    tracing::error!(
+        sessions = live.len(),
+        "the supervisor is gone; serving the live sessions until they end, then exiting"
+    );
+    loop {
+        let live = core.server.sessions();
+        let Some(s) = live.first() else { break };
+        s.wait_closed(Duration::from_secs(1));
+    }
+    tracing::info!("the last session ended; the worker exits");
+    core.flush();
+    std::process::exit(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ranges(s: &RangeSet) -> Vec<(u64, u64)> {
+        s.0.iter().map(|(&a, &b)| (a, b)).collect()
+    }
+
+    #[test]
+    fn overlapping_and_adjacent_ranges_merge() {
+        let mut s = RangeSet::default();
+        s.insert(10, 20);
+        s.insert(30, 40);
+        assert_eq!(ranges(&s), [(10, 20), (30, 40)]);
+        s.insert(20, 25); // adjacent to the first
+        assert_eq!(ranges(&s), [(10, 25), (30, 40)]);
+        s.insert(5, 10); // adjacent before
+        assert_eq!(ranges(&s), [(5, 25), (30, 40)]);
+        s.insert(24, 31); // bridges both
+        assert_eq!(ranges(&s), [(5, 40)]);
+        s.insert(0, 100); // swallows everything
+        assert_eq!(ranges(&s), [(0, 100)]);
+        s.insert(50, 60); // inside
+        s.insert(7, 7); // empty
+        assert_eq!(ranges(&s), [(0, 100)]);
+    }
+
+    #[test]
+    fn the_same_page_removed_again_and_again_stays_one_range() {
+        let mut s = RangeSet::default();
+        for _ in 0..100_000 {
+            s.insert(4096, 8192);
+        }
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn chunks_bound_every_message() {
+        let mut s = RangeSet::default();
+        for i in 0..10_000u64 {
+            s.insert(2 * i * 4096, (2 * i + 1) * 4096);
+        }
+        let chunks = s.chunks(REMOVED_CHUNK);
+        assert_eq!(chunks.len(), 10_000usize.div_ceil(REMOVED_CHUNK));
+        assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 10_000);
+        // The largest message (ranges near the top of a 64-bit address space) is far below a
+        // SEQPACKET socket's default send buffer (~208 KiB).
+        let msg = ToWorker::Removed {
+            id: u64::MAX,
+            ranges: vec![(u64::MAX - 1, u64::MAX); REMOVED_CHUNK],
+        };
+        let len = serde_json::to_vec(&msg).expect("json").len();
+        assert!(len < 100 << 10, "{len} bytes");
+    }
+
+    #[test]
+    fn restarts_back_off_and_reset_after_a_healthy_worker() {
+        let mut r = Restarts {
+            failures: 0,
+            next_start: None,
+            down_since: None,
+            last_cause: None,
+        };
+        let young = |ready| Worker {
+            child: Command::new("true").spawn().expect("spawning true"),
+            control: rustix::net::socketpair(
+                AddressFamily::UNIX,
+                SocketType::SEQPACKET,
+                SocketFlags::CLOEXEC,
+                None,
+            )
+            .expect("socketpair")
+            .0,
+            started: Instant::now(),
+            ready,
+            cannot_start: None,
+        };
+        let now = Instant::now();
+        let mut delays = Vec::new();
+        for _ in 0..10 {
+            let mut w = young(false);
+            delays.push(r.died(&w, now).as_millis());
+            let _ = w.child.wait();
+        }
+        assert_eq!(
+            delays,
+            [0, 100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]
+        );
+        let mut old = young(true);
+        old.started = now - HEALTHY;
+        assert_eq!(r.died(&old, now), Duration::ZERO);
+        let _ = old.child.wait();
+    }
 }

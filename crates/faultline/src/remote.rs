@@ -102,6 +102,19 @@ pub enum RemoteError {
     /// A thread could not be started.
     #[error("starting a remote page thread")]
     Thread(#[source] std::io::Error),
+    /// The server serves another source than the one expected
+    /// ([`RemoteOptions::expect_source_id`]).
+    #[error(
+        "the remote page server {addr} serves source {got:#x}, not the expected {want:#x}: refused"
+    )]
+    SourceChanged {
+        /// The address.
+        addr: String,
+        /// The id it announced.
+        got: u64,
+        /// The id expected.
+        want: u64,
+    },
 }
 
 impl RemoteError {

@@ -380,6 +380,59 @@ fn a_diff_over_its_base_serves_the_new_memory_exactly() {
     assert!(e.to_string().contains("opening the base"), "{e}");
 }
 
+/// A diff and its base opened as files (what a supervisor hands to its workers) keep serving
+/// the memory they were opened on after other images are renamed over both paths; the layers
+/// are checked by id when the source is built from them.
+#[test]
+fn a_diff_opened_as_files_serves_those_files_whatever_replaces_their_paths() {
+    let base_raw = snapshot();
+    let (new_raw, _) = changed(&base_raw);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base_path = pack_to(dir.path(), "base.img", &base_raw, &PackOptions::default());
+    let base = ImageSource::open(&base_path).expect("open base");
+    let diff_path = dir.path().join("new.diff");
+    pack_diff(
+        &base,
+        &new_raw[..],
+        std::fs::File::create(&diff_path).expect("create"),
+        &PackOptions::default(),
+        Some("base.img".into()),
+        |_| {},
+    )
+    .expect("diff");
+    let layers = ImageSource::open_layer_files(&diff_path).expect("open the layers");
+    assert_eq!(layers.len(), 2);
+    // Other images take both names.
+    let other: Vec<u8> = base_raw.iter().map(|b| b.wrapping_add(1)).collect();
+    let other_path = pack_to(dir.path(), "other.img", &other, &PackOptions::default());
+    std::fs::rename(&other_path, &base_path).expect("rename over the base");
+    let other_path = pack_to(dir.path(), "other.img", &other, &PackOptions::default());
+    std::fs::rename(&other_path, &diff_path).expect("rename over the diff");
+    // Handed over as files (dup'ed, as over SCM_RIGHTS) and rebuilt.
+    let readers: Vec<Arc<dyn faultline::image::RangeRead>> = layers
+        .iter()
+        .map(|l| {
+            let file = l.file().try_clone().expect("dup");
+            let r = faultline::image::FileRange::from_file(file, "handed").expect("from_file");
+            Arc::new(r) as Arc<dyn faultline::image::RangeRead>
+        })
+        .collect();
+    let src = ImageSource::from_layers(readers).expect("from the files");
+    let mut all = vec![0u8; new_raw.len()];
+    src.read_at(0, &mut all).expect("read");
+    assert!(
+        all == new_raw,
+        "the files do not serve the memory they were opened on"
+    );
+    // Layers out of order are refused by id.
+    let swapped: Vec<Arc<dyn faultline::image::RangeRead>> = layers
+        .iter()
+        .rev()
+        .map(|l| Arc::clone(l) as Arc<dyn faultline::image::RangeRead>)
+        .collect();
+    assert!(ImageSource::from_layers(swapped).is_err());
+}
+
 /// Serve `src` into a fresh anonymous mapping through the fault server; touch every page.
 fn serve_and_check(src: Arc<ImageSource>, want: &[u8], readahead: Readahead) -> Result<(), String> {
     let uffd = Uffd::new(Features::empty()).map_err(|e| format!("userfaultfd: {e}"))?;

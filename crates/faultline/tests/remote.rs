@@ -1226,3 +1226,35 @@ fn zero_runs_of_a_remote_source_are_mapped_not_copied() {
         assert!(st.zero_pages <= zero_pages, "{st:?}");
     });
 }
+
+/// A client told which source to expect (`expect_source_id`, pinned by a supervisor from the
+/// connection its sessions started on) refuses a server announcing another, and serves the one
+/// announcing it.
+#[test]
+fn a_server_announcing_another_source_id_is_refused() {
+    let bytes = content(8, 0);
+    let server = serve(&bytes);
+    let id = server.welcome().source_id;
+    let addr = server.local_addr().to_string();
+    let refused = RemoteSource::connect(
+        &addr,
+        RemoteOptions {
+            expect_source_id: Some(id ^ 1),
+            ..options()
+        },
+    )
+    .expect_err("another source id is refused");
+    assert!(
+        matches!(refused, faultline::remote::RemoteError::SourceChanged { got, want, .. } if got == id && want == id ^ 1),
+        "{refused}"
+    );
+    assert!(!refused.is_retryable());
+    let src = connect(
+        &server,
+        RemoteOptions {
+            expect_source_id: Some(id),
+            ..options()
+        },
+    );
+    read_retrying(&src, &bytes, 0, bytes.len());
+}

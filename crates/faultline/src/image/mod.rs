@@ -234,6 +234,24 @@ impl FileRange {
     }
 }
 
+impl FileRange {
+    /// Read through an already open file (e.g. one received from another process), named
+    /// `name` in errors; its length is taken now.
+    pub fn from_file(file: std::fs::File, name: impl Into<String>) -> io::Result<FileRange> {
+        let len = file.metadata()?.len();
+        Ok(FileRange {
+            file,
+            len,
+            name: name.into(),
+        })
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+}
+
 impl RangeRead for FileRange {
     fn len(&self) -> u64 {
         self.len

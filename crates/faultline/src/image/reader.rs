@@ -537,6 +537,64 @@ impl ImageSource {
         ImageSource::open_at_depth(path.as_ref(), 0)
     }
 
+    /// Open the image file at `path` and, when it is a diff, its base files (found as
+    /// [`ImageSource::open`] finds them), each once: the top layer first. Build the source from
+    /// them with [`ImageSource::from_layers`] — in this process or, after handing the open files
+    /// over, in another one, which then serves exactly these files whatever is renamed over
+    /// their paths meanwhile.
+    pub fn open_layer_files(path: impl AsRef<Path>) -> Result<Vec<Arc<FileRange>>, ImageError> {
+        let mut layers = Vec::new();
+        let mut path = path.as_ref().to_path_buf();
+        loop {
+            let r =
+                Arc::new(FileRange::open(&path).map_err(|e| {
+                    ImageError::io(format!("opening the image {}", path.display()), e)
+                })?);
+            let image = Image::from_reader(Arc::clone(&r) as Arc<dyn RangeRead>)?;
+            layers.push(r);
+            if image.base_id().is_none() {
+                return Ok(layers);
+            }
+            if layers.len() > MAX_DEPTH {
+                return Err(ImageError::Layer(format!(
+                    "more than {MAX_DEPTH} layers of diffs (a cycle of base names?) at {}",
+                    path.display()
+                )));
+            }
+            let Some(name) = image.base_name() else {
+                return Err(ImageError::Layer(format!(
+                    "{} is a diff but does not name its base file: open the base and use ImageSource::with_base",
+                    path.display()
+                )));
+            };
+            path = match path.parent() {
+                Some(dir) if Path::new(name).is_relative() => dir.join(name),
+                _ => PathBuf::from(name),
+            };
+        }
+    }
+
+    /// Serve the image read through `layers[0]`, over its bases `layers[1..]` in order (what
+    /// [`ImageSource::open_layer_files`] returns); each base's id is checked against the one its
+    /// diff names.
+    pub fn from_layers(layers: Vec<Arc<dyn RangeRead>>) -> Result<ImageSource, ImageError> {
+        if layers.len() > MAX_DEPTH + 1 {
+            return Err(ImageError::Layer(format!(
+                "{} layers: more than {MAX_DEPTH} layers of diffs",
+                layers.len()
+            )));
+        }
+        let mut below: Option<ImageSource> = None;
+        for reader in layers.into_iter().rev() {
+            let image = Image::from_reader(reader)?;
+            below = Some(match below {
+                None => ImageSource::new(image)?,
+                Some(base) => ImageSource::with_base(image, Arc::new(base))?,
+            });
+        }
+        below.ok_or_else(|| ImageError::Layer("no image file".into()))
+    }
+
     fn open_at_depth(path: &Path, depth: usize) -> Result<ImageSource, ImageError> {
         let image = Image::open(path)?;
         if image.base_id().is_none() {

@@ -58,6 +58,10 @@ pub struct RemoteOptions {
     /// asks for them again as demand (which the server answers first, but which sends the pages
     /// twice when the background answer was already on its way).
     pub background_grace: Duration,
+    /// The source id the server must announce (pinned from an earlier connection, e.g. by a
+    /// supervisor whose sessions started on it): a server announcing another is refused, on the
+    /// first connection as on every reconnect — never served.
+    pub expect_source_id: Option<u64>,
 }
 
 impl Default for RemoteOptions {
@@ -76,6 +80,7 @@ impl Default for RemoteOptions {
             batch_delay: Duration::ZERO,
             max_batch_ranges: 256,
             background_grace: Duration::from_millis(GRACE_MS),
+            expect_source_id: None,
         }
     }
 }
@@ -467,6 +472,15 @@ impl RemoteSource {
                 }
             }
         };
+        if let Some(want) = options.expect_source_id {
+            if welcome.source_id != want {
+                return Err(RemoteError::SourceChanged {
+                    addr: addr.to_string(),
+                    got: welcome.source_id,
+                    want,
+                });
+            }
+        }
         let version = welcome.version;
         let page = u64::from(welcome.page_size);
         let len = welcome.source_len;
