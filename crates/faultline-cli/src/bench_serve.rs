@@ -221,6 +221,7 @@ pub fn run(
         fault_deadline: 60,
         simulate_no_poison: false,
         worker_down_limit: 30,
+        worker_hang_limit: 5,
     };
     eprintln!("restoring {clients} client(s) through faultline serve ...");
     let daemon = Daemon::start(&args)?;

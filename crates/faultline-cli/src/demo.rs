@@ -128,6 +128,7 @@ fn serve_args(
         fault_deadline: 60,
         simulate_no_poison: false,
         worker_down_limit: 30,
+        worker_hang_limit: 5,
     }
 }
 

@@ -142,6 +142,10 @@ pub struct ServeArgs {
     /// (SIGKILL through a pidfd, logged): their faults are never left waiting without a bound.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub worker_down_limit: u64,
+    /// Seconds the supervised worker may say nothing (it reports every 0.5 s) before the
+    /// supervisor takes it for stopped or wedged, kills it and resumes its sessions in a new one.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    pub worker_hang_limit: u64,
 }
 
 /// `--on-unservable`.

@@ -152,6 +152,9 @@ enum Report {
         id: u64,
         stats: Stats,
     },
+    /// The worker runs (sent every [`COUNTERS_EVERY`]): one that says nothing for
+    /// `--worker-hang-limit` (SIGSTOPped, wedged) is killed and replaced.
+    Alive,
 }
 
 /// Byte ranges, kept merged: overlapping and adjacent ranges are one.
@@ -280,6 +283,8 @@ struct Worker {
     started: Instant,
     /// It reported that it serves.
     ready: bool,
+    /// When it last reported anything.
+    heard: Instant,
     /// Why it cannot start, as it reported.
     cannot_start: Option<String>,
 }
@@ -316,6 +321,7 @@ fn spawn_worker(args: &ServeArgs, pinned: &Pinned) -> Result<Worker> {
         control: ours,
         started: Instant::now(),
         ready: false,
+        heard: Instant::now(),
         cannot_start: None,
     })
 }
@@ -525,6 +531,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("reading the working set {}", p.display()))?;
     }
     let down_limit = Duration::from_secs(args.worker_down_limit.max(1));
+    let hang_limit = Duration::from_secs(args.worker_hang_limit.max(1));
     let listener = bind(&args.socket)?;
     let shared = Arc::new(Shared {
         records: Mutex::new(HashMap::new()),
@@ -661,12 +668,35 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 }
             }
         }
+        // A worker that has said nothing for the hang limit (stopped, or wedged) is killed; its
+        // death is then handled like any other (a successor resumes every session).
+        let hung = lock(&shared.worker).as_ref().and_then(|w| {
+            (w.ready && now.duration_since(w.heard) >= hang_limit).then(|| w.child.id())
+        });
+        if let Some(pid) = hung {
+            tracing::error!(
+                worker = pid,
+                limit_s = hang_limit.as_secs(),
+                "the worker has said nothing for the hang limit (stopped or wedged): killing it; its successor resumes every session"
+            );
+            if let Some(pid) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+            if let Some(w) = lock(&shared.worker).as_mut() {
+                w.ready = false; // killed once; its death comes through the control socket
+            }
+        }
+        let heard_by = lock(&shared.worker)
+            .as_ref()
+            .filter(|w| w.ready)
+            .map(|w| w.heard + hang_limit);
         let control = lock(&shared.worker)
             .as_ref()
             .map(|w| w.control.try_clone())
             .transpose()?;
-        // Wake for the next start or the down limit, whichever comes first.
+        // Wake for the next start, the down limit or the hang limit, whichever comes first.
         let wake_at = [
+            heard_by,
             restarts.next_start,
             restarts
                 .down_since
@@ -701,8 +731,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         if !readable {
             continue;
         }
-        match recv_msg(control.as_fd()) {
+        let received = recv_msg(control.as_fd());
+        if let (Ok(Some(_)), Some(w)) = (&received, lock(&shared.worker).as_mut()) {
+            w.heard = Instant::now();
+        }
+        match received {
             Ok(Some((bytes, _))) => match serde_json::from_slice::<Report>(&bytes) {
+                Ok(Report::Alive) => {}
                 Ok(Report::Ready) => {
                     if let Some(w) = lock(&shared.worker).as_mut() {
                         w.ready = true;
@@ -878,6 +913,7 @@ pub fn run_worker(args: ServeArgs) -> Result<()> {
             .name("faultline-counters".into())
             .spawn(move || loop {
                 std::thread::sleep(COUNTERS_EVERY);
+                let _ = try_send_msg(control.as_fd(), &Report::Alive);
                 for s in core.server.sessions() {
                     let report = Report::Counters {
                         id: s.id(),
@@ -1097,6 +1133,7 @@ mod tests {
             .expect("socketpair")
             .0,
             started: Instant::now(),
+            heard: Instant::now(),
             ready,
             cannot_start: None,
         };

@@ -582,3 +582,69 @@ fn a_session_keeps_its_id_and_counters_across_a_worker_restart() {
         "the summary does not cover the whole restore ({pages} pages): {s}"
     );
 }
+
+/// SIGSTOP of the worker in the middle of a restore: it stops reporting, the supervisor takes it
+/// for wedged after `--worker-hang-limit`, kills it and resumes the session in a new worker; the
+/// restore completes byte for byte. (A stopped worker used to hold every VM until a SIGCONT that
+/// may never come.)
+#[test]
+fn a_stopped_worker_is_replaced_and_the_restore_completes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = dir.path().join("mem");
+    write_mem_file(&mem, MEM_LEN, 4096);
+    let socket = dir.path().join("fl.sock");
+    let mem_arg = mem.display().to_string();
+    let daemon = serve(
+        &socket,
+        &["--mem-file", &mem_arg, "--worker-hang-limit", "1"],
+        "info",
+    );
+    let worker = daemon.worker_pid(1);
+    let held = HeldClient::spawn(
+        &socket,
+        &mem,
+        &["--ws-pct", "30", "--ws-only", "--verify-after-hold"],
+    );
+    let pid = held.pid();
+    daemon.log.wait_for("the held session", |l| {
+        is_message(l, "session started") && fields(l)["pid"] == pid
+    });
+    signal(worker, Signal::STOP);
+    daemon.log.wait_for("the hung worker's kill", |l| {
+        fields(l)["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("the worker has said nothing for the hang limit"))
+    });
+    let next = daemon.worker_pid(2);
+    assert_ne!(next, worker);
+    // The rest of the restore (70% of the pages) is served by the new worker.
+    let report = verified_report(&held.release());
+    assert_eq!(report["pages"], MEM_LEN / 4096, "{report}");
+}
+
+/// SIGSTOP of the supervisor: the worker does not depend on it to serve, so a restore under way
+/// completes; once the supervisor runs again, new clients are served too.
+#[test]
+fn a_stopped_supervisor_does_not_stop_the_restores() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = dir.path().join("mem");
+    write_mem_file(&mem, MEM_LEN, 4096);
+    let socket = dir.path().join("fl.sock");
+    let mem_arg = mem.display().to_string();
+    let daemon = serve(&socket, &["--mem-file", &mem_arg], "info");
+    let held = HeldClient::spawn(
+        &socket,
+        &mem,
+        &["--ws-pct", "30", "--ws-only", "--verify-after-hold"],
+    );
+    let pid = held.pid();
+    daemon.log.wait_for("the held session", |l| {
+        is_message(l, "session started") && fields(l)["pid"] == pid
+    });
+    signal(daemon.pid(), Signal::STOP);
+    let report = verified_report(&held.release());
+    assert_eq!(report["pages"], MEM_LEN / 4096, "{report}");
+    signal(daemon.pid(), Signal::CONT);
+    let again = common::run_client(&socket, &mem, &[]);
+    assert_eq!(again["verified"], true, "{again}");
+}
