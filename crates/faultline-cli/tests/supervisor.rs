@@ -648,3 +648,29 @@ fn a_stopped_supervisor_does_not_stop_the_restores() {
     let again = common::run_client(&socket, &mem, &[]);
     assert_eq!(again["verified"], true, "{again}");
 }
+
+/// The memory file is deleted mid-restore, then the worker is
+/// killed: the new worker serves from the open file the supervisor holds, byte for byte. (Run as
+/// root, a `chmod 000` alone would not stop a reopen; a deleted file stops any.)
+#[test]
+fn a_restarted_worker_serves_a_memory_file_deleted_under_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = dir.path().join("mem");
+    write_mem_file(&mem, MEM_LEN, 4096);
+    let original = std::fs::read(&mem).expect("reading the memory file");
+    let socket = dir.path().join("fl.sock");
+    let mem_arg = mem.display().to_string();
+    let daemon = serve(
+        &socket,
+        &["--mem-file", &mem_arg, "--readahead", "off"],
+        "info",
+    );
+    let worker = daemon.worker_pid(1);
+    let guest = Guest::connect(&socket, MEM_LEN);
+    let half = MEM_LEN / 4096 / 2;
+    assert!(guest.read(0, half) == original[..usize::try_from(half * 4096).expect("fits")]);
+    std::fs::remove_file(&mem).expect("deleting the memory file");
+    signal(worker, Signal::KILL);
+    daemon.log.wait_for("the resumed session", is_resume);
+    guest.assert_all(&original, &|_| false);
+}
