@@ -5,9 +5,11 @@
 //! nothing serves them either). So `faultline serve` splits in two:
 //!
 //! - the **supervisor** owns what must survive: the listening socket, and for every live session
-//!   the client's socket, a duplicate of its userfaultfd, its validated regions and the ranges its
-//!   balloon removed. It accepts clients, receives and validates their handshakes, and hands each
-//!   session to the worker over a `SOCK_SEQPACKET` socket pair (JSON + the two fds).
+//!   the client's socket, a pidfd of the client process, a duplicate of its userfaultfd, its
+//!   validated regions and the ranges its balloon removed. It accepts clients, receives and
+//!   validates their handshakes, and hands each session to the worker over a `SOCK_SEQPACKET`
+//!   socket pair (JSON + the userfaultfd and the pidfd; the socket instead where the kernel
+//!   cannot name the client process). The client's socket stays with the supervisor.
 //! - the **worker** (`faultline serve-worker`, the same binary, the pair on its stdin) runs the fault
 //!   server. It tells the supervisor when a session ends and every REMOVE it applies.
 //!
@@ -23,8 +25,8 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -37,7 +39,7 @@ use rustix::net::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::serve::{accept_client, accept_loop, bind, ConnCtx, Core, Hooks, OnExit, ServeArgs};
+use crate::serve::{accept_loop, bind, Accepted, ConnCtx, Core, Hooks, OnExit, ServeArgs};
 
 /// A region as the supervisor keeps it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -57,6 +59,10 @@ struct SessionMsg {
     regions: Vec<Reg>,
     /// Taken over from a dead worker: the ranges removed so far.
     resume: Option<Vec<(u64, u64)>>,
+    /// The second fd is a pidfd of the client process (else the client's socket, whose
+    /// hang-up then ends the session).
+    #[serde(default)]
+    pidfd: bool,
 }
 
 /// Worker → supervisor.
@@ -68,7 +74,10 @@ enum Report {
 
 /// What the supervisor keeps of a live session.
 struct Record {
-    stream: UnixStream,
+    /// The client's socket: kept open while the session lives.
+    socket: Option<OwnedFd>,
+    /// The client process.
+    pidfd: Option<OwnedFd>,
     uffd: OwnedFd,
     regions: Vec<Reg>,
     peer: PeerCred,
@@ -219,8 +228,11 @@ fn hand_over(control: BorrowedFd<'_>, id: u64, r: &Record, resume: bool) -> std:
         uid: r.peer.uid,
         regions: r.regions.clone(),
         resume: resume.then(|| r.removed.clone()),
+        pidfd: r.pidfd.is_some(),
     };
-    send_msg(control, &msg, &[r.uffd.as_fd(), r.stream.as_fd()])
+    let mut fds = vec![r.uffd.as_fd()];
+    fds.extend(r.pidfd.as_ref().or(r.socket.as_ref()).map(AsFd::as_fd));
+    send_msg(control, &msg, &fds)
 }
 
 /// `faultline serve` (supervised): run until SIGTERM or SIGINT.
@@ -248,54 +260,46 @@ pub fn run(args: ServeArgs) -> Result<()> {
         mem_len: Some(mem_len),
         ..Default::default()
     };
-    let allow = args.allow_uid.clone();
     let (records2, worker2, next2) = (
         Arc::clone(&records),
         Arc::clone(&worker),
         Arc::clone(&next_id),
     );
-    let ctx = Arc::new(ConnCtx {
-        limits,
-        dispatch: Box::new(move |stream: UnixStream, limits| {
-            let c = match accept_client(&stream, limits, &allow) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "handshake refused; connection closed");
-                    return;
-                }
-            };
-            let id = next2.fetch_add(1, Ordering::AcqRel);
-            let regions = c
-                .regions
-                .iter()
-                .map(|r| Reg {
-                    start: r.start,
-                    len: r.len,
-                    page_size: r.page_size,
-                    offset: r.offset,
-                })
-                .collect();
-            let record = Record {
-                stream,
-                uffd: c.uffd.into_fd(),
-                regions,
-                peer: c.peer,
-                removed: Vec::new(),
-            };
-            // Hold the records lock while handing over, so a worker restart cannot miss it.
-            let Ok(mut recs) = records2.lock() else {
-                return;
-            };
-            let w = match worker2.lock() {
-                Ok(w) => w,
-                Err(p) => p.into_inner(),
-            };
-            if let Err(e) = hand_over(w.control.as_fd(), id, &record, false) {
-                tracing::warn!(error = %e, "worker unavailable; the session will be handed to its successor");
-            }
-            recs.insert(id, record);
-        }),
+    let dispatch = Box::new(move |c: Accepted| {
+        let id = next2.fetch_add(1, Ordering::AcqRel);
+        let regions = c
+            .regions
+            .iter()
+            .map(|r| Reg {
+                start: r.start,
+                len: r.len,
+                page_size: r.page_size,
+                offset: r.offset,
+            })
+            .collect();
+        let record = Record {
+            socket: c.socket,
+            pidfd: c.pidfd,
+            uffd: c.uffd.into_fd(),
+            regions,
+            peer: c.peer,
+            removed: Vec::new(),
+        };
+        // Hold the records lock while handing over, so a worker restart cannot miss it. A
+        // poisoned lock still guards consistent records (each insert or remove is one call).
+        let mut recs = records2.lock().unwrap_or_else(PoisonError::into_inner);
+        let w = worker2.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = hand_over(w.control.as_fd(), id, &record, false) {
+            tracing::warn!(error = %e, "worker unavailable; the session will be handed to its successor");
+        }
+        recs.insert(id, record);
     });
+    let ctx = Arc::new(ConnCtx::new(
+        &args,
+        limits,
+        Arc::new(AtomicU64::new(0)),
+        dispatch,
+    ));
     let stop = Arc::new(AtomicBool::new(false));
     let (wake_rx, wake_tx) = UnixStream::pair()?;
     let accept = {
@@ -424,6 +428,7 @@ fn stop_worker(child: &mut Child) {
 /// `faultline serve-worker`: the serving half; its stdin is the control socket.
 pub fn run_worker(args: ServeArgs) -> Result<()> {
     crate::serve::init_logging(args.log_format);
+    crate::serve::raise_fd_limit();
     let term = Arc::new(AtomicBool::new(false));
     let (sig_rx, sig_tx) = UnixStream::pair()?;
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -455,9 +460,14 @@ pub fn run_worker(args: ServeArgs) -> Result<()> {
                     }
                 };
                 let mut fds = fds.into_iter();
-                let (Some(uffd), Some(watch)) = (fds.next(), fds.next()) else {
-                    tracing::error!(session = msg.id, "session without its fds");
+                let (Some(uffd), second) = (fds.next(), fds.next()) else {
+                    tracing::error!(session = msg.id, "session without its userfaultfd");
                     continue;
+                };
+                let (pidfd, socket) = if msg.pidfd {
+                    (second, None)
+                } else {
+                    (None, second)
                 };
                 let uffd = match Uffd::from_received_fd(uffd) {
                     Ok(u) => u,
@@ -493,7 +503,8 @@ pub fn run_worker(args: ServeArgs) -> Result<()> {
                         uid: msg.uid,
                         gid: 0,
                     },
-                    watch,
+                    pidfd,
+                    socket,
                 };
                 if msg.resume.is_some() {
                     tracing::info!(

@@ -36,6 +36,7 @@ pub use faultline_uffd as uffd;
 
 pub mod firecracker;
 pub mod image;
+pub mod peer;
 pub mod policy;
 pub mod region;
 pub mod remote;
