@@ -585,9 +585,15 @@ pub const LOG_WINDOW: Duration = Duration::from_secs(1);
 
 /// A rate limit on log lines, per cause: [`LOG_BURST`] lines per [`LOG_WINDOW`]; beyond that they
 /// are counted, and the count is logged once the window is over.
-#[derive(Default)]
 pub struct LogLimit {
+    window: Duration,
     causes: Mutex<HashMap<&'static str, Window>>,
+}
+
+impl Default for LogLimit {
+    fn default() -> LogLimit {
+        LogLimit::with_window(LOG_WINDOW)
+    }
 }
 
 struct Window {
@@ -597,6 +603,21 @@ struct Window {
 }
 
 impl LogLimit {
+    /// A limit of [`LOG_BURST`] lines per cause per `window`.
+    pub fn with_window(window: Duration) -> LogLimit {
+        LogLimit {
+            window,
+            causes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Lines of `cause` suppressed in its current window, not reported yet.
+    #[cfg(test)]
+    pub fn pending(&self, cause: &str) -> u64 {
+        let causes = self.causes.lock().unwrap_or_else(PoisonError::into_inner);
+        causes.get(cause).map_or(0, |w| w.suppressed)
+    }
+
     /// Whether a line of `cause` may be logged now; if not, it is counted.
     pub fn allow(&self, cause: &'static str) -> bool {
         let now = Instant::now();
@@ -607,8 +628,8 @@ impl LogLimit {
             logged: 0,
             suppressed: 0,
         });
-        if now.duration_since(w.start) >= LOG_WINDOW {
-            report_suppressed(cause, w);
+        if now.duration_since(w.start) >= self.window {
+            report_suppressed(cause, w, self.window);
             w.start = now;
             w.logged = 0;
         }
@@ -626,21 +647,21 @@ impl LogLimit {
         let now = Instant::now();
         let mut causes = self.causes.lock().unwrap_or_else(PoisonError::into_inner);
         for (cause, w) in causes.iter_mut() {
-            if w.suppressed > 0 && now.duration_since(w.start) >= LOG_WINDOW {
-                report_suppressed(cause, w);
+            if w.suppressed > 0 && now.duration_since(w.start) >= self.window {
+                report_suppressed(cause, w, self.window);
             }
         }
         // Quiet causes are forgotten, so the map holds only the causes of the last window.
-        causes.retain(|_, w| now.duration_since(w.start) < LOG_WINDOW);
+        causes.retain(|_, w| now.duration_since(w.start) < self.window);
     }
 }
 
-fn report_suppressed(cause: &str, w: &mut Window) {
+fn report_suppressed(cause: &str, w: &mut Window, window: Duration) {
     if w.suppressed > 0 {
         tracing::warn!(
             cause,
             suppressed = w.suppressed,
-            window_ms = LOG_WINDOW.as_millis() as u64,
+            window_ms = window.as_millis() as u64,
             "similar log lines suppressed"
         );
         w.suppressed = 0;
@@ -1068,4 +1089,53 @@ pub fn run(args: ServeArgs) -> Result<()> {
     daemon.stop();
     core.flush();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_limit_allows_a_burst_per_cause_then_counts() {
+        let limit = LogLimit::with_window(Duration::from_secs(3600));
+        for _ in 0..LOG_BURST {
+            assert!(limit.allow("a"));
+        }
+        for _ in 0..1000 {
+            assert!(!limit.allow("a"));
+        }
+        assert_eq!(limit.pending("a"), 1000);
+        // Another cause has its own budget.
+        assert!(limit.allow("b"));
+        // Within the window, a flush reports nothing and keeps the count.
+        limit.flush();
+        assert_eq!(limit.pending("a"), 1000);
+    }
+
+    #[test]
+    fn log_limit_reports_and_resets_once_the_window_is_over() {
+        let limit = LogLimit::with_window(Duration::ZERO);
+        // Every call opens a new window: nothing is ever suppressed.
+        for _ in 0..100 {
+            assert!(limit.allow("a"));
+        }
+        assert_eq!(limit.pending("a"), 0);
+        limit.flush();
+        assert_eq!(limit.pending("a"), 0);
+    }
+
+    #[test]
+    fn accept_backoff_doubles_to_a_second() {
+        let mut d = None;
+        let mut seen = Vec::new();
+        for _ in 0..12 {
+            let next = next_backoff(d);
+            seen.push(next.as_millis());
+            d = Some(next);
+        }
+        assert_eq!(
+            seen,
+            [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000, 1000]
+        );
+    }
 }
