@@ -524,7 +524,8 @@ pub struct Accepted {
 
 /// Why a connection was refused: a short cause (the key of the log's rate limit) and the error.
 pub struct Refusal {
-    /// `uid`, `busy`, `gone`, `event-fork`, or a [`firecracker::HandshakeError::cause`].
+    /// `uid`, `busy`, `gone`, `pidfd`, `event-fork`, `fds`, `thread`, or a
+    /// [`firecracker::HandshakeError::cause`].
     pub cause: &'static str,
     /// What went wrong.
     pub error: anyhow::Error,
@@ -777,14 +778,18 @@ impl ConnCtx {
     }
 
     /// A new connection: vetted by its credentials and the cap before anything is read, then
-    /// its handshake received on a thread of its own.
-    fn admit(self: &Arc<Self>, stream: UnixStream) {
+    /// its handshake received on a thread of its own. Returns `false` when the process is out of
+    /// fds (the client could not be named): the accept loop then pauses as for a failed accept.
+    fn admit(self: &Arc<Self>, stream: UnixStream) -> bool {
         let peer = match firecracker::peer_cred(&stream) {
             Ok(p) => p,
-            Err(e) => return self.refuse(e.into()),
+            Err(e) => {
+                self.refuse(e.into());
+                return true;
+            }
         };
         if !self.allow_uids.is_empty() && !self.allow_uids.contains(&peer.uid) {
-            return self.refuse(Refusal::new(
+            self.refuse(Refusal::new(
                 "uid",
                 anyhow!(
                     "client pid {} runs as uid {}, which --allow-uid does not list",
@@ -792,11 +797,12 @@ impl ConnCtx {
                     peer.uid
                 ),
             ));
+            return true;
         }
         // Only this thread adds to `in_flight`, so the check holds until the add.
         let busy = self.in_flight.load(Ordering::Acquire);
         if busy >= self.max_handshakes {
-            return self.refuse(Refusal::new(
+            self.refuse(Refusal::new(
                 "busy",
                 anyhow!(
                     "client pid {}: {busy} handshakes are in progress, the most --max-handshakes \
@@ -804,18 +810,30 @@ impl ConnCtx {
                     peer.pid
                 ),
             ));
+            return true;
         }
         // Name the client process now, before its pid can be reused (see `faultline::peer`).
+        // Only a kernel that cannot name the client at all leaves its socket as the session's
+        // life line; a client already gone, a reused pid, or a failing call (out of fds) is
+        // refused: it could not be served as promised.
         let pidfd = match faultline::peer::client_pidfd(&stream, &peer) {
             Ok(fd) => Some(fd),
-            Err(e @ faultline::peer::PeerError::Gone { .. }) => {
-                return self.refuse(Refusal::new("gone", e))
-            }
-            Err(e) => {
+            Err(e @ faultline::peer::PeerError::Unsupported { .. }) => {
                 if self.log.allow("no-pidfd") {
                     tracing::warn!(pid = peer.pid, error = %e, "the client's session will follow its socket, not its process");
                 }
                 None
+            }
+            Err(e @ faultline::peer::PeerError::Gone { .. }) => {
+                self.refuse(Refusal::new("gone", e));
+                return true;
+            }
+            Err(e) => {
+                let out_of_fds = matches!(&e, faultline::peer::PeerError::Os { source, .. }
+                    if matches!(source.raw_os_error(), Some(n) if n == rustix::io::Errno::MFILE.raw_os_error()
+                        || n == rustix::io::Errno::NFILE.raw_os_error()));
+                self.refuse(Refusal::new("pidfd", e));
+                return !out_of_fds;
             }
         };
         self.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -838,7 +856,9 @@ impl ConnCtx {
                 "thread",
                 anyhow::Error::new(e).context("cannot start a handshake thread"),
             ));
+            return false;
         }
+        true
     }
 }
 
@@ -961,12 +981,15 @@ pub(crate) fn accept_loop(
         }
         match listener.accept() {
             Ok((stream, _)) => {
-                backoff = None;
                 if let Err(e) = stream.set_nonblocking(false) {
                     ctx.refuse(Refusal::new("io", e));
                     continue;
                 }
-                ctx.admit(stream);
+                backoff = if ctx.admit(stream) {
+                    None
+                } else {
+                    Some(next_backoff(backoff))
+                };
             }
             Err(e)
                 if matches!(
