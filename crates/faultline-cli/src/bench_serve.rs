@@ -213,6 +213,7 @@ pub fn run(
         metrics: None,
         log_format: LogFormat::Text,
         handshake_timeout: 5,
+        max_handshakes: 64,
         no_zero_scan: false,
         allow_uid: Vec::new(),
         on_exit: crate::serve::OnExit::Abandon,

@@ -5,23 +5,43 @@
 //! message with the userfaultfd attached) is received and validated on its own thread with a
 //! timeout, so a slow or silent client never holds up anyone else; a bad one is logged with the
 //! problem named and its connection closed. A good one becomes a session of the shared fault
-//! server, which ends when the client's socket hangs up.
+//! server, which ends when the client **process** exits (a pidfd, see [`faultline::peer`]), not
+//! when its socket hangs up: Firecracker before v1.12 closes the socket right after the handshake
+//! and goes on running the guest.
+//!
+//! # The front door's limits
+//! - The client's credentials (`SO_PEERCRED`) are vetted against `--allow-uid` right after
+//!   `accept`, before a byte is read and before any thread is started for it.
+//! - At most `--max-handshakes` handshakes are received at once, each on its own thread and each
+//!   holding at most [`Limits::max_message`] bytes: threads and bytes in flight are bounded. A
+//!   connection over the cap is refused at once.
+//! - An `accept` that fails (out of fds: `EMFILE`, `ENFILE`; out of memory) is retried after a
+//!   pause that doubles from 5 ms to 1 s, instead of at once in a loop; the open-file soft limit
+//!   is raised to the hard limit at start.
+//! - Refusals and accept errors are logged at most [`LOG_BURST`] lines per cause per second; the
+//!   rest are counted and reported in one line per cause and second ("similar log lines
+//!   suppressed").
+//! - The session's socket is kept open (by the supervisor) until the session ends, though it no
+//!   longer decides anything: a client that watches it (Firecracker v1.12+ keeps its end open)
+//!   still sees the handler hang up when, and only when, its session is over.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::os::fd::AsFd;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 use faultline::firecracker::{self, Limits};
 use faultline::source::{MmapSource, PageSource};
 use faultline::{EndHook, Readahead, Region, Server, ServerConfig, SessionOptions, WorkingSet};
-use faultline_uffd::{MemoryKind, Uffd};
+use faultline_uffd::{Features, MemoryKind, Uffd};
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -107,6 +127,10 @@ pub struct ServeArgs {
     /// Seconds a client may take to send its handshake.
     #[arg(long, default_value_t = 5)]
     pub handshake_timeout: u64,
+    /// Handshakes received at once, at most (each on its own thread, holding at most 1 MiB); a
+    /// connection over the cap is refused at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub max_handshakes: u64,
     /// Skip the start-up scan for zero pages (which lets zero pages be served with ZEROPAGE).
     #[arg(long)]
     pub no_zero_scan: bool,
@@ -333,7 +357,20 @@ impl Core {
             .collect();
         let record = self.record.clone();
         let ended = hooks.ended;
+        // With a pidfd the session follows the process; the socket (if we hold it) is only kept
+        // open until the session ends. Without one (see `faultline::peer`), its hang-up is all
+        // that tells the client is gone.
+        let follows = if c.pidfd.is_some() {
+            "process"
+        } else {
+            "socket"
+        };
+        let (pidfd, watch, keep) = match c.pidfd {
+            Some(p) => (Some(p), None, c.socket),
+            None => (None, c.socket, None),
+        };
         let on_end = EndHook(Box::new(move |s: &faultline::SessionHandle| {
+            drop(keep);
             if let Some(path) = record {
                 let ws = s.working_set();
                 match ws.save(&path) {
@@ -355,7 +392,8 @@ impl Core {
             record_working_set: self.record.is_some(),
             prefetch: self.prefetch.clone(),
             background_fill: self.background_fill,
-            watch: Some(c.watch),
+            watch,
+            pidfd,
             readahead: None,
             on_end: Some(on_end),
             on_remove: hooks.removed,
@@ -364,7 +402,6 @@ impl Core {
             id: handover.id,
             carried: handover.carried,
             on_unservable: self.on_unservable,
-            ..SessionOptions::default()
         };
         match self.server.add_session(c.uffd, regions, opts) {
             Ok(s) => {
@@ -375,6 +412,7 @@ impl Core {
                     uid = peer.uid,
                     regions = n_regions,
                     pages = s.total_pages(),
+                    follows,
                     "session started"
                 );
                 Ok(s.id())
@@ -706,37 +744,165 @@ pub struct Hooks {
 
 /// A client whose handshake was received and validated.
 pub struct Accepted {
-    /// Its userfaultfd (checked to be one).
+    /// Its userfaultfd (checked to be one, without `EVENT_FORK`).
     pub uffd: Uffd,
     /// Its guest memory regions.
     pub regions: Vec<firecracker::ValidatedRegion>,
     /// Who it is.
     pub peer: firecracker::PeerCred,
-    /// Its socket: readiness means it is gone.
-    pub watch: std::os::fd::OwnedFd,
+    /// The client process: its exit ends the session. `None` where the kernel cannot name it
+    /// (see [`faultline::peer`]); the session then follows `socket`.
+    pub pidfd: Option<OwnedFd>,
+    /// Its socket, if held here: kept open for the session's life (with a pidfd), or its
+    /// hang-up ends the session (without one).
+    pub socket: Option<OwnedFd>,
 }
 
-/// Receive, validate and vet a client's handshake.
-pub fn accept_client(stream: &UnixStream, limits: &Limits, allow_uids: &[u32]) -> Result<Accepted> {
-    let hs = firecracker::receive_handshake(stream, limits)?;
-    if !allow_uids.is_empty() && !allow_uids.contains(&hs.peer.uid) {
-        bail!(
-            "client pid {} runs as uid {}, which --allow-uid does not list",
-            hs.peer.pid,
-            hs.peer.uid
-        );
+/// Why a connection was refused: a short cause (the key of the log's rate limit) and the error.
+pub struct Refusal {
+    /// `uid`, `busy`, `gone`, `pidfd`, `event-fork`, `fds`, `thread`, or a
+    /// [`firecracker::HandshakeError::cause`].
+    pub cause: &'static str,
+    /// What went wrong.
+    pub error: anyhow::Error,
+}
+
+impl Refusal {
+    fn new(cause: &'static str, error: impl Into<anyhow::Error>) -> Refusal {
+        Refusal {
+            cause,
+            error: error.into(),
+        }
     }
-    let uffd = Uffd::from_received_fd(hs.uffd)?;
-    let watch = stream
-        .as_fd()
-        .try_clone_to_owned()
-        .context("keeping the client's socket")?;
+}
+
+impl From<firecracker::HandshakeError> for Refusal {
+    fn from(e: firecracker::HandshakeError) -> Refusal {
+        Refusal::new(e.cause(), e)
+    }
+}
+
+/// Receive, validate and vet the handshake of a client whose credentials (`peer`) were vetted
+/// already and whose process is `pidfd`.
+pub fn accept_client(
+    stream: UnixStream,
+    peer: firecracker::PeerCred,
+    pidfd: Option<OwnedFd>,
+    limits: &Limits,
+) -> Result<Accepted, Refusal> {
+    let hs = firecracker::receive_handshake(&stream, limits)?;
+    let uffd = Uffd::from_received_fd(hs.uffd).map_err(|e| Refusal::new("fds", e))?;
+    if uffd.features().contains(Features::EVENT_FORK) {
+        // Every fork() of the client would hand us the userfaultfd of a child that no pidfd ties
+        // to a process (the kernel names none): a session that could never end. Firecracker
+        // never asks for it.
+        return Err(Refusal::new(
+            "event-fork",
+            anyhow!(
+                "client pid {}'s userfaultfd has EVENT_FORK enabled: the sessions of its forked \
+                 children could not be tied to a process, so they are not served (Firecracker \
+                 never enables EVENT_FORK)",
+                peer.pid
+            ),
+        ));
+    }
     Ok(Accepted {
         uffd,
         regions: hs.mappings,
-        peer: hs.peer,
-        watch,
+        peer,
+        pidfd,
+        socket: Some(OwnedFd::from(stream)),
     })
+}
+
+/// Log lines of one cause allowed per [`LOG_WINDOW`].
+pub const LOG_BURST: u32 = 5;
+/// The window of the log's rate limit.
+pub const LOG_WINDOW: Duration = Duration::from_secs(1);
+
+/// A rate limit on log lines, per cause: [`LOG_BURST`] lines per [`LOG_WINDOW`]; beyond that they
+/// are counted, and the count is logged once the window is over.
+pub struct LogLimit {
+    window: Duration,
+    causes: Mutex<HashMap<&'static str, Window>>,
+}
+
+impl Default for LogLimit {
+    fn default() -> LogLimit {
+        LogLimit::with_window(LOG_WINDOW)
+    }
+}
+
+struct Window {
+    start: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    /// A limit of [`LOG_BURST`] lines per cause per `window`.
+    pub fn with_window(window: Duration) -> LogLimit {
+        LogLimit {
+            window,
+            causes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Lines of `cause` suppressed in its current window, not reported yet.
+    #[cfg(test)]
+    pub fn pending(&self, cause: &str) -> u64 {
+        let causes = self.causes.lock().unwrap_or_else(PoisonError::into_inner);
+        causes.get(cause).map_or(0, |w| w.suppressed)
+    }
+
+    /// Whether a line of `cause` may be logged now; if not, it is counted.
+    pub fn allow(&self, cause: &'static str) -> bool {
+        let now = Instant::now();
+        // A panic elsewhere while holding this lock leaves only counters behind: keep counting.
+        let mut causes = self.causes.lock().unwrap_or_else(PoisonError::into_inner);
+        let w = causes.entry(cause).or_insert(Window {
+            start: now,
+            logged: 0,
+            suppressed: 0,
+        });
+        if now.duration_since(w.start) >= self.window {
+            report_suppressed(cause, w, self.window);
+            w.start = now;
+            w.logged = 0;
+        }
+        if w.logged < LOG_BURST {
+            w.logged += 1;
+            true
+        } else {
+            w.suppressed += 1;
+            false
+        }
+    }
+
+    /// Logs the counts of the causes whose window is over.
+    pub fn flush(&self) {
+        let now = Instant::now();
+        let mut causes = self.causes.lock().unwrap_or_else(PoisonError::into_inner);
+        for (cause, w) in causes.iter_mut() {
+            if w.suppressed > 0 && now.duration_since(w.start) >= self.window {
+                report_suppressed(cause, w, self.window);
+            }
+        }
+        // Quiet causes are forgotten, so the map holds only the causes of the last window.
+        causes.retain(|_, w| now.duration_since(w.start) < self.window);
+    }
+}
+
+fn report_suppressed(cause: &str, w: &mut Window, window: Duration) {
+    if w.suppressed > 0 {
+        tracing::warn!(
+            cause,
+            suppressed = w.suppressed,
+            window_ms = window.as_millis() as u64,
+            "similar log lines suppressed"
+        );
+        w.suppressed = 0;
+    }
 }
 
 impl Daemon {
@@ -750,22 +916,15 @@ impl Daemon {
         let refused = Arc::clone(&core.refused);
         let stop = Arc::new(AtomicBool::new(false));
         let (wake_rx, wake) = UnixStream::pair()?;
-        let limits = core.limits(args);
-        let allow = args.allow_uid.clone();
-        let ctx = Arc::new(ConnCtx {
-            limits,
-            dispatch: Box::new(move |stream: UnixStream, limits: &Limits| {
-                match accept_client(&stream, limits, &allow) {
-                    Ok(c) => {
-                        let _ = core.start_session(c, Handover::default(), Hooks::default());
-                    }
-                    Err(e) => {
-                        core.refused.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = %format!("{e:#}"), "handshake refused; connection closed");
-                    }
-                }
-            }),
+        let dispatch = Box::new(move |c: Accepted| {
+            let _ = core.start_session(c, Handover::default(), Hooks::default());
         });
+        let ctx = Arc::new(ConnCtx::new(
+            args,
+            core_keep.limits(args),
+            Arc::clone(&refused),
+            dispatch,
+        ));
         let stop2 = Arc::clone(&stop);
         let accept = std::thread::Builder::new()
             .name("faultline-accept".into())
@@ -814,27 +973,164 @@ impl Drop for Daemon {
     }
 }
 
-/// What the accept loop does with each connection (on its own thread).
+/// The accept loop's state: the limits a connection is held to, and what is done with a good
+/// handshake (on the handshake's thread).
 pub(crate) struct ConnCtx {
-    pub(crate) limits: Limits,
+    limits: Limits,
+    allow_uids: Vec<u32>,
+    max_handshakes: usize,
+    /// Handshakes being received now.
+    in_flight: AtomicUsize,
+    refused: Arc<AtomicU64>,
+    log: LogLimit,
     #[allow(clippy::type_complexity)]
-    pub(crate) dispatch: Box<dyn Fn(UnixStream, &Limits) + Send + Sync>,
+    dispatch: Box<dyn Fn(Accepted) + Send + Sync>,
 }
 
-/// Create the listening socket: mode 0600, a stale socket replaced, a live one refused.
+impl ConnCtx {
+    pub(crate) fn new(
+        args: &ServeArgs,
+        limits: Limits,
+        refused: Arc<AtomicU64>,
+        dispatch: Box<dyn Fn(Accepted) + Send + Sync>,
+    ) -> ConnCtx {
+        ConnCtx {
+            limits,
+            allow_uids: args.allow_uid.clone(),
+            max_handshakes: usize::try_from(args.max_handshakes).unwrap_or(usize::MAX),
+            in_flight: AtomicUsize::new(0),
+            refused,
+            log: LogLimit::default(),
+            dispatch,
+        }
+    }
+
+    /// Counts and logs (rate-limited per cause) a refused connection; the caller closes it.
+    fn refuse(&self, r: Refusal) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        if self.log.allow(r.cause) {
+            tracing::warn!(cause = r.cause, error = %format!("{:#}", r.error), "handshake refused; connection closed");
+        }
+    }
+
+    /// A new connection: vetted by its credentials and the cap before anything is read, then
+    /// its handshake received on a thread of its own. Returns `false` when the process is out of
+    /// fds (the client could not be named): the accept loop then pauses as for a failed accept.
+    fn admit(self: &Arc<Self>, stream: UnixStream) -> bool {
+        let peer = match firecracker::peer_cred(&stream) {
+            Ok(p) => p,
+            Err(e) => {
+                self.refuse(e.into());
+                return true;
+            }
+        };
+        if !self.allow_uids.is_empty() && !self.allow_uids.contains(&peer.uid) {
+            self.refuse(Refusal::new(
+                "uid",
+                anyhow!(
+                    "client pid {} runs as uid {}, which --allow-uid does not list",
+                    peer.pid,
+                    peer.uid
+                ),
+            ));
+            return true;
+        }
+        // Only this thread adds to `in_flight`, so the check holds until the add.
+        let busy = self.in_flight.load(Ordering::Acquire);
+        if busy >= self.max_handshakes {
+            self.refuse(Refusal::new(
+                "busy",
+                anyhow!(
+                    "client pid {}: {busy} handshakes are in progress, the most --max-handshakes \
+                     allows",
+                    peer.pid
+                ),
+            ));
+            return true;
+        }
+        // Name the client process now, before its pid can be reused (see `faultline::peer`).
+        // Only a kernel that cannot name the client at all leaves its socket as the session's
+        // life line; a client already gone, a reused pid, or a failing call (out of fds) is
+        // refused: it could not be served as promised.
+        let pidfd = match faultline::peer::client_pidfd(&stream, &peer) {
+            Ok(fd) => Some(fd),
+            Err(e @ faultline::peer::PeerError::Unsupported { .. }) => {
+                if self.log.allow("no-pidfd") {
+                    tracing::warn!(pid = peer.pid, error = %e, "the client's session will follow its socket, not its process");
+                }
+                None
+            }
+            Err(e @ faultline::peer::PeerError::Gone { .. }) => {
+                self.refuse(Refusal::new("gone", e));
+                return true;
+            }
+            Err(e) => {
+                let out_of_fds = matches!(&e, faultline::peer::PeerError::Os { source, .. }
+                    if matches!(source.raw_os_error(), Some(n) if n == rustix::io::Errno::MFILE.raw_os_error()
+                        || n == rustix::io::Errno::NFILE.raw_os_error()));
+                self.refuse(Refusal::new("pidfd", e));
+                return !out_of_fds;
+            }
+        };
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let ctx = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("faultline-handshake".into())
+            .spawn(move || {
+                let result = accept_client(stream, peer, pidfd, &ctx.limits);
+                // The slot is free once the handshake is in (a session's set-up is not a
+                // handshake's: it cannot be stalled by the client).
+                ctx.in_flight.fetch_sub(1, Ordering::AcqRel);
+                match result {
+                    Ok(c) => (ctx.dispatch)(c),
+                    Err(r) => ctx.refuse(r),
+                }
+            });
+        if let Err(e) = spawned {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.refuse(Refusal::new(
+                "thread",
+                anyhow::Error::new(e).context("cannot start a handshake thread"),
+            ));
+            return false;
+        }
+        true
+    }
+}
+
+/// Create the listening socket: mode 0600. What is at `path` already is replaced only if it is a
+/// socket nobody listens on (a daemon that died); a live socket, and anything that is not a
+/// socket (a file, a directory, a symlink — never followed), is an error naming it and left in
+/// place.
 pub(crate) fn bind(path: &Path) -> Result<UnixListener> {
-    if path.exists() {
-        match UnixStream::connect(path) {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
             Ok(_) => bail!(
                 "{} is a live socket: another handler is serving it",
                 path.display()
             ),
-            Err(_) => {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 std::fs::remove_file(path)
                     .with_context(|| format!("removing the stale socket {}", path.display()))?;
                 tracing::info!(socket = %path.display(), "replaced a stale socket");
             }
-        }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "{} is a socket that cannot be checked for a listener; not replacing it",
+                        path.display()
+                    )
+                })
+            }
+        },
+        Ok(meta) => bail!(
+            "{} exists and is {}, not a socket: refusing to replace it (remove it or choose \
+             another --socket)",
+            path.display(),
+            file_kind(&meta.file_type())
+        ),
     }
     // Created 0600 from the start: no window in which others may connect.
     let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
@@ -843,39 +1139,145 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener> {
     l.with_context(|| format!("binding {}", path.display()))
 }
 
+/// "a regular file", "a symlink", ... for errors.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_file() {
+        "a regular file"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "not a socket"
+    }
+}
+
+/// The first pause after a failed `accept`, and the longest.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
+
+/// The rate-limit cause of an `accept` error.
+fn accept_cause(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(n) if n == rustix::io::Errno::MFILE.raw_os_error() => "accept-emfile",
+        Some(n) if n == rustix::io::Errno::NFILE.raw_os_error() => "accept-enfile",
+        Some(n)
+            if n == rustix::io::Errno::NOMEM.raw_os_error()
+                || n == rustix::io::Errno::NOBUFS.raw_os_error() =>
+        {
+            "accept-nomem"
+        }
+        _ => "accept-other",
+    }
+}
+
+/// Accepts connections until `wake` is readable or `stop` set; each goes to [`ConnCtx::admit`].
+/// A failed `accept` (out of fds, out of memory) is retried after a pause doubling from 5 ms to
+/// 1 s, during which the listener is not polled (its pending connection would wake us at once);
+/// the log's suppressed counts are reported at least once a second.
 pub(crate) fn accept_loop(
     listener: UnixListener,
     wake: UnixStream,
     stop: Arc<AtomicBool>,
     ctx: Arc<ConnCtx>,
 ) {
-    use rustix::event::{poll, PollFd, PollFlags};
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    if let Err(e) = listener.set_nonblocking(true) {
+        tracing::warn!(error = %e, "cannot make the listening socket non-blocking");
+    }
+    let mut backoff: Option<Duration> = None;
     while !stop.load(Ordering::Acquire) {
+        let timeout = Timespec::try_from(backoff.unwrap_or(LOG_WINDOW)).ok();
         let mut fds = [
-            PollFd::new(&listener, PollFlags::IN),
             PollFd::new(&wake, PollFlags::IN),
+            PollFd::new(&listener, PollFlags::IN),
         ];
-        match poll(&mut fds, None) {
+        let watched = if backoff.is_some() { 1 } else { 2 };
+        let polled = poll(&mut fds[..watched], timeout.as_ref());
+        ctx.log.flush();
+        match polled {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => {
-                tracing::error!(error = %e, "poll on the listening socket failed");
-                return;
+                let pause = next_backoff(backoff);
+                backoff = Some(pause);
+                if ctx.log.allow("poll") {
+                    tracing::error!(error = %e, retry_in_ms = pause.as_millis() as u64, "poll on the listening socket failed");
+                }
+                continue;
             }
         }
-        if !fds[1].revents().is_empty() || stop.load(Ordering::Acquire) {
+        if !fds[0].revents().is_empty() || stop.load(Ordering::Acquire) {
             return;
+        }
+        if backoff.is_none() && fds[1].revents().is_empty() {
+            continue;
         }
         match listener.accept() {
             Ok((stream, _)) => {
-                let ctx = Arc::clone(&ctx);
-                let r = std::thread::Builder::new()
-                    .name("faultline-handshake".into())
-                    .spawn(move || (ctx.dispatch)(stream, &ctx.limits));
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "cannot start a handshake thread; connection dropped");
+                if let Err(e) = stream.set_nonblocking(false) {
+                    ctx.refuse(Refusal::new("io", e));
+                    continue;
+                }
+                backoff = if ctx.admit(stream) {
+                    None
+                } else {
+                    Some(next_backoff(backoff))
+                };
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                backoff = None;
+            }
+            Err(e) => {
+                let pause = next_backoff(backoff);
+                backoff = Some(pause);
+                if ctx.log.allow(accept_cause(&e)) {
+                    tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "accept failed; retrying after a pause");
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "accept failed"),
+        }
+    }
+}
+
+fn next_backoff(now: Option<Duration>) -> Duration {
+    match now {
+        None => ACCEPT_BACKOFF.0,
+        Some(d) => d.saturating_mul(2).min(ACCEPT_BACKOFF.1),
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit (systemd's default soft limit, 1024, is
+/// reached with about 500 VMs: each session holds a few fds).
+pub fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let now = getrlimit(Resource::Nofile);
+    // An unlimited hard limit still cannot exceed fs.nr_open.
+    let hard = now.maximum.or_else(|| {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    });
+    let (Some(soft), Some(hard)) = (now.current, hard) else {
+        return;
+    };
+    if soft >= hard {
+        return;
+    }
+    let want = Rlimit {
+        current: Some(hard),
+        maximum: now.maximum,
+    };
+    match setrlimit(Resource::Nofile, want) {
+        Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
+        Err(e) => {
+            tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit")
         }
     }
 }
@@ -918,6 +1320,7 @@ fn serve_metrics(addr: &str, server: Arc<Server>) -> Result<()> {
 /// `faultline serve`: run until SIGTERM or SIGINT.
 pub fn run(args: ServeArgs) -> Result<()> {
     init_logging(args.log_format);
+    raise_fd_limit();
     if !args.no_supervisor {
         return crate::supervisor::run(args);
     }
@@ -945,4 +1348,53 @@ pub fn run(args: ServeArgs) -> Result<()> {
     daemon.stop();
     core.flush();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_limit_allows_a_burst_per_cause_then_counts() {
+        let limit = LogLimit::with_window(Duration::from_secs(3600));
+        for _ in 0..LOG_BURST {
+            assert!(limit.allow("a"));
+        }
+        for _ in 0..1000 {
+            assert!(!limit.allow("a"));
+        }
+        assert_eq!(limit.pending("a"), 1000);
+        // Another cause has its own budget.
+        assert!(limit.allow("b"));
+        // Within the window, a flush reports nothing and keeps the count.
+        limit.flush();
+        assert_eq!(limit.pending("a"), 1000);
+    }
+
+    #[test]
+    fn log_limit_reports_and_resets_once_the_window_is_over() {
+        let limit = LogLimit::with_window(Duration::ZERO);
+        // Every call opens a new window: nothing is ever suppressed.
+        for _ in 0..100 {
+            assert!(limit.allow("a"));
+        }
+        assert_eq!(limit.pending("a"), 0);
+        limit.flush();
+        assert_eq!(limit.pending("a"), 0);
+    }
+
+    #[test]
+    fn accept_backoff_doubles_to_a_second() {
+        let mut d = None;
+        let mut seen = Vec::new();
+        for _ in 0..12 {
+            let next = next_backoff(d);
+            seen.push(next.as_millis());
+            d = Some(next);
+        }
+        assert_eq!(
+            seen,
+            [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000, 1000]
+        );
+    }
 }

@@ -7,10 +7,11 @@
 //! - the **supervisor** owns what must survive: the listening socket, the snapshot (opened once
 //!   at start: the open files, never their paths, are handed to every worker, and the source's
 //!   identity is pinned), and for every live session the client's socket, a duplicate of its
-//!   userfaultfd, a pidfd of its process, its validated regions, the ranges its balloon removed
+//!   userfaultfd, a pidfd of its process (SO_PEERPIDFD, or opened from SO_PEERCRED's pid), its validated regions, the ranges its balloon removed
 //!   (merged) and its latest counters. It accepts clients, receives and validates their
 //!   handshakes, and hands each session to the worker over a `SOCK_SEQPACKET` socket pair (JSON +
-//!   the fds).
+//!   the userfaultfd and the pidfd; the socket instead where the kernel cannot name the client
+//!   process). The client's socket stays with the supervisor.
 //! - the **worker** (`faultline serve-worker`, the same binary, the pair on its stdin) runs the fault
 //!   server. Its first message is the snapshot's files; it tells the supervisor when it is ready
 //!   (or why it cannot start), when a session ends, every REMOVE it applies and, every 500 ms,
@@ -55,8 +56,7 @@ use rustix::net::{
 use serde::{Deserialize, Serialize};
 
 use crate::serve::{
-    accept_client, accept_loop, bind, ConnCtx, Core, Handed, Handover, Hooks, OnExit, Pinned,
-    ServeArgs,
+    accept_loop, bind, Accepted, ConnCtx, Core, Handed, Handover, Hooks, OnExit, Pinned, ServeArgs,
 };
 
 /// Lock `m`, recovering the guard from a poisoned lock: the data behind the supervisor's locks
@@ -127,6 +127,10 @@ struct SessionMsg {
     resume: bool,
     /// The session's counters so far.
     carried: Option<Stats>,
+    /// The second fd is a pidfd of the client process (else the client's socket, whose
+    /// hang-up then ends the session).
+    #[serde(default)]
+    pidfd: bool,
 }
 
 /// Worker → supervisor.
@@ -196,9 +200,11 @@ impl RangeSet {
 
 /// What the supervisor keeps of a live session.
 struct Record {
-    stream: UnixStream,
+    /// The client's socket: kept open while the session lives.
+    socket: Option<OwnedFd>,
     uffd: OwnedFd,
-    /// The client process (`None` if it could not be opened: it is then ended by its socket).
+    /// The client process (`None` where the kernel cannot name it: it is then ended by its
+    /// socket's hang-up).
     pidfd: Option<OwnedFd>,
     regions: Vec<Reg>,
     peer: PeerCred,
@@ -401,14 +407,11 @@ fn hand_over(control: BorrowedFd<'_>, id: u64, r: &Record, resume: bool) -> std:
         regions: r.regions.clone(),
         resume,
         carried: if resume { r.stats } else { None },
+        pidfd: r.pidfd.is_some(),
     }));
-    send_msg(control, &msg, &[r.uffd.as_fd(), r.stream.as_fd()])
-}
-
-/// A pidfd of the client process `pid` (from SO_PEERCRED), to end its VM if it cannot be served.
-fn client_pidfd(pid: i32) -> Option<OwnedFd> {
-    let pid = rustix::process::Pid::from_raw(pid)?;
-    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+    let mut fds = vec![r.uffd.as_fd()];
+    fds.extend(r.pidfd.as_ref().or(r.socket.as_ref()).map(AsFd::as_fd));
+    send_msg(control, &msg, &fds)
 }
 
 /// The supervisor's state shared with the handshake threads.
@@ -546,62 +549,57 @@ pub fn run(args: ServeArgs) -> Result<()> {
         mem_len: Some(pinned.len),
         ..Default::default()
     };
-    let allow = args.allow_uid.clone();
     let shared2 = Arc::clone(&shared);
-    let ctx = Arc::new(ConnCtx {
-        limits,
-        dispatch: Box::new(move |stream: UnixStream, limits| {
-            let c = match accept_client(&stream, limits, &allow) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "handshake refused; connection closed");
-                    return;
+    let dispatch = Box::new(move |c: Accepted| {
+        if shared2.given_up.load(Ordering::Acquire) {
+            tracing::error!(
+                pid = c.peer.pid,
+                "no serve worker can start: client refused; connection closed"
+            );
+            return;
+        }
+        let id = shared2.next_id.fetch_add(1, Ordering::AcqRel);
+        let regions = c
+            .regions
+            .iter()
+            .map(|r| Reg {
+                start: r.start,
+                len: r.len,
+                page_size: r.page_size,
+                offset: r.offset,
+            })
+            .collect();
+        let record = Record {
+            socket: c.socket,
+            uffd: c.uffd.into_fd(),
+            pidfd: c.pidfd,
+            regions,
+            peer: c.peer,
+            removed: RangeSet::default(),
+            stats: None,
+        };
+        // Hold the records lock while handing over, so a worker restart cannot miss it.
+        let mut recs = lock(&shared2.records);
+        let w = lock(&shared2.worker);
+        match w.as_ref() {
+            Some(w) => {
+                if let Err(e) = hand_over(w.control.as_fd(), id, &record, false) {
+                    tracing::warn!(error = %e, "worker unavailable; the session will be handed to its successor");
                 }
-            };
-            if shared2.given_up.load(Ordering::Acquire) {
-                tracing::error!(
-                    pid = c.peer.pid,
-                    "no serve worker can start: client refused; connection closed"
-                );
-                return;
             }
-            let id = shared2.next_id.fetch_add(1, Ordering::AcqRel);
-            let regions = c
-                .regions
-                .iter()
-                .map(|r| Reg {
-                    start: r.start,
-                    len: r.len,
-                    page_size: r.page_size,
-                    offset: r.offset,
-                })
-                .collect();
-            let record = Record {
-                stream,
-                uffd: c.uffd.into_fd(),
-                pidfd: client_pidfd(c.peer.pid),
-                regions,
-                peer: c.peer,
-                removed: RangeSet::default(),
-                stats: None,
-            };
-            // Hold the records lock while handing over, so a worker restart cannot miss it.
-            let mut recs = lock(&shared2.records);
-            let w = lock(&shared2.worker);
-            match w.as_ref() {
-                Some(w) => {
-                    if let Err(e) = hand_over(w.control.as_fd(), id, &record, false) {
-                        tracing::warn!(error = %e, "worker unavailable; the session will be handed to its successor");
-                    }
-                }
-                None => tracing::warn!(
-                    session = id,
-                    "no serve worker at the moment; the session will be handed to the next one"
-                ),
-            }
-            recs.insert(id, record);
-        }),
+            None => tracing::warn!(
+                session = id,
+                "no serve worker at the moment; the session will be handed to the next one"
+            ),
+        }
+        recs.insert(id, record);
     });
+    let ctx = Arc::new(ConnCtx::new(
+        &args,
+        limits,
+        Arc::new(AtomicU64::new(0)),
+        dispatch,
+    ));
     let stop = Arc::new(AtomicBool::new(false));
     let (wake_rx, wake_tx) = UnixStream::pair()?;
     let accept = {
@@ -874,6 +872,7 @@ fn receive_snapshot(control: BorrowedFd<'_>) -> Result<Handed> {
 /// `faultline serve-worker`: the serving half; its stdin is the control socket.
 pub fn run_worker(args: ServeArgs) -> Result<()> {
     crate::serve::init_logging(args.log_format);
+    crate::serve::raise_fd_limit();
     let term = Arc::new(AtomicBool::new(false));
     let (sig_rx, sig_tx) = UnixStream::pair()?;
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -973,9 +972,14 @@ fn control_loop(core: &Core, control: &Arc<OwnedFd>) {
         let id = msg.id;
         let removed = removed.remove(&id).unwrap_or_default();
         let mut fds = fds.into_iter();
-        let (Some(uffd), Some(watch)) = (fds.next(), fds.next()) else {
-            tracing::error!(session = id, "session without its fds");
+        let (Some(uffd), second) = (fds.next(), fds.next()) else {
+            tracing::error!(session = id, "session without its userfaultfd");
             continue;
+        };
+        let (pidfd, socket) = if msg.pidfd {
+            (second, None)
+        } else {
+            (None, second)
         };
         let uffd = match Uffd::from_received_fd(uffd) {
             Ok(u) => u,
@@ -1014,7 +1018,8 @@ fn control_loop(core: &Core, control: &Arc<OwnedFd>) {
                 uid: msg.uid,
                 gid: 0,
             },
-            watch,
+            pidfd,
+            socket,
         };
         if msg.resume {
             tracing::info!(

@@ -416,52 +416,61 @@ fn silent_client_times_out_while_others_are_served() {
     daemon.client(&mem, &[]);
 }
 
-/// The 2-fd handshake of forks (the userfaultfd and a memfd of guest memory) is valid: this
-/// process plays Firecracker, registers its own memory, sends both fds (in either order), and
-/// reads every page through the daemon.
+/// The 2-fd handshake of forks (the userfaultfd and a memfd of guest memory) is valid: a child
+/// of this process plays Firecracker, registers its own memory, sends both fds (in either order),
+/// reads every page through the daemon and exits (which ends its session: a session follows the
+/// client process, not its socket).
 #[test]
 fn userfaultfd_and_memfd_handshake_is_served() {
     let (dir, mem) = workdir();
     let daemon = Daemon::start(dir.path(), &mem, &[]);
     let want = std::fs::read(&mem).expect("reading the memory file");
     for (round, uffd_first) in [true, false].into_iter().enumerate() {
-        let uffd = uffd();
-        let guest = Mapping::new(MemoryKind::PrivateAnonymous, MEM_LEN as usize).expect("mmap");
-        uffd.register(&guest, RegisterMode::MISSING)
-            .expect("register");
-        let memory = memfd(MEM_LEN);
-        let json = array(&[region(guest.addr(), MEM_LEN, 0, 4096)]);
-        let fds = if uffd_first {
-            [uffd.as_fd(), memory.as_fd()]
-        } else {
-            [memory.as_fd(), uffd.as_fd()]
-        };
-        let stream = send(&daemon, &json, &fds);
-        let started = daemon
-            .log()
-            .wait_for_nth("the session start", round + 1, |l| {
-                is_message(l, "session started")
-            });
-        assert_eq!(fields(&started)["pid"], std::process::id(), "{started}");
-        // Every page, read by this process and served by the daemon (bounded: a lost fault
-        // would otherwise hang the suite).
-        let want_copy = want.clone();
-        let guest = faultline_testing::within(DEADLINE, move || {
+        let socket = daemon.socket().to_owned();
+        let want = want.clone();
+        // The child returns 0 when every page read back as the memory file, 1 otherwise (a page
+        // never served would hang it: the wait below is bounded).
+        let child = faultline_testing::ChildProcess::spawn(move || {
+            let uffd = uffd();
+            let guest = Mapping::new(MemoryKind::PrivateAnonymous, MEM_LEN as usize).expect("mmap");
+            uffd.register(&guest, RegisterMode::MISSING)
+                .expect("register");
+            let memory = memfd(MEM_LEN);
+            let json = array(&[region(guest.addr(), MEM_LEN, 0, 4096)]);
+            let fds = if uffd_first {
+                [uffd.as_fd(), memory.as_fd()]
+            } else {
+                [memory.as_fd(), uffd.as_fd()]
+            };
+            let stream = UnixStream::connect(&socket).expect("connecting to the daemon");
+            send_with_fds(&stream, &json, &fds, usize::MAX).expect("sending the handshake");
             let mut got = vec![0u8; MEM_LEN as usize];
             guest.read(0, &mut got).expect("read guest memory");
-            assert!(
-                got == want_copy,
-                "guest memory differs from the memory file"
-            );
-            guest
+            i32::from(got != want)
         });
-        drop(stream);
-        let ended = daemon.wait_session_ended(round + 1);
+        let pid = u32::try_from(child.pid()).expect("a pid");
+        let status = common::wait_child(child, &daemon);
+        assert_eq!(
+            status,
+            faultline_testing::ChildExit::Code(0),
+            "the guest's memory differs from the memory file; log:\n{}",
+            daemon.log().text()
+        );
+        let ended = daemon.wait_session_ended_for(pid);
+        assert!(
+            fields(&ended)["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("client gone")),
+            "{ended}"
+        );
         // Every page resolved once, counted before the summary was logged.
         let s = summary(&ended);
         assert_eq!(s["pages"], MEM_LEN / 4096, "{ended}");
         assert_eq!(s["bytes"], MEM_LEN, "{ended}");
-        drop((guest, uffd));
+        assert_eq!(
+            daemon.log().count(|l| is_message(l, "session started")),
+            round + 1
+        );
     }
     // Nothing was refused but the readiness probe.
     assert_eq!(daemon.log().count(is_refusal), 1, "{}", daemon.log().text());

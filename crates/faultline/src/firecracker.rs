@@ -453,6 +453,38 @@ impl HandshakeError {
         !matches!(self, HandshakeError::Io { .. })
     }
 
+    /// A short name of the kind of failure, for logs that count refusals by cause (`timeout`,
+    /// `closed-empty` for a connection closed before its first byte, `closed`, `too-large`,
+    /// `malformed`, `fds`, `regions`, `io`).
+    pub fn cause(&self) -> &'static str {
+        match self {
+            HandshakeError::Io { .. } => "io",
+            HandshakeError::Timeout { .. } => "timeout",
+            HandshakeError::Closed { received: 0 } => "closed-empty",
+            HandshakeError::Closed { .. } => "closed",
+            HandshakeError::MessageTooLarge { .. } => "too-large",
+            HandshakeError::BadJson { .. }
+            | HandshakeError::NotAnArray { .. }
+            | HandshakeError::NotAnObject { .. }
+            | HandshakeError::MissingField { .. }
+            | HandshakeError::BadField { .. } => "malformed",
+            HandshakeError::NoFd
+            | HandshakeError::TooManyFds { .. }
+            | HandshakeError::NotAUserfaultfd { .. }
+            | HandshakeError::MemFdNotAFile { .. } => "fds",
+            HandshakeError::Empty
+            | HandshakeError::TooManyRegions { .. }
+            | HandshakeError::ZeroSize { .. }
+            | HandshakeError::UnsupportedPageSize { .. }
+            | HandshakeError::PageSizeMismatch { .. }
+            | HandshakeError::MixedPageSizes { .. }
+            | HandshakeError::Unaligned { .. }
+            | HandshakeError::Overflow { .. }
+            | HandshakeError::BeyondFile { .. }
+            | HandshakeError::Overlap { .. } => "regions",
+        }
+    }
+
     fn io(op: &'static str, errno: Errno) -> HandshakeError {
         HandshakeError::Io {
             op,
@@ -763,16 +795,7 @@ fn receive_with(
     limits: &Limits,
     recv_size: usize,
 ) -> Result<(Handshake, usize), HandshakeError> {
-    // Caveat: rustix models the pid as non-zero, but the kernel reports 0 for a peer whose pid is
-    // not visible in our pid namespace (checked on 6.18 with `unshare --pid`). Reading it back
-    // yields 0 in practice; a raw getsockopt in a kernel-facing module would make that exact.
-    let peer = rustix::net::sockopt::socket_peercred(stream)
-        .map_err(|e| HandshakeError::io("getsockopt(SO_PEERCRED)", e))?;
-    let peer = PeerCred {
-        pid: peer.pid.as_raw_nonzero().get(),
-        uid: peer.uid.as_raw(),
-        gid: peer.gid.as_raw(),
-    };
+    let peer = peer_cred(stream)?;
     let deadline = Instant::now().checked_add(limits.timeout);
     let mut message: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; recv_size.clamp(1, limits.max_message.max(1))];
@@ -817,6 +840,16 @@ fn receive_with(
             });
         }
         let bytes = &chunk[..received.bytes];
+        // Grow to at most the limit (not by doubling past it): a handshake never holds more
+        // than `max_message` bytes, so a server's bytes in flight are bounded by that limit
+        // times its concurrent handshakes.
+        let want = message.len() + bytes.len();
+        if want > message.capacity() {
+            let target = want
+                .max(message.capacity().saturating_mul(2))
+                .min(limits.max_message.max(want));
+            message.reserve_exact(target - message.len());
+        }
         message.extend_from_slice(bytes);
         if framer.feed(bytes) != Framing::NeedMore {
             break;
@@ -840,6 +873,21 @@ fn receive_with(
         },
         recvs,
     ))
+}
+
+/// The credentials of the client at the other end of `stream` (`SO_PEERCRED`), read without
+/// touching the stream's bytes: a server vets the client with them before reading anything.
+pub fn peer_cred(stream: &UnixStream) -> Result<PeerCred, HandshakeError> {
+    // Caveat: rustix models the pid as non-zero, but the kernel reports 0 for a peer whose pid is
+    // not visible in our pid namespace (checked on 6.18 with `unshare --pid`). Reading it back
+    // yields 0 in practice; a raw getsockopt in a kernel-facing module would make that exact.
+    let peer = rustix::net::sockopt::socket_peercred(stream)
+        .map_err(|e| HandshakeError::io("getsockopt(SO_PEERCRED)", e))?;
+    Ok(PeerCred {
+        pid: peer.pid.as_raw_nonzero().get(),
+        uid: peer.uid.as_raw(),
+        gid: peer.gid.as_raw(),
+    })
 }
 
 /// Waits until `stream` is readable or the deadline passes.

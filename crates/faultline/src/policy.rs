@@ -194,20 +194,22 @@ impl WorkingSet {
         Ok(WorkingSet { page_size, offsets })
     }
 
-    /// Write to a file atomically (a temporary file renamed over `path`), so concurrent writers
-    /// and crashes never leave a torn file.
+    /// Write to a file atomically: a new temporary file in `path`'s directory (a random name,
+    /// created `O_EXCL` so nothing planted there — a symlink to another file included — is ever
+    /// opened or followed), synced, then renamed over `path` (which replaces a symlink at `path`
+    /// itself, never the file it points to). Concurrent writers and crashes never leave a torn
+    /// file; a failed write leaves no temporary file behind.
     pub fn save(&self, path: &Path) -> Result<(), WorkingSetError> {
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(
-            ".tmp.{}.{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let tmp = std::path::PathBuf::from(tmp);
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&self.encode())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".faultline-ws.")
+            .tempfile_in(dir)?;
+        tmp.as_file_mut().write_all(&self.encode())?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|e| e.error)?;
         Ok(())
     }
 

@@ -292,7 +292,11 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(5));
         }
         let probe = self.next_refusal();
-        assert!(probe.contains("after 0 bytes"), "{probe}");
+        // With --allow-uid not listing us, the probe is refused before anything is read.
+        assert!(
+            probe.contains("after 0 bytes") || probe.contains("--allow-uid"),
+            "{probe}"
+        );
     }
 
     /// The socket path.
@@ -934,4 +938,55 @@ pub fn outputs_within(children: Vec<Child>, limit: Duration) -> Vec<Output> {
         }
     }
     outputs.into_iter().flatten().collect()
+}
+
+// Helpers of the front-door tests (tests/front_door.rs) and of tests whose client is a forked
+// child of the test process (a session follows its client process, which must be able to exit).
+
+/// Waits (bounded by [`DEADLINE`]) for a forked client to exit and says how; on timeout the child
+/// is killed and the test fails with the daemon's log.
+pub fn wait_child(
+    child: faultline_testing::ChildProcess,
+    daemon: &Daemon,
+) -> faultline_testing::ChildExit {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let pidfd = child.pidfd().expect("pidfd_open of the child");
+    let limit = Timespec {
+        tv_sec: DEADLINE.as_secs() as i64,
+        tv_nsec: 0,
+    };
+    let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+    let ready = loop {
+        match poll(&mut fds, Some(&limit)) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => break r.expect("poll on the child's pidfd"),
+        }
+    };
+    assert!(
+        ready > 0,
+        "the client {} did not finish within {DEADLINE:?}; daemon log:\n{}",
+        child.pid(),
+        daemon.log().text()
+    );
+    child.wait()
+}
+
+/// How many connections the daemon refused for `cause`: its "handshake refused" lines of that
+/// cause plus the counts of its "similar log lines suppressed" lines (refusals are logged at most
+/// a few a second per cause).
+pub fn refusals_of(log: &Log, cause: &str) -> u64 {
+    let mut n = 0;
+    let key = format!("\"cause\":\"{cause}\"");
+    for line in log.matching(|l| l.contains(&key)) {
+        let f = fields(&line);
+        if f["cause"].as_str() != Some(cause) {
+            continue;
+        }
+        if is_refusal(&line) {
+            n += 1;
+        } else if f["message"].as_str() == Some("similar log lines suppressed") {
+            n += f["suppressed"].as_u64().unwrap_or(0);
+        }
+    }
+    n
 }
