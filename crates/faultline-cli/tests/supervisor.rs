@@ -571,10 +571,13 @@ fn a_session_keeps_its_id_and_counters_across_a_worker_restart() {
     let resumed = daemon.log.wait_for("the resumed session", is_resume);
     assert_eq!(fields(&resumed)["session"], id, "{resumed}");
     guest.assert_all(&original, &|_| false);
-    drop(guest);
+    // The guest lives in this test process, which outlives the session: a session follows its
+    // client process (not its socket), so the daemon's stop ends it.
+    signal(daemon.pid(), Signal::TERM);
     let ended = daemon
         .log
         .wait_for_nth("the session end", 2, |l| is_message(l, "session ended"));
+    drop(guest);
     assert_eq!(fields(&ended)["session"], id, "{ended}");
     let s = summary(&ended);
     assert!(
