@@ -93,6 +93,10 @@ pub struct ClientArgs {
     /// before it went away: with no handler left, a page still missing would block the read.
     #[arg(long, requires = "hold", conflicts_with = "balloon_pct")]
     pub verify_after_hold: bool,
+    /// Lie in the handshake: declare this page size instead of the memory's own (a hostile
+    /// client; e.g. 4096 for hugetlbfs memory, whose 4 KiB resolves the kernel refuses).
+    #[arg(long, hide = true)]
+    pub declare_page_size: Option<u64>,
 }
 
 /// What a client reports (one JSON line on stdout).
@@ -154,8 +158,8 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
             base_host_virt_addr: m.addr(),
             size: len,
             offset,
-            page_size: Some(page),
-            page_size_kib: Some(page),
+            page_size: Some(args.declare_page_size.unwrap_or(page)),
+            page_size_kib: Some(args.declare_page_size.unwrap_or(page)),
         });
         offset += len;
         maps.push(m);

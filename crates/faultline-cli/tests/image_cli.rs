@@ -462,7 +462,7 @@ fn poisoned_with(hash: &str) {
     let line = d.log.wait_for("the poison log line", |l| {
         fields(l)["message"]
             .as_str()
-            .is_some_and(|m| m.starts_with("source read failed; poisoning"))
+            .is_some_and(|m| m.starts_with("page poisoned"))
     });
     let v = fields(&line);
     assert_eq!(v["offset"], BAD * PS as u64, "{line}");
@@ -477,7 +477,7 @@ fn poisoned_with(hash: &str) {
         .log
         .lines()
         .iter()
-        .filter(|l| l.contains("poisoning"))
+        .filter(|l| l.contains("page poisoned"))
         .count();
     assert_eq!(poisoned, 1, "{}", d.log.text());
 }

@@ -112,3 +112,38 @@ fn on_unservable_kill_kills_the_client_where_poison_exists() {
         (Some(1), Some(0))
     );
 }
+
+/// A client that lies about its page size: hugetlbfs memory declared as 4 KiB pages. The kernel
+/// refuses every 4 KiB resolve there (EINVAL) and the 4 KiB POISON too, so the only explicit end
+/// is the client's: it is killed, logged. (Such a failed resolve used to release the claim with no
+/// resolve and no wake: the client slept for ever.)
+#[test]
+fn hugetlb_memory_declared_with_4k_pages_ends_the_client() {
+    let Some(_huge) =
+        faultline_testing::need_huge_pages("hugetlb_declared_4k", MEM_LEN / (2 << 20))
+    else {
+        return;
+    };
+    let (dir, mem) = workdir();
+    let daemon = Daemon::start(dir.path(), &mem, &[]);
+    let out = common::output_within(
+        common::client_command(
+            daemon.socket(),
+            &mem,
+            &["--page-size", "2097152", "--declare-page-size", "4096"],
+        )
+        .spawn()
+        .expect("spawning the client"),
+        common::DEADLINE,
+    );
+    assert_eq!(
+        out.status.signal(),
+        Some(9 /* SIGKILL */),
+        "the lying client is killed ({}); log:\n{}",
+        out.status,
+        daemon.log().text()
+    );
+    let st = summary(&daemon.wait_session_ended(1));
+    assert_eq!(st["unservable"].as_u64(), Some(1), "{st}");
+    assert_eq!(st["pages"].as_u64(), Some(0), "no page was served: {st}");
+}

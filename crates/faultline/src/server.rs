@@ -868,6 +868,7 @@ impl Shared {
         s: &Arc<Session>,
         addr: u64,
         len: u64,
+        offset: Option<u64>,
         why: &dyn std::fmt::Display,
     ) -> Unserved {
         if s.on_unservable == Unservable::Poison && s.can_poison.load(Ordering::Acquire) {
@@ -883,6 +884,7 @@ impl Shared {
                             session = s.id,
                             label = %s.label,
                             addr = format_args!("{addr:#x}"),
+                            offset,
                             cause = %why,
                             left_out,
                             "page poisoned: no right bytes for it (the client gets SIGBUS there)"
@@ -981,7 +983,7 @@ impl Shared {
                 // page: pages of the run already resolved answer EEXIST and are skipped.
                 let mut page = addr;
                 while page < addr + len && !s.closed.load(Ordering::Acquire) {
-                    if let Unserved::Ended = self.unservable(&s, page, s.page_size, &why) {
+                    if let Unserved::Ended = self.unservable(&s, page, s.page_size, None, &why) {
                         break;
                     }
                     page += s.page_size;
@@ -1513,7 +1515,7 @@ impl Worker {
                 t.elapsed().as_millis()
             );
             let page = addr & !(s.page_size - 1);
-            if let Unserved::Ended = self.shared.unservable(s, page, s.page_size, &why) {
+            if let Unserved::Ended = self.shared.unservable(s, page, s.page_size, None, &why) {
                 return;
             }
         }
@@ -1573,10 +1575,13 @@ impl Worker {
                     RunEnd::Ended => return,
                     RunEnd::Defer(..) => {}
                 }
-                match self
-                    .shared
-                    .unservable(s, entry.addr_of(i), entry.region.page_size(), &why)
-                {
+                match self.shared.unservable(
+                    s,
+                    entry.addr_of(i),
+                    entry.region.page_size(),
+                    Some(entry.source_offset_of(i)),
+                    &why,
+                ) {
                     Unserved::Poisoned => self.mark_resolved(s, &entry, i, &j),
                     Unserved::Ended => return,
                 }
@@ -1838,10 +1843,13 @@ impl Worker {
             }
             return Ok(q);
         }
-        match self
-            .shared
-            .unservable(s, e.addr_of(p), e.region.page_size(), why)
-        {
+        match self.shared.unservable(
+            s,
+            e.addr_of(p),
+            e.region.page_size(),
+            Some(e.source_offset_of(p)),
+            why,
+        ) {
             Unserved::Poisoned => {
                 self.mark_resolved(s, e, p, j);
                 Ok(p + 1)
