@@ -284,6 +284,8 @@ pub struct Session {
     /// UFFDIO_POISON works here: the kernel has it (and it is not masked) and no POISON of this
     /// session was refused as unknown.
     can_poison: AtomicBool,
+    /// The client is being ended ([`Shared::end_client`]): once per session.
+    ending: AtomicBool,
     on_end: Mutex<Option<EndHook>>,
     on_remove: Option<RemoveHook>,
     /// Held while reading messages and applying non-fault events.
@@ -766,6 +768,7 @@ impl Shared {
             pidfd: o.pidfd,
             on_unservable: o.on_unservable,
             can_poison: AtomicBool::new(self.kernel_features.contains(Features::POISON)),
+            ending: AtomicBool::new(false),
             on_end: Mutex::new(o.on_end),
             on_remove: o.on_remove,
             read_lock: Mutex::new(()),
@@ -921,6 +924,10 @@ impl Shared {
     /// example handler does), log it, close the session. Without a pidfd, the session is closed
     /// and the log says the client could not be ended.
     fn end_client(&self, s: &Arc<Session>, addr: u64, why: &dyn std::fmt::Display) -> Unserved {
+        if s.ending.swap(true, Ordering::AcqRel) {
+            // Another worker is ending it (two threads faulted on unservable pages at once).
+            return Unserved::Ended;
+        }
         add(&s.stats.unservable, 1);
         let how = match &s.pidfd {
             Some(pidfd) => {

@@ -290,8 +290,9 @@ pub struct Stats {
     pub events_fork: u64,
     /// Unknown events.
     pub events_unknown: u64,
-    /// Pages that could be neither served nor poisoned, so their client was ended explicitly
-    /// (killed through its pidfd, or its session closed): see [`crate::server::Unservable`].
+    /// Clients ended explicitly (killed through their pidfd, or their session closed) because a
+    /// page could be neither served nor poisoned: 0 or 1 per session. See
+    /// [`crate::server::Unservable`].
     pub unservable: u64,
     /// Faults the watchdog found unresolved past the server's fault deadline (each logged once).
     pub stuck_faults: u64,
