@@ -147,6 +147,15 @@ pub struct FcReport {
     pub rows: Vec<FcRow>,
 }
 
+/// One backend's measurements at one clone count: every restore, and per round the daemon's
+/// CPU and the handler's faults per restore.
+#[derive(Default)]
+struct Collected {
+    samples: Vec<Sample>,
+    cpu: Vec<f64>,
+    faults: Vec<f64>,
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
@@ -185,7 +194,14 @@ fn ticks_to_ms(ticks: u64) -> f64 {
 struct ServeProc {
     child: Child,
     socket: PathBuf,
-    lines: Arc<(Mutex<(Vec<String>, bool)>, Condvar)>,
+    lines: Arc<LogLines>,
+}
+
+/// A daemon's log lines so far, and whether its stderr closed.
+#[derive(Default)]
+struct LogLines {
+    state: Mutex<(Vec<String>, bool)>,
+    changed: Condvar,
 }
 
 fn message(line: &str) -> Option<(String, Value)> {
@@ -213,21 +229,25 @@ impl ServeProc {
             .spawn()
             .context("starting faultline serve")?;
         let stderr = child.stderr.take().context("the daemon's stderr")?;
-        let lines = Arc::new((Mutex::new((Vec::new(), false)), Condvar::new()));
+        let lines = Arc::new(LogLines::default());
         let writer = Arc::clone(&lines);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 writer
-                    .0
+                    .state
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .0
                     .push(line);
-                writer.1.notify_all();
+                writer.changed.notify_all();
             }
-            writer.0.lock().unwrap_or_else(PoisonError::into_inner).1 = true;
-            writer.1.notify_all();
+            writer
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .1 = true;
+            writer.changed.notify_all();
         });
         let d = ServeProc {
             child,
@@ -249,14 +269,22 @@ impl ServeProc {
     }
 
     fn tail(&self) -> String {
-        let g = self.lines.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let g = self
+            .lines
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         g.0[g.0.len().saturating_sub(20)..].join("\n")
     }
 
     /// Waits until `pred` holds over the log's lines, returning what it returns.
     fn wait<T>(&self, what: &str, pred: impl Fn(&[String]) -> Option<T>) -> Result<T> {
         let end = Instant::now() + LIMIT;
-        let mut g = self.lines.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut g = self
+            .lines
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         loop {
             if let Some(t) = pred(&g.0) {
                 return Ok(t);
@@ -268,7 +296,7 @@ impl ServeProc {
             }
             g = self
                 .lines
-                .1
+                .changed
                 .wait_timeout(g, end - now)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
@@ -457,42 +485,53 @@ pub fn run(args: &FcBenchArgs) -> Result<FcReport> {
 
     let mut rows = Vec::new();
     for &n in &args.clones {
-        let mut samples: BTreeMap<Which, (Vec<Sample>, Vec<f64>, Vec<f64>)> = BTreeMap::new();
+        let mut samples: BTreeMap<Which, Collected> = BTreeMap::new();
         for r in 0..repeat {
             eprintln!("{n} clone(s) at once, round {}/{repeat} ...", r + 1);
             for which in Which::ALL {
                 let (s, cpu, faults) =
                     round(&kit, dir.path(), &snap, which, daemons.get(&which), n)?;
                 let e = samples.entry(which).or_default();
-                e.0.extend(s);
-                e.1.push(cpu / n as f64);
-                e.2.push(faults as f64 / n as f64);
+                e.samples.extend(s);
+                e.cpu.push(cpu / n as f64);
+                e.faults.push(faults as f64 / n as f64);
             }
         }
         let mut clone_rows: Vec<FcRow> = samples
             .into_iter()
-            .map(|(which, (s, cpu, faults))| {
-                let first: Vec<f64> = s.iter().map(|x| x.first_tick_ms).collect();
-                FcRow {
-                    backend: which,
-                    clones: n,
-                    first_tick_ms: [
-                        first.iter().copied().fold(f64::INFINITY, f64::min),
-                        median(&first),
-                        first.iter().copied().fold(0.0, f64::max),
-                    ],
-                    load_ms: median(&s.iter().map(|x| x.load_ms).collect::<Vec<_>>()),
-                    daemon_cpu_ms: median(&cpu),
-                    fc_sys_ms: median(&s.iter().map(|x| x.fc_sys_ms).collect::<Vec<_>>()),
-                    fc_faults: median(&s.iter().map(|x| x.fc_faults as f64).collect::<Vec<_>>()),
-                    handler_faults: median(&faults),
-                    samples: s,
-                    ratio_first_tick: 0.0,
-                    ratio_load: 0.0,
-                    ratio_cpu: 0.0,
-                    ratio_fc_faults: 0.0,
-                }
-            })
+            .map(
+                |(
+                    which,
+                    Collected {
+                        samples: s,
+                        cpu,
+                        faults,
+                    },
+                )| {
+                    let first: Vec<f64> = s.iter().map(|x| x.first_tick_ms).collect();
+                    FcRow {
+                        backend: which,
+                        clones: n,
+                        first_tick_ms: [
+                            first.iter().copied().fold(f64::INFINITY, f64::min),
+                            median(&first),
+                            first.iter().copied().fold(0.0, f64::max),
+                        ],
+                        load_ms: median(&s.iter().map(|x| x.load_ms).collect::<Vec<_>>()),
+                        daemon_cpu_ms: median(&cpu),
+                        fc_sys_ms: median(&s.iter().map(|x| x.fc_sys_ms).collect::<Vec<_>>()),
+                        fc_faults: median(
+                            &s.iter().map(|x| x.fc_faults as f64).collect::<Vec<_>>(),
+                        ),
+                        handler_faults: median(&faults),
+                        samples: s,
+                        ratio_first_tick: 0.0,
+                        ratio_load: 0.0,
+                        ratio_cpu: 0.0,
+                        ratio_fc_faults: 0.0,
+                    }
+                },
+            )
             .collect();
         let base = clone_rows
             .iter()

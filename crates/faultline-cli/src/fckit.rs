@@ -189,10 +189,7 @@ pub fn parse_tick(line: &str, at: Instant) -> Option<Tick> {
     let rest = &line[line.find("FCTICK ")? + "FCTICK ".len()..];
     let mut words = rest.split_whitespace();
     let n = words.next()?.parse().ok()?;
-    let ok = match words.next()?.strip_prefix("verify=")? {
-        "ok" => true,
-        _ => false,
-    };
+    let ok = words.next()?.strip_prefix("verify=")? == "ok";
     Some(Tick { n, ok, at })
 }
 

@@ -207,8 +207,11 @@ fn session_ended(daemon: &Daemon, pid: u32) -> String {
         })
 }
 
+/// A scenario: its name and what it does with the guest in its own directory.
+type Scenario<'a> = (&'a str, fn(&Guest, &Path));
+
 /// Runs every scenario (each in its own directory), then fails naming those that failed.
-fn run_scenarios(guest: &Guest, scenarios: &[(&str, fn(&Guest, &Path))]) {
+fn run_scenarios(guest: &Guest, scenarios: &[Scenario<'_>]) {
     let mut failed = Vec::new();
     for (name, scenario) in scenarios {
         let t0 = Instant::now();
