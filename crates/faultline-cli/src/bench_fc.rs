@@ -9,8 +9,9 @@
 //!
 //! Each restore is timed from the `PUT /snapshot/load` request to the first new `FCTICK ...
 //! verify=ok` line on the guest's console (the guest is running right again), beside the load
-//! call's own time. Per restore the bench also reads, from /proc: the CPU time (user + system)
-//! of the `faultline serve` processes (supervisor and worker), and Firecracker's own system time
+//! call's own time. Per restore the bench also reads, from /proc: the CPU time of the
+//! `faultline serve` processes (supervisor and worker; every thread's `se.sum_exec_runtime`,
+//! or the processes' user + system clock ticks when a thread ended meanwhile), and Firecracker's own system time
 //! and page faults from the load request to its first tick (with the File backend the kernel
 //! serves the memory file's pages inside Firecracker: its system time holds their cost — and,
 //! on a PVM host, the guest's emulation too). The handler's fault count comes from its session
@@ -186,6 +187,55 @@ fn proc_stat(pid: u32) -> Result<(u64, u64, u64)> {
     Ok((get(14) + get(15), get(15), get(10) + get(12)))
 }
 
+/// A daemon's CPU time at one moment.
+struct Cpu {
+    /// User + system clock ticks of its processes (dead threads included; 10 ms steps).
+    ticks: u64,
+    /// Run time (ms, to the nanosecond) of every live thread by tid.
+    threads: BTreeMap<u32, f64>,
+}
+
+impl Cpu {
+    /// The CPU time (ms) from `self` to `later`: to the nanosecond from the threads' run times
+    /// when every thread of `self` still lives (threads born since count whole), else in the
+    /// processes' clock ticks.
+    fn since(&self, later: &Cpu) -> f64 {
+        if self.threads.keys().all(|t| later.threads.contains_key(t)) {
+            later
+                .threads
+                .iter()
+                .map(|(t, ms)| ms - self.threads.get(t).copied().unwrap_or(0.0))
+                .sum()
+        } else {
+            ticks_to_ms(later.ticks.saturating_sub(self.ticks))
+        }
+    }
+}
+
+/// `se.sum_exec_runtime` (ms) of every thread of `pid`, from /proc/<pid>/task/<tid>/sched.
+fn thread_runtimes(pid: u32) -> Result<BTreeMap<u32, f64>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("reading /proc/{pid}/task"))?
+    {
+        let entry = entry?;
+        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        // A thread that exits meanwhile has no file any more: it is simply not counted.
+        let Ok(sched) = std::fs::read_to_string(entry.path().join("sched")) else {
+            continue;
+        };
+        let ms = sched
+            .lines()
+            .find_map(|l| l.strip_prefix("se.sum_exec_runtime"))
+            .and_then(|v| v.trim_start_matches([' ', ':']).trim().parse::<f64>().ok())
+            .with_context(|| format!("no se.sum_exec_runtime in /proc/{pid}/task/{tid}/sched"))?;
+        out.insert(tid, ms);
+    }
+    Ok(out)
+}
+
 fn ticks_to_ms(ticks: u64) -> f64 {
     ticks as f64 * 1e3 / rustix::param::clock_ticks_per_second() as f64
 }
@@ -303,8 +353,9 @@ impl ServeProc {
         }
     }
 
-    /// The CPU time (clock ticks) of the supervisor and its live worker.
-    fn cpu_ticks(&self) -> Result<u64> {
+    /// The CPU time of the supervisor and its live worker: the processes' clock ticks, and
+    /// every live thread's run time.
+    fn cpu(&self) -> Result<Cpu> {
         let worker = self.wait("the worker's start", |lines| {
             lines.iter().rev().find_map(|l| match message(l) {
                 Some((m, f)) if m == "worker started" => f["worker"].as_u64(),
@@ -312,7 +363,12 @@ impl ServeProc {
             })
         })?;
         let worker = u32::try_from(worker).context("a worker pid")?;
-        Ok(proc_stat(self.child.id())?.0 + proc_stat(worker)?.0)
+        let mut threads = thread_runtimes(self.child.id())?;
+        threads.extend(thread_runtimes(worker)?);
+        Ok(Cpu {
+            ticks: proc_stat(self.child.id())?.0 + proc_stat(worker)?.0,
+            threads,
+        })
     }
 
     /// The summaries of the ended sessions of the clients `pids` (awaited).
@@ -357,7 +413,7 @@ fn round(
     let mut vms = (0..n)
         .map(|i| Vm::start(kit, dir, &format!("fc{i}"), LIMIT))
         .collect::<Result<Vec<Vm>>>()?;
-    let cpu0 = daemon.map(ServeProc::cpu_ticks).transpose()?;
+    let cpu0 = daemon.map(ServeProc::cpu).transpose()?;
     let samples = std::thread::scope(|s| {
         let handles: Vec<_> = vms
             .iter()
@@ -399,7 +455,7 @@ fn round(
     let (cpu, faults) = match daemon {
         Some(d) => {
             let summaries = d.summaries(&pids)?;
-            let cpu1 = d.cpu_ticks()?;
+            let cpu1 = d.cpu()?;
             let faults = summaries
                 .iter()
                 .map(|s| s["faults"].as_u64().unwrap_or(0))
@@ -410,7 +466,7 @@ fn round(
                     "a session ended with errors: {s}"
                 );
             }
-            (ticks_to_ms(cpu1 - cpu0.unwrap_or(cpu1)), faults)
+            (cpu0.map_or(0.0, |c| c.since(&cpu1)), faults)
         }
         None => (0.0, 0),
     };

@@ -359,6 +359,14 @@ fn worker_kills(g: &Guest, dir: &Path) {
             if kill == 1 {
                 log.wait_count_within("the session's start", 1, LIMIT, started);
                 signal(worker, Signal::KILL);
+                eprintln!(
+                    "worker killed as the session started; the load call was {}",
+                    if load.is_finished() {
+                        "done by then"
+                    } else {
+                        "still in flight"
+                    }
+                );
             }
             load.join().expect("the load thread")
         });
