@@ -197,13 +197,16 @@ fn check_clean(s: &Value) {
     assert_eq!(s["source_errors"], 0, "{s}");
 }
 
-/// Waits for the "session ended" line of Firecracker `pid`'s session.
+/// Waits for the "session ended" line of Firecracker `pid`'s session (labelled `pid <pid>`, or
+/// carrying a `pid` field).
 fn session_ended(daemon: &Daemon, pid: u32) -> String {
     let label = format!("pid {pid}");
     daemon
         .log()
         .wait_count_within(&format!("the end of {label}"), 1, LIMIT, |l| {
-            is_message(l, "session ended") && fields(l)["label"].as_str() == Some(&label)
+            let f = fields(l);
+            is_message(l, "session ended")
+                && (f["label"].as_str() == Some(&label) || f["pid"].as_u64() == Some(pid.into()))
         })
 }
 
