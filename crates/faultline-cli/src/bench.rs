@@ -123,6 +123,22 @@ pub struct BenchArgs {
     /// With --sources: an existing bucket to upload the snapshot to (key faultline-bench/...).
     #[arg(long, value_name = "NAME", requires = "object_endpoint")]
     pub object_bucket: Option<String>,
+    /// Restore a real Firecracker guest (the kit in ../shared/firecracker, --fc-kit or
+    /// $FAULTLINE_FC_KIT; needs /dev/kvm) from its snapshot through the File backend and through
+    /// `faultline serve` (on demand, --background-fill, --prefetch-ws), --repeat times each,
+    /// with --fc-clones restores at once: time from the load request to the guest's first tick,
+    /// CPU and faults per restore, as ratios to the File backend.
+    #[arg(long, conflicts_with_all = ["serve", "remote", "sources"])]
+    pub firecracker: bool,
+    /// With --firecracker: the kit's directory (firecracker, vmlinux, boot_args.txt).
+    #[arg(long, value_name = "DIR", requires = "firecracker")]
+    pub fc_kit: Option<PathBuf>,
+    /// With --firecracker: how many clones restore at once, each count in turn.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub fc_clones: Vec<usize>,
+    /// With --firecracker: guest memory (MiB).
+    #[arg(long, default_value_t = 256)]
+    pub fc_mem_mib: u64,
     /// With --sources: KiB per ranged GET and cache block of the S3 rows (a multiple of 4).
     #[arg(long, value_name = "KIB", default_value_t = 1024)]
     pub object_block_kib: u64,
@@ -771,6 +787,18 @@ impl Ctx {
 pub fn run(args: BenchArgs) -> Result<()> {
     if args.remote || args.sources {
         return crate::bench_sources::run(&args).map(|_| ());
+    }
+    if args.firecracker {
+        let report = crate::bench_fc::run(&crate::bench_fc::FcBenchArgs {
+            repeat: args.repeat,
+            clones: args.fc_clones.clone(),
+            kit: args.fc_kit.clone(),
+            mem_mib: args.fc_mem_mib,
+        })?;
+        if let Some(p) = &args.json {
+            std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+        }
+        return Ok(());
     }
     if args.serve {
         let rows =

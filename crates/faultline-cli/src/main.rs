@@ -2,10 +2,15 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_fc;
 mod bench_serve;
 mod bench_sources;
 mod client;
 mod demo;
+// Shared with tests/firecracker.rs, which includes it with #[path] and uses parts the bench
+// does not (the hugetlbfs guest, the console's tail, liveness).
+#[allow(dead_code)]
+mod fckit;
 mod image;
 mod object;
 mod remote;

@@ -236,14 +236,27 @@ impl Daemon {
         daemon
     }
 
+    /// Starts `faultline serve --socket <socket> --image <image> --workers 2 --log-format json
+    /// <extra>` and waits until it accepts connections.
+    pub fn start_image(socket: &Path, image: &Path, extra: &[&str]) -> Daemon {
+        let mut daemon = Daemon::spawn_serving(socket, "--image", image, extra);
+        daemon.wait_ready();
+        daemon
+    }
+
     /// Spawns the daemon without waiting for it (for tests of start-up failures).
     pub fn spawn(socket: &Path, mem: &Path, extra: &[&str]) -> Daemon {
+        Daemon::spawn_serving(socket, "--mem-file", mem, extra)
+    }
+
+    /// Spawns the daemon serving `source` (`--mem-file` or `--image`) without waiting for it.
+    fn spawn_serving(socket: &Path, flag: &str, source: &Path, extra: &[&str]) -> Daemon {
         let mut cmd = Command::new(EXE);
         cmd.arg("serve")
             .arg("--socket")
             .arg(socket)
-            .arg("--mem-file")
-            .arg(mem)
+            .arg(flag)
+            .arg(source)
             .args(["--workers", "2"]);
         if !extra.contains(&"--log-format") {
             cmd.args(["--log-format", "json"]);
