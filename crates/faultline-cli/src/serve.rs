@@ -18,14 +18,13 @@
 //! - An `accept` that fails (out of fds: `EMFILE`, `ENFILE`; out of memory) is retried after a
 //!   pause that doubles from 5 ms to 1 s, instead of at once in a loop; the open-file soft limit
 //!   is raised to the hard limit at start.
-//! - Refusals and accept errors are logged at most [`LOG_BURST`] lines per cause per second; the
+//! - Refusals and accept errors are logged at most [`faultline::ratelimit::LOG_BURST`] lines per cause per second; the
 //!   rest are counted and reported in one line per cause and second ("similar log lines
 //!   suppressed").
 //! - The session's socket is kept open (by the supervisor) until the session ends, though it no
 //!   longer decides anything: a client that watches it (Firecracker v1.12+ keeps its end open)
 //!   still sees the handler hang up when, and only when, its session is over.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::fd::OwnedFd;
@@ -33,12 +32,13 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 use faultline::firecracker::{self, Limits};
+use faultline::ratelimit::LogLimit;
 use faultline::source::{MmapSource, PageSource};
 use faultline::{EndHook, Readahead, Region, Server, ServerConfig, SessionOptions, WorkingSet};
 use faultline_uffd::{Features, MemoryKind, Uffd};
@@ -815,95 +815,8 @@ pub fn accept_client(
     })
 }
 
-/// Log lines of one cause allowed per [`LOG_WINDOW`].
-pub const LOG_BURST: u32 = 5;
 /// The window of the log's rate limit.
 pub const LOG_WINDOW: Duration = Duration::from_secs(1);
-
-/// A rate limit on log lines, per cause: [`LOG_BURST`] lines per [`LOG_WINDOW`]; beyond that they
-/// are counted, and the count is logged once the window is over.
-pub struct LogLimit {
-    window: Duration,
-    causes: Mutex<HashMap<&'static str, Window>>,
-}
-
-impl Default for LogLimit {
-    fn default() -> LogLimit {
-        LogLimit::with_window(LOG_WINDOW)
-    }
-}
-
-struct Window {
-    start: Instant,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl LogLimit {
-    /// A limit of [`LOG_BURST`] lines per cause per `window`.
-    pub fn with_window(window: Duration) -> LogLimit {
-        LogLimit {
-            window,
-            causes: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Lines of `cause` suppressed in its current window, not reported yet.
-    #[cfg(test)]
-    pub fn pending(&self, cause: &str) -> u64 {
-        let causes = self.causes.lock().unwrap_or_else(PoisonError::into_inner);
-        causes.get(cause).map_or(0, |w| w.suppressed)
-    }
-
-    /// Whether a line of `cause` may be logged now; if not, it is counted.
-    pub fn allow(&self, cause: &'static str) -> bool {
-        let now = Instant::now();
-        // A panic elsewhere while holding this lock leaves only counters behind: keep counting.
-        let mut causes = self.causes.lock().unwrap_or_else(PoisonError::into_inner);
-        let w = causes.entry(cause).or_insert(Window {
-            start: now,
-            logged: 0,
-            suppressed: 0,
-        });
-        if now.duration_since(w.start) >= self.window {
-            report_suppressed(cause, w, self.window);
-            w.start = now;
-            w.logged = 0;
-        }
-        if w.logged < LOG_BURST {
-            w.logged += 1;
-            true
-        } else {
-            w.suppressed += 1;
-            false
-        }
-    }
-
-    /// Logs the counts of the causes whose window is over.
-    pub fn flush(&self) {
-        let now = Instant::now();
-        let mut causes = self.causes.lock().unwrap_or_else(PoisonError::into_inner);
-        for (cause, w) in causes.iter_mut() {
-            if w.suppressed > 0 && now.duration_since(w.start) >= self.window {
-                report_suppressed(cause, w, self.window);
-            }
-        }
-        // Quiet causes are forgotten, so the map holds only the causes of the last window.
-        causes.retain(|_, w| now.duration_since(w.start) < self.window);
-    }
-}
-
-fn report_suppressed(cause: &str, w: &mut Window, window: Duration) {
-    if w.suppressed > 0 {
-        tracing::warn!(
-            cause,
-            suppressed = w.suppressed,
-            window_ms = window.as_millis() as u64,
-            "similar log lines suppressed"
-        );
-        w.suppressed = 0;
-    }
-}
 
 impl Daemon {
     /// Bind the socket and start serving.
@@ -1000,7 +913,7 @@ impl ConnCtx {
             max_handshakes: usize::try_from(args.max_handshakes).unwrap_or(usize::MAX),
             in_flight: AtomicUsize::new(0),
             refused,
-            log: LogLimit::default(),
+            log: LogLimit::with_window(LOG_WINDOW),
             dispatch,
         }
     }
@@ -1353,35 +1266,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn log_limit_allows_a_burst_per_cause_then_counts() {
-        let limit = LogLimit::with_window(Duration::from_secs(3600));
-        for _ in 0..LOG_BURST {
-            assert!(limit.allow("a"));
-        }
-        for _ in 0..1000 {
-            assert!(!limit.allow("a"));
-        }
-        assert_eq!(limit.pending("a"), 1000);
-        // Another cause has its own budget.
-        assert!(limit.allow("b"));
-        // Within the window, a flush reports nothing and keeps the count.
-        limit.flush();
-        assert_eq!(limit.pending("a"), 1000);
-    }
-
-    #[test]
-    fn log_limit_reports_and_resets_once_the_window_is_over() {
-        let limit = LogLimit::with_window(Duration::ZERO);
-        // Every call opens a new window: nothing is ever suppressed.
-        for _ in 0..100 {
-            assert!(limit.allow("a"));
-        }
-        assert_eq!(limit.pending("a"), 0);
-        limit.flush();
-        assert_eq!(limit.pending("a"), 0);
-    }
 
     #[test]
     fn accept_backoff_doubles_to_a_second() {

@@ -39,7 +39,7 @@ pub mod image;
 pub mod inject;
 pub mod peer;
 pub mod policy;
-mod ratelimit;
+pub mod ratelimit;
 pub mod region;
 pub mod remote;
 pub mod server;

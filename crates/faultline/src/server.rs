@@ -42,7 +42,7 @@ use rustix::io::Errno;
 
 use crate::inject::ResolveFaults;
 use crate::policy::{Readahead, Streams, WorkingSet};
-use crate::ratelimit::RateLimit;
+use crate::ratelimit::LogLimit;
 use crate::region::{Backing, Region, RegionEntry, RegionError, RegionMap};
 use crate::source::{Lend, SourceError};
 use crate::state::{PageState, PageStates};
@@ -487,7 +487,7 @@ struct Shared {
     /// What this kernel offers, less [`ServerConfig::missing_features`].
     kernel_features: Features,
     /// Log lines per cause.
-    logs: RateLimit,
+    logs: LogLimit,
     /// What each worker is resolving now, for the watchdog: (session, address, since).
     current: Vec<Mutex<Option<Current>>>,
 }
@@ -533,7 +533,7 @@ impl Server {
         let shared = Arc::new(Shared {
             current: (0..n_workers).map(|_| Mutex::new(None)).collect(),
             kernel_features,
-            logs: RateLimit::default(),
+            logs: LogLimit::with_window(Duration::from_secs(10)),
             config,
             epoll,
             notify,
@@ -882,14 +882,13 @@ impl Shared {
             {
                 Ok(_) => {
                     add(&s.stats.poisoned_pages, len.div_ceil(s.page_size));
-                    if let Some(left_out) = self.logs.allow("poison") {
+                    if self.logs.allow("poison") {
                         tracing::error!(
                             session = s.id,
                             label = %s.label,
                             addr = format_args!("{addr:#x}"),
                             offset,
                             cause = %why,
-                            left_out,
                             "page poisoned: no right bytes for it (the client gets SIGBUS there)"
                         );
                     }
@@ -961,6 +960,7 @@ impl Shared {
             .clamp(Duration::from_millis(10), Duration::from_millis(250));
         while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(tick) {
             self.watch_once(Instant::now());
+            self.logs.flush();
         }
     }
 
@@ -1015,7 +1015,7 @@ impl Shared {
 
     fn report_stuck(&self, s: &Session, addr: u64, age: Duration, state: &str) {
         add(&s.stats.stuck_faults, 1);
-        if let Some(left_out) = self.logs.allow("stuck") {
+        if self.logs.allow("stuck") {
             tracing::warn!(
                 session = s.id,
                 label = %s.label,
@@ -1023,7 +1023,6 @@ impl Shared {
                 age_ms = age.as_millis() as u64,
                 state,
                 deadline_ms = self.config.fault_deadline.as_millis() as u64,
-                left_out,
                 "fault unresolved"
             );
         }
@@ -1310,8 +1309,8 @@ impl Worker {
             let n = match s.uffd.read_events(&mut self.events) {
                 Ok(n) => n,
                 Err(faultline_uffd::Error::Decode(e)) => {
-                    if let Some(left_out) = self.shared.logs.allow("malformed message") {
-                        tracing::warn!(session = s.id, error = %e, left_out, "malformed userfaultfd message");
+                    if self.shared.logs.allow("malformed message") {
+                        tracing::warn!(session = s.id, error = %e, "malformed userfaultfd message");
                     }
                     self.events.len()
                 }
@@ -1365,13 +1364,8 @@ impl Worker {
                     }
                     Event::Unknown { code, .. } => {
                         add(&s.stats.events_unknown, 1);
-                        if let Some(left_out) = self.shared.logs.allow("unknown event") {
-                            tracing::warn!(
-                                session = s.id,
-                                code,
-                                left_out,
-                                "unknown userfaultfd event"
-                            );
+                        if self.shared.logs.allow("unknown event") {
+                            tracing::warn!(session = s.id, code, "unknown userfaultfd event");
                         }
                     }
                 }
