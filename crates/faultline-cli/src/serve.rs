@@ -299,13 +299,7 @@ impl Core {
         if let Some(w) = args.workers {
             config.workers = w.max(1);
         }
-        let from_store = args.object.object_url.is_some()
-            || args
-                .image
-                .as_deref()
-                .and_then(crate::object::url_of)
-                .is_some();
-        if from_store {
+        if from_store(args) {
             // A store that blips (a dropped connection, a 503) gets about 1.5 s of retries
             // (50, 100, 200, 400, 800 ms) before a page is poisoned.
             config.source_attempts = 6;
@@ -509,13 +503,7 @@ impl Pinned {
             pinned.remote_id = Some(w.source_id);
             return Ok(pinned);
         }
-        let from_store = args.object.object_url.is_some()
-            || args
-                .image
-                .as_deref()
-                .and_then(crate::object::url_of)
-                .is_some();
-        if from_store {
+        if from_store(args) {
             pinned.len = snapshot_len(args)?;
             return Ok(pinned);
         }
@@ -657,6 +645,16 @@ pub fn open_snapshot_from(args: &ServeArgs, handed: Option<Handed>) -> Result<Ar
 fn modified(meta: &std::fs::Metadata) -> (i64, i64) {
     use std::os::unix::fs::MetadataExt;
     (meta.mtime(), meta.mtime_nsec())
+}
+
+/// Whether `args` serve from an object store (`--object-url`, or an `s3://` `--image`).
+fn from_store(args: &ServeArgs) -> bool {
+    args.object.object_url.is_some()
+        || args
+            .image
+            .as_deref()
+            .and_then(crate::object::url_of)
+            .is_some()
 }
 
 /// `--image-id` names an image: it goes with `--image`.

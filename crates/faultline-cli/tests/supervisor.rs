@@ -20,8 +20,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{
-    fields, is_message, signal, summary, verified_report, wait_until, within, write_mem_file,
-    HeldClient, Log, DEADLINE, EXE, MEM_LEN, SEED,
+    fields, is_message, signal, summary, verified_report, wait_until, within, HeldClient, Log,
+    DEADLINE, EXE, MEM_LEN, SEED,
 };
 use faultline::firecracker::{send_handshake, GuestRegionUffdMapping, JsonShape};
 use faultline_uffd::{Features, Mapping, MemoryKind, RegisterMode, Uffd};
@@ -206,9 +206,7 @@ fn rename_other_over(target: &Path) {
 /// of the restore is the original's. (A worker that reopened the path served the new file.)
 #[test]
 fn a_restarted_worker_serves_the_file_the_session_started_on() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mem = dir.path().join("mem");
-    write_mem_file(&mem, MEM_LEN, 4096);
+    let (dir, mem) = common::workdir();
     let original = std::fs::read(&mem).expect("reading the memory file");
     let socket = dir.path().join("fl.sock");
     let mem_arg = mem.display().to_string();
@@ -231,9 +229,7 @@ fn a_restarted_worker_serves_the_file_the_session_started_on() {
 /// same-size memory file): the restarted worker serves the image the session started on.
 #[test]
 fn a_restarted_worker_serves_the_image_the_session_started_on() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mem = dir.path().join("mem");
-    write_mem_file(&mem, MEM_LEN, 4096);
+    let (dir, mem) = common::workdir();
     let original = std::fs::read(&mem).expect("reading the memory file");
     let img = dir.path().join("mem.img");
     let other_mem = dir.path().join("other");
@@ -273,9 +269,7 @@ fn a_restarted_worker_serves_the_image_the_session_started_on() {
 /// reads a byte of the new content.
 #[test]
 fn a_memory_file_rewritten_in_place_is_refused_by_a_restarted_worker() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mem = dir.path().join("mem");
-    write_mem_file(&mem, MEM_LEN, 4096);
+    let (dir, mem) = common::workdir();
     let copy = dir.path().join("copy");
     std::fs::copy(&mem, &copy).expect("copying the memory file");
     let socket = dir.path().join("fl.sock");
@@ -339,9 +333,7 @@ fn export(listen: &str, mem: &Path) -> (Proc, String) {
 /// reads a byte of the other file.
 #[test]
 fn a_changed_remote_source_is_refused_after_a_worker_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mem = dir.path().join("mem");
-    write_mem_file(&mem, MEM_LEN, 4096);
+    let (dir, mem) = common::workdir();
     // The client verifies against a copy: `mem` itself is replaced below.
     let copy = dir.path().join("copy");
     std::fs::copy(&mem, &copy).expect("copying the memory file");
@@ -390,9 +382,7 @@ fn a_changed_remote_source_is_refused_after_a_worker_restart() {
 /// serving: the restore completes byte for byte; once the session ends, the worker exits.
 #[test]
 fn the_worker_serves_its_sessions_to_their_end_when_the_supervisor_dies() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mem = dir.path().join("mem");
-    write_mem_file(&mem, MEM_LEN, 4096);
+    let (dir, mem) = common::workdir();
     let socket = dir.path().join("fl.sock");
     let mem_arg = mem.display().to_string();
     let mut daemon = serve(&socket, &["--mem-file", &mem_arg], "info");
@@ -466,9 +456,7 @@ fn ten_thousand_removes_survive_a_worker_restart() {
 /// `--worker-down-limit`.
 #[test]
 fn a_worker_that_cannot_start_is_retried_with_backoff_and_its_vms_are_ended() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mem = dir.path().join("mem");
-    write_mem_file(&mem, MEM_LEN, 4096);
+    let (dir, mem) = common::workdir();
     // The client verifies against a copy: `mem` itself is truncated below.
     let copy = dir.path().join("copy");
     std::fs::copy(&mem, &copy).expect("copying the memory file");
@@ -534,9 +522,7 @@ fn a_worker_that_cannot_start_is_retried_with_backoff_and_its_vms_are_ended() {
 /// supervisor) and those the second served.
 #[test]
 fn a_session_keeps_its_id_and_counters_across_a_worker_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mem = dir.path().join("mem");
-    write_mem_file(&mem, MEM_LEN, 4096);
+    let (dir, mem) = common::workdir();
     let original = std::fs::read(&mem).expect("reading the memory file");
     let socket = dir.path().join("fl.sock");
     let mem_arg = mem.display().to_string();
@@ -592,9 +578,7 @@ fn a_session_keeps_its_id_and_counters_across_a_worker_restart() {
 /// may never come.)
 #[test]
 fn a_stopped_worker_is_replaced_and_the_restore_completes() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mem = dir.path().join("mem");
-    write_mem_file(&mem, MEM_LEN, 4096);
+    let (dir, mem) = common::workdir();
     let socket = dir.path().join("fl.sock");
     let mem_arg = mem.display().to_string();
     let daemon = serve(
@@ -629,9 +613,7 @@ fn a_stopped_worker_is_replaced_and_the_restore_completes() {
 /// completes; once the supervisor runs again, new clients are served too.
 #[test]
 fn a_stopped_supervisor_does_not_stop_the_restores() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mem = dir.path().join("mem");
-    write_mem_file(&mem, MEM_LEN, 4096);
+    let (dir, mem) = common::workdir();
     let socket = dir.path().join("fl.sock");
     let mem_arg = mem.display().to_string();
     let daemon = serve(&socket, &["--mem-file", &mem_arg], "info");
@@ -657,9 +639,7 @@ fn a_stopped_supervisor_does_not_stop_the_restores() {
 /// root, a `chmod 000` alone would not stop a reopen; a deleted file stops any.)
 #[test]
 fn a_restarted_worker_serves_a_memory_file_deleted_under_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mem = dir.path().join("mem");
-    write_mem_file(&mem, MEM_LEN, 4096);
+    let (dir, mem) = common::workdir();
     let original = std::fs::read(&mem).expect("reading the memory file");
     let socket = dir.path().join("fl.sock");
     let mem_arg = mem.display().to_string();
