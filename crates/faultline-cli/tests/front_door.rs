@@ -293,8 +293,21 @@ fn accept_backs_off_when_out_of_fds_and_serves_again() {
         "{cpu} ticks of CPU in 2 s at EMFILE"
     );
     drop(flood);
-    // Serves again, the limit still low.
-    let report = daemon.client(&mem, &[]);
+    // Serves again, the limit still low: once the flood's connections are refused and their fds
+    // released (each accept at EMFILE pauses the loop up to 1 s, so draining the backlog on a
+    // loaded machine takes a while: a bound, not a delay), a client is served.
+    wait_until_within(
+        "the flood's fds to be released",
+        Duration::from_secs(60),
+        || (usage_of(supervisor).fds as u64) <= held + 1,
+    );
+    let out = common::output_within(
+        common::client_command(daemon.socket(), &mem, &[])
+            .spawn()
+            .expect("spawning a client"),
+        Duration::from_secs(60),
+    );
+    let report = daemon.verified(&out);
     assert_eq!(report["pages"], MEM_LEN / 4096);
     let stuck = refusals_of(daemon.log(), "pidfd")
         + daemon
