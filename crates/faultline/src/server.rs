@@ -231,6 +231,9 @@ fn os(operation: &'static str) -> impl FnOnce(Errno) -> ServerError {
 
 const NOTIFY_TOKEN: u64 = u64::MAX;
 
+/// Tries of a POISON answered EAGAIN (2 ms apart) before the client is ended instead.
+const POISON_EAGAIN_TRIES: u32 = 25;
+
 /// What a background or deferred job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum JobKind {
@@ -876,10 +879,28 @@ impl Shared {
     ) -> Unserved {
         if s.on_unservable == Unservable::Poison && s.can_poison.load(Ordering::Acquire) {
             add(&s.stats.poison, 1);
-            match self
-                .injected(ResolveOp::Poison, addr, len)
-                .and_then(|()| s.uffd.poison(addr, len))
-            {
+            // EAGAIN (a REMOVE another worker has not read yet) passes within milliseconds:
+            // worth a few short waits before it is taken for a POISON that cannot be done.
+            let mut poisoned = Err(ResolveError::from_errno(
+                ResolveOp::Poison,
+                addr,
+                len,
+                Errno::AGAIN,
+            ));
+            for attempt in 0..POISON_EAGAIN_TRIES {
+                if attempt > 0 {
+                    add(&s.stats.eagain, 1);
+                    // A pause while another worker reads the event, not synchronisation.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                poisoned = self
+                    .injected(ResolveOp::Poison, addr, len)
+                    .and_then(|()| s.uffd.poison(addr, len));
+                if !matches!(&poisoned, Err(e) if e.kind == ResolveErrorKind::Retry) {
+                    break;
+                }
+            }
+            match poisoned {
                 Ok(_) => {
                     add(&s.stats.poisoned_pages, len.div_ceil(s.page_size));
                     if self.logs.allow("poison") {

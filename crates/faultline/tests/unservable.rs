@@ -460,3 +460,38 @@ fn a_hung_source_read_is_ended_by_the_watchdog() {
         r.exit_after
     );
 }
+
+#[test]
+fn a_poison_answered_eagain_is_tried_again() {
+    if !poison_ok() {
+        return;
+    }
+    // A REMOVE unread by the other worker makes POISON answer EAGAIN for a moment: the page is
+    // still poisoned (the client is not killed for it).
+    let r = run(
+        all_but_bad_then_bad(),
+        PAGES,
+        None,
+        |a| {
+            ResolveFaults::new()
+                .fail_at(ResolveOp::Copy, bad_addr(a), Errno::INVAL, u32::MAX)
+                .fail(ResolveOp::Poison, Errno::AGAIN, 3)
+        },
+        ServerConfig::default(),
+        Unservable::Poison,
+    );
+    assert_eq!(r.exit, ChildExit::Signal(libc::SIGBUS), "{:?}", r.stats);
+    assert_eq!(
+        (r.stats.poisoned_pages, r.stats.unservable),
+        (1, 0),
+        "{:?}",
+        r.stats
+    );
+    assert_eq!(
+        r.injected
+            .iter()
+            .filter(|i| i.0 == ResolveOp::Poison)
+            .count(),
+        3
+    );
+}
