@@ -813,6 +813,10 @@ pub fn accept_client(
     })
 }
 
+/// How long a stopping daemon waits for its sessions to finish ending (summaries logged, working
+/// sets written).
+pub const SESSION_END_LIMIT: Duration = Duration::from_secs(5);
+
 /// The window of the log's rate limit.
 pub const LOG_WINDOW: Duration = Duration::from_secs(1);
 
@@ -870,8 +874,8 @@ impl Daemon {
             let _ = h.join();
         }
         let _ = std::fs::remove_file(&self.socket);
-        for s in self.server.sessions() {
-            let _ = self.server.remove_session(s.id());
+        if !self.server.end_sessions(SESSION_END_LIMIT) {
+            tracing::warn!("some sessions did not finish ending in time");
         }
     }
 }

@@ -942,8 +942,8 @@ pub fn run_worker(args: ServeArgs) -> Result<()> {
     if args.on_exit == OnExit::Drain {
         core.drain();
     }
-    for s in core.server.sessions() {
-        let _ = core.server.remove_session(s.id());
+    if !core.server.end_sessions(crate::serve::SESSION_END_LIMIT) {
+        tracing::warn!("some sessions did not finish ending in time");
     }
     core.flush();
     Ok(())

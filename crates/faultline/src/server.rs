@@ -603,6 +603,22 @@ impl Server {
         Ok(())
     }
 
+    /// End every live session (as [`Server::remove_session`] does) and wait, up to `limit`, until
+    /// each is finished: its summary logged and its end hook run (a recorded working set written,
+    /// a supervisor told). A worker still inside a session finishes it when it leaves, so a
+    /// process that exits right after closing its sessions could skip their ends. Returns whether
+    /// every session finished in time.
+    pub fn end_sessions(&self, limit: Duration) -> bool {
+        let sessions = self.sessions();
+        for s in &sessions {
+            self.shared.close(&s.0, "removed");
+        }
+        let deadline = Instant::now() + limit;
+        sessions
+            .iter()
+            .all(|s| s.wait_closed(deadline.saturating_duration_since(Instant::now())))
+    }
+
     /// Add a region to a running session.
     pub fn add_region(&self, id: u64, region: Region) -> Result<(), ServerError> {
         let s = self.shared.session(id).ok_or(ServerError::NoSession(id))?;
@@ -1110,11 +1126,6 @@ impl Shared {
             s.stats.merge_into(&self.total);
             m.remove(&s.id);
         }
-        {
-            let mut g = lock(&s.ended);
-            *g = Some(Instant::now());
-        }
-        s.changed.notify_all();
         let st = s.stats.snapshot();
         let why = lock(&s.end_reason).clone();
         tracing::info!(
@@ -1129,6 +1140,12 @@ impl Shared {
         if let Some(EndHook(f)) = hook {
             f(&SessionHandle(Arc::clone(s)));
         }
+        // Waiters are told last: a session they see ended has had its end hook run.
+        {
+            let mut g = lock(&s.ended);
+            *g = Some(Instant::now());
+        }
+        s.changed.notify_all();
     }
 
     fn has_background(&self) -> Option<Duration> {

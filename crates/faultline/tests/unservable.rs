@@ -495,3 +495,58 @@ fn a_poison_answered_eagain_is_tried_again() {
         3
     );
 }
+
+#[test]
+fn ending_the_sessions_waits_for_a_worker_inside_one() {
+    // A worker is inside the session (its source read hangs 500 ms) when the server is told to
+    // end every session: `end_sessions` returns only once the session is finished, its end hook
+    // run (a process exiting right after it no longer skips the summary or a working set).
+    let (child, uffd, addr) = client(vec![BAD], PAGES);
+    let source = Arc::new(
+        FailureInjecting::new(MemorySource::new(content())).with_rule(Failure::HangAt {
+            offset: (BAD * PAGE_SIZE) as u64,
+            delay: Duration::from_millis(500),
+        }),
+    );
+    let server = Server::start(ServerConfig {
+        workers: 2,
+        ..ServerConfig::default()
+    })
+    .expect("server");
+    let region = Region::new(
+        addr,
+        (PAGES * PAGE_SIZE) as u64,
+        MemoryKind::PrivateAnonymous,
+        Arc::clone(&source) as Arc<dyn faultline::PageSource>,
+        0,
+    );
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&ended);
+    let _session = server
+        .add_session(
+            uffd,
+            vec![region],
+            SessionOptions {
+                on_end: Some(faultline::EndHook(Box::new(move |_| {
+                    flag.store(true, std::sync::atomic::Ordering::Release);
+                }))),
+                ..SessionOptions::default()
+            },
+        )
+        .expect("session");
+    within(LIMIT, {
+        let source = Arc::clone(&source);
+        move || {
+            while source.stats().slowed == 0 {
+                std::thread::yield_now();
+            }
+        }
+    });
+    assert!(server.end_sessions(Duration::from_secs(10)));
+    assert!(
+        ended.load(std::sync::atomic::Ordering::Acquire),
+        "the end hook ran before end_sessions returned"
+    );
+    drop(child);
+    server.shutdown();
+}
