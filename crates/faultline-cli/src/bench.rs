@@ -139,6 +139,10 @@ pub struct BenchArgs {
     /// With --firecracker: guest memory (MiB).
     #[arg(long, default_value_t = 256)]
     pub fc_mem_mib: u64,
+    /// With --firecracker: more flags for every `faultline serve` it starts, e.g.
+    /// `--fc-serve-flag=--workers --fc-serve-flag=1` (to compare settings in the same way).
+    #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
+    pub fc_serve_flag: Vec<String>,
     /// With --sources: KiB per ranged GET and cache block of the S3 rows (a multiple of 4).
     #[arg(long, value_name = "KIB", default_value_t = 1024)]
     pub object_block_kib: u64,
@@ -794,6 +798,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             clones: args.fc_clones.clone(),
             kit: args.fc_kit.clone(),
             mem_mib: args.fc_mem_mib,
+            serve_flags: args.fc_serve_flag.clone(),
         })?;
         if let Some(p) = &args.json {
             std::fs::write(p, serde_json::to_string_pretty(&report)?)?;

@@ -53,6 +53,8 @@ pub struct FcBenchArgs {
     pub kit: Option<PathBuf>,
     /// Guest memory (MiB).
     pub mem_mib: u64,
+    /// More flags for every daemon.
+    pub serve_flags: Vec<String>,
 }
 
 /// The backends, in the order every repetition runs them.
@@ -531,6 +533,8 @@ pub fn run(args: &FcBenchArgs) -> Result<FcReport> {
         (Which::BackgroundFill, vec!["--background-fill"]),
         (Which::Prefetch, vec!["--prefetch-ws", ws_arg]),
     ] {
+        let mut flags = flags;
+        flags.extend(args.serve_flags.iter().map(String::as_str));
         let socket = dir.path().join(format!("{which:?}.sock"));
         daemons.insert(which, ServeProc::start(&socket, &snap.mem, &flags)?);
     }
