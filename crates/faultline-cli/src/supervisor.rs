@@ -285,7 +285,9 @@ fn recv_msg(fd: BorrowedFd<'_>) -> std::io::Result<Option<(Vec<u8>, Vec<OwnedFd>
 
 struct Worker {
     child: Child,
-    control: OwnedFd,
+    /// The control socket, shared (not duplicated) with the main loop's poll: a `dup` there
+    /// needed a free fd, which a daemon at its open-file limit may not have.
+    control: Arc<OwnedFd>,
     started: Instant,
     /// It reported that it serves.
     ready: bool,
@@ -324,7 +326,7 @@ fn spawn_worker(args: &ServeArgs, pinned: &Pinned) -> Result<Worker> {
     }
     Ok(Worker {
         child,
-        control: ours,
+        control: Arc::new(ours),
         started: Instant::now(),
         ready: false,
         heard: Instant::now(),
@@ -690,8 +692,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .map(|w| w.heard + hang_limit);
         let control = lock(&shared.worker)
             .as_ref()
-            .map(|w| w.control.try_clone())
-            .transpose()?;
+            .map(|w| Arc::clone(&w.control));
         // Wake for the next start, the down limit or the hang limit, whichever comes first.
         let wake_at = [
             heard_by,
@@ -1129,14 +1130,16 @@ mod tests {
         };
         let young = |ready| Worker {
             child: Command::new("true").spawn().expect("spawning true"),
-            control: rustix::net::socketpair(
-                AddressFamily::UNIX,
-                SocketType::SEQPACKET,
-                SocketFlags::CLOEXEC,
-                None,
-            )
-            .expect("socketpair")
-            .0,
+            control: Arc::new(
+                rustix::net::socketpair(
+                    AddressFamily::UNIX,
+                    SocketType::SEQPACKET,
+                    SocketFlags::CLOEXEC,
+                    None,
+                )
+                .expect("socketpair")
+                .0,
+            ),
             started: Instant::now(),
             heard: Instant::now(),
             ready,
