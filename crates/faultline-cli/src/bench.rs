@@ -143,6 +143,19 @@ pub struct BenchArgs {
     /// `--fc-serve-flag=--workers --fc-serve-flag=1` (to compare settings in the same way).
     #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
     pub fc_serve_flag: Vec<String>,
+    /// With --firecracker: also measure an on-demand daemon started with these flags (one
+    /// quoted list per use, e.g. `--fc-variant "--readahead-min-pages 1"`; repeatable), in the
+    /// same rounds, to compare settings against the default in one run.
+    #[arg(long, value_name = "FLAGS", allow_hyphen_values = true)]
+    pub fc_variant: Vec<String>,
+    /// With --firecracker: the backends to measure besides the File baseline.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "on-demand,background-fill,prefetch"
+    )]
+    pub fc_backends: Vec<FcBackend>,
     /// With --sources: KiB per ranged GET and cache block of the S3 rows (a multiple of 4).
     #[arg(long, value_name = "KIB", default_value_t = 1024)]
     pub object_block_kib: u64,
@@ -787,6 +800,17 @@ impl Ctx {
     }
 }
 
+/// A backend of `bench --firecracker` (the File baseline always runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FcBackend {
+    /// `faultline serve`, on demand.
+    OnDemand,
+    /// `faultline serve --background-fill`.
+    BackgroundFill,
+    /// `faultline serve --prefetch-ws` (a working set recorded first).
+    Prefetch,
+}
+
 /// Run the benchmark and print the table (and JSON if asked).
 pub fn run(args: BenchArgs) -> Result<()> {
     if args.remote || args.sources {
@@ -799,6 +823,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
             kit: args.fc_kit.clone(),
             mem_mib: args.fc_mem_mib,
             serve_flags: args.fc_serve_flag.clone(),
+            variants: args
+                .fc_variant
+                .iter()
+                .map(|v| v.split_whitespace().map(str::to_string).collect())
+                .collect(),
+            backends: args
+                .fc_backends
+                .iter()
+                .map(|b| match b {
+                    FcBackend::OnDemand => crate::bench_fc::Which::OnDemand,
+                    FcBackend::BackgroundFill => crate::bench_fc::Which::BackgroundFill,
+                    FcBackend::Prefetch => crate::bench_fc::Which::Prefetch,
+                })
+                .collect(),
         })?;
         if let Some(p) = &args.json {
             std::fs::write(p, serde_json::to_string_pretty(&report)?)?;

@@ -55,6 +55,10 @@ pub struct FcBenchArgs {
     pub mem_mib: u64,
     /// More flags for every daemon.
     pub serve_flags: Vec<String>,
+    /// Flags of more on-demand daemons measured beside the first, one list per daemon.
+    pub variants: Vec<Vec<String>>,
+    /// The backends to measure (the File baseline always runs).
+    pub backends: Vec<Which>,
 }
 
 /// The backends, in the order every repetition runs them.
@@ -69,22 +73,25 @@ pub enum Which {
     BackgroundFill,
     /// `faultline serve --prefetch-ws`.
     Prefetch,
+    /// `faultline serve` on demand with the flags of the n-th `--fc-variant`.
+    Variant(u8),
 }
 
 impl Which {
-    const ALL: [Which; 4] = [
-        Which::File,
-        Which::OnDemand,
-        Which::BackgroundFill,
-        Which::Prefetch,
-    ];
-
     fn name(self) -> &'static str {
         match self {
             Which::File => "file (kernel)",
             Which::OnDemand => "faultline on demand",
             Which::BackgroundFill => "faultline --background-fill",
             Which::Prefetch => "faultline --prefetch-ws",
+            Which::Variant(_) => "faultline on demand, variant",
+        }
+    }
+
+    fn label(self) -> String {
+        match self {
+            Which::Variant(i) => format!("faultline variant {}", i + 1),
+            other => other.name().to_string(),
         }
     }
 }
@@ -527,19 +534,32 @@ pub fn run(args: &FcBenchArgs) -> Result<FcReport> {
     };
     ensure!(ws_pages > 0, "an empty working set was recorded");
 
+    let mut which_all: Vec<Which> = args.backends.clone();
+    which_all.push(Which::File);
+    let variants = u8::try_from(args.variants.len()).context("at most 255 variants")?;
+    which_all.extend((0..variants).map(Which::Variant));
+    which_all.sort();
+    which_all.dedup();
     let mut daemons: BTreeMap<Which, ServeProc> = BTreeMap::new();
-    for (which, flags) in [
+    let mut configs = vec![
         (Which::OnDemand, vec![]),
         (Which::BackgroundFill, vec!["--background-fill"]),
         (Which::Prefetch, vec!["--prefetch-ws", ws_arg]),
-    ] {
+    ];
+    for (i, v) in (0..variants).zip(&args.variants) {
+        configs.push((Which::Variant(i), v.iter().map(String::as_str).collect()));
+    }
+    for (which, flags) in configs {
+        if !which_all.contains(&which) {
+            continue;
+        }
         let mut flags = flags;
         flags.extend(args.serve_flags.iter().map(String::as_str));
         let socket = dir.path().join(format!("{which:?}.sock"));
         daemons.insert(which, ServeProc::start(&socket, &snap.mem, &flags)?);
     }
     eprintln!("warm-up restores ...");
-    for which in Which::ALL {
+    for &which in &which_all {
         round(&kit, dir.path(), &snap, which, daemons.get(&which), 1)?;
     }
 
@@ -548,7 +568,7 @@ pub fn run(args: &FcBenchArgs) -> Result<FcReport> {
         let mut samples: BTreeMap<Which, Collected> = BTreeMap::new();
         for r in 0..repeat {
             eprintln!("{n} clone(s) at once, round {}/{repeat} ...", r + 1);
-            for which in Which::ALL {
+            for &which in &which_all {
                 let (s, cpu, faults) =
                     round(&kit, dir.path(), &snap, which, daemons.get(&which), n)?;
                 let e = samples.entry(which).or_default();
@@ -643,7 +663,7 @@ fn print_table(r: &FcReport) {
     for row in &r.rows {
         println!(
             "{:<28} {:>6} {:>7.0}/{:>5.0}/{:>5.0} ms {:>5.1} ms {:>6.0} ms {:>6.0} ms {:>9.0} {:>9.0} {:>5.2}/{:>5.2}/{:>4.2}/{:>4.2}",
-            row.backend.name(),
+            row.backend.label(),
             row.clones,
             row.first_tick_ms[0],
             row.first_tick_ms[1],

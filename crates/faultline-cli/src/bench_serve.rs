@@ -207,6 +207,7 @@ pub fn run(
         pin_workers: false,
         readahead: ReadaheadFlag::Adaptive,
         readahead_pages: 512,
+        readahead_min_pages: 16,
         record_ws: None,
         prefetch_ws: None,
         background_fill: false,

@@ -114,6 +114,7 @@ fn serve_args(
         pin_workers: false,
         readahead: ReadaheadFlag::Adaptive,
         readahead_pages: 512,
+        readahead_min_pages: 16,
         record_ws: record,
         prefetch_ws: prefetch,
         background_fill: fill,

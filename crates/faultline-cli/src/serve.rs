@@ -107,6 +107,12 @@ pub struct ServeArgs {
     /// Readahead window in pages (the maximum for adaptive).
     #[arg(long, default_value_t = 512)]
     pub readahead_pages: usize,
+    /// Adaptive readahead's smallest window, in 4 KiB pages: a fault that continues no
+    /// sequential stream is served with the aligned block of this many pages that holds it
+    /// (16: 64 KiB, like the kernel's fault-around; one huge page at least). 1 serves such
+    /// faults one page each.
+    #[arg(long, default_value_t = 16)]
+    pub readahead_min_pages: usize,
     /// Record the order in which each restore first touched pages into FILE (written when the
     /// session ends; readahead is off for recorded sessions so every touch is seen).
     #[arg(long, value_name = "FILE")]
@@ -277,7 +283,7 @@ impl Core {
                 pages: args.readahead_pages,
             },
             ReadaheadFlag::Adaptive => Readahead::Adaptive {
-                min_pages: 1,
+                min_pages: args.readahead_min_pages,
                 max_pages: args.readahead_pages,
             },
         };

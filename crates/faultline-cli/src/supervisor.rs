@@ -342,6 +342,8 @@ fn worker_flags(a: &ServeArgs) -> Vec<String> {
         format!("{:?}", a.readahead).to_lowercase(),
         "--readahead-pages".into(),
         a.readahead_pages.to_string(),
+        "--readahead-min-pages".into(),
+        a.readahead_min_pages.to_string(),
         "--log-format".into(),
         format!("{:?}", a.log_format).to_lowercase(),
         "--on-exit".into(),

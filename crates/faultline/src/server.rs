@@ -1521,7 +1521,8 @@ impl Worker {
                         continue;
                     }
                 }
-                let window = lock(&s.streams).on_fault(s.readahead, e.region.start, page);
+                let policy = s.readahead.for_page_size(e.region.page_size());
+                let window = lock(&s.streams).on_fault(policy, e.region.start, page);
                 let max_pages = e.region.pages();
                 // Resolve the faulting page (and a first chunk after it) now, so the faulting
                 // thread wakes early; queue the rest of the window and the readahead beyond it as
@@ -1545,6 +1546,11 @@ impl Worker {
                 if rest > 0 && page + n < max_pages {
                     let rest = rest.min(max_pages - page - n);
                     aheads.push(job(e, page + n, rest, JobKind::Readahead, false, None));
+                }
+                // The head of an aligned block, below the fault (claimed when its job runs).
+                if window.before > 0 && window.before <= page {
+                    let from = page - window.before;
+                    aheads.push(job(e, from, window.before, JobKind::Readahead, false, None));
                 }
             }
         }

@@ -81,9 +81,16 @@ fn sequential_touch_with_adaptive_readahead_serves_every_byte() {
         4096,
     );
     assert_eq!(st.pages, 4096, "every page resolved exactly once: {st:?}");
-    // Runs of 16 zero pages are ZEROPAGEd (a run cut by a chunk boundary may be copied);
-    // isolated zero pages are copied with their neighbours.
-    assert!((768..=1024).contains(&st.zero_pages), "{st:?}");
+    // Runs of 16 zero pages are ZEROPAGEd (a run cut by a chunk boundary may be copied, one
+    // that an isolated zero page extends is mapped whole); other isolated zero pages are copied
+    // with their neighbours. Never more than the source holds.
+    let zeros = (0..4096u64)
+        .filter(|p| (p / 16) % 4 == 3 || p % 7 == 0)
+        .count() as u64;
+    assert!(
+        (768..=zeros).contains(&st.zero_pages),
+        "{st:?}, {zeros} in the source"
+    );
     assert_eq!(io.wake, 0, "resolves wake their sleepers: no UFFDIO_WAKE");
     assert!(st.faults < 4096, "readahead must save faults: {st:?}");
     assert_eq!(

@@ -258,7 +258,8 @@ fn removing_one_session_leaves_the_others_serving() {
     started.wait();
     server.remove_session(gone_id).expect("remove");
     assert!(gone.session.is_closed());
-    assert!(gone.session.wait_closed(Duration::ZERO));
+    // It ends once no worker is inside it any more (one may be running its readahead).
+    assert!(gone.session.wait_closed(Duration::from_secs(10)));
     assert!(
         matches!(server.remove_session(gone_id), Err(ServerError::NoSession(id)) if id == gone_id)
     );

@@ -1050,6 +1050,8 @@ mod tests {
             exporter = nice_of_thread("faultline-expor");
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(exporter, Some(0), "the exporter thread's nice value");
+        // The test may itself run niced: the exporter keeps the nice value it started with.
+        let own = rustix::process::getpriority_process(None).unwrap();
+        assert_eq!(exporter, Some(own), "the exporter thread's nice value");
     }
 }
