@@ -109,7 +109,8 @@ fn scan_with(
         if source.read_at((first * page) as u64, dst).is_err() {
             return None;
         }
-        slot_by_hash.insert(h, slot as u32);
+        let slot = u32::try_from(slot).expect("at most MAX_KEPT_BYTES / page slots");
+        slot_by_hash.insert(h, slot);
     }
     let mut pages = 0;
     let mut slot_of = vec![0u32; whole];

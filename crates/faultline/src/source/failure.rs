@@ -294,7 +294,8 @@ impl<S: PageSource> PageSource for FailureInjecting<S> {
             Some(Injected::Short { at }) => {
                 self.short_reads.fetch_add(1, Ordering::Relaxed);
                 let got = at - offset;
-                let prefix = &mut buf[..got as usize];
+                let prefix = &mut buf[..usize::try_from(got)
+                    .expect("the rule applies: `at` lies inside the read, below buf.len()")];
                 self.inner.read_at(offset, prefix)?;
                 Err(SourceError::short_read(&name, offset, len, got))
             }

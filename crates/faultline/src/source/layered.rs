@@ -260,8 +260,10 @@ impl PageSource for LayeredSource {
         let len = buf.len() as u64;
         check_bounds(&self.name, offset, len, self.len())?;
         for run in self.runs(offset, len) {
-            let at = (run.start - offset) as usize;
-            let part = &mut buf[at..at + run.len as usize];
+            // A run lies inside `offset..offset + buf.len()`: both fit usize.
+            let at = usize::try_from(run.start - offset).expect("a run inside the read");
+            let n = usize::try_from(run.len).expect("a run inside the read");
+            let part = &mut buf[at..at + n];
             let layer = self.layer(run.layer);
             layer
                 .read_at(run.src_offset, part)

@@ -34,7 +34,7 @@ use std::path::Path;
 
 use faultline_uffd::FileMapping;
 
-use super::memory::{bytes_are_zero, ZeroPages, ZERO_GRANULE};
+use super::memory::{bytes_are_zero, ZeroPages, ZERO_GRANULE, ZERO_GRANULE_BYTES};
 use super::{check_bounds, PageSource, Retry, SourceError};
 
 /// The zero scan reads the file in `pread`s of this size, into one buffer reused for the whole
@@ -224,7 +224,7 @@ impl PageSource for MmapSource {
 
     fn is_zero(&self, offset: u64, len: u64) -> Option<bool> {
         self.zero.as_ref()?.query(offset, len, |o, l| {
-            let mut page = [0u8; ZERO_GRANULE as usize];
+            let mut page = [0u8; ZERO_GRANULE_BYTES];
             let buf = &mut page[..usize::try_from(l).ok()?];
             self.read_at(o, buf).ok()?;
             Some(bytes_are_zero(buf))
