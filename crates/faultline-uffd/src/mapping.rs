@@ -544,7 +544,7 @@ mod tests {
     #[test]
     fn volatile_read_write_round_trip() {
         let m = Mapping::anonymous(3 * PAGE_SIZE).expect("mmap");
-        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7).to_le_bytes()[0]).collect();
         m.write(3, &data).expect("write");
         let mut back = vec![0u8; data.len()];
         m.read(3, &mut back).expect("read");

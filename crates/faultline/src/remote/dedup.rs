@@ -171,7 +171,7 @@ mod tests {
         for (p, want) in [(0, 0), (1, 1), (2, 0), (5, 1), (6, 0)] {
             let (slot, bytes) = ix.copy_of(p).unwrap();
             assert_eq!(slot, want, "page {p}");
-            assert_eq!(bytes, &src.bytes()[p as usize * P..][..P]);
+            assert_eq!(bytes, &src.bytes()[usize::try_from(p).unwrap() * P..][..P]);
         }
         for p in [3, 4, 7, 8, 99] {
             assert!(ix.copy_of(p).is_none(), "page {p}");

@@ -152,7 +152,7 @@ mod tests {
         parts.push(Part::Bytes(&tail));
         let mut want = head.clone();
         for i in 0..1500u64 {
-            let off = ((i % 3) * 4096 + i % 7) as usize;
+            let off = usize::try_from((i % 3) * 4096 + i % 7).unwrap();
             want.extend_from_slice(&file_bytes[off..off + 11]);
         }
         want.extend_from_slice(&tail);

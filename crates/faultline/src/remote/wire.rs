@@ -886,7 +886,7 @@ mod tests {
         #[test]
         fn decode_never_panics(t in 0u8..10, body in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Frame::decode(t, &body);
-            let mut framed = ((body.len() + 1) as u32).to_le_bytes().to_vec();
+            let mut framed = u32::try_from(body.len() + 1).unwrap().to_le_bytes().to_vec();
             framed.push(t);
             framed.extend_from_slice(&body);
             let _ = read_frame(&mut &framed[..], &mut Vec::new());

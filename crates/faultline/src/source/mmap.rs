@@ -243,7 +243,9 @@ mod tests {
     const P: usize = 4096;
 
     fn pattern(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i % 253) as u8 ^ (i / P) as u8).collect()
+        (0..len)
+            .map(|i| (i % 253).to_le_bytes()[0] ^ (i / P).to_le_bytes()[0])
+            .collect()
     }
 
     fn temp_with(bytes: &[u8]) -> tempfile::NamedTempFile {
