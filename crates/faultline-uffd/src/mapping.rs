@@ -557,6 +557,40 @@ mod tests {
         assert!(m.write(3 * PAGE_SIZE - 2, &[1, 2, 3]).is_err());
     }
 
+    /// A file mapping lends addresses inside the file as mapped and nothing past it; an empty
+    /// file maps as empty. The bytes are checked as the kernel reads them (`writev`).
+    #[test]
+    fn a_file_mapping_lends_addresses_inside_the_file_only() {
+        use std::io::{Read, Write};
+        let path = std::env::temp_dir().join(format!("faultline-filemap-{}", std::process::id()));
+        let mut f = std::fs::File::create(&path).expect("create");
+        let data: Vec<u8> = (0..3 * PAGE_SIZE + 10)
+            .map(|i| (i % 251).to_le_bytes()[0])
+            .collect();
+        f.write_all(&data).expect("write");
+        let file = std::fs::File::open(&path).expect("open");
+        let map = FileMapping::new(&file, true).expect("mmap");
+        assert_eq!(map.len(), data.len());
+        let p = map.ptr_at(PAGE_SIZE, 100).expect("inside");
+        assert_eq!(p, map.as_ptr().wrapping_add(PAGE_SIZE));
+        assert!(map.ptr_at(data.len() - 5, 5).is_some());
+        assert_eq!(map.ptr_at(data.len() - 5, 6), None);
+        assert_eq!(map.ptr_at(usize::MAX, 2), None);
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let n = crate::socket::writev(&a, &[crate::socket::IoPiece::from_raw(p, 100)]);
+        assert_eq!(n, Ok(100));
+        let mut got = [0u8; 100];
+        b.read_exact(&mut got).expect("read");
+        assert_eq!(got[..], data[PAGE_SIZE..PAGE_SIZE + 100]);
+
+        f.set_len(0).expect("truncate");
+        let empty = FileMapping::new(&file, false).expect("mmap of an empty file");
+        assert!(empty.is_empty());
+        assert_eq!(empty.ptr_at(0, 0), Some(empty.as_ptr()));
+        assert_eq!(empty.ptr_at(0, 1), None);
+        let _ = std::fs::remove_file(&path);
+    }
+
     #[test]
     fn alias_shares_the_page_cache() {
         let m = Mapping::new(MemoryKind::Shmem, PAGE_SIZE).expect("memfd");

@@ -17,7 +17,7 @@ use crate::sys;
 
 /// One piece of a [`writev`]: bytes of a slice, or `len` bytes at a raw address that only the
 /// kernel reads (an `iovec`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 #[repr(transparent)]
 pub struct IoPiece<'a> {
     pub(crate) iov: libc::iovec,
@@ -60,6 +60,16 @@ impl<'a> IoPiece<'a> {
     /// Whether the piece is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+// By hand: `libc::iovec` is `Debug` only with libc's `extra_traits` feature.
+impl std::fmt::Debug for IoPiece<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoPiece")
+            .field("base", &self.iov.iov_base)
+            .field("len", &self.iov.iov_len)
+            .finish()
     }
 }
 
