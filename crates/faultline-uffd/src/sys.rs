@@ -159,7 +159,7 @@ unsafe impl<const OPCODE: Opcode> Ioctl for NewFd<OPCODE> {
 /// `ioctl(/dev/userfaultfd, USERFAULTFD_IOC_NEW, flags)`.
 pub(crate) fn userfaultfd_dev_new(dev: BorrowedFd<'_>, flags: u32) -> Result<OwnedFd, Errno> {
     let req = NewFd::<USERFAULTFD_IOC_NEW> {
-        arg: flags as usize,
+        arg: usize::try_from(flags).expect("a u32 fits usize on Linux targets"),
     };
     // SAFETY: USERFAULTFD_IOC_NEW takes its flags as an integer argument and returns a new fd.
     unsafe { ioctl::ioctl(dev, req) }

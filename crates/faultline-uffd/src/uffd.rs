@@ -669,7 +669,7 @@ impl Uffd {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
         let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
         let ts = timeout.map(|d| Timespec {
-            tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
+            tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
             tv_nsec: d.subsec_nanos().into(),
         });
         loop {
