@@ -297,7 +297,7 @@ fn working_set(pages: usize, pct: u32) -> Vec<usize> {
         .filter(|_| next() % 100 < u64::from(pct))
         .collect();
     for i in (1..clusters.len()).rev() {
-        let j = (next() % (i as u64 + 1)) as usize;
+        let j = usize::try_from(next() % (i as u64 + 1)).expect("at most i, a usize");
         clusters.swap(i, j);
     }
     clusters
@@ -434,7 +434,7 @@ fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<Measured> {
             i
         }
     };
-    let m = Mapping::anonymous(ctx.size as usize)?;
+    let m = Mapping::anonymous(usize::try_from(ctx.size).context("the snapshot's size")?)?;
     let uffd = Uffd::new(Features::empty())?;
     uffd.register(&m, RegisterMode::MISSING)?;
     let mut config = ServerConfig {
@@ -647,8 +647,10 @@ pub fn run(args: &BenchArgs) -> Result<SourcesReport> {
                 .join(format!("snapshot.{}.{}.img", codec.name(), hash.name()));
             eprintln!("packing an image ({label}) ...");
             let st = pack_image(&path, &out, codec, hash)?;
-            let bound = (st.raw_bytes as f64 * st.unique_pages as f64 / st.pages.max(1) as f64
-                * 1.1) as u64;
+            // raw bytes × unique / all pages × 1.1, in integers.
+            let bound = u128::from(st.raw_bytes) * u128::from(st.unique_pages) * 11
+                / (u128::from(st.pages.max(1)) * 10);
+            let bound = u64::try_from(bound).unwrap_or(u64::MAX);
             images.push(ImageRow {
                 codec: codec.name(),
                 hash: hash.name(),
@@ -693,7 +695,10 @@ pub fn run(args: &BenchArgs) -> Result<SourcesReport> {
         args,
         file,
         size,
-        ws: working_set(size as usize / PAGE, args.working_set_pct.unwrap_or(25)),
+        ws: working_set(
+            usize::try_from(size).context("the snapshot's size")? / PAGE,
+            args.working_set_pct.unwrap_or(25),
+        ),
         images: image_paths,
         object,
     };

@@ -244,6 +244,11 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / f64::from(1u32 << 20)
 }
 
+/// A rate in bytes per second, in MiB per second: [`mib`] of its whole bytes.
+fn mib_per_s(bytes_per_s: f64) -> f64 {
+    bytes_per_s.trunc() / f64::from(1u32 << 20)
+}
+
 fn pct(n: u64, of: u64) -> f64 {
     if of == 0 {
         0.0
@@ -273,7 +278,7 @@ fn print_stats(s: &PackStats, opts: &PackOptions, json: bool, diff: bool) {
             "codec": opts.codec.name(),
             "hash": opts.hash.name(),
             "seconds": s.elapsed.as_secs_f64(),
-            "throughput_mib_s": mib(s.throughput() as u64),
+            "throughput_mib_s": mib_per_s(s.throughput()),
             "image_id": hex(&s.image_id),
         });
         println!("{v}");
@@ -336,7 +341,7 @@ fn print_stats(s: &PackStats, opts: &PackOptions, json: bool, diff: bool) {
             "throughput",
             format!(
                 "{:.1} MiB/s ({:.3} s)",
-                mib(s.throughput() as u64),
+                mib_per_s(s.throughput()),
                 s.elapsed.as_secs_f64()
             ),
         ),
@@ -584,7 +589,7 @@ fn unpack(a: &UnpackArgs) -> Result<()> {
         file.set_len(len)?;
         let bar = bar(len, a.quiet, "unpacking");
         let run = (1u64 << 20).max(ps);
-        let mut buf = vec![0u8; run as usize];
+        let mut buf = vec![0u8; usize::try_from(run).context("the image's page size")?];
         let mut pos = 0u64;
         while pos < len {
             // The next run of non-zero pages, up to `run` bytes.
@@ -601,7 +606,8 @@ fn unpack(a: &UnpackArgs) -> Result<()> {
                 }
                 end += n;
             }
-            let b = &mut buf[..(end - pos) as usize];
+            let b =
+                &mut buf[..usize::try_from(end - pos).expect("at most `run`, the buffer's length")];
             src.read_at(pos, b)
                 .with_context(|| format!("reading {}", a.image.display()))?;
             file.write_all_at(b, pos)

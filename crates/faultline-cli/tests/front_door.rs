@@ -58,8 +58,11 @@ fn a_client_that_closes_its_socket_after_the_handshake_is_served_until_it_exits(
         let socket = daemon.socket().to_owned();
         let child = ChildProcess::spawn(move || {
             let uffd = Uffd::new(Features::EVENT_REMOVE).expect("creating a userfaultfd");
-            let map =
-                Mapping::new(MemoryKind::PrivateAnonymous, MEM_LEN as usize).expect("mapping");
+            let map = Mapping::new(
+                MemoryKind::PrivateAnonymous,
+                usize::try_from(MEM_LEN).expect("fits usize"),
+            )
+            .expect("mapping");
             uffd.register(&map, RegisterMode::MISSING)
                 .expect("registering");
             let stream = UnixStream::connect(&socket).expect("connecting");
@@ -375,7 +378,11 @@ fn good_client_until_served(daemon: &Daemon, want: &[u8]) -> Duration {
             "the good client was never taken"
         );
         let uffd = Uffd::new(Features::EVENT_REMOVE).expect("creating a userfaultfd");
-        let map = Mapping::new(MemoryKind::PrivateAnonymous, MEM_LEN as usize).expect("mapping");
+        let map = Mapping::new(
+            MemoryKind::PrivateAnonymous,
+            usize::try_from(MEM_LEN).expect("fits usize"),
+        )
+        .expect("mapping");
         uffd.register(&map, RegisterMode::MISSING)
             .expect("registering");
         let stream = UnixStream::connect(daemon.socket()).expect("connecting");
@@ -404,7 +411,7 @@ fn good_client_until_served(daemon: &Daemon, want: &[u8]) -> Duration {
         let map = std::sync::Arc::new(map);
         let m = std::sync::Arc::clone(&map);
         let got = common::within("reading the good client's memory", DEADLINE, move || {
-            let mut got = vec![0u8; MEM_LEN as usize];
+            let mut got = vec![0u8; usize::try_from(MEM_LEN).expect("fits usize")];
             m.read(0, &mut got).expect("in range");
             got
         });

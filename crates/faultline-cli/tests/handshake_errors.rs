@@ -432,7 +432,11 @@ fn userfaultfd_and_memfd_handshake_is_served() {
         // never served would hang it: the wait below is bounded).
         let child = faultline_testing::ChildProcess::spawn(move || {
             let uffd = uffd();
-            let guest = Mapping::new(MemoryKind::PrivateAnonymous, MEM_LEN as usize).expect("mmap");
+            let guest = Mapping::new(
+                MemoryKind::PrivateAnonymous,
+                usize::try_from(MEM_LEN).expect("fits usize"),
+            )
+            .expect("mmap");
             uffd.register(&guest, RegisterMode::MISSING)
                 .expect("register");
             let memory = memfd(MEM_LEN);
@@ -444,7 +448,7 @@ fn userfaultfd_and_memfd_handshake_is_served() {
             };
             let stream = UnixStream::connect(&socket).expect("connecting to the daemon");
             send_with_fds(&stream, &json, &fds, usize::MAX).expect("sending the handshake");
-            let mut got = vec![0u8; MEM_LEN as usize];
+            let mut got = vec![0u8; usize::try_from(MEM_LEN).expect("fits usize")];
             guest.read(0, &mut got).expect("read guest memory");
             i32::from(got != want)
         });

@@ -264,7 +264,7 @@ fn bad_pages_are_named(hash: &str) {
             panic!("page {p} is stored");
         };
         let at = image.chunks()[chunk as usize].offset + u64::from(offset) + 99;
-        bytes[at as usize] ^= 0x10;
+        bytes[usize::try_from(at).expect("fits usize")] ^= 0x10;
     }
     std::fs::write(&img, &bytes).expect("write");
     let out = faultline(&["image", "verify", s(&img)]);
@@ -448,7 +448,7 @@ fn poisoned_with(hash: &str) {
     assert!(image.chunks()[chunk as usize].is_raw());
     let at = image.chunks()[chunk as usize].offset + u64::from(offset) + 1;
     let mut bytes = std::fs::read(&img).expect("read");
-    bytes[at as usize] ^= 1;
+    bytes[usize::try_from(at).expect("fits usize")] ^= 1;
     std::fs::write(&img, &bytes).expect("write");
 
     let d = Daemon::start(&f.dir, &img, &["--no-supervisor", "--readahead", "off"]);

@@ -232,7 +232,11 @@ struct Guest {
 impl Guest {
     fn connect(socket: &Path) -> Guest {
         let uffd = Uffd::new(Features::EVENT_REMOVE).expect("creating a userfaultfd");
-        let map = Mapping::new(MemoryKind::PrivateAnonymous, MEM_LEN as usize).expect("mapping");
+        let map = Mapping::new(
+            MemoryKind::PrivateAnonymous,
+            usize::try_from(MEM_LEN).expect("fits usize"),
+        )
+        .expect("mapping");
         uffd.register(&map, RegisterMode::MISSING)
             .expect("registering");
         let stream = UnixStream::connect(socket).expect("connecting");
@@ -251,7 +255,8 @@ impl Guest {
         let map = Arc::clone(&self.map);
         within(&format!("reading page {p}"), DEADLINE, move || {
             let mut buf = vec![0u8; 4096];
-            map.read(p as usize * 4096, &mut buf).expect("in range");
+            map.read(usize::try_from(p).expect("fits usize") * 4096, &mut buf)
+                .expect("in range");
             buf
         })
     }
@@ -260,7 +265,8 @@ impl Guest {
     fn discard(&self, p: u64) {
         let map = Arc::clone(&self.map);
         within(&format!("discarding page {p}"), DEADLINE, move || {
-            map.discard(p as usize * 4096, 4096).expect("MADV_DONTNEED");
+            map.discard(usize::try_from(p).expect("fits usize") * 4096, 4096)
+                .expect("MADV_DONTNEED");
         });
     }
 }
@@ -271,7 +277,11 @@ impl Guest {
 fn removed_pages_read_zero_after_a_worker_restart() {
     let (dir, mem) = workdir();
     let file = std::fs::read(&mem).expect("reading the memory file");
-    let want = |p: u64| file[(p * 4096) as usize..((p + 1) * 4096) as usize].to_vec();
+    let want = |p: u64| {
+        file[usize::try_from(p * 4096).expect("fits usize")
+            ..usize::try_from((p + 1) * 4096).expect("fits usize")]
+            .to_vec()
+    };
     let daemon = Daemon::start(dir.path(), &mem, &["--readahead", "off"]);
     let worker = daemon.worker_pid(1, DEADLINE);
     let guest = Guest::connect(daemon.socket());

@@ -46,8 +46,14 @@
 //! [`Mapping`] (which never hands out references into its memory) is safe; registering an
 //! arbitrary range ([`Uffd::register_raw`]), adopting a received fd ([`Uffd::from_initialized_fd`])
 //! and moving pages out of a source range ([`Uffd::move_pages`]) are `unsafe`, with the contract
-//! stated on each. All `unsafe` code of the crate lives in `sys` (the ioctls), `mapping` (mmap and
-//! volatile access) and `uffd` (adopting fds). The raw ioctls are private to the crate: safe
+//! stated on each.
+//!
+//! All `unsafe` code of the crate — and of the whole product: `faultline` and `faultline-cli`
+//! forbid it — lives in two files: `src/sys.rs` (every raw system call and ioctl, the adoption of
+//! fds the kernel installs, and the declarations of the public `unsafe fn`s above) and
+//! `src/mapping.rs` (every mapping of this process: [`Mapping`], [`ScratchPages`],
+//! [`FileMapping`], and every access to their memory). The test `tests/unsafe_confined.rs` checks
+//! that no other product file holds `unsafe`. The raw ioctls are private to the crate: safe
 //! code outside it cannot name them, so it cannot, say, `UFFDIO_MOVE` a page out of a live `Vec`:
 //! ```compile_fail,E0603
 //! // `sys` is private: this does not compile.
@@ -70,6 +76,7 @@ pub mod mapping;
 pub mod pagemap;
 pub mod resolve;
 pub mod scratch;
+pub mod socket;
 mod sys;
 #[cfg(feature = "tokio")]
 pub mod tokio;
@@ -78,8 +85,9 @@ pub mod uffd;
 pub use error::{CreatePath, Error, RangeError, ResolveError, ResolveErrorKind, ResolveOp};
 pub use event::{decode, DecodeError, Event, EventBuffer, Message};
 pub use flags::{Features, Ioctls, PagefaultFlags, RegisterMode};
-pub use mapping::{reserve_huge_pages, Mapping, MemoryKind, HUGE_PAGE_SIZE, PAGE_SIZE};
+pub use mapping::{
+    reserve_huge_pages, FileMapping, Mapping, MemoryKind, ScratchPages, HUGE_PAGE_SIZE, PAGE_SIZE,
+};
 pub use pagemap::{PageCategories, PageRun, Pagemap};
 pub use resolve::{ContinueMode, CopyMode, MoveMode, Resolved, WriteprotectMode, ZeropageMode};
-pub use scratch::ScratchPages;
 pub use uffd::{ApiInfo, Creation, IoctlStats, Uffd, UffdBuilder, UninitUffd};

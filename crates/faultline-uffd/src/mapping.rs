@@ -11,6 +11,16 @@
 //! with COPY / ZEROPAGE / MOVE / POISON), shared memory from a memfd (MISSING, WP, MINOR; the page
 //! cache can be filled through a second mapping, [`Mapping::alias`], then mapped with CONTINUE),
 //! and hugetlbfs with 2 MiB pages, private (anonymous `MAP_HUGETLB`) or shared (a hugetlb memfd).
+//!
+//! # All the crate's raw memory
+//! This module and `sys` (the raw kernel calls) are the only files of the product with `unsafe`
+//! code. Here is every mapping this process makes and every access to one:
+//! - [`Mapping`]: memory a userfaultfd fills, reached only through volatile access;
+//! - [`ScratchPages`] (documented in [`crate::scratch`]): an anonymous buffer never registered,
+//!   lent as `&mut [u8]` while exclusively borrowed, whose pages `UFFDIO_MOVE` takes away;
+//! - [`FileMapping`]: a read-only shared mapping of a file whose bytes only the kernel reads
+//!   (`UFFDIO_COPY` from it, `writev` of it), so a file truncated or written underneath can
+//!   cause an `EFAULT` for one call, never a `SIGBUS` or a changed `&[u8]` in this process.
 #![allow(unsafe_code)]
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -353,6 +363,160 @@ impl Drop for Mapping {
     }
 }
 
+/// A page-aligned, unregistered anonymous buffer of this process.
+#[derive(Debug)]
+/// See [`crate::scratch`] for what it is for.
+pub struct ScratchPages {
+    map: Mapping,
+}
+
+impl ScratchPages {
+    /// At least `len` bytes (rounded up to whole pages).
+    pub fn new(len: usize) -> Result<ScratchPages, Error> {
+        let map = Mapping::new(MemoryKind::PrivateAnonymous, len)?;
+        // Small pages only: moving 4 KiB pieces out of a transparent huge page would need a split.
+        // SAFETY: advice on our own fresh mapping, which nothing refers into yet; it changes no
+        // contents.
+        let r = unsafe {
+            rustix::mm::madvise(
+                map.as_ptr().cast(),
+                map.len(),
+                rustix::mm::Advice::LinuxNoHugepage,
+            )
+        };
+        r.map_err(Error::os("madvise(MADV_NOHUGEPAGE)"))?;
+        Ok(ScratchPages { map })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Always false.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Start address.
+    pub fn addr(&self) -> u64 {
+        self.map.addr()
+    }
+
+    /// The buffer as a slice, to fill.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is private anonymous memory of this process, live for `self`'s
+        // lifetime, never registered with a userfaultfd (the type offers no way to) and reachable
+        // only through `self`, which is exclusively borrowed for the slice's lifetime; pages moved
+        // out earlier by UFFDIO_MOVE are plain holes that fault in zero pages on access.
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_ptr(), self.map.len()) }
+    }
+
+    /// Check `offset..offset+len` lies inside; returns the absolute address.
+    pub(crate) fn check(&self, offset: usize, len: usize) -> Result<u64, RangeError> {
+        self.map.check(offset, len)
+    }
+}
+
+/// A read-only shared mapping of a file (`MAP_SHARED`, `PROT_READ`), whose bytes only the kernel
+/// reads: it lends raw addresses ([`FileMapping::ptr_at`]) for `UFFDIO_COPY`
+/// ([`crate::Uffd::copy_from_ptr`]) and for `writev` ([`crate::socket::IoPiece::from_raw`]).
+///
+/// A file mapping can change underneath the program (another writer) and can stop existing (a
+/// truncation: touching a page past the new end from user space raises `SIGBUS`). So this type
+/// never forms a `&[u8]` over it and never dereferences a pointer into it; the kernel, reading the
+/// same page for one of those calls, fails that call with `EFAULT` instead. User space reads the
+/// file with `pread` on its own descriptor. Unmapped on drop.
+#[derive(Debug)]
+pub struct FileMapping {
+    ptr: NonNull<u8>,
+    /// The file's length when it was mapped.
+    len: usize,
+    /// The length of the mapping itself: `len`, or one page for an empty file (`mmap(2)` refuses
+    /// a length of zero).
+    map_len: usize,
+}
+
+// SAFETY: the mapping is read-only process memory that this type never reads nor lends as a
+// reference; it only hands out addresses, which are plain integers for the kernel. Nothing about it
+// is tied to a thread.
+unsafe impl Send for FileMapping {}
+// SAFETY: as above; shared access only reads the pointer value.
+unsafe impl Sync for FileMapping {}
+
+impl FileMapping {
+    /// Map all of `file` (open for reading) read-only and shared, with its length now;
+    /// `populate` adds `MAP_POPULATE` (the kernel reads the whole file in at once). An empty file
+    /// gives an empty mapping.
+    pub fn new(file: impl AsFd, populate: bool) -> Result<FileMapping, Error> {
+        let file = file.as_fd();
+        let size = rustix::fs::fstat(file).map_err(Error::os("fstat"))?.st_size;
+        let len = u64::try_from(size)
+            .ok()
+            .and_then(|l| usize::try_from(l).ok())
+            .filter(|l| isize::try_from(*l).is_ok())
+            .ok_or(Error::Os {
+                operation: "mmap of a file larger than the address space",
+                errno: Errno::FBIG,
+            })?;
+        let map_len = len.max(1);
+        let mut flags = MapFlags::SHARED;
+        if populate {
+            flags |= MapFlags::POPULATE;
+        }
+        // SAFETY: a fresh read-only mapping of a file at an address the kernel picks aliases no
+        // memory of this program. Its contents may change or vanish underneath (other writers, a
+        // truncation), which is why this type never reads it nor lends a reference into it.
+        let p = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                ProtFlags::READ,
+                flags,
+                file,
+                0,
+            )
+        }
+        .map_err(Error::os("mmap"))?;
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or(Error::Os {
+            operation: "mmap",
+            errno: Errno::NOMEM,
+        })?;
+        Ok(FileMapping { ptr, len, map_len })
+    }
+
+    /// The file's length when it was mapped, in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the file was empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The start address, for the kernel. Nothing may read through it in user space.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The address of byte `offset`, if `offset..offset + len` lies inside the file as mapped:
+    /// for the kernel only (`UFFDIO_COPY`, `writev`); this process must never read through it.
+    pub fn ptr_at(&self, offset: usize, len: usize) -> Option<*const u8> {
+        let end = offset.checked_add(len)?;
+        // `wrapping_add` keeps this safe code: the result is only ever handed to the kernel.
+        (end <= self.len).then(|| self.as_ptr().wrapping_add(offset))
+    }
+}
+
+impl Drop for FileMapping {
+    fn drop(&mut self) {
+        // SAFETY: we own this mapping of `map_len` bytes and no Rust reference into it was ever
+        // made (the addresses it lent are for the kernel, which validates them on each call).
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+    }
+}
+
 /// Reserve at least `pages` huge pages in `/proc/sys/vm/nr_hugepages`; returns whether they are
 /// available (free). Tests that need hugetlb pages call this and skip with a message when false.
 pub fn reserve_huge_pages(pages: u64) -> bool {
@@ -380,7 +544,7 @@ mod tests {
     #[test]
     fn volatile_read_write_round_trip() {
         let m = Mapping::anonymous(3 * PAGE_SIZE).expect("mmap");
-        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7).to_le_bytes()[0]).collect();
         m.write(3, &data).expect("write");
         let mut back = vec![0u8; data.len()];
         m.read(3, &mut back).expect("read");
@@ -391,6 +555,40 @@ mod tests {
             Err(RangeError::OutOfBounds { .. })
         ));
         assert!(m.write(3 * PAGE_SIZE - 2, &[1, 2, 3]).is_err());
+    }
+
+    /// A file mapping lends addresses inside the file as mapped and nothing past it; an empty
+    /// file maps as empty. The bytes are checked as the kernel reads them (`writev`).
+    #[test]
+    fn a_file_mapping_lends_addresses_inside_the_file_only() {
+        use std::io::{Read, Write};
+        let path = std::env::temp_dir().join(format!("faultline-filemap-{}", std::process::id()));
+        let mut f = std::fs::File::create(&path).expect("create");
+        let data: Vec<u8> = (0..3 * PAGE_SIZE + 10)
+            .map(|i| (i % 251).to_le_bytes()[0])
+            .collect();
+        f.write_all(&data).expect("write");
+        let file = std::fs::File::open(&path).expect("open");
+        let map = FileMapping::new(&file, true).expect("mmap");
+        assert_eq!(map.len(), data.len());
+        let p = map.ptr_at(PAGE_SIZE, 100).expect("inside");
+        assert_eq!(p, map.as_ptr().wrapping_add(PAGE_SIZE));
+        assert!(map.ptr_at(data.len() - 5, 5).is_some());
+        assert_eq!(map.ptr_at(data.len() - 5, 6), None);
+        assert_eq!(map.ptr_at(usize::MAX, 2), None);
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let n = crate::socket::writev(&a, &[crate::socket::IoPiece::from_raw(p, 100)]);
+        assert_eq!(n, Ok(100));
+        let mut got = [0u8; 100];
+        b.read_exact(&mut got).expect("read");
+        assert_eq!(got[..], data[PAGE_SIZE..PAGE_SIZE + 100]);
+
+        f.set_len(0).expect("truncate");
+        let empty = FileMapping::new(&file, false).expect("mmap of an empty file");
+        assert!(empty.is_empty());
+        assert_eq!(empty.ptr_at(0, 0), Some(empty.as_ptr()));
+        assert_eq!(empty.ptr_at(0, 1), None);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -234,15 +234,9 @@ impl Uffd {
         outcome(ResolveOp::Poison, start, len, r, arg.updated, &self.stats)
     }
 
-    /// `UFFDIO_MOVE`: move the pages at `src` (anonymous memory of the fd's address space) to the
-    /// missing pages at `dst`, without copying. The source range is left unmapped.
-    ///
-    /// # Safety
-    /// The source pages disappear from `src`: the caller must ensure that no Rust reference points
-    /// into `src..src+len` and that nothing relies on its contents afterwards.
-    #[doc(alias = "UFFDIO_MOVE")]
-    #[allow(unsafe_code)] // an unsafe contract only; the ioctl itself is in `sys`
-    pub unsafe fn move_pages(
+    /// The body of [`Uffd::move_pages`] (declared with the crate's other unsafe code in
+    /// `sys`), whose safety contract the caller keeps: no Rust reference into `src..src+len`.
+    pub(crate) fn move_unchecked(
         &self,
         dst: u64,
         src: u64,
@@ -288,13 +282,11 @@ impl Uffd {
                 errno: Errno::PERM,
             });
         }
-        // SAFETY: `src` lies in `scratch`, exclusively borrowed for the call, so no reference into
-        // it exists; its pages belong to this process's address space (checked above), which is
-        // the fd's. Afterwards they are holes that the scratch buffer tolerates.
-        #[allow(unsafe_code)]
-        unsafe {
-            self.move_pages(dst, src, len64, mode)
-        }
+        // The contract of `move_pages` holds: `src` lies in `scratch`, exclusively borrowed for
+        // the call, so no reference into it exists; its pages belong to this process's address
+        // space (checked above), which is the fd's. Afterwards they are holes that the scratch
+        // buffer tolerates.
+        self.move_unchecked(dst, src, len64, mode)
     }
 
     /// `UFFDIO_WRITEPROTECT`: set (`WP`) or clear write protection on a WP-registered range.

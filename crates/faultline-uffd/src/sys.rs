@@ -1,28 +1,49 @@
-//! The kernel boundary: uapi structs, ioctl opcodes and the raw calls.
+//! The kernel boundary: uapi structs, ioctl opcodes, the raw calls, and the public `unsafe`
+//! entry points.
 //!
-//! Every `unsafe` block of the crate that talks to the kernel lives here. The structs come from
-//! `linux-raw-sys` (generated from the kernel's uapi headers); the opcodes that `linux-raw-sys` does
-//! not carry (`UFFDIO_MOVE`, `UFFDIO_POISON`, `USERFAULTFD_IOC_NEW`, `PAGEMAP_SCAN`) are computed
-//! here with the kernel's `_IOWR`/`_IO` encoding. The unit tests at the bottom pin every size and
-//! number to the values of the Linux 6.18 uapi, so neither the system headers (which may be older
-//! than the running kernel) nor a dependency update can silently change them.
+//! This module and [`crate::mapping`] (raw memory) are the only two files of the crate, and of the
+//! whole product, that hold `unsafe` code; `faultline` and `faultline-cli` forbid it. Here are:
+//! - every raw system call and ioctl the crate issues that rustix does not wrap safely (the
+//!   userfaultfd ioctls, `PAGEMAP_SCAN`, `USERFAULTFD_IOC_NEW`, `getsockopt(SO_PEERPIDFD)`,
+//!   `writev` over raw iovecs) and the adoption of fds the kernel installed for us;
+//! - the four `unsafe fn`s of the public API, where the caller vouches for an fd or a range:
+//!   [`UninitUffd::from_fd`], [`Uffd::from_initialized_fd`], [`Uffd::register_raw`] and
+//!   [`Uffd::move_pages`]. Their safe siblings ([`Uffd::register_range`],
+//!   [`Uffd::from_received_fd`], [`Uffd::move_from_scratch`]) establish the same contracts from
+//!   the types they take and call the same crate-private code.
 //!
-//! The functions here are thin: they issue one ioctl and hand back the errno and the kernel's
+//! The structs come from `linux-raw-sys` (generated from the kernel's uapi headers); the opcodes
+//! that `linux-raw-sys` does not carry (`UFFDIO_MOVE`, `UFFDIO_POISON`, `USERFAULTFD_IOC_NEW`,
+//! `PAGEMAP_SCAN`) are computed here with the kernel's `_IOWR`/`_IO` encoding. The unit tests at
+//! the bottom pin every size and number to the values of the Linux 6.18 uapi, so neither the system
+//! headers (which may be older than the running kernel) nor a dependency update can silently
+//! change them.
+//!
+//! The functions here are thin: they issue one call and hand back the errno and the kernel's
 //! progress field untouched. Interpretation (partial progress, typed error kinds) is in
 //! [`crate::resolve`].
 //!
-//! The module is private and its calls are `pub(crate)` (STYLE rule 3a): they are safe functions
-//! only because the crate's public API decides which ranges reach them. A public `move_pages` or
-//! `copy` taking any address would let safe code move pages out of, or write into, memory it
-//! does not own (a live `Vec`); outside the crate the same ioctls are reachable only through
-//! [`crate::Uffd`]'s methods, which are `unsafe` where the range is the caller's word
-//! ([`crate::Uffd::register_raw`], [`crate::Uffd::move_pages`]).
+//! The module is private and its raw calls are `pub(crate)` (STYLE rule 3a): they are safe
+//! functions only because the crate's public API decides which ranges and fds reach them. A public
+//! `move_pages` or `copy` taking any address would let safe code move pages out of, or write into,
+//! memory it does not own (a live `Vec`); outside the crate the same ioctls are reachable only
+//! through [`crate::Uffd`]'s methods, which are `unsafe` where the range is the caller's word
+//! ([`crate::Uffd::register_raw`], [`crate::Uffd::move_pages`]). The two socket calls are public
+//! through [`crate::socket`] because they are safe whatever their arguments: `writev` only lets
+//! the kernel read memory (a bad address is `EFAULT`), and `SO_PEERPIDFD` returns a new fd.
 #![allow(unsafe_code)]
 
-use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use rustix::io::Errno;
 use rustix::ioctl::{self, Ioctl, IoctlOutput, Opcode, Updater};
+
+use crate::error::Error;
+use crate::flags::{Features, Ioctls, RegisterMode};
+use crate::resolve::{MoveMode, Resolved};
+use crate::socket::IoPiece;
+use crate::uffd::{Uffd, UninitUffd};
+use crate::ResolveError;
 
 pub(crate) use linux_raw_sys::general::{
     page_region, pm_scan_arg, uffdio_api, uffdio_continue, uffdio_copy, uffdio_move, uffdio_poison,
@@ -138,7 +159,7 @@ unsafe impl<const OPCODE: Opcode> Ioctl for NewFd<OPCODE> {
 /// `ioctl(/dev/userfaultfd, USERFAULTFD_IOC_NEW, flags)`.
 pub(crate) fn userfaultfd_dev_new(dev: BorrowedFd<'_>, flags: u32) -> Result<OwnedFd, Errno> {
     let req = NewFd::<USERFAULTFD_IOC_NEW> {
-        arg: flags as usize,
+        arg: usize::try_from(flags).expect("a u32 fits usize on Linux targets"),
     };
     // SAFETY: USERFAULTFD_IOC_NEW takes its flags as an integer argument and returns a new fd.
     unsafe { ioctl::ioctl(dev, req) }
@@ -241,6 +262,168 @@ pub(crate) fn pagemap_scan(
     // kernel writes at most `vec_len` entries and they are plain integers.
     let n = unsafe { ioctl::ioctl(pagemap, req) }?;
     Ok(n.min(out.len()))
+}
+
+/// Adopt the fd of a FORK message this crate has just read from a userfaultfd.
+///
+/// Crate-private and only for that use: `raw` must be the `ufd` field of a `UFFD_EVENT_FORK`
+/// message returned by `read(2)` on a userfaultfd (see [`crate::event::EventBuffer`]).
+pub(crate) fn adopt_fork_fd(raw: RawFd) -> OwnedFd {
+    // SAFETY: the kernel installed this fd in our table for the FORK message it just gave us
+    // (`read(2)` of a userfaultfd with EVENT_FORK); nothing else owns it, and each message is
+    // decoded once, so it is adopted exactly once.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
+/// `SO_PEERPIDFD` (asm-generic value; the architectures with their own socket option numbers —
+/// alpha, mips, parisc, sparc — are not listed, and answer `ENOPROTOOPT`).
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "powerpc64",
+    target_arch = "s390x",
+    target_arch = "loongarch64"
+))]
+const SO_PEERPIDFD: libc::c_int = 77;
+
+/// `getsockopt(socket, SOL_SOCKET, SO_PEERPIDFD)`: a pidfd (close-on-exec) of the process that
+/// connected the Unix socket (Linux 6.5+). rustix 1.1 has no wrapper for it.
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "powerpc64",
+    target_arch = "s390x",
+    target_arch = "loongarch64"
+))]
+pub(crate) fn peer_pidfd(socket: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    let mut fd: libc::c_int = -1;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>())
+        .expect("an int's size fits socklen_t");
+    // SAFETY: `socket` is an open fd for the call's duration; `fd` and `len` are valid, writable
+    // and `len` holds the size of `fd`, so the kernel writes at most that many bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            std::ptr::addr_of_mut!(fd).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO));
+    }
+    if fd < 0 || usize::try_from(len).ok() != Some(std::mem::size_of::<libc::c_int>()) {
+        return Err(Errno::INVAL);
+    }
+    // SAFETY: on success the kernel installed a new pidfd (close-on-exec) as `fd` in this
+    // process's table; nothing else owns it, so it is adopted exactly once here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `SO_PEERPIDFD` on an architecture whose number is not known here: not supported.
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "powerpc64",
+    target_arch = "s390x",
+    target_arch = "loongarch64"
+)))]
+pub(crate) fn peer_pidfd(_socket: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    Err(Errno::NOPROTOOPT)
+}
+
+/// The most iovecs one `writev` takes (the kernel's `UIO_MAXIOV`).
+pub(crate) const MAX_IOV: usize = 1024;
+
+/// `writev(fd, pieces)` of at most [`MAX_IOV`] pieces (the rest is left for the next call, as a
+/// short write). Returns the bytes written; `EINTR` is the caller's to retry.
+pub(crate) fn writev(fd: BorrowedFd<'_>, pieces: &[IoPiece<'_>]) -> Result<usize, Errno> {
+    let pieces = &pieces[..pieces.len().min(MAX_IOV)];
+    let count = libc::c_int::try_from(pieces.len()).expect("at most UIO_MAXIOV iovecs");
+    // SAFETY: `IoPiece` is `repr(transparent)` over `libc::iovec`, so `pieces` is an array of
+    // `count` initialized iovecs, borrowed for the call. The kernel only reads the memory they
+    // describe, validating every address itself (a bad one fails the call with EFAULT): nothing in
+    // this process is written or read, so no Rust reference can be invalidated. `fd` is an open
+    // descriptor borrowed for the call.
+    let n = unsafe { libc::writev(fd.as_raw_fd(), pieces.as_ptr().cast::<libc::iovec>(), count) };
+    match usize::try_from(n) {
+        Ok(n) => Ok(n),
+        Err(_) => Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO)),
+    }
+}
+
+// The `unsafe fn`s of the public API. Each is a contract on its caller; the work is done by a
+// crate-private safe function that the safe entry points call too.
+
+impl UninitUffd {
+    /// Adopt an fd that is a userfaultfd whose handshake has not been done.
+    ///
+    /// # Safety
+    /// `fd` must be a userfaultfd. Its address space is the one of the process that created it:
+    /// the caller must ensure that the memory it will register and resolve through it holds no
+    /// Rust references (see [`Uffd::register_raw`]).
+    pub unsafe fn from_fd(fd: OwnedFd) -> UninitUffd {
+        UninitUffd::adopt(fd)
+    }
+}
+
+impl Uffd {
+    /// Adopt an fd that already completed its handshake (typically received over a Unix socket
+    /// from the process whose memory it serves, as Firecracker sends it).
+    ///
+    /// `features` is what the creator negotiated, if known (the kernel cannot be asked again);
+    /// it only gates this crate's own checks.
+    ///
+    /// # Safety
+    /// `fd` must be a userfaultfd. Resolve ioctls write into the creator's address space; when that
+    /// is this process, the caller must ensure its registered ranges hold no Rust references.
+    pub unsafe fn from_initialized_fd(fd: OwnedFd, features: Features) -> Uffd {
+        Uffd::adopt(fd, features)
+    }
+
+    /// Register an arbitrary address range of the fd's address space.
+    ///
+    /// # Safety
+    /// Once registered, the range's pages are filled, zapped or moved by the kernel on behalf of
+    /// whoever holds this fd. The caller must ensure that no Rust reference (`&T`, `&mut T`) points
+    /// into the range while it is registered; access it only through raw pointers or volatile
+    /// operations, or let another process own it.
+    #[doc(alias = "UFFDIO_REGISTER")]
+    pub unsafe fn register_raw(
+        &self,
+        start: u64,
+        len: u64,
+        mode: RegisterMode,
+    ) -> Result<Ioctls, Error> {
+        self.register_unchecked(start, len, mode)
+    }
+
+    /// `UFFDIO_MOVE`: move the pages at `src` (anonymous memory of the fd's address space) to the
+    /// missing pages at `dst`, without copying. The source range is left unmapped.
+    ///
+    /// # Safety
+    /// The source pages disappear from `src`: the caller must ensure that no Rust reference points
+    /// into `src..src+len` and that nothing relies on its contents afterwards.
+    #[doc(alias = "UFFDIO_MOVE")]
+    pub unsafe fn move_pages(
+        &self,
+        dst: u64,
+        src: u64,
+        len: u64,
+        mode: MoveMode,
+    ) -> Result<Resolved, ResolveError> {
+        self.move_unchecked(dst, src, len, mode)
+    }
 }
 
 #[cfg(test)]

@@ -10,9 +10,12 @@
 //! whole call. To request "these if available", the builder first probes with a throw-away fd
 //! (`features = 0` returns everything the kernel offers), then opens the real fd with exactly the
 //! wanted subset.
-#![allow(unsafe_code)]
+//!
+//! The `unsafe fn`s of [`Uffd`] and [`UninitUffd`] (adopting an fd, registering a raw range) are
+//! declared in `sys` with the crate's other unsafe code; they call the crate-private
+//! functions here.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::io::Errno;
@@ -217,13 +220,8 @@ pub struct UninitUffd {
 }
 
 impl UninitUffd {
-    /// Adopt an fd that is a userfaultfd whose handshake has not been done.
-    ///
-    /// # Safety
-    /// `fd` must be a userfaultfd. Its address space is the one of the process that created it:
-    /// the caller must ensure that the memory it will register and resolve through it holds no
-    /// Rust references (see [`Uffd::register_raw`]).
-    pub unsafe fn from_fd(fd: OwnedFd) -> UninitUffd {
+    /// The body of [`UninitUffd::from_fd`] (whose safety contract the caller keeps).
+    pub(crate) fn adopt(fd: OwnedFd) -> UninitUffd {
         let non_blocking = is_non_blocking(fd.as_fd());
         UninitUffd {
             fd,
@@ -397,16 +395,8 @@ impl Uffd {
         UffdBuilder::new().require(features).create()
     }
 
-    /// Adopt an fd that already completed its handshake (typically received over a Unix socket
-    /// from the process whose memory it serves, as Firecracker sends it).
-    ///
-    /// `features` is what the creator negotiated, if known (the kernel cannot be asked again);
-    /// it only gates this crate's own checks.
-    ///
-    /// # Safety
-    /// `fd` must be a userfaultfd. Resolve ioctls write into the creator's address space; when that
-    /// is this process, the caller must ensure its registered ranges hold no Rust references.
-    pub unsafe fn from_initialized_fd(fd: OwnedFd, features: Features) -> Uffd {
+    /// The body of [`Uffd::from_initialized_fd`] (whose safety contract the caller keeps).
+    pub(crate) fn adopt(fd: OwnedFd, features: Features) -> Uffd {
         let non_blocking = is_non_blocking(fd.as_fd());
         Uffd {
             fd,
@@ -457,9 +447,10 @@ impl Uffd {
             });
         }
         let features = Features::from_bits_retain(features & !UFFD_FEATURE_INITIALIZED);
-        // SAFETY: the kernel says this is a userfaultfd that completed its handshake; it was
-        // received from another process, so its address space is not this process's (see above).
-        let mut u = unsafe { Uffd::from_initialized_fd(fd, features) };
+        // The contract of `from_initialized_fd` holds: the kernel says this is a userfaultfd that
+        // completed its handshake; it was received from another process, so its address space
+        // is not this process's (see above).
+        let mut u = Uffd::adopt(fd, features);
         u.ioctls = Ioctls::from_bits_retain(ioctls);
         Ok(u)
     }
@@ -545,10 +536,10 @@ impl Uffd {
         let start = mapping.check(offset, len)?;
         check_range(start, len as u64, mapping.page_size() as u64)?;
         self.check_mode(mapping.kind(), mode)?;
-        // SAFETY: `Mapping` never hands out references into its memory (all access is volatile or
-        // by the kernel), so the kernel filling or zapping its pages cannot invalidate Rust
-        // references; the range lies inside the live mapping.
-        unsafe { self.register_raw(start, len as u64, mode) }
+        // The contract of `register_raw` holds: `Mapping` never hands out references into its
+        // memory (all access is volatile or by the kernel), so the kernel filling or zapping its
+        // pages cannot invalidate Rust references; the range lies inside the live mapping.
+        self.register_unchecked(start, len as u64, mode)
     }
 
     /// Check that `mode` is possible on `kind` memory with this fd's features.
@@ -587,15 +578,9 @@ impl Uffd {
         Ok(())
     }
 
-    /// Register an arbitrary address range of the fd's address space.
-    ///
-    /// # Safety
-    /// Once registered, the range's pages are filled, zapped or moved by the kernel on behalf of
-    /// whoever holds this fd. The caller must ensure that no Rust reference (`&T`, `&mut T`) points
-    /// into the range while it is registered; access it only through raw pointers or volatile
-    /// operations, or let another process own it.
-    #[doc(alias = "UFFDIO_REGISTER")]
-    pub unsafe fn register_raw(
+    /// The body of [`Uffd::register_raw`], whose safety contract the caller keeps: only for a
+    /// range that holds no Rust references (a [`Mapping`]'s, or the caller's word).
+    pub(crate) fn register_unchecked(
         &self,
         start: u64,
         len: u64,
@@ -658,9 +643,8 @@ impl Uffd {
             }
         };
         let count = buf.decode_read(n, self.features, |fd| {
-            // SAFETY: the kernel installed this fd for the FORK event it just gave us; nothing
-            // else owns it, and it is a userfaultfd for the child with the parent's features.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // A userfaultfd for the child with the parent's features, installed for this read.
+            let fd = sys::adopt_fork_fd(fd);
             Uffd {
                 fd,
                 features: self.features,
@@ -685,7 +669,7 @@ impl Uffd {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
         let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
         let ts = timeout.map(|d| Timespec {
-            tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
+            tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
             tv_nsec: d.subsec_nanos().into(),
         });
         loop {

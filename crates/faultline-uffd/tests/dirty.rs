@@ -72,7 +72,8 @@ fn dirty_tracking(kind: MemoryKind) {
 
     // Writes from this thread: no handler, the kernel resolves them.
     for p in [3, 7, 8] {
-        m.write_u8(p * ps + p, p as u8 + 1).expect("write");
+        m.write_u8(p * ps + p, p.to_le_bytes()[0] + 1)
+            .expect("write");
     }
     assert_eq!(collect(), Some(set(&[3, 7, 8])));
     // Collected pages were protected again.

@@ -216,8 +216,10 @@ fn move_pmd() {
     let uffd = Arc::new(Uffd::new(Features::MOVE).expect("uffd"));
     let src = Mapping::anonymous(2 * HUGE_PAGE_SIZE).expect("src");
     let dst = Arc::new(Mapping::anonymous(2 * HUGE_PAGE_SIZE).expect("dst"));
-    let align =
-        |m: &Mapping| (m.addr().next_multiple_of(HUGE_PAGE_SIZE as u64) - m.addr()) as usize;
+    let align = |m: &Mapping| {
+        usize::try_from(m.addr().next_multiple_of(HUGE_PAGE_SIZE as u64) - m.addr())
+            .expect("fits usize")
+    };
     let (src_off, dst_off) = (align(&src), align(&dst));
     let thp = advise(&src, src_off, HUGE_PAGE_SIZE, libc::MADV_HUGEPAGE)
         && advise(&dst, dst_off, HUGE_PAGE_SIZE, libc::MADV_HUGEPAGE);

@@ -133,7 +133,10 @@ extern "C" fn serve_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
     let Some(s) = SERVED.get() else { die(60) };
     let ps = s.page_size as u64;
     let page_addr = addr & !(ps - 1);
-    let page = match page_addr.checked_sub(s.base).map(|o| (o / ps) as usize) {
+    let page = match page_addr
+        .checked_sub(s.base)
+        .map(|o| usize::try_from(o / ps).expect("fits usize"))
+    {
         Some(p) if p < s.pages.len() => p,
         _ => die(61),
     };

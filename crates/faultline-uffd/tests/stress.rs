@@ -212,7 +212,10 @@ fn touch_all(dst: &Mapping, counters: &[Mutex<u64>], order: Order, t: usize) {
             let mut v: Vec<usize> = (0..PAGES).collect();
             let mut s = 0x2545_F491_4F6C_DD1D ^ (t as u64 + 1);
             for i in (1..v.len()).rev() {
-                v.swap(i, (xorshift(&mut s) % (i as u64 + 1)) as usize);
+                v.swap(
+                    i,
+                    usize::try_from(xorshift(&mut s) % (i as u64 + 1)).expect("fits usize"),
+                );
             }
             v
         }

@@ -30,7 +30,10 @@
 //! # Ok(())
 //! # }
 //! ```
-#![deny(unsafe_code)]
+//!
+//! This crate forbids `unsafe` code: the raw memory and kernel calls it needs (file mappings lent
+//! to `UFFDIO_COPY`, `writev` from them, `SO_PEERPIDFD`) are safe APIs of `faultline-uffd`.
+#![forbid(unsafe_code)]
 
 pub use faultline_uffd as uffd;
 

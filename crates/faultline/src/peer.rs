@@ -20,29 +20,16 @@
 //!   `SO_PEERPIDFD` can). The socket's state is no evidence either way: Firecracker before
 //!   v1.12 closes its end right after the handshake while it lives on. Where the peer's pid is
 //!   not visible (0: a client in a sibling pid namespace) there is no pidfd at all.
-#![allow(unsafe_code)]
+//!
+//! The `getsockopt(SO_PEERPIDFD)` itself is [`faultline_uffd::socket::peer_pidfd`].
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use rustix::io::Errno;
 use rustix::process::{pidfd_open, Pid, PidfdFlags};
 
 use crate::firecracker::PeerCred;
-
-/// `SO_PEERPIDFD` (asm-generic value; the architectures with their own socket option numbers —
-/// alpha, mips, parisc, sparc — are not listed, and use the fallback).
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "powerpc64",
-    target_arch = "s390x",
-    target_arch = "loongarch64"
-))]
-const SO_PEERPIDFD: libc::c_int = 77;
 
 /// Why the client process could not be named.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +81,7 @@ impl PeerError {
 /// `SO_PEERCRED` credentials are `cred` (see the [module docs](self)). Close-on-exec.
 pub fn client_pidfd(socket: impl AsFd, cred: &PeerCred) -> Result<OwnedFd, PeerError> {
     let socket = socket.as_fd();
-    match so_peerpidfd(socket) {
+    match faultline_uffd::socket::peer_pidfd(socket) {
         Ok(fd) => return Ok(fd),
         // Reaped before we asked (6.9+ refuse a pidfd of a process with no task left).
         Err(Errno::SRCH) => return Err(PeerError::Gone { pid: cred.pid }),
@@ -149,60 +136,10 @@ fn effective_uid(pid: Pid) -> Result<u32, String> {
         .ok_or_else(|| "its /proc status has no Uid line".to_owned())
 }
 
-/// `getsockopt(SO_PEERPIDFD)`.
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "powerpc64",
-    target_arch = "s390x",
-    target_arch = "loongarch64"
-))]
-fn so_peerpidfd(socket: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
-    let mut fd: libc::c_int = -1;
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>())
-        .expect("an int's size fits socklen_t");
-    // SAFETY: `socket` is an open fd for the call's duration; `fd` and `len` are valid, writable
-    // and `len` holds the size of `fd`, so the kernel writes at most that many bytes.
-    let r = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_PEERPIDFD,
-            std::ptr::addr_of_mut!(fd).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(Errno::from_io_error(&io::Error::last_os_error()).unwrap_or(Errno::IO));
-    }
-    if fd < 0 || usize::try_from(len).ok() != Some(std::mem::size_of::<libc::c_int>()) {
-        return Err(Errno::INVAL);
-    }
-    // SAFETY: on success the kernel installed a new pidfd (close-on-exec) as `fd` in this
-    // process's table; nothing else owns it, so it is adopted exactly once here.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "powerpc64",
-    target_arch = "s390x",
-    target_arch = "loongarch64"
-)))]
-fn so_peerpidfd(_socket: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
-    Err(Errno::NOPROTOOPT)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
 
     /// The pid a pidfd names (`Pid:` of its fdinfo).

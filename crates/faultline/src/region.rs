@@ -156,9 +156,11 @@ impl Region {
         self.kind.page_size() as u64
     }
 
-    /// Number of pages.
+    /// Number of pages. Panics for a region whose page count does not fit `usize` (possible on
+    /// a 32-bit target only), which [`Region::validate`] refuses.
     pub fn pages(&self) -> usize {
-        (self.len / self.page_size()) as usize
+        usize::try_from(self.len / self.page_size())
+            .expect("a region's page count fits usize (Region::validate checks it)")
     }
 
     /// End address (exclusive).
@@ -172,7 +174,8 @@ impl Region {
         if len == 0 {
             return Err(RegionError::Empty { start });
         }
-        if start.checked_add(len).is_none() {
+        // The page states are a table in this process: their count must fit `usize`.
+        if start.checked_add(len).is_none() || usize::try_from(len / page_size).is_err() {
             return Err(RegionError::Overflow { start, len });
         }
         if start % page_size != 0 || len % page_size != 0 {
@@ -234,7 +237,8 @@ impl RegionEntry {
 
     /// The page index (in this piece) of `addr`.
     pub fn page_of(&self, addr: u64) -> usize {
-        ((addr - self.region.start) / self.region.page_size()) as usize
+        usize::try_from((addr - self.region.start) / self.region.page_size())
+            .expect("an address of the region: its index is below `pages()`, a usize")
     }
 
     /// Address of page `page` of this piece.

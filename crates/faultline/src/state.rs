@@ -87,7 +87,7 @@ impl PageStates {
         assert!(page < self.pages, "page {page} out of {}", self.pages);
         (
             &self.state[page / PAGES_PER_WORD],
-            ((page % PAGES_PER_WORD) * 2) as u32,
+            u32::try_from(page % PAGES_PER_WORD).expect("below PAGES_PER_WORD") * 2,
         )
     }
 

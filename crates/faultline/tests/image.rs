@@ -175,7 +175,7 @@ fn a_corrupt_byte_fails_that_page_permanently_and_nothing_else() {
         "unique random pages do not compress: stored as they are"
     );
     let mut bytes = std::fs::read(&path).expect("read");
-    bytes[at as usize + 123] ^= 0x40;
+    bytes[usize::try_from(at).expect("fits usize") + 123] ^= 0x40;
     write_file(&path, &bytes);
 
     // The header and tables are intact: it opens.
@@ -213,7 +213,7 @@ fn a_corrupt_byte_fails_that_page_permanently_and_nothing_else() {
 fn a_corrupt_compressed_chunk_fails_its_pages_and_nothing_else() {
     // Compressible content: every chunk is compressed.
     let raw: Vec<u8> = (0..256 * PS)
-        .map(|i| ((i / 16) ^ ((i / PS) * 7)) as u8)
+        .map(|i| ((i / 16) ^ ((i / PS) * 7)).to_le_bytes()[0])
         .collect();
     let dir = tempfile::tempdir().expect("tempdir");
     for codec in [Codec::Zstd, Codec::Lz4] {
@@ -227,7 +227,9 @@ fn a_corrupt_compressed_chunk_fails_its_pages_and_nothing_else() {
         assert!(!c.is_raw());
         let mut bytes = std::fs::read(&path).expect("read");
         // Wreck the chunk's frame header: the codec refuses it.
-        bytes[c.offset as usize..c.offset as usize + 8].fill(0xEE);
+        bytes[usize::try_from(c.offset).expect("fits usize")
+            ..usize::try_from(c.offset).expect("fits usize") + 8]
+            .fill(0xEE);
         write_file(&path, &bytes);
         let src = ImageSource::open(&path).expect("open");
         let mut buf = vec![0u8; PS];
@@ -267,11 +269,11 @@ fn a_truncated_image_is_refused_naming_what_is_missing() {
         ),
         (4096, "the chunk data ends at byte"),
         (
-            header.index_offset as usize + 8,
+            usize::try_from(header.index_offset).expect("fits usize") + 8,
             "the page index ends at byte",
         ),
         (
-            header.chunk_table_offset as usize + 1,
+            usize::try_from(header.chunk_table_offset).expect("fits usize") + 1,
             "the chunk table ends at byte",
         ),
         (bytes.len() - 16, "the hash table ends at byte"),
@@ -284,7 +286,7 @@ fn a_truncated_image_is_refused_naming_what_is_missing() {
     }
     // A corrupt table byte: the tables' hash catches it.
     let mut bad = bytes.clone();
-    bad[header.index_offset as usize + 4] ^= 1;
+    bad[usize::try_from(header.index_offset).expect("fits usize") + 4] ^= 1;
     write_file(&path, &bad);
     let e = ImageSource::open(&path).expect_err("corrupt index");
     assert!(e.to_string().contains("hash mismatch"), "{e}");
@@ -520,7 +522,7 @@ fn a_corrupt_page_is_poisoned_and_only_it_raises_sigbus() {
     let path = pack_to(dir.path(), "snap.img", &raw, &PackOptions::default());
     let (at, _) = stored_at(&Image::open(&path).expect("open"), BAD as u64);
     let mut bytes = std::fs::read(&path).expect("read");
-    bytes[at as usize + 7] ^= 0x01;
+    bytes[usize::try_from(at).expect("fits usize") + 7] ^= 0x01;
     write_file(&path, &bytes);
 
     let exit = within(LIMIT, move || {
@@ -609,7 +611,7 @@ fn write_fuzz_seeds() {
     let mut raw = vec![0u8; 8 * PS];
     for (p, seed) in [(1usize, 1u8), (2, 1), (4, 2), (5, 3), (6, 2)] {
         for (i, b) in raw[p * PS..(p + 1) * PS].iter_mut().enumerate() {
-            *b = (i / 64) as u8 ^ seed;
+            *b = (i / 64).to_le_bytes()[0] ^ seed;
         }
     }
     let hashed = |raw: &[u8], codec: Codec, chunk_pages: u32, hash: HashAlg| {
@@ -664,7 +666,7 @@ fn write_fuzz_seeds() {
     let im = Image::from_reader(Arc::new(zstd.clone())).expect("open");
     let c0 = im.chunks()[0];
     let mut flipped = zstd.clone();
-    flipped[(c0.offset + u64::from(c0.stored_len) / 2) as usize] ^= 0x20;
+    flipped[usize::try_from(c0.offset + u64::from(c0.stored_len) / 2).expect("fits usize")] ^= 0x20;
     seeds.push(("chunk-flipped", flipped));
     seeds.push(("truncated", zstd[..zstd.len() - 20].to_vec()));
     for (name, bytes) in seeds {

@@ -227,6 +227,11 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 }
 
 /// Deterministic, incompressible, never-zero-page bytes.
+/// A test offset or length as an index.
+fn ix(x: u64) -> usize {
+    usize::try_from(x).expect("a test size fits usize")
+}
+
 fn object_bytes(len: u64, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
@@ -234,7 +239,7 @@ fn object_bytes(len: u64, seed: u64) -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            (x >> 24) as u8
+            (x >> 24).to_le_bytes()[0]
         })
         .collect()
 }
@@ -251,7 +256,7 @@ fn opts(block: u64, cache: &tempfile::TempDir) -> ObjectSourceOptions {
 }
 
 fn read(src: &ObjectSource, offset: u64, len: u64) -> Vec<u8> {
-    let mut buf = vec![0u8; len as usize];
+    let mut buf = vec![0u8; ix(len)];
     src.read_at(offset, &mut buf)
         .unwrap_or_else(|e| panic!("read {len} at {offset}: {e}"));
     buf
@@ -298,16 +303,13 @@ fn reads_equal_the_uploaded_object_at_random_unaligned_ranges() {
         let n = 1 + next(max.min(len - offset));
         assert_eq!(
             read(&src, offset, n),
-            data[offset as usize..(offset + n) as usize],
+            data[ix(offset)..ix(offset + n)],
             "range {offset}+{n}"
         );
     }
     // Exactly across a block boundary, the short tail, and the whole object.
-    assert_eq!(
-        read(&src, block - 1, 2),
-        data[block as usize - 1..block as usize + 1]
-    );
-    assert_eq!(read(&src, len - 1234, 1234), data[(len - 1234) as usize..]);
+    assert_eq!(read(&src, block - 1, 2), data[ix(block) - 1..ix(block) + 1]);
+    assert_eq!(read(&src, len - 1234, 1234), data[ix(len - 1234)..]);
     assert_eq!(read(&src, 0, len), data);
     // Past the end: permanent, no request.
     let before = src.stats().http_requests;
@@ -358,7 +360,7 @@ fn eight_threads_read_concurrently_and_each_block_is_fetched_once() {
                     let off = p * PAGE_SIZE as u64;
                     assert_eq!(
                         read(src, off, PAGE_SIZE as u64),
-                        data[off as usize..off as usize + PAGE_SIZE],
+                        data[ix(off)..ix(off) + PAGE_SIZE],
                         "thread {t} page {p}"
                     );
                 }
@@ -398,16 +400,13 @@ fn a_cached_block_is_read_without_the_network_even_by_the_next_process() {
         let st = src.stats();
         assert_eq!((st.gets, st.http_requests, st.cache_hits), (1, 2, 2));
         // Warm three more blocks.
-        assert_eq!(
-            read(&src, block, 3 * block),
-            data[block as usize..4 * block as usize]
-        );
+        assert_eq!(read(&src, block, 3 * block), data[ix(block)..4 * ix(block)]);
         assert_eq!(src.stats().gets, 4);
     }
     // A new source on the same cache directory (a restarted worker) finds the blocks warm: its
     // only request is the HEAD.
     let src = s3.open("w.raw", opts(block, &cache)).expect("reopen");
-    assert_eq!(read(&src, 0, 4 * block), data[..4 * block as usize]);
+    assert_eq!(read(&src, 0, 4 * block), data[..4 * ix(block)]);
     let st = src.stats();
     assert_eq!(
         (st.gets, st.http_requests, st.cache_hits),
@@ -418,7 +417,7 @@ fn a_cached_block_is_read_without_the_network_even_by_the_next_process() {
     s3.kill();
     assert_eq!(
         read(&src, 2 * block + 17, 9000),
-        data[2 * block as usize + 17..][..9000]
+        data[2 * ix(block) + 17..][..9000]
     );
     assert!(src.read_at(6 * block, &mut [0u8; 1]).is_err());
     let st = src.stats();
@@ -465,13 +464,10 @@ fn the_cache_size_limit_evicts_least_recently_used_blocks() {
     assert_eq!(st.cached_bytes, 3 * block);
     // Blocks 0, 2 and 3 are hits; block 1 is fetched again.
     for b in [0, 2, 3] {
-        assert_eq!(
-            read(&src, b * block + 1, 7),
-            data[(b * block + 1) as usize..][..7]
-        );
+        assert_eq!(read(&src, b * block + 1, 7), data[ix(b * block + 1)..][..7]);
     }
     assert_eq!(src.stats().gets, 4);
-    assert_eq!(read(&src, block + 5, 5), data[block as usize + 5..][..5]);
+    assert_eq!(read(&src, block + 5, 5), data[ix(block) + 5..][..5]);
     assert_eq!(src.stats().gets, 5);
     // The whole object streamed through a 3-block cache: always within the limit, on disk too.
     assert_eq!(read(&src, 0, len), data);
@@ -528,7 +524,7 @@ fn prefetch_fetches_the_working_set_blocks_first() {
     assert_eq!(src.stats().prefetched, 4);
     // Demand reads of the working set are now cache hits; others fetch.
     for &o in &ws[..5] {
-        assert_eq!(read(&src, o, 4096), data[o as usize..o as usize + 4096]);
+        assert_eq!(read(&src, o, 4096), data[ix(o)..ix(o) + 4096]);
     }
     let st = src.stats();
     assert_eq!(
@@ -632,10 +628,7 @@ fn a_dead_server_gives_retryable_errors_and_a_restarted_one_serves_again() {
     // Back (same port, same bytes, so the same ETag): the same read now works.
     s3.start().expect("restart");
     s3.put("k.raw", &data);
-    assert_eq!(
-        read(&src, 5 * block, 4096),
-        data[5 * block as usize..][..4096]
-    );
+    assert_eq!(read(&src, 5 * block, 4096), data[5 * ix(block)..][..4096]);
     assert_eq!(src.stats().get_errors, 1);
 }
 
@@ -833,10 +826,7 @@ fn an_image_in_the_object_store_fetches_its_working_set_chunks_first() {
     for &o in &ws {
         let mut page = vec![1u8; PAGE_SIZE];
         src.read_at(o, &mut page).expect("read");
-        assert!(
-            page[..] == raw[o as usize..o as usize + PAGE_SIZE],
-            "page at {o}"
-        );
+        assert!(page[..] == raw[ix(o)..ix(o) + PAGE_SIZE], "page at {o}");
     }
     assert_eq!(obj.stats().gets, gets);
     assert_eq!(src.stats().hash_mismatches, 0);

@@ -786,7 +786,7 @@ fn data_of(
     r: faultline::remote::wire::WireRange,
     bytes: &[u8],
 ) -> faultline::remote::wire::Frame {
-    let from = r.offset as usize;
+    let from = usize::try_from(r.offset).expect("fits usize");
     faultline::remote::wire::Frame::Data {
         id,
         offset: r.offset,
@@ -899,7 +899,7 @@ fn without_the_scan_or_for_a_version_1_client_copies_go_as_data() {
         priority: faultline::remote::wire::Priority::Demand,
         ranges: vec![WireRange {
             offset: 0,
-            len: want.len() as u32,
+            len: u32::try_from(want.len()).expect("fits u32"),
         }],
     }
     .encode(&mut out);
@@ -914,12 +914,12 @@ fn without_the_scan_or_for_a_version_1_client_copies_go_as_data() {
     while at < want.len() {
         match read_frame(&mut raw, &mut scratch).unwrap() {
             Frame::Data { offset, bytes, .. } => {
-                assert_eq!(offset as usize, at);
+                assert_eq!(offset, at as u64);
                 got[at..at + bytes.len()].copy_from_slice(&bytes);
                 at += bytes.len();
             }
             Frame::Zero { offset, len, .. } => {
-                assert_eq!(offset as usize, at);
+                assert_eq!(offset, at as u64);
                 got[at..at + len as usize].fill(0);
                 at += len as usize;
             }
@@ -1079,7 +1079,11 @@ fn a_read_waits_for_pages_the_stream_asked_for_instead_of_asking_again() {
         if asks_again {
             assert_eq!(
                 demand,
-                [&(Priority::Demand, 6 * PS, PAGE_SIZE as u32)],
+                [&(
+                    Priority::Demand,
+                    6 * PS,
+                    u32::try_from(PAGE_SIZE).expect("fits u32")
+                )],
                 "{seen:?}"
             );
         } else {
@@ -1087,7 +1091,11 @@ fn a_read_waits_for_pages_the_stream_asked_for_instead_of_asking_again() {
         }
         assert_eq!(
             seen[0],
-            (Priority::Background, 0, 16 * PAGE_SIZE as u32),
+            (
+                Priority::Background,
+                0,
+                16 * u32::try_from(PAGE_SIZE).expect("fits u32")
+            ),
             "{seen:?}"
         );
     }
@@ -1128,7 +1136,11 @@ fn the_stream_goes_on_where_it_was_as_well_as_where_a_fault_took_it() {
         .expect("the demand read");
     assert_eq!(
         seen[at],
-        (Priority::Demand, 40 * PS, PAGE_SIZE as u32),
+        (
+            Priority::Demand,
+            40 * PS,
+            u32::try_from(PAGE_SIZE).expect("fits u32")
+        ),
         "{seen:?}"
     );
     // The stream's next requests: from just after the fault and from where it was, in turn.
@@ -1179,7 +1191,10 @@ fn runs_received_whole_are_lent_and_the_rest_read_out() {
     while (got.len() as u64) < len {
         let at = got.len() as u64;
         match src
-            .read_or_lend(at, &mut buf[..(len - at) as usize])
+            .read_or_lend(
+                at,
+                &mut buf[..usize::try_from(len - at).expect("fits usize")],
+            )
             .unwrap()
         {
             Lend::Lent(l) => {

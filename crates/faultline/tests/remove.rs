@@ -208,7 +208,7 @@ fn balloon_race(workers: usize, seed: u64) {
     // Each drop's pages were resolved again, as zeros (the source has no zero page).
     assert!(st.zero_pages >= discards * BALLOON as u64, "{st:?}");
     assert!(
-        st.pages >= (pages + BALLOON * discards as usize) as u64,
+        st.pages >= (pages + BALLOON * usize::try_from(discards).expect("fits usize")) as u64,
         "{st:?}"
     );
     f.server.shutdown();

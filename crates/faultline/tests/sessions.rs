@@ -85,7 +85,8 @@ fn source(
             let over: Vec<u64> = (0..pages as u64).filter(|p| p % 3 == 0).collect();
             let mut want = bytes.clone();
             for &p in &over {
-                let r = p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE;
+                let p = usize::try_from(p).expect("fits usize");
+                let r = p * PAGE_SIZE..(p + 1) * PAGE_SIZE;
                 want[r.clone()].copy_from_slice(&diff[r]);
             }
             let base: Arc<dyn PageSource> = Arc::new(MemorySource::new(bytes));

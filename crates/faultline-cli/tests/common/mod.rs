@@ -41,8 +41,11 @@ pub fn write_mem_file(path: &Path, len: u64, unit: u64) {
         0,
         "file length must be a multiple of the page size"
     );
-    let mut bytes = vec![0u8; len as usize];
-    for (p, page) in bytes.chunks_mut(unit as usize).enumerate() {
+    let mut bytes = vec![0u8; usize::try_from(len).expect("fits usize")];
+    for (p, page) in bytes
+        .chunks_mut(usize::try_from(unit).expect("fits usize"))
+        .enumerate()
+    {
         let p = p as u64;
         let zero = if unit == 4096 {
             (p % 40) / 8 == 1 || p % 13 == 0
@@ -642,7 +645,9 @@ pub fn write_large_mem_file(path: &Path, len: u64) {
     let pages = len / PAGE as u64;
     let mut p = 0u64;
     while p < pages {
-        let n = ((pages - p) as usize).min(chunk.len() / PAGE);
+        let n = usize::try_from(pages - p)
+            .expect("fits usize")
+            .min(chunk.len() / PAGE);
         for (i, page) in chunk[..n * PAGE].chunks_mut(PAGE).enumerate() {
             let q = p + i as u64;
             if (q % 40) / 8 == 1 {
@@ -762,7 +767,7 @@ pub fn usage_of(pid: u32) -> Usage {
         .count();
     Usage {
         fds,
-        threads: proc_status(pid, "Threads") as usize,
+        threads: usize::try_from(proc_status(pid, "Threads")).expect("fits usize"),
         rss_kib: proc_status(pid, "VmRSS"),
     }
 }

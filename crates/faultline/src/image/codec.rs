@@ -114,7 +114,9 @@ mod tests {
     use super::*;
 
     fn compressible() -> Vec<u8> {
-        (0..64 * 1024).map(|i| (i / 100) as u8).collect()
+        (0..64 * 1024i32)
+            .map(|i| (i / 100).to_le_bytes()[0])
+            .collect()
     }
 
     #[test]
@@ -138,7 +140,7 @@ mod tests {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                x as u8
+                x.to_le_bytes()[0]
             })
             .collect();
         for codec in [Codec::None, Codec::Zstd, Codec::Lz4] {

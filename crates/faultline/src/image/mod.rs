@@ -273,11 +273,12 @@ impl RangeRead for Vec<u8> {
         "memory".to_string()
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let end = offset.checked_add(buf.len() as u64);
-        match end {
-            Some(end) if end <= self.len() as u64 => {
-                // In bounds: both fit in usize because they are at most self.len().
-                buf.copy_from_slice(&self[offset as usize..end as usize]);
+        let range = usize::try_from(offset)
+            .ok()
+            .and_then(|start| Some(start..start.checked_add(buf.len())?));
+        match range {
+            Some(range) if range.end <= self.len() => {
+                buf.copy_from_slice(&self[range]);
                 Ok(())
             }
             _ => Err(io::Error::new(

@@ -327,7 +327,9 @@ impl<'b, W: Write + Seek> ImageWriter<'b, W> {
         theirs.clear();
         theirs.resize(self.ps, 0);
         let at = p * self.ps as u64;
-        let n = (base.source.len().saturating_sub(at) as usize).min(self.ps);
+        // What is left of the base from `at`, at most a page (more than fits usize is more).
+        let n = usize::try_from(base.source.len().saturating_sub(at))
+            .map_or(self.ps, |n| n.min(self.ps));
         base.source
             .read_at(at, &mut theirs[..n])
             .map_err(|e| ImageError::Invalid(format!("reading the base's page {p}: {e}")))?;
@@ -342,10 +344,13 @@ impl<'b, W: Write + Seek> ImageWriter<'b, W> {
             .compressor
             .compress(&self.pending)
             .map_err(|e| ImageError::io("compressing a chunk", e))?;
+        // Both are at most `MAX_CHUNK_BYTES` (checked by `PackOptions::validate`; a chunk that
+        // does not compress is stored raw): the error is for a broken compressor.
+        let too_big = |_| ImageError::Invalid("a chunk of 4 GiB or more".into());
         let entry = ChunkEntry {
             offset: self.pos,
-            stored_len: stored.len() as u32,
-            raw_len: self.pending.len() as u32,
+            stored_len: u32::try_from(stored.len()).map_err(too_big)?,
+            raw_len: u32::try_from(self.pending.len()).map_err(too_big)?,
             hash: Some(self.opts.hash.chunk(&[&self.pending])),
         };
         self.out

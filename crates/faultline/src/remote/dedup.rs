@@ -109,7 +109,8 @@ fn scan_with(
         if source.read_at((first * page) as u64, dst).is_err() {
             return None;
         }
-        slot_by_hash.insert(h, slot as u32);
+        let slot = u32::try_from(slot).expect("at most MAX_KEPT_BYTES / page slots");
+        slot_by_hash.insert(h, slot);
     }
     let mut pages = 0;
     let mut slot_of = vec![0u32; whole];
@@ -170,7 +171,7 @@ mod tests {
         for (p, want) in [(0, 0), (1, 1), (2, 0), (5, 1), (6, 0)] {
             let (slot, bytes) = ix.copy_of(p).unwrap();
             assert_eq!(slot, want, "page {p}");
-            assert_eq!(bytes, &src.bytes()[p as usize * P..][..P]);
+            assert_eq!(bytes, &src.bytes()[usize::try_from(p).unwrap() * P..][..P]);
         }
         for p in [3, 4, 7, 8, 99] {
             assert!(ix.copy_of(p).is_none(), "page {p}");

@@ -5,18 +5,20 @@
 //! first costs a copy of every page sent (a tenth of a streamed restore's CPU here). They are
 //! sent from where they are instead.
 //!
-//! # Why this module uses `unsafe`, and the rules it keeps
+//! # The rules it keeps
 //! The mapping of a file is memory another process may change (STYLE.md rule 3): no `&[u8]` is
 //! ever made over it. The source lends a raw pointer ([`PageSource::ptr_at`]), and the pointer
 //! goes to the kernel in an `iovec`, so only the kernel reads those bytes. That takes a
-//! `writev` over raw `iovec`s (std and rustix take slices): the one `unsafe` block here. A
-//! [`Mapped`] borrows the source it points into, so the pointer cannot outlive it.
-
-#![allow(unsafe_code)]
+//! `writev` over raw `iovec`s (std and rustix take slices), which the bindings offer safely
+//! ([`faultline_uffd::socket::writev`]). A [`Mapped`] borrows the source it points into, so the
+//! pointer cannot outlive it.
 
 use std::io;
 use std::marker::PhantomData;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
+
+use faultline_uffd::socket::{self, IoPiece, MAX_PIECES};
+use rustix::io::Errno;
 
 use crate::source::PageSource;
 
@@ -59,21 +61,18 @@ impl Part<'_> {
     }
 
     /// The iovec of this part from byte `skip` on.
-    fn iovec(&self, skip: usize) -> libc::iovec {
-        let (base, len) = match self {
-            Part::Bytes(b) => (b.as_ptr(), b.len()),
-            Part::Mapped(m) => (m.ptr, m.len),
-        };
-        libc::iovec {
+    fn iovec(&self, skip: usize) -> IoPiece<'_> {
+        let piece = match self {
+            Part::Bytes(b) => IoPiece::from_slice(b),
             // Only the kernel reads through it (writev); no reference is made.
-            iov_base: base.wrapping_add(skip) as *mut libc::c_void,
-            iov_len: len - skip,
-        }
+            Part::Mapped(m) => IoPiece::from_raw(m.ptr, m.len),
+        };
+        piece.skip(skip)
     }
 }
 
 /// The most iovecs one `writev` takes (the kernel's `UIO_MAXIOV`).
-const MAX_IOV: usize = 1024;
+const MAX_IOV: usize = MAX_PIECES;
 
 /// Write all of `parts` to `fd` (a blocking socket), in order.
 pub(crate) fn write_all(fd: BorrowedFd<'_>, parts: &[Part<'_>]) -> io::Result<()> {
@@ -94,23 +93,15 @@ pub(crate) fn write_all(fd: BorrowedFd<'_>, parts: &[Part<'_>]) -> io::Result<()
                 .take(MAX_IOV - 1)
                 .map(|p| p.iovec(0)),
         );
-        // SAFETY: `iov` holds `iov.len()` (at most UIO_MAXIOV) initialized iovecs, each
-        // describing readable memory that lives across the call: a `Part::Bytes` borrows a live
-        // slice; a `Part::Mapped` is a pointer its source lent for `len` bytes, valid while the
-        // source lives, which the `'a` borrow in `Mapped` guarantees. `skip` is less than the
-        // part's length (checked above). writev only reads that memory, and `fd` is an open
-        // descriptor borrowed for the call.
-        let n = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
-        let n = match n {
-            0 => return Err(io::ErrorKind::WriteZero.into()),
-            n if n > 0 => n as usize,
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
+        // Each iovec describes readable memory that lives across the call: a `Part::Bytes`
+        // borrows a live slice; a `Part::Mapped` is a pointer its source lent for `len` bytes,
+        // valid while the source lives, which the `'a` borrow in `Mapped` guarantees. `skip` is
+        // less than the part's length (checked above). writev only reads that memory.
+        let n = match socket::writev(fd, &iov) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(Errno::INTR) => continue,
+            Err(errno) => return Err(errno.into()),
         };
         (idx, skip) = advance(parts, idx, skip, n);
     }
@@ -161,7 +152,7 @@ mod tests {
         parts.push(Part::Bytes(&tail));
         let mut want = head.clone();
         for i in 0..1500u64 {
-            let off = ((i % 3) * 4096 + i % 7) as usize;
+            let off = usize::try_from((i % 3) * 4096 + i % 7).unwrap();
             want.extend_from_slice(&file_bytes[off..off + 11]);
         }
         want.extend_from_slice(&tail);

@@ -44,6 +44,9 @@ const T_SAME: u8 = 9;
 
 /// Bytes of a `DATA`/`ZERO` body before the payload: id, offset, len.
 const ANSWER_HEAD: usize = 8 + 8 + 4;
+/// [`ANSWER_HEAD`] as a `u32`, for frame lengths.
+const ANSWER_HEAD_U32: u32 = 8 + 8 + 4;
+const _: () = assert!(ANSWER_HEAD_U32 as usize == ANSWER_HEAD);
 
 /// A frame that breaks the protocol, or the connection failing under it.
 #[derive(Debug, thiserror::Error)]
@@ -211,7 +214,8 @@ pub fn clip(s: &str, max: usize) -> &str {
 
 fn put_str(out: &mut Vec<u8>, s: &str, max: usize) {
     let s = clip(s, max);
-    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    let len = u16::try_from(s.len()).expect("strings are clipped to MAX_NAME or MAX_MESSAGE");
+    out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(s.as_bytes());
 }
 
@@ -230,7 +234,7 @@ fn begin(out: &mut Vec<u8>, t: u8) -> usize {
 }
 
 fn finish(out: &mut [u8], at: usize) {
-    let len = (out.len() - at - 4) as u32;
+    let len = u32::try_from(out.len() - at - 4).expect("a frame is at most MAX_FRAME bytes");
     out[at..at + 4].copy_from_slice(&len.to_le_bytes());
 }
 
@@ -282,7 +286,8 @@ impl Frame {
                     Priority::Background => 1,
                 });
                 out.push(0);
-                out.extend_from_slice(&(ranges.len() as u16).to_le_bytes());
+                let count = u16::try_from(ranges.len()).expect("at most MAX_RANGES ranges");
+                out.extend_from_slice(&count.to_le_bytes());
                 for r in ranges {
                     out.extend_from_slice(&r.offset.to_le_bytes());
                     out.extend_from_slice(&r.len.to_le_bytes());
@@ -291,7 +296,8 @@ impl Frame {
             }
             Frame::Data { id, offset, bytes } => {
                 debug_assert!(bytes.len() <= MAX_DATA as usize);
-                out.extend_from_slice(&data_head(*id, *offset, bytes.len() as u32));
+                let len = u32::try_from(bytes.len()).expect("at most MAX_DATA bytes");
+                out.extend_from_slice(&data_head(*id, *offset, len));
                 out.extend_from_slice(bytes);
             }
             Frame::Zero { id, offset, len } => {
@@ -314,7 +320,8 @@ impl Frame {
             }
             Frame::Keep { slot, bytes } => {
                 debug_assert!(bytes.len() <= MAX_DATA as usize);
-                out.extend_from_slice(&keep_head(*slot, bytes.len() as u32));
+                let len = u32::try_from(bytes.len()).expect("at most MAX_DATA bytes");
+                out.extend_from_slice(&keep_head(*slot, len));
                 out.extend_from_slice(bytes);
             }
             Frame::Same {
@@ -528,7 +535,7 @@ fn invalid(what: impl Into<String>) -> WireError {
 /// The header of a `DATA` frame carrying `len` bytes (the bytes follow it on the wire).
 pub fn data_head(id: u64, offset: u64, len: u32) -> [u8; 4 + 1 + ANSWER_HEAD] {
     let mut h = [0u8; 4 + 1 + ANSWER_HEAD];
-    h[..4].copy_from_slice(&(1 + ANSWER_HEAD as u32 + len).to_le_bytes());
+    h[..4].copy_from_slice(&(1 + ANSWER_HEAD_U32 + len).to_le_bytes());
     h[4] = T_DATA;
     h[5..13].copy_from_slice(&id.to_le_bytes());
     h[13..21].copy_from_slice(&offset.to_le_bytes());
@@ -879,7 +886,7 @@ mod tests {
         #[test]
         fn decode_never_panics(t in 0u8..10, body in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Frame::decode(t, &body);
-            let mut framed = ((body.len() + 1) as u32).to_le_bytes().to_vec();
+            let mut framed = u32::try_from(body.len() + 1).unwrap().to_le_bytes().to_vec();
             framed.push(t);
             framed.extend_from_slice(&body);
             let _ = read_frame(&mut &framed[..], &mut Vec::new());

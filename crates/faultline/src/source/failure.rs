@@ -294,7 +294,8 @@ impl<S: PageSource> PageSource for FailureInjecting<S> {
             Some(Injected::Short { at }) => {
                 self.short_reads.fetch_add(1, Ordering::Relaxed);
                 let got = at - offset;
-                let prefix = &mut buf[..got as usize];
+                let prefix = &mut buf[..usize::try_from(got)
+                    .expect("the rule applies: `at` lies inside the read, below buf.len()")];
                 self.inner.read_at(offset, prefix)?;
                 Err(SourceError::short_read(&name, offset, len, got))
             }
@@ -325,13 +326,15 @@ mod tests {
     use std::time::Instant;
 
     const P: u64 = 4096;
+    /// [`P`] as a buffer length.
+    const PB: usize = 4096;
 
     fn data() -> Vec<u8> {
         (0..4 * P).map(|i| (i % 199) as u8 + 1).collect()
     }
 
     fn page(s: &impl PageSource, n: u64) -> Result<Vec<u8>, SourceError> {
-        let mut buf = vec![0u8; P as usize];
+        let mut buf = vec![0u8; PB];
         s.read_at(n * P, &mut buf).map(|()| buf)
     }
 
@@ -339,7 +342,7 @@ mod tests {
     fn no_rules_is_transparent() {
         let d = data();
         let s = FailureInjecting::new(MemorySource::new(d.clone()));
-        assert_eq!(page(&s, 1).unwrap(), d[P as usize..2 * P as usize]);
+        assert_eq!(page(&s, 1).unwrap(), d[PB..2 * PB]);
         assert!(s.ptr_at(0, P).is_some());
         assert_eq!(s.is_zero(0, P), Some(false));
         assert_eq!(s.name(), "memory");
@@ -366,7 +369,7 @@ mod tests {
             assert_eq!(e.offset, 0);
             assert!(e.what.contains("injected retryable"), "{e}");
         }
-        assert_eq!(page(&s, 0).unwrap(), d[..P as usize]);
+        assert_eq!(page(&s, 0).unwrap(), d[..PB]);
         assert!(s.ptr_at(3 * P, P).is_some());
         let st = s.stats();
         assert_eq!(
@@ -391,7 +394,7 @@ mod tests {
             assert!(e.is_retryable());
             assert!(e.to_string().contains("0x200a"), "{e}");
         }
-        assert_eq!(page(&s, 2).unwrap(), d[2 * P as usize..3 * P as usize]);
+        assert_eq!(page(&s, 2).unwrap(), d[2 * PB..3 * PB]);
         assert!(s.ptr_at(2 * P, P).is_some());
         let st = s.stats();
         assert_eq!((st.reads, st.retryable, st.injected), (5, 3, 3));
@@ -426,12 +429,12 @@ mod tests {
         let d = data();
         let s = FailureInjecting::new(MemorySource::new(d.clone()))
             .with_rule(Failure::ShortReadAt { offset: P + 100 });
-        let mut buf = vec![0u8; 2 * P as usize];
+        let mut buf = vec![0u8; 2 * PB];
         let e = s.read_at(P, &mut buf).unwrap_err();
         assert_eq!(e.retry, Retry::Permanent);
         assert!(e.to_string().contains("short read"), "{e}");
         assert!(e.to_string().contains("100 of 8192"), "{e}");
-        assert_eq!(buf[..100], d[P as usize..P as usize + 100]);
+        assert_eq!(buf[..100], d[PB..PB + 100]);
         assert!(buf[100..].iter().all(|&b| b == 0));
         // Reads ending before the offset go through.
         let mut ok = vec![0u8; 100];

@@ -97,7 +97,7 @@ mod tests {
 
     fn pattern(len: usize) -> Vec<u8> {
         (0..len)
-            .map(|i| (i % 251) as u8 ^ (i / 4096) as u8)
+            .map(|i| (i % 251).to_le_bytes()[0] ^ (i / 4096).to_le_bytes()[0])
             .collect()
     }
 

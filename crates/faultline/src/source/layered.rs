@@ -260,8 +260,10 @@ impl PageSource for LayeredSource {
         let len = buf.len() as u64;
         check_bounds(&self.name, offset, len, self.len())?;
         for run in self.runs(offset, len) {
-            let at = (run.start - offset) as usize;
-            let part = &mut buf[at..at + run.len as usize];
+            // A run lies inside `offset..offset + buf.len()`: both fit usize.
+            let at = usize::try_from(run.start - offset).expect("a run inside the read");
+            let n = usize::try_from(run.len).expect("a run inside the read");
+            let part = &mut buf[at..at + n];
             let layer = self.layer(run.layer);
             layer
                 .read_at(run.src_offset, part)
@@ -320,6 +322,13 @@ mod tests {
     use proptest::prelude::*;
 
     const P: u64 = 4096;
+    /// [`P`] as a buffer length.
+    const PB: usize = 4096;
+
+    /// A test size or offset as an index.
+    fn ix(x: u64) -> usize {
+        usize::try_from(x).expect("a test size fits usize")
+    }
 
     fn mem(v: Vec<u8>) -> Arc<dyn PageSource> {
         Arc::new(MemorySource::new(v))
@@ -327,8 +336,8 @@ mod tests {
 
     #[test]
     fn diff_pages_override_the_base() {
-        let base = vec![1u8; 4 * P as usize];
-        let diff = vec![2u8; 2 * P as usize];
+        let base = vec![1u8; 4 * PB];
+        let diff = vec![2u8; 2 * PB];
         let s = LayeredSource::new(mem(base), P)
             .unwrap()
             .with_packed_diff(mem(diff), [1, 3])
@@ -337,9 +346,9 @@ mod tests {
         assert_eq!(s.diff_pages(), 2);
         assert_eq!(s.layer_of(1), Some(0));
         assert_eq!(s.layer_of(2), None);
-        let mut buf = vec![0u8; 4 * P as usize];
+        let mut buf = vec![0u8; 4 * PB];
         s.read_at(0, &mut buf).unwrap();
-        for (i, chunk) in buf.chunks(P as usize).enumerate() {
+        for (i, chunk) in buf.chunks(PB).enumerate() {
             let expect = if i % 2 == 1 { 2 } else { 1 };
             assert!(chunk.iter().all(|&b| b == expect), "page {i}");
         }
@@ -354,8 +363,8 @@ mod tests {
     #[test]
     fn later_layers_win_and_contiguous_pages_form_one_run() {
         let base = ZeroSource::new(8 * P);
-        let first = vec![0xaa; 8 * P as usize];
-        let second = vec![0xbb; 8 * P as usize];
+        let first = vec![0xaa; 8 * PB];
+        let second = vec![0xbb; 8 * PB];
         let s = LayeredSource::new(Arc::new(base), P)
             .unwrap()
             .with_diff(mem(first), 2..6)
@@ -378,7 +387,7 @@ mod tests {
                 (None, 6 * P, 2 * P)
             ]
         );
-        let mut page = vec![0u8; P as usize];
+        let mut page = vec![0u8; PB];
         s.read_at(4 * P, &mut page).unwrap();
         assert!(page.iter().all(|&b| b == 0xbb));
         s.read_at(5 * P, &mut page).unwrap();
@@ -395,7 +404,7 @@ mod tests {
 
     #[test]
     fn bad_layers_are_refused() {
-        let base = mem(vec![0; (2 * P + 100) as usize]);
+        let base = mem(vec![0; 2 * PB + 100]);
         assert_eq!(
             LayeredSource::new(base.clone(), 3000).unwrap_err(),
             LayerError::PageSize(3000)
@@ -407,7 +416,7 @@ mod tests {
         let s = LayeredSource::new(base.clone(), P).unwrap();
         assert_eq!(
             s.clone()
-                .with_packed_diff(mem(vec![0; P as usize]), [3])
+                .with_packed_diff(mem(vec![0; PB]), [3])
                 .unwrap_err(),
             LayerError::PageOutside {
                 page: 3,
@@ -416,7 +425,7 @@ mod tests {
         );
         assert!(matches!(
             s.clone()
-                .with_packed_diff(mem(vec![0; P as usize]), [0, 1])
+                .with_packed_diff(mem(vec![0; PB]), [0, 1])
                 .unwrap_err(),
             LayerError::DiffTooShort {
                 page: 1,
@@ -438,20 +447,20 @@ mod tests {
 
     #[test]
     fn diff_errors_name_the_layered_offset_and_keep_retry() {
-        let diff = FailureInjecting::new(MemorySource::new(vec![5; P as usize]))
+        let diff = FailureInjecting::new(MemorySource::new(vec![5; PB]))
             .with_rule(Failure::PermanentAt { offset: 0 });
-        let s = LayeredSource::new(mem(vec![0; 4 * P as usize]), P)
+        let s = LayeredSource::new(mem(vec![0; 4 * PB]), P)
             .unwrap()
             .with_packed_diff(Arc::new(diff), [2])
             .unwrap();
-        let mut buf = vec![0u8; 2 * P as usize];
+        let mut buf = vec![0u8; 2 * PB];
         let e = s.read_at(P, &mut buf).unwrap_err();
         assert_eq!(e.retry, Retry::Permanent);
         assert_eq!(e.offset, P);
         assert_eq!(e.source_name, s.name());
         assert!(e.what.contains("diff layer 0"), "{e}");
         // The base part still reads.
-        s.read_at(P, &mut buf[..P as usize]).unwrap();
+        s.read_at(P, &mut buf[..PB]).unwrap();
     }
 
     /// A diff layer of a test case: `(page, fill byte)` pairs.
@@ -470,11 +479,11 @@ mod tests {
                 let len = pages * ps + tail % ps;
                 let npages = len.div_ceil(ps).max(1);
                 let seeds =
-                    proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>()], npages as usize);
+                    proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>()], ix(npages));
                 let base = seeds.prop_map(move |seeds| {
                     (0..len)
                         .map(|i| {
-                            let seed = seeds[(i / ps) as usize];
+                            let seed = seeds[ix(i / ps)];
                             if seed == 0 {
                                 0
                             } else {
@@ -518,12 +527,12 @@ mod tests {
                     let at = packed.len() as u64;
                     for (k, i) in (start..end).enumerate() {
                         // Vary the bytes within a page a little, keeping zero pages zero.
-                        let b = if fill == 0 { 0 } else { fill.wrapping_add(k as u8 % 3) };
-                        model[i as usize] = b;
-                        origin[i as usize] = (Some(li), at + k as u64);
+                        let b = if fill == 0 { 0 } else { fill.wrapping_add(k.to_le_bytes()[0] % 3) };
+                        model[ix(i)] = b;
+                        origin[ix(i)] = (Some(li), at + k as u64);
                         packed.push(b);
                     }
-                    packed.resize(packed.len() + (ps - (end - start)) as usize, 0);
+                    packed.resize(packed.len() + ix(ps - (end - start)), 0);
                     pages.push(page);
                 }
                 let diff = MemorySource::new(packed);
@@ -533,7 +542,7 @@ mod tests {
             prop_assert_eq!(s.len(), len);
             for (off, n) in reads {
                 let off = off % (len + 2);
-                let mut buf = vec![0u8; n as usize % (len as usize + 2)];
+                let mut buf = vec![0u8; ix(n % (len + 2))];
                 let n = buf.len() as u64;
                 let r = s.read_at(off, &mut buf);
                 if off + n > len {
@@ -544,12 +553,12 @@ mod tests {
                     continue;
                 }
                 r.unwrap();
-                let want = &model[off as usize..(off + n) as usize];
+                let want = &model[ix(off)..ix(off + n)];
                 prop_assert_eq!(&buf[..], want);
                 prop_assert_eq!(s.is_zero(off, n), Some(want.iter().all(|&b| b == 0)));
                 // ptr_at lends iff the range is non-empty and comes from one layer at
                 // consecutive offsets; the lent bytes are the model's.
-                let o = &origin[off as usize..(off + n) as usize];
+                let o = &origin[ix(off)..ix(off + n)];
                 let one_run = n > 0 && o.windows(2).all(|w| w[0].0 == w[1].0 && w[0].1 + 1 == w[1].1);
                 let lent = s.ptr_at(off, n);
                 prop_assert_eq!(lent.is_some(), one_run);
@@ -558,7 +567,7 @@ mod tests {
                     let b = &buffers[layer];
                     let at = p as usize - b.as_ptr() as usize;
                     prop_assert_eq!(at as u64, o[0].1);
-                    prop_assert_eq!(&b[at..at + n as usize], want);
+                    prop_assert_eq!(&b[at..at + ix(n)], want);
                 }
             }
         }

@@ -18,6 +18,9 @@ use super::{check_bounds, PageSource, SourceError};
 /// The granule of [`ZeroPages`]: one bit per 4 KiB, the smallest page size. A 2 MiB huge page is
 /// zero iff its 512 granules are.
 pub(crate) const ZERO_GRANULE: u64 = 4096;
+/// [`ZERO_GRANULE`] as a buffer length.
+pub(crate) const ZERO_GRANULE_BYTES: usize = 4096;
+const _: () = assert!(ZERO_GRANULE_BYTES as u64 == ZERO_GRANULE);
 
 /// Whether `bytes` are all zero. Folds with OR instead of stopping at the first non-zero byte, so
 /// the loop has no branch and vectorises; callers pass at most a page.

@@ -13,9 +13,9 @@
 //! `SIGBUS`, which would kill the whole daemon serving every client. The kernel, reading the same
 //! page for a `UFFDIO_COPY` (`copy_from_user`), gets `EFAULT` instead, and the server turns that
 //! into an error for the one fault. So this module keeps one rule (STYLE.md rule 3): **user space
-//! never reads the mapping.** It forms no `&[u8]` over it (memmap2's `Deref` is never used) and no
-//! pointer into it is dereferenced here; the mapping's only use is [`PageSource::ptr_at`], a raw
-//! pointer handed to the kernel. Every byte this process looks at — [`PageSource::read_at`], the
+//! never reads the mapping.** The mapping is a [`faultline_uffd::FileMapping`], which forms no
+//! `&[u8]` over it and lends only raw addresses; the mapping's only use here is
+//! [`PageSource::ptr_at`], a raw pointer handed to the kernel. Every byte this process looks at — [`PageSource::read_at`], the
 //! zero scan of [`MmapSource::with_zero_scan`] (1 MiB `pread`s into one reused buffer), the edges
 //! of an unaligned [`PageSource::is_zero`] — comes from positioned reads (`pread`) on a descriptor
 //! of the same file, kept by the source. Both read the same page cache.
@@ -27,16 +27,14 @@
 //! a snapshot file that must not be written while it is served, and a writer can change which
 //! bytes are served but cannot break memory safety, as no reference to the mapping exists.
 
-#![allow(unsafe_code)]
-
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use memmap2::Mmap;
+use faultline_uffd::FileMapping;
 
-use super::memory::{bytes_are_zero, ZeroPages, ZERO_GRANULE};
+use super::memory::{bytes_are_zero, ZeroPages, ZERO_GRANULE, ZERO_GRANULE_BYTES};
 use super::{check_bounds, PageSource, Retry, SourceError};
 
 /// The zero scan reads the file in `pread`s of this size, into one buffer reused for the whole
@@ -54,7 +52,7 @@ const _: () = assert!(ZERO_SCAN_CHUNK as u64 % ZERO_GRANULE == 0);
 /// pointer fail with `EFAULT`), never `SIGBUS` in this process. Writes to the file show through.
 #[derive(Debug)]
 pub struct MmapSource {
-    map: Mmap,
+    map: FileMapping,
     /// The mapped file, for `pread`: every user-space read of the file goes through it.
     file: File,
     name: String,
@@ -91,17 +89,13 @@ impl MmapSourceOptions {
     }
 
     fn map_owned(self, file: File) -> io::Result<MmapSource> {
-        let mut options = memmap2::MmapOptions::new();
-        if self.populate {
-            options.populate();
-        }
-        // SAFETY: memmap2 asks the caller to make sure the file is not modified or truncated
-        // while mapped, because its `Mmap` dereferences to `&[u8]`. This module never uses that
-        // `Deref` and never dereferences a pointer into the mapping (see the module docs): the
-        // mapping only goes to the kernel as a raw pointer, which reports a truncated page as
-        // EFAULT. So neither a concurrent write nor a truncation can invalidate a reference or
-        // raise a signal in this process.
-        let map = unsafe { options.map(&file) }?;
+        // The mapping is only lent to the kernel as raw addresses (see the module docs), so
+        // neither a concurrent write nor a truncation can invalidate a reference or raise a
+        // signal in this process.
+        let map = FileMapping::new(&file, self.populate).map_err(|e| match e.errno() {
+            Some(errno) => io::Error::from(errno),
+            None => io::Error::other(e),
+        })?;
         Ok(MmapSource {
             map,
             file,
@@ -202,18 +196,11 @@ impl MmapSource {
             cause: None,
         }
     }
-
-    /// The address of byte `offset` of the mapping, for an `offset` already checked against the
-    /// length. `wrapping_add` keeps this safe code: the result is only ever handed to the kernel.
-    fn addr(&self, offset: u64) -> *const u8 {
-        let offset = usize::try_from(offset).expect("offset checked against the mapping length");
-        self.map.as_ptr().wrapping_add(offset)
-    }
 }
 
 impl PageSource for MmapSource {
     fn len(&self) -> u64 {
-        self.map.len() as u64
+        u64::try_from(self.map.len()).expect("a mapping's length fits u64")
     }
 
     fn name(&self) -> String {
@@ -230,12 +217,14 @@ impl PageSource for MmapSource {
     /// through it. If the file was truncated, the kernel's read fails with `EFAULT`.
     fn ptr_at(&self, offset: u64, len: u64) -> Option<*const u8> {
         check_bounds(&self.name, offset, len, self.len()).ok()?;
-        Some(self.addr(offset))
+        // Both fit usize: they lie inside the mapping (checked above).
+        self.map
+            .ptr_at(usize::try_from(offset).ok()?, usize::try_from(len).ok()?)
     }
 
     fn is_zero(&self, offset: u64, len: u64) -> Option<bool> {
         self.zero.as_ref()?.query(offset, len, |o, l| {
-            let mut page = [0u8; ZERO_GRANULE as usize];
+            let mut page = [0u8; ZERO_GRANULE_BYTES];
             let buf = &mut page[..usize::try_from(l).ok()?];
             self.read_at(o, buf).ok()?;
             Some(bytes_are_zero(buf))
@@ -254,7 +243,9 @@ mod tests {
     const P: usize = 4096;
 
     fn pattern(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i % 253) as u8 ^ (i / P) as u8).collect()
+        (0..len)
+            .map(|i| (i % 253).to_le_bytes()[0] ^ (i / P).to_le_bytes()[0])
+            .collect()
     }
 
     fn temp_with(bytes: &[u8]) -> tempfile::NamedTempFile {
@@ -264,12 +255,15 @@ mod tests {
         f
     }
 
-    /// Copy `len` bytes from a pointer lent by `ptr_at`.
+    /// The `len` bytes at a pointer lent by `ptr_at`, as the kernel reads them: written to a
+    /// socket with `writev` (this process never reads through a lent pointer) and read back.
     fn copy_from_lent(ptr: *const u8, len: usize) -> Vec<u8> {
+        use std::io::Read;
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let piece = faultline_uffd::socket::IoPiece::from_raw(ptr, len);
+        assert_eq!(faultline_uffd::socket::writev(&a, &[piece]).unwrap(), len);
         let mut out = vec![0u8; len];
-        // SAFETY: `ptr` came from `ptr_at(_, len)` of a source that is still alive, so it
-        // points at `len` readable bytes of the mapping; `out` is a separate allocation.
-        unsafe { std::ptr::copy_nonoverlapping(ptr, out.as_mut_ptr(), len) };
+        b.read_exact(&mut out).unwrap();
         out
     }
 
