@@ -132,17 +132,17 @@ impl Worker {
                     if let Some(c) = stat {
                         add(c, done as u64);
                     }
-                    for i in p..p + done {
-                        self.mark_resolved(s, e, i, j);
-                    }
-                    if !zero {
-                        self.wake_if_removed_in_flight(s, e, p, done);
-                    }
                     if !latency_recorded {
                         if let Some(t) = j.fault_read {
                             s.stats.record_latency(t.elapsed());
                         }
                         latency_recorded = true;
+                    }
+                    for i in p..p + done {
+                        self.mark_resolved(s, e, i, j);
+                    }
+                    if !zero {
+                        self.wake_if_removed_in_flight(s, e, p, done);
                     }
                     p += done;
                 }
