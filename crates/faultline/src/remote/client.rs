@@ -1,4 +1,4 @@
-//! [`RemoteSource`]: a [`PageSource`] whose bytes come from a [`super::RemoteServer`].
+//! [`RemoteSource`]: a [`PageSource`] whose bytes come from an [`super::Exporter`].
 
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -360,7 +360,7 @@ impl Shared {
     }
 }
 
-/// A [`PageSource`] served by a [`super::RemoteServer`] over TCP.
+/// A [`PageSource`] served by an [`super::Exporter`] over TCP.
 ///
 /// Reads from any number of threads are batched into request frames by one I/O thread; answers
 /// land in a bounded page cache, from which each read takes its pages. An optional background
