@@ -560,6 +560,30 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
+/// A private cache root under the temporary directory, removed on drop.
+#[derive(Debug)]
+pub(super) struct TempRoot(pub(super) PathBuf);
+
+impl TempRoot {
+    pub(super) fn new() -> io::Result<TempRoot> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p =
+            std::env::temp_dir().join(format!("faultline-object-cache-{}-{n}", std::process::id()));
+        if p.exists() {
+            std::fs::remove_dir_all(&p)?;
+        }
+        std::fs::create_dir_all(&p)?;
+        Ok(TempRoot(p))
+    }
+}
+
+impl Drop for TempRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // unwrap is how a test fails
 mod tests {
