@@ -70,7 +70,7 @@ impl Worker {
         n: usize,
         j: &Job,
     ) -> RunEnd {
-        let ps = e.region.page_size() as usize;
+        let ps = e.region.kind.page_size();
         let max_pages = (self.shared.config.max_io / ps).max(1);
         let first_pages = (self.shared.config.first_chunk / ps).max(1);
         let mut p = first;
@@ -311,20 +311,29 @@ impl Worker {
         let ps = e.region.page_size();
         let addr = e.addr_of(p);
         let len = n as u64 * ps;
+        // The same length as a buffer size: a run is at most `max_io` bytes, a `usize`.
+        let size = n * e.region.kind.page_size();
         let off = e.source_offset_of(p);
         let result: Result<Resolved, faultline_uffd::ResolveError> = match &e.region.backing {
             Backing::Minor { cache } => {
-                let cache_off = (e.cache_offset + p as u64 * ps) as usize;
+                let Ok(cache_off) = usize::try_from(e.cache_offset + p as u64 * ps) else {
+                    return Err(Step::Source(source_failed(
+                        e,
+                        p,
+                        len,
+                        "the page cache offset does not fit in memory".into(),
+                    )));
+                };
                 let write = if zero {
-                    self.ensure_zeros(len as usize);
-                    cache.write(cache_off, &self.zeros[..len as usize])
+                    self.ensure_zeros(size);
+                    cache.write(cache_off, &self.zeros[..size])
                 } else {
-                    self.ensure_buf(len as usize);
+                    self.ensure_buf(size);
                     e.region
                         .source
-                        .read_at(off, &mut self.buf[..len as usize])
+                        .read_at(off, &mut self.buf[..size])
                         .map_err(Step::Source)?;
-                    cache.write(cache_off, &self.buf[..len as usize])
+                    cache.write(cache_off, &self.buf[..size])
                 };
                 if let Err(err) = write {
                     return Err(Step::Source(source_failed(
@@ -348,17 +357,17 @@ impl Worker {
                 add(&s.stats.move_, 1);
                 let injected = self.shared.injected(ResolveOp::Move, addr, len);
                 // No scratch memory now: like ENOMEM, later.
-                let scratch = self.scratch(len as usize).map_err(|_| Step::Retry)?;
+                let scratch = self.scratch(size).map_err(|_| Step::Retry)?;
                 e.region
                     .source
-                    .read_at(off, &mut scratch.as_mut_slice()[..len as usize])
+                    .read_at(off, &mut scratch.as_mut_slice()[..size])
                     .map_err(Step::Source)?;
                 injected.and_then(|()| {
                     s.uffd.move_from_scratch(
                         addr,
                         scratch,
                         0,
-                        len as usize,
+                        size,
                         faultline_uffd::MoveMode::empty(),
                     )
                 })
@@ -375,22 +384,20 @@ impl Worker {
                 if let Err(err) = injected {
                     Err(err)
                 } else if zero {
-                    self.ensure_zeros(len as usize);
-                    s.uffd
-                        .copy(addr, &self.zeros[..len as usize], CopyMode::empty())
+                    self.ensure_zeros(size);
+                    s.uffd.copy(addr, &self.zeros[..size], CopyMode::empty())
                 } else if let Some(ptr) = e.region.source.ptr_at(off, len) {
-                    s.uffd
-                        .copy_from_ptr(addr, ptr, len as usize, CopyMode::empty())
+                    s.uffd.copy_from_ptr(addr, ptr, size, CopyMode::empty())
                 } else {
-                    self.ensure_buf(len as usize);
+                    self.ensure_buf(size);
                     let lend = e
                         .region
                         .source
-                        .read_or_lend(off, &mut self.buf[..len as usize])
+                        .read_or_lend(off, &mut self.buf[..size])
                         .map_err(Step::Source)?;
                     // Whole pages of what was asked, at least one: anything else is a broken
                     // source, and its pages are poisoned rather than filled from a guess.
-                    let fits = |n: usize| n > 0 && n <= len as usize && n % ps as usize == 0;
+                    let fits = |n: usize| n > 0 && n <= size && n % e.region.kind.page_size() == 0;
                     match lend {
                         Lend::Lent(l) if fits(l.bytes().len()) => {
                             s.uffd.copy(addr, l.bytes(), CopyMode::empty())
@@ -421,7 +428,8 @@ impl Worker {
         match result {
             Ok(r) => {
                 let bytes = r.bytes();
-                let pages = (bytes / ps) as usize;
+                let pages = usize::try_from(bytes / ps)
+                    .expect("the kernel resolves at most the bytes asked for, a usize");
                 add(&s.stats.bytes, bytes);
                 add(&s.stats.pages, pages as u64);
                 if zero {

@@ -145,7 +145,8 @@ impl Worker {
         if sessions.is_empty() {
             return;
         }
-        let start = self.shared.rr.fetch_add(1, Ordering::Relaxed) as usize;
+        let turn = self.shared.rr.fetch_add(1, Ordering::Relaxed) % sessions.len() as u64;
+        let start = usize::try_from(turn).expect("below a usize length");
         for k in 0..sessions.len() {
             let s = &sessions[(start + k) % sessions.len()];
             let Some(_busy) = self.shared.enter(s) else {
@@ -166,7 +167,8 @@ impl Worker {
                 if left == 0 && queued == 0 {
                     tracing::debug!(
                         session = s.id,
-                        elapsed_ms = s.started.elapsed().as_millis() as u64,
+                        elapsed_ms =
+                            u64::try_from(s.started.elapsed().as_millis()).unwrap_or(u64::MAX),
                         pages = s.stats.prefetch_pages.load(Ordering::Relaxed),
                         "working set prefetched"
                     );
@@ -221,7 +223,9 @@ pub(super) fn claim_run(regions: &RegionMap, want: &Job, max_io: u64) -> Option<
     }
     let first = e.page_of(want.addr);
     let ps = e.region.page_size();
-    let limit = ((max_io / ps).max(1) as usize).min(want.pages);
+    let limit = usize::try_from((max_io / ps).max(1))
+        .unwrap_or(usize::MAX)
+        .min(want.pages);
     let end = (first + want.pages).min(e.region.pages());
     let mut p = first;
     while p < end && !e.states.try_claim(e.state_base + p) {

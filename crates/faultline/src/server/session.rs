@@ -218,7 +218,9 @@ pub(super) fn locate(regions: &RegionMap, off: u64) -> Option<(&RegionEntry, usi
     regions.entries().iter().find_map(|e| {
         let r = &e.region;
         (off >= r.source_offset && off < r.source_offset + r.len)
-            .then(|| (e, ((off - r.source_offset) / r.page_size()) as usize))
+            .then(|| usize::try_from((off - r.source_offset) / r.page_size()).ok())
+            .flatten()
+            .map(|page| (e, page))
     })
 }
 
@@ -406,7 +408,7 @@ impl Shared {
             session = s.id,
             label = %s.label,
             reason = why.as_str(),
-            duration_ms = s.started.elapsed().as_millis() as u64,
+            duration_ms = u64::try_from(s.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             summary = %st.to_json(),
             "session ended"
         );
@@ -448,8 +450,8 @@ pub(super) fn apply_remove(s: &Session, start: u64, end: u64) {
             continue;
         }
         let ps = e.region.page_size();
-        let first = ((a - rs) / ps) as usize;
-        let last = ((b - rs).div_ceil(ps)) as usize;
+        let first = usize::try_from((a - rs) / ps).expect("a page index of a region");
+        let last = usize::try_from((b - rs).div_ceil(ps)).expect("a page index of a region");
         e.states.remove(e.state_base + first..e.state_base + last);
     }
 }

@@ -93,9 +93,9 @@ impl Shared {
                 session = s.id,
                 label = %s.label,
                 addr = format_args!("{addr:#x}"),
-                age_ms = age.as_millis() as u64,
+                age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
                 state,
-                deadline_ms = self.config.fault_deadline.as_millis() as u64,
+                deadline_ms = u64::try_from(self.config.fault_deadline.as_millis()).unwrap_or(u64::MAX),
                 "fault unresolved"
             );
         }

@@ -318,10 +318,9 @@ impl Worker {
                 // thread wakes early; queue the rest of the window and the readahead beyond it as
                 // background work that any worker picks up (demand faults still go first).
                 let inline = match s.readahead {
-                    Readahead::Adaptive { .. } => window.now.min(
-                        (self.shared.config.first_chunk as u64 / e.region.page_size()).max(1)
-                            as usize,
-                    ),
+                    Readahead::Adaptive { .. } => window
+                        .now
+                        .min((self.shared.config.first_chunk / e.region.kind.page_size()).max(1)),
                     _ => window.now,
                 };
                 let mut n = 1;
