@@ -25,7 +25,7 @@ mod state;
 
 use io::Io;
 use state::{
-    add, Cmd, Counters, Shared, State, ABSENT, BG, CACHED, DEMAND, READ_ONCE, STATE, ZERO,
+    add, Cmd, Counters, Pages, Shared, State, ABSENT, BG, CACHED, DEMAND, READ_ONCE, STATE, ZERO,
 };
 
 /// Options of a [`RemoteSource`].
@@ -285,7 +285,7 @@ impl RemoteSource {
         let stream_on = options.stream;
         let shared = Arc::new(Shared {
             st: Mutex::new(State {
-                pages: vec![ABSENT; n],
+                pages: Pages::new(n),
                 cache: HashMap::default(),
                 partial: HashMap::default(),
                 failed: HashMap::default(),
@@ -455,7 +455,9 @@ impl PageSource for RemoteSource {
             let mut n = 0;
             while p + n <= last && whole(p + n) {
                 match st.cache.get(&(p + n)) {
-                    Some((c, at)) if Arc::ptr_eq(c, c0) && *at == at0 + (n * sh.page) as usize => {
+                    Some((c, at))
+                        if Arc::ptr_eq(c, c0) && *at as u64 == *at0 as u64 + n * sh.page =>
+                    {
                         n += 1
                     }
                     _ => break,
@@ -473,9 +475,9 @@ impl PageSource for RemoteSource {
             for p in first..first + here {
                 st.cache.remove(&p);
                 st.partial.remove(&p);
-                st.pages[p as usize] = ABSENT | READ_ONCE;
+                st.pages[p] = ABSENT | READ_ONCE;
             }
-            let bytes = (here * sh.page) as usize;
+            let bytes = usize::try_from(here * sh.page).expect("inside the caller's buffer");
             let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = chunk;
             let lent =
                 Lent::new(owner, at..at + bytes).expect("cached pages lie inside their chunk");
@@ -487,7 +489,7 @@ impl PageSource for RemoteSource {
                 upto += 1;
             }
             let end = (upto * sh.page).min(offset + len);
-            let n = (end - offset) as usize;
+            let n = usize::try_from(end - offset).expect("inside the caller's buffer");
             self.take(&mut st, offset, &mut buf[..n], first, upto - 1)
                 .map(|()| Lend::Read(n))
                 .map_err(|p| self.lost(offset, len, p))
@@ -559,7 +561,7 @@ impl RemoteSource {
                     // Zero whatever the cache says: nothing to wait for, nothing to ask.
                     ZERO
                 } else {
-                    st.pages[p as usize]
+                    st.pages[p]
                 };
                 match s & STATE {
                     BG if patient => {
@@ -572,7 +574,7 @@ impl RemoteSource {
                     }
                     ABSENT | BG => {
                         missing = true;
-                        st.pages[p as usize] = DEMAND | (s & READ_ONCE);
+                        st.pages[p] = DEMAND | (s & READ_ONCE);
                         run.get_or_insert(p);
                     }
                     other => {
@@ -668,14 +670,15 @@ impl RemoteSource {
             let (ps, pe) = sh.page_span(p);
             let lo = ps.max(offset);
             let hi = pe.min(end);
-            let dst = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
-            let s = st.pages[p as usize];
+            let at_buf = |x: u64| usize::try_from(x - offset).expect("inside the caller's buffer");
+            let dst = &mut buf[at_buf(lo)..at_buf(hi)];
+            let s = st.pages[p];
             if s & STATE == CACHED {
                 let Some((chunk, at)) = st.cache.get(&p) else {
-                    st.pages[p as usize] = ABSENT;
+                    st.pages[p] = ABSENT;
                     return Err(p);
                 };
-                let from = at + (lo - ps) as usize;
+                let from = at + usize::try_from(lo - ps).expect("inside one page");
                 dst.copy_from_slice(&chunk.bytes[from..from + dst.len()]);
             } else {
                 dst.fill(0);
@@ -690,7 +693,7 @@ impl RemoteSource {
             if read >= pe - ps {
                 st.partial.remove(&p);
                 st.cache.remove(&p);
-                st.pages[p as usize] = ABSENT | READ_ONCE;
+                st.pages[p] = ABSENT | READ_ONCE;
             }
         }
         Ok(())

@@ -394,15 +394,15 @@ fn scan_main(shared: &Shared) {
         tracing::info!(
             slots = ix.slots(),
             pages = ix.pages,
-            ms = start.elapsed().as_millis() as u64,
+            ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
             "duplicate-page scan done"
         );
         let _ = shared.dedup.set(ix);
     }
-    shared
-        .counters
-        .dedup_scan_ms
-        .store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    shared.counters.dedup_scan_ms.store(
+        u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
     shared.dedup_done.store(true, Ordering::Release);
     shared.notify();
 }

@@ -318,7 +318,7 @@ impl Io {
         let mut seen_to = 0u64;
         for (a, b) in q {
             for p in a.max(seen_to)..b {
-                if st.pages[p as usize] & STATE != DEMAND {
+                if st.pages[p] & STATE != DEMAND {
                     continue;
                 }
                 match runs.last_mut() {
@@ -409,11 +409,11 @@ impl Io {
             };
             let mut runs: Vec<(u64, u64)> = Vec::new();
             for p in from..to {
-                let s = st.pages[p as usize];
+                let s = st.pages[p];
                 if s != ABSENT {
                     continue; // asked for, received, or read already
                 }
-                st.pages[p as usize] = BG;
+                st.pages[p] = BG;
                 match runs.last_mut() {
                     Some(r) if r.1 == p => r.1 = p + 1,
                     _ => runs.push((p, p + 1)),
@@ -453,7 +453,7 @@ pub(super) fn encode_read(out: &mut Vec<u8>, id: u64, r: &Req) {
             .iter()
             .map(|&(offset, len)| WireRange {
                 offset,
-                len: len as u32,
+                len: u32::try_from(len).expect("a range is at most max_range_len, a u32"),
             })
             .collect(),
     }

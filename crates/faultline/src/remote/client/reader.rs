@@ -211,7 +211,7 @@ pub(super) fn apply(
         if matches!(answer, Answer::Zero) {
             sh.mark_zero(p);
         }
-        let s = st.pages[p as usize];
+        let s = st.pages[p];
         if !matches!(s & STATE, BG | DEMAND) {
             dup += 1;
             continue;
@@ -219,16 +219,17 @@ pub(super) fn apply(
         let keep = s & READ_ONCE;
         match &answer {
             Answer::Data(c) => {
-                st.cache.insert(p, (Arc::clone(c), (i * sh.page) as usize));
-                st.pages[p as usize] = CACHED | keep;
+                let at = usize::try_from(i * sh.page).expect("inside the received bytes");
+                st.cache.insert(p, (Arc::clone(c), at));
+                st.pages[p] = CACHED | keep;
             }
             Answer::Same(c) => {
                 st.cache.insert(p, (Arc::clone(c), 0));
-                st.pages[p as usize] = CACHED | keep;
+                st.pages[p] = CACHED | keep;
             }
-            Answer::Zero => st.pages[p as usize] = ZERO | keep,
+            Answer::Zero => st.pages[p] = ZERO | keep,
             Answer::Error(retry, msg) => {
-                st.pages[p as usize] = ABSENT | keep;
+                st.pages[p] = ABSENT | keep;
                 st.failed.insert(p, (*retry, msg.clone()));
             }
         }

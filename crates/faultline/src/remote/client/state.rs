@@ -74,7 +74,7 @@ impl Req {
 }
 
 pub(super) struct State {
-    pub(super) pages: Vec<u8>,
+    pub(super) pages: Pages,
     pub(super) cache: HashMap<u64, (Arc<Chunk>, usize)>,
     /// Bytes read so far of pages read in parts (dropped once read whole).
     pub(super) partial: HashMap<u64, u64>,
@@ -103,6 +103,34 @@ pub(super) struct State {
     pub(super) stream_starved: bool,
     pub(super) bg_outstanding: usize,
     pub(super) bg_bytes: u64,
+}
+
+/// Per-page state bytes, indexed by page number. Their count was checked to fit in memory when
+/// the source connected, so every page number of the source indexes them.
+pub(super) struct Pages(Vec<u8>);
+
+impl Pages {
+    /// `npages` pages, all [`ABSENT`].
+    pub(super) fn new(npages: usize) -> Pages {
+        Pages(vec![ABSENT; npages])
+    }
+
+    fn index_of(p: u64) -> usize {
+        usize::try_from(p).expect("a page number of the source, whose page count fits in usize")
+    }
+}
+
+impl std::ops::Index<u64> for Pages {
+    type Output = u8;
+    fn index(&self, p: u64) -> &u8 {
+        &self.0[Pages::index_of(p)]
+    }
+}
+
+impl std::ops::IndexMut<u64> for Pages {
+    fn index_mut(&mut self, p: u64) -> &mut u8 {
+        &mut self.0[Pages::index_of(p)]
+    }
 }
 
 #[derive(Default)]

@@ -185,16 +185,19 @@ impl Writer {
     /// runs, or an ERROR. Only the pages that go as DATA are read: indexed copies and pages the
     /// source knows to be zero are answered without reading them.
     pub(super) fn piece(&mut self, id: u64, off: u64, n: u64) -> std::io::Result<()> {
-        let ps = u64::from(self.shared.welcome.page_size) as usize;
+        let ps = usize::try_from(self.shared.welcome.page_size).expect("a page size fits in usize");
+        // A piece is at most MAX_DATA bytes, a u32: its length fits both types.
+        let n32 = u32::try_from(n).expect("a piece is at most MAX_DATA bytes");
+        let size = usize::try_from(n).expect("a piece is at most MAX_DATA bytes");
         let src = &*self.shared.source;
         if src.is_zero(off, n) == Some(true) {
-            return self.zero(id, off, n as u32);
+            return self.zero(id, off, n32);
         }
         let shared = Arc::clone(&self.shared);
         let index = shared.dedup.get().filter(|_| self.dedup);
         let first = off / ps as u64;
-        let count = (n as usize).div_ceil(ps);
-        let span = |i: usize| (i * ps, ((i + 1) * ps).min(n as usize));
+        let count = size.div_ceil(ps);
+        let span = |i: usize| (i * ps, ((i + 1) * ps).min(size));
         // Pages the source knows hold data need no zero check: when the source lends them (a
         // memory file's mapping), they are sent from there, not read into `buf` first.
         let mut known = vec![false; count];
@@ -218,8 +221,8 @@ impl Writer {
         // Read the runs of pages to send (into their place in the piece's buffer).
         let mut buf = std::mem::take(&mut self.buf);
         // Grown, never shrunk: zero-filling it again per piece would cost a memset.
-        if buf.len() < n as usize {
-            buf.resize(n as usize, 0);
+        if buf.len() < size {
+            buf.resize(size, 0);
         }
         let mut i = 0;
         while i < count {
@@ -247,7 +250,7 @@ impl Writer {
                     Some(c) => format!("{e}: {c}"),
                     None => e.to_string(),
                 };
-                return self.error(id, off, n as u32, e.retry, &msg);
+                return self.error(id, off, n32, e.retry, &msg);
             }
             for (j, kind) in kinds.iter_mut().enumerate().take(k).skip(i) {
                 let (a, b) = span(j);
@@ -270,8 +273,11 @@ impl Writer {
                 k += 1;
             }
             let from = i * ps;
-            let to = (k * ps).min(n as usize);
-            let (at, len) = (off + from as u64, (to - from) as u32);
+            let to = (k * ps).min(size);
+            let (at, len) = (
+                off + from as u64,
+                u32::try_from(to - from).expect("a run of the piece"),
+            );
             let h = heads.len();
             match kinds[i] {
                 Kind::Zero => {
@@ -301,7 +307,10 @@ impl Writer {
                         self.kept.resize(s + 1, false);
                     }
                     if !self.kept[s] {
-                        heads.extend_from_slice(&wire::keep_head(slot, bytes.len() as u32));
+                        heads.extend_from_slice(&wire::keep_head(
+                            slot,
+                            u32::try_from(bytes.len()).expect("a kept slot is one page"),
+                        ));
                         segs.push(Seg::Head(h, heads.len()));
                         segs.push(Seg::Kept(bytes));
                         self.kept[s] = true;
