@@ -68,7 +68,7 @@ impl Image {
     pub fn from_reader(reader: Arc<dyn RangeRead>) -> Result<Image, ImageError> {
         let name = reader.name();
         let file_len = reader.len();
-        let head_len = file_len.min(HEADER_LEN as u64) as usize;
+        let head_len = usize::try_from(file_len).map_or(HEADER_LEN, |l| l.min(HEADER_LEN));
         let mut head = vec![0u8; head_len];
         reader
             .read_at(0, &mut head)
@@ -78,7 +78,12 @@ impl Image {
         encoded.copy_from_slice(&head);
         let id = Header::id_of(&encoded);
         // Validated: index_offset <= file_len, and the tables run to the end of the file.
-        let tables_len = (file_len - header.index_offset) as usize;
+        let tables_len = usize::try_from(file_len - header.index_offset).map_err(|_| {
+            ImageError::io(
+                format!("reading the tables of {name}"),
+                std::io::Error::new(std::io::ErrorKind::OutOfMemory, "they do not fit in memory"),
+            )
+        })?;
         let mut tables = vec![0u8; tables_len];
         reader
             .read_at(header.index_offset, &mut tables)
@@ -161,8 +166,9 @@ impl Image {
     /// The hash-table slot of a stored page's location.
     pub(super) fn slot(&self, chunk: u32, offset: u32) -> usize {
         // Validated at open: chunk exists, offset is a page inside it.
-        (self.tables.first_slot[chunk as usize] + u64::from(offset / self.header.page_size))
-            as usize
+        let chunk = usize::try_from(chunk).expect("a chunk index validated at open");
+        usize::try_from(self.tables.first_slot[chunk] + u64::from(offset / self.header.page_size))
+            .expect("a slot of the hash table, which is in memory")
     }
 
     /// The content hash of page `page`, if it is stored in this image.
@@ -234,9 +240,10 @@ impl Image {
         let mut report = VerifyReport::default();
         let mut bad_slots: Vec<(usize, String)> = Vec::new();
         for (i, c) in self.tables.chunks.iter().enumerate() {
-            let first = self.tables.first_slot[i] as usize;
+            let first = usize::try_from(self.tables.first_slot[i])
+                .expect("a slot of the hash table, which is in memory");
             let slots = (c.raw_len as usize) / ps;
-            match self.read_chunk(i as u32) {
+            match self.read_chunk(u32::try_from(i).expect("chunk numbers are u32 in the format")) {
                 Ok(data) => {
                     for (k, page) in data.chunks_exact(ps).enumerate() {
                         let want = self.tables.hashes[first + k];

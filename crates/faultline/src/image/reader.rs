@@ -683,6 +683,8 @@ impl PageSource for ImageSource {
         let mut cur = None;
         let mut pos = offset;
         let end = offset + len;
+        // Offsets inside `buf` (and inside one page): below its length, a usize.
+        let at_buf = |x: u64| usize::try_from(x).expect("inside the caller's buffer");
         while pos < end {
             let page = pos / ps;
             let in_page = pos % ps;
@@ -692,25 +694,25 @@ impl PageSource for ImageSource {
             if n == ps {
                 if let Some(file_off) = loc.and_then(|l| self.direct(l)) {
                     let pages = self.direct_run(page, file_off, (end - pos) / ps);
-                    let at = (pos - offset) as usize;
-                    let run = &mut buf[at..at + (pages * ps) as usize];
+                    let at = at_buf(pos - offset);
+                    let run = &mut buf[at..at + at_buf(pages * ps)];
                     self.read_direct(page, file_off, run, offset, len)?;
                     pos += pages * ps;
                     continue;
                 }
             }
-            let dst = &mut buf[(pos - offset) as usize..(pos - offset + n) as usize];
+            let dst = &mut buf[at_buf(pos - offset)..at_buf(pos - offset + n)];
             match loc {
                 Some(PageLoc::Zero) => dst.fill(0),
                 Some(PageLoc::Stored { chunk, offset: off }) => {
                     let bytes = self.stored_page(page, chunk, off, &mut cur, offset, len)?;
-                    dst.copy_from_slice(&bytes[in_page as usize..(in_page + n) as usize]);
+                    dst.copy_from_slice(&bytes[at_buf(in_page)..at_buf(in_page + n)]);
                 }
                 Some(PageLoc::Base) => match &self.base {
                     Some(base) => {
                         // A base shorter than this image: its last page reads as zero-padded.
                         let in_base = base.len().saturating_sub(pos).min(n);
-                        let (from_base, pad) = dst.split_at_mut(in_base as usize);
+                        let (from_base, pad) = dst.split_at_mut(at_buf(in_base));
                         base.read_at(pos, from_base)?;
                         pad.fill(0);
                     }

@@ -639,10 +639,12 @@ impl PageSource for ObjectSource {
         let bs = sh.block_size;
         let end = offset + len;
         let mut waits: Vec<(u64, Arc<Flight>)> = Vec::new();
+        // Offsets inside `buf` or inside one block's bytes: below their lengths, a usize.
+        let at_buf = |x: u64| usize::try_from(x).expect("inside a buffer in memory");
         for b in offset / bs..end.div_ceil(bs) {
             let (bstart, bend) = sh.block_range(b);
             let (lo, hi) = (offset.max(bstart), end.min(bend));
-            let dst = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
+            let dst = &mut buf[at_buf(lo - offset)..at_buf(hi - offset)];
             // A block found cached but evicted before it could be read is looked up again; a
             // cache that keeps losing it (a limit below the working set) is bypassed.
             let mut attempts = 0;
@@ -681,8 +683,8 @@ impl PageSource for ObjectSource {
             let bytes = f
                 .wait()
                 .map_err(|fail| fail.to_source_error(&sh.name, offset, len))?;
-            buf[(lo - offset) as usize..(hi - offset) as usize]
-                .copy_from_slice(&bytes[(lo - bstart) as usize..(hi - bstart) as usize]);
+            buf[at_buf(lo - offset)..at_buf(hi - offset)]
+                .copy_from_slice(&bytes[at_buf(lo - bstart)..at_buf(hi - bstart)]);
         }
         Ok(())
     }
