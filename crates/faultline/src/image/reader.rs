@@ -1,18 +1,19 @@
-//! Reading images: [`Image`] (the validated header and tables over a [`RangeRead`]) and
-//! [`ImageSource`] (a [`PageSource`] serving an image, and its base when it is a diff).
+//! Reading images: [`ImageSource`] (a [`PageSource`] serving an image, and its base when it is a
+//! diff) over an [`Image`] (the validated header and tables over a [`RangeRead`], in `open`).
 //!
 //! [`Image::open`] reads the header and then all the tables in one read (they are contiguous at
 //! the end of the file, so an object store fetches them with one ranged GET), checks both hashes
 //! and every entry, and keeps the tables in memory: the page index lookup is then an array index.
 //! Chunk data is read only when a page is asked for.
 //!
-//! [`ImageSource`] keeps the last few decompressed chunks in a small LRU cache (a fault's
-//! neighbours are usually in the same chunk, and readahead asks for them next). A stored page is
-//! checked against its hash the first time it is served out of a decompressed chunk; the check
-//! is remembered with the cached chunk (which lives in this process's memory, not in the image),
-//! so a page shared by many duplicates, or read by many clones, is hashed once per decompression.
-//! A mismatch evicts the chunk and fails the read with a permanent error naming the page, so the
-//! server poisons it; the other pages of the chunk still verify, or fail, on their own.
+//! [`ImageSource`] keeps the last few decompressed chunks in a small LRU cache (`chunk_cache`; a
+//! fault's neighbours are usually in the same chunk, and readahead asks for them next). A stored
+//! page is checked against its hash the first time it is served out of a decompressed chunk; the
+//! check is remembered with the cached chunk (which lives in this process's memory, not in the
+//! image), so a page shared by many duplicates, or read by many clones, is hashed once per
+//! decompression. A mismatch evicts the chunk and fails the read with a permanent error naming the
+//! page, so the server poisons it; the other pages of the chunk still verify, or fail, on their
+//! own.
 
 use crate::sync::lock;
 use std::cell::RefCell;

@@ -25,9 +25,13 @@ pub(super) struct Current {
 
 impl Shared {
     /// The watchdog: every tick, report (once per fault, with address and age) any claimed fault
-    /// older than [`ServerConfig::stuck_after`](super::ServerConfig::stuck_after), and end as unservable what a worker has been
-    /// resolving for longer than [`ServerConfig::fault_deadline`](super::ServerConfig::fault_deadline) (a source read that hangs).
-    /// Deferred work reaches its deadline in the worker ([`Worker::run_job`](super::worker::Worker::run_job)).
+    /// older than [`ServerConfig::stuck_after`], and end as unservable what a worker has been
+    /// resolving for longer than [`ServerConfig::fault_deadline`] (a source read that hangs).
+    /// Deferred work reaches its deadline in the worker ([`Worker::run_job`]).
+    ///
+    /// [`ServerConfig::stuck_after`]: super::ServerConfig::stuck_after
+    /// [`ServerConfig::fault_deadline`]: super::ServerConfig::fault_deadline
+    /// [`Worker::run_job`]: super::worker::Worker::run_job
     pub(super) fn watchdog(&self, stop: &std::sync::mpsc::Receiver<()>) {
         let tick = (self.config.stuck_after / 4)
             .clamp(Duration::from_millis(10), Duration::from_millis(250));
