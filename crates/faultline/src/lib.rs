@@ -40,6 +40,7 @@ pub use faultline_uffd as uffd;
 pub mod firecracker;
 pub mod image;
 pub mod inject;
+pub mod object_upload;
 pub mod peer;
 pub mod policy;
 pub mod ratelimit;

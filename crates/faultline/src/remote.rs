@@ -1,7 +1,7 @@
 //! A remote page server: serve a page source over TCP, and a page source that reads from one.
 //!
 //! This is the post-copy path for moving a paused VM's memory to another host: the source host
-//! runs a [`RemoteServer`] over the VM's memory (`faultline export`), the destination restores
+//! runs an [`Exporter`] over the VM's memory (`faultline export`), the destination restores
 //! the VM at once with a [`RemoteSource`] behind its regions (`faultline serve --remote`), and
 //! pages move as the guest touches them, while the rest streams behind. The protocol is specified
 //! in `docs/remote-protocol.md`; in short:
@@ -37,12 +37,12 @@
 //! # Example
 //! ```
 //! use std::sync::Arc;
-//! use faultline::remote::{RemoteOptions, RemoteServer, RemoteSource};
+//! use faultline::remote::{RemoteOptions, Exporter, RemoteSource};
 //! use faultline::source::{MemorySource, PageSource};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let bytes: Vec<u8> = (0..16 * 4096).map(|i| (i / 4096) as u8).collect();
-//! let server = RemoteServer::bind("127.0.0.1:0", Arc::new(MemorySource::new(bytes)))?;
+//! let server = Exporter::bind("127.0.0.1:0", Arc::new(MemorySource::new(bytes)))?;
 //! let source = RemoteSource::connect(&server.local_addr().to_string(), RemoteOptions::default())?;
 //! assert_eq!(source.len(), 16 * 4096);
 //! let mut page = vec![0u8; 4096];
@@ -56,12 +56,19 @@
 
 mod client;
 mod dedup;
+mod exporter;
 mod send;
-mod server;
 pub mod wire;
 
 pub use client::{probe, RemoteOptions, RemoteSource, RemoteStats};
-pub use server::{default_source_id, RemoteServer, RemoteServerOptions, RemoteServerStats};
+pub use exporter::{default_source_id, Exporter, ExporterOptions, ExporterStats};
+/// The exporter's names before it was named so (the old `remote::server` module): kept for code
+/// not yet moved to [`Exporter`], [`ExporterOptions`] and [`ExporterStats`].
+#[doc(hidden)]
+pub use exporter::{
+    Exporter as RemoteServer, ExporterOptions as RemoteServerOptions,
+    ExporterStats as RemoteServerStats,
+};
 pub use wire::{Welcome, WireError};
 
 /// Setting up a remote page connection or server failed.

@@ -11,7 +11,7 @@ use std::sync::{Arc, Barrier, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use faultline::remote::{RemoteOptions, RemoteServer, RemoteServerOptions, RemoteSource};
+use faultline::remote::{Exporter, ExporterOptions, RemoteOptions, RemoteSource};
 use faultline::source::{Failure, FailureInjecting, MemorySource, PageSource, Retry, SourceError};
 use faultline::{Region, Server, ServerConfig, SessionOptions};
 use faultline_testing::{fill_pattern, in_child, need_features, within, ChildExit};
@@ -42,22 +42,22 @@ fn options() -> RemoteOptions {
     }
 }
 
-fn serve(bytes: &[u8]) -> RemoteServer {
-    RemoteServer::bind("127.0.0.1:0", Arc::new(MemorySource::new(bytes.to_vec())))
+fn serve(bytes: &[u8]) -> Exporter {
+    Exporter::bind("127.0.0.1:0", Arc::new(MemorySource::new(bytes.to_vec())))
         .expect("binding a loopback port")
 }
 
 /// A server that does not scan its source for duplicates (the tests that count or gate the
 /// source's reads see only the reads that answer requests).
-fn serve_unscanned(source: Arc<dyn PageSource>) -> RemoteServer {
-    let options = RemoteServerOptions {
+fn serve_unscanned(source: Arc<dyn PageSource>) -> Exporter {
+    let options = ExporterOptions {
         dedup: false,
-        ..RemoteServerOptions::default()
+        ..ExporterOptions::default()
     };
-    RemoteServer::start(TcpListener::bind("127.0.0.1:0").unwrap(), source, options).unwrap()
+    Exporter::start(TcpListener::bind("127.0.0.1:0").unwrap(), source, options).unwrap()
 }
 
-fn connect(server: &RemoteServer, opts: RemoteOptions) -> RemoteSource {
+fn connect(server: &Exporter, opts: RemoteOptions) -> RemoteSource {
     RemoteSource::connect(&server.local_addr().to_string(), opts).expect("connecting")
 }
 
@@ -423,10 +423,10 @@ fn reads_resume_when_the_server_restarts_on_the_same_port() {
     assert!(!src.is_connected());
     // Back on the same port, with the same source.
     let listener = TcpListener::bind(addr).expect("rebinding the same port");
-    let again = RemoteServer::start(
+    let again = Exporter::start(
         listener,
         Arc::new(MemorySource::new(want.clone())),
-        RemoteServerOptions::default(),
+        ExporterOptions::default(),
     )
     .unwrap();
     read_retrying(&src, &want, 20 * PAGE_SIZE, PAGE_SIZE);
@@ -495,12 +495,12 @@ fn a_different_source_behind_the_same_address_is_never_served() {
     server.shutdown();
     // Same length and name, other bytes, another id.
     let other = vec![0x11u8; want.len()];
-    let _imposter = RemoteServer::start(
+    let _imposter = Exporter::start(
         TcpListener::bind(addr).expect("rebinding the same port"),
         Arc::new(MemorySource::new(other)),
-        RemoteServerOptions {
+        ExporterOptions {
             source_id: Some(42),
-            ..RemoteServerOptions::default()
+            ..ExporterOptions::default()
         },
     )
     .unwrap();
@@ -522,7 +522,7 @@ fn restore_through_the_fault_server(
     want: &[u8],
     opts: RemoteOptions,
     fill: bool,
-    mid: impl Fn(&RemoteServer),
+    mid: impl Fn(&Exporter),
 ) -> faultline::Stats {
     const THREADS: usize = 2;
     let pages = want.len() / PAGE_SIZE;
@@ -670,7 +670,7 @@ fn a_remote_gone_past_the_deadline_poisons_the_page() {
 }
 
 /// A raw connection to `server` that says hello speaking only version 1, followed by `then`.
-fn hello_v1(server: &RemoteServer, then: &mut Vec<u8>) -> std::net::TcpStream {
+fn hello_v1(server: &Exporter, then: &mut Vec<u8>) -> std::net::TcpStream {
     use faultline::remote::wire::Frame;
     use std::io::Write;
     let mut raw = std::net::TcpStream::connect(server.local_addr()).unwrap();

@@ -233,7 +233,7 @@ impl Header {
         let mut b = [0u8; HEADER_LEN];
         b[0..8].copy_from_slice(&MAGIC);
         b[8..12].copy_from_slice(&self.version.to_le_bytes());
-        b[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+        b[12..16].copy_from_slice(&u32::try_from(HEADER_LEN).expect("256 bytes").to_le_bytes());
         b[16..20].copy_from_slice(&self.page_size.to_le_bytes());
         b[20] = self.codec as u8;
         b[21] = self.flags;
@@ -573,7 +573,7 @@ impl ChunkEntry {
             offset: u64_at(b, 0),
             stored_len: u32_at(b, 8),
             raw_len: u32_at(b, 12),
-            hash: (b.len() >= CHUNK_ENTRY_LEN as usize).then(|| hash_at(b, 16)),
+            hash: (b.len() as u64 >= CHUNK_ENTRY_LEN).then(|| hash_at(b, 16)),
         }
     }
 
@@ -629,13 +629,14 @@ impl Tables {
             ));
         }
         // Lengths were checked to fit in the file (and so in memory as a slice): usize is exact.
-        let (index_b, rest) = bytes.split_at(index_s.len as usize);
-        let (chunk_b, rest) = rest.split_at(chunk_s.len as usize);
-        let (hash_b, name_b) = rest.split_at(hash_s.len as usize);
+        let exact = |n: u64| usize::try_from(n).expect("a length inside a slice in memory");
+        let (index_b, rest) = bytes.split_at(exact(index_s.len));
+        let (chunk_b, rest) = rest.split_at(exact(chunk_s.len));
+        let (hash_b, name_b) = rest.split_at(exact(hash_s.len));
 
         let ps = u64::from(h.page_size);
         let max_chunk = u64::from(h.chunk_pages) * ps;
-        let entry_len = h.chunk_entry_len() as usize;
+        let entry_len = exact(h.chunk_entry_len());
         let mut chunks = Vec::with_capacity(chunk_b.len() / entry_len);
         let mut first_slot = Vec::with_capacity(chunks.capacity());
         let mut at = h.data_offset;
@@ -699,8 +700,8 @@ impl Tables {
             ));
         }
 
-        let mut index = Vec::with_capacity(index_b.len() / INDEX_ENTRY_LEN as usize);
-        for (p, e) in index_b.chunks_exact(INDEX_ENTRY_LEN as usize).enumerate() {
+        let mut index = Vec::with_capacity(index_b.len() / exact(INDEX_ENTRY_LEN));
+        for (p, e) in index_b.chunks_exact(exact(INDEX_ENTRY_LEN)).enumerate() {
             let loc = PageLoc::decode(e)
                 .map_err(|why| table_err("page index", format!("page {p}: {why}")))?;
             match loc {

@@ -52,13 +52,16 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+mod chunk_cache;
 mod codec;
 pub mod format;
+mod open;
 mod reader;
 mod writer;
 
 pub use format::{HashAlg, PageHash, PageLoc};
-pub use reader::{Image, ImageSource, ImageStats, VerifyReport};
+pub use open::{Image, VerifyReport};
+pub use reader::{ImageSource, ImageStats};
 pub use writer::{pack, pack_diff, ImageWriter, PackOptions, PackStats};
 
 /// How chunks are compressed (the header's codec byte).

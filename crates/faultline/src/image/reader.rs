@@ -1,18 +1,19 @@
-//! Reading images: [`Image`] (the validated header and tables over a [`RangeRead`]) and
-//! [`ImageSource`] (a [`PageSource`] serving an image, and its base when it is a diff).
+//! Reading images: [`ImageSource`] (a [`PageSource`] serving an image, and its base when it is a
+//! diff) over an [`Image`] (the validated header and tables over a [`RangeRead`], in `open`).
 //!
 //! [`Image::open`] reads the header and then all the tables in one read (they are contiguous at
 //! the end of the file, so an object store fetches them with one ranged GET), checks both hashes
 //! and every entry, and keeps the tables in memory: the page index lookup is then an array index.
 //! Chunk data is read only when a page is asked for.
 //!
-//! [`ImageSource`] keeps the last few decompressed chunks in a small LRU cache (a fault's
-//! neighbours are usually in the same chunk, and readahead asks for them next). A stored page is
-//! checked against its hash the first time it is served out of a decompressed chunk; the check
-//! is remembered with the cached chunk (which lives in this process's memory, not in the image),
-//! so a page shared by many duplicates, or read by many clones, is hashed once per decompression.
-//! A mismatch evicts the chunk and fails the read with a permanent error naming the page, so the
-//! server poisons it; the other pages of the chunk still verify, or fail, on their own.
+//! [`ImageSource`] keeps the last few decompressed chunks in a small LRU cache (`chunk_cache`; a
+//! fault's neighbours are usually in the same chunk, and readahead asks for them next). A stored
+//! page is checked against its hash the first time it is served out of a decompressed chunk; the
+//! check is remembered with the cached chunk (which lives in this process's memory, not in the
+//! image), so a page shared by many duplicates, or read by many clones, is hashed once per
+//! decompression. A mismatch evicts the chunk and fails the read with a permanent error naming the
+//! page, so the server poisons it; the other pages of the chunk still verify, or fail, on their
+//! own.
 
 use crate::sync::lock;
 use std::cell::RefCell;
@@ -20,366 +21,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::codec;
-use super::format::{ChunkEntry, HashAlg, Header, PageHash, PageLoc, Tables, HEADER_LEN};
-use super::{hex, Codec, FileRange, ImageError, RangeRead};
+use super::chunk_cache::{CachedChunk, ChunkCache};
+use super::format::{ChunkEntry, HashAlg, PageHash, PageLoc};
+use super::open::{ChunkError, Image};
+use super::{hex, FileRange, ImageError, RangeRead};
 use crate::source::{check_bounds, PageSource, Retry, SourceError};
 
 /// Layers deep a chain of diffs may go (a guard against a cycle of base names).
 const MAX_DEPTH: usize = 16;
-
-/// An opened image: its validated header and tables, and the reader of its chunks.
-#[derive(Debug)]
-pub struct Image {
-    reader: Arc<dyn RangeRead>,
-    header: Header,
-    id: [u8; 32],
-    tables: Tables,
-    file_len: u64,
-    name: String,
-    path: Option<PathBuf>,
-}
-
-/// Why a chunk could not be had.
-#[derive(Debug)]
-pub(crate) enum ChunkError {
-    Io(std::io::Error),
-    Corrupt(String),
-}
-
-/// How the pages of an image's index are stored.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PageCounts {
-    /// Zero pages.
-    pub zero: u64,
-    /// Pages taken from the base.
-    pub base: u64,
-    /// Pages whose entry points into a chunk.
-    pub stored: u64,
-    /// Distinct pages in the chunks (the hash table's entries).
-    pub distinct: u64,
-}
-
-/// What [`Image::verify`] found.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct VerifyReport {
-    /// Chunks read and decompressed.
-    pub chunks: u64,
-    /// Stored pages whose hash was checked.
-    pub pages_checked: u64,
-    /// Bad stored pages: (first page index that uses it, or `None` if no page does; why).
-    pub bad: Vec<(Option<u64>, String)>,
-}
-
-impl Image {
-    /// Open the image file at `path` and validate its header and tables.
-    pub fn open(path: impl AsRef<Path>) -> Result<Image, ImageError> {
-        let path = path.as_ref();
-        let r = FileRange::open(path)
-            .map_err(|e| ImageError::io(format!("opening the image {}", path.display()), e))?;
-        let mut image = Image::from_reader(Arc::new(r))?;
-        image.path = Some(path.to_path_buf());
-        Ok(image)
-    }
-
-    /// Open an image read through `reader` and validate its header and tables.
-    pub fn from_reader(reader: Arc<dyn RangeRead>) -> Result<Image, ImageError> {
-        let name = reader.name();
-        let file_len = reader.len();
-        let head_len = file_len.min(HEADER_LEN as u64) as usize;
-        let mut head = vec![0u8; head_len];
-        reader
-            .read_at(0, &mut head)
-            .map_err(|e| ImageError::io(format!("reading the header of {name}"), e))?;
-        let header = Header::decode(&head, file_len)?;
-        let mut encoded = [0u8; HEADER_LEN];
-        encoded.copy_from_slice(&head);
-        let id = Header::id_of(&encoded);
-        // Validated: index_offset <= file_len, and the tables run to the end of the file.
-        let tables_len = (file_len - header.index_offset) as usize;
-        let mut tables = vec![0u8; tables_len];
-        reader
-            .read_at(header.index_offset, &mut tables)
-            .map_err(|e| ImageError::io(format!("reading the tables of {name}"), e))?;
-        let tables = Tables::decode(&header, &tables)?;
-        Ok(Image {
-            reader,
-            header,
-            id,
-            tables,
-            file_len,
-            name,
-            path: None,
-        })
-    }
-
-    /// The header.
-    pub fn header(&self) -> &Header {
-        &self.header
-    }
-
-    /// The image id: the BLAKE3 hash of the header, which covers the tables' hash and so every
-    /// page's hash. A diff names its base by this.
-    pub fn id(&self) -> [u8; 32] {
-        self.id
-    }
-
-    /// Page size.
-    pub fn page_size(&self) -> u32 {
-        self.header.page_size
-    }
-
-    /// Length of the raw memory.
-    pub fn source_len(&self) -> u64 {
-        self.header.source_len
-    }
-
-    /// Pages in the index.
-    pub fn page_count(&self) -> u64 {
-        self.header.page_count
-    }
-
-    /// The chunk codec.
-    pub fn codec(&self) -> Codec {
-        self.header.codec
-    }
-
-    /// The image file's length.
-    pub fn file_len(&self) -> u64 {
-        self.file_len
-    }
-
-    /// The reader's name (the path for [`Image::open`]).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The path it was opened from.
-    pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
-    }
-
-    /// The id of the base this image is a diff over.
-    pub fn base_id(&self) -> Option<[u8; 32]> {
-        self.header.has_base().then_some(self.header.base_id)
-    }
-
-    /// The name it gives its base (relative to its own directory, or absolute).
-    pub fn base_name(&self) -> Option<&str> {
-        self.tables.base_name.as_deref()
-    }
-
-    /// Where page `page` is (`None` past the end).
-    pub fn page(&self, page: u64) -> Option<PageLoc> {
-        usize::try_from(page)
-            .ok()
-            .and_then(|p| self.tables.index.get(p).copied())
-    }
-
-    /// The hash-table slot of a stored page's location.
-    fn slot(&self, chunk: u32, offset: u32) -> usize {
-        // Validated at open: chunk exists, offset is a page inside it.
-        (self.tables.first_slot[chunk as usize] + u64::from(offset / self.header.page_size))
-            as usize
-    }
-
-    /// The content hash of page `page`, if it is stored in this image.
-    pub fn page_hash(&self, page: u64) -> Option<PageHash> {
-        match self.page(page)? {
-            PageLoc::Stored { chunk, offset } => Some(self.tables.hashes[self.slot(chunk, offset)]),
-            _ => None,
-        }
-    }
-
-    /// The chunk table.
-    pub fn chunks(&self) -> &[ChunkEntry] {
-        &self.tables.chunks
-    }
-
-    /// How the pages are stored.
-    pub fn page_counts(&self) -> PageCounts {
-        let mut c = PageCounts {
-            distinct: self.header.stored_pages,
-            ..PageCounts::default()
-        };
-        for loc in &self.tables.index {
-            match loc {
-                PageLoc::Zero => c.zero += 1,
-                PageLoc::Base => c.base += 1,
-                PageLoc::Stored { .. } => c.stored += 1,
-            }
-        }
-        c
-    }
-
-    /// Read and decompress chunk `chunk`.
-    pub(crate) fn read_chunk(&self, chunk: u32) -> Result<Vec<u8>, ChunkError> {
-        let mut out = Vec::new();
-        self.read_chunk_into(chunk, &mut out)?;
-        Ok(out)
-    }
-
-    /// Read and decompress chunk `chunk` into `out` (resized to the chunk's length; a recycled
-    /// buffer saves zeroing a new one).
-    fn read_chunk_into(&self, chunk: u32, out: &mut Vec<u8>) -> Result<(), ChunkError> {
-        thread_local! {
-            /// The compressed bytes of the chunk being decompressed on this thread.
-            static STORED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-        }
-        let c = self
-            .tables
-            .chunks
-            .get(chunk as usize)
-            .ok_or_else(|| ChunkError::Corrupt(format!("no chunk {chunk}")))?;
-        out.resize(c.raw_len as usize, 0);
-        if c.is_raw() {
-            return self.reader.read_at(c.offset, out).map_err(ChunkError::Io);
-        }
-        STORED.with(|cell| {
-            let mut stored = cell.borrow_mut();
-            stored.resize(c.stored_len as usize, 0);
-            self.reader
-                .read_at(c.offset, &mut stored)
-                .map_err(ChunkError::Io)?;
-            codec::decompress(self.header.codec, &stored, out).map_err(ChunkError::Corrupt)
-        })
-    }
-
-    /// Read every chunk and check the hash of every stored page. `progress` gets the chunks
-    /// done so far. Bad pages are named by the first page index that uses them.
-    pub fn verify(&self, mut progress: impl FnMut(u64)) -> VerifyReport {
-        let ps = self.header.page_size as usize;
-        let mut report = VerifyReport::default();
-        let mut bad_slots: Vec<(usize, String)> = Vec::new();
-        for (i, c) in self.tables.chunks.iter().enumerate() {
-            let first = self.tables.first_slot[i] as usize;
-            let slots = (c.raw_len as usize) / ps;
-            match self.read_chunk(i as u32) {
-                Ok(data) => {
-                    for (k, page) in data.chunks_exact(ps).enumerate() {
-                        let want = self.tables.hashes[first + k];
-                        let got = self.header.hash.page(page);
-                        if got != want {
-                            bad_slots.push((
-                                first + k,
-                                format!(
-                                    "content hash mismatch in chunk {i} at offset {} (expected {}, got {})",
-                                    k * ps,
-                                    hex(&want),
-                                    hex(&got)
-                                ),
-                            ));
-                        }
-                        report.pages_checked += 1;
-                    }
-                }
-                Err(e) => {
-                    let why = match e {
-                        ChunkError::Io(e) => format!("chunk {i} cannot be read: {e}"),
-                        ChunkError::Corrupt(w) => format!("chunk {i} is corrupt: {w}"),
-                    };
-                    bad_slots.extend((first..first + slots).map(|s| (s, why.clone())));
-                }
-            }
-            report.chunks += 1;
-            progress(report.chunks);
-        }
-        if !bad_slots.is_empty() {
-            // Name each bad slot by the first page that uses it.
-            let mut first_page = vec![None; self.tables.hashes.len()];
-            for (p, loc) in self.tables.index.iter().enumerate() {
-                if let PageLoc::Stored { chunk, offset } = *loc {
-                    let s = self.slot(chunk, offset);
-                    if first_page[s].is_none() {
-                        first_page[s] = Some(p as u64);
-                    }
-                }
-            }
-            report.bad = bad_slots
-                .into_iter()
-                .map(|(s, why)| (first_page[s], why))
-                .collect();
-            report.bad.sort_by_key(|(p, _)| p.unwrap_or(u64::MAX));
-        }
-        report
-    }
-}
-
-/// A decompressed chunk in the cache, with which of its pages were checked against their hash.
-#[derive(Debug)]
-struct CachedChunk {
-    data: Vec<u8>,
-    verified: Vec<AtomicBool>,
-}
-
-#[derive(Debug)]
-struct CacheEntry {
-    chunk: u32,
-    data: Arc<CachedChunk>,
-    used: u64,
-}
-
-/// A small LRU of decompressed chunks, bounded in bytes (it always keeps the newest chunk), with
-/// the buffers of evicted chunks kept for reuse. A linear scan finds a chunk: it holds a few
-/// hundred at most, and is searched once per chunk a read moves to, not per page.
-#[derive(Debug)]
-struct ChunkCache {
-    entries: Vec<CacheEntry>,
-    tick: u64,
-    bytes: usize,
-    capacity: usize,
-    free: Vec<Vec<u8>>,
-}
-
-/// Evicted chunk buffers kept for reuse.
-const FREE_BUFFERS: usize = 4;
-
-impl ChunkCache {
-    fn get(&mut self, chunk: u32) -> Option<Arc<CachedChunk>> {
-        self.tick += 1;
-        let tick = self.tick;
-        self.entries.iter_mut().find(|e| e.chunk == chunk).map(|e| {
-            e.used = tick;
-            Arc::clone(&e.data)
-        })
-    }
-
-    /// Insert `data` for `chunk`; if another thread inserted it meanwhile, keep and return
-    /// theirs (so verification marks are shared).
-    fn insert(&mut self, chunk: u32, data: Arc<CachedChunk>) -> Arc<CachedChunk> {
-        if let Some(existing) = self.get(chunk) {
-            return existing;
-        }
-        while !self.entries.is_empty() && self.bytes + data.data.len() > self.capacity {
-            let Some((i, _)) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.used) else {
-                break;
-            };
-            let old = self.entries.swap_remove(i);
-            self.bytes -= old.data.data.len();
-            // Still in use by a reader: it is freed when that reader is done.
-            if let Ok(c) = Arc::try_unwrap(old.data) {
-                if self.free.len() < FREE_BUFFERS {
-                    self.free.push(c.data);
-                }
-            }
-        }
-        self.bytes += data.data.len();
-        self.tick += 1;
-        self.entries.push(CacheEntry {
-            chunk,
-            data: Arc::clone(&data),
-            used: self.tick,
-        });
-        data
-    }
-
-    fn remove(&mut self, chunk: u32) {
-        if let Some(i) = self.entries.iter().position(|e| e.chunk == chunk) {
-            let old = self.entries.swap_remove(i);
-            self.bytes -= old.data.data.len();
-        }
-    }
-}
 
 /// Counters of an [`ImageSource`] (this layer only).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -419,9 +68,10 @@ fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
-/// What a page of a (possibly layered) image resolves to.
+/// What a page of a (possibly layered) image holds, through the layers: zeros, or stored bytes
+/// known by their hash (compared by a diff against its base).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Resolved {
+pub(crate) enum PageContent {
     Zero,
     /// Stored, with this hash by this algorithm (the layer's).
     Stored(HashAlg, PageHash),
@@ -745,14 +395,14 @@ impl ImageSource {
     }
 
     /// What page `page` is, through the layers (`None` past the end).
-    pub(crate) fn resolved(&self, page: u64) -> Option<Resolved> {
+    pub(crate) fn page_content(&self, page: u64) -> Option<PageContent> {
         match self.image.page(page)? {
-            PageLoc::Zero => Some(Resolved::Zero),
-            PageLoc::Stored { chunk, offset } => Some(Resolved::Stored(
+            PageLoc::Zero => Some(PageContent::Zero),
+            PageLoc::Stored { chunk, offset } => Some(PageContent::Stored(
                 self.image.header.hash,
                 self.image.tables.hashes[self.image.slot(chunk, offset)],
             )),
-            PageLoc::Base => self.base.as_ref().and_then(|b| b.resolved(page)),
+            PageLoc::Base => self.base.as_ref().and_then(|b| b.page_content(page)),
         }
     }
 
@@ -1034,6 +684,8 @@ impl PageSource for ImageSource {
         let mut cur = None;
         let mut pos = offset;
         let end = offset + len;
+        // Offsets inside `buf` (and inside one page): below its length, a usize.
+        let at_buf = |x: u64| usize::try_from(x).expect("inside the caller's buffer");
         while pos < end {
             let page = pos / ps;
             let in_page = pos % ps;
@@ -1043,25 +695,25 @@ impl PageSource for ImageSource {
             if n == ps {
                 if let Some(file_off) = loc.and_then(|l| self.direct(l)) {
                     let pages = self.direct_run(page, file_off, (end - pos) / ps);
-                    let at = (pos - offset) as usize;
-                    let run = &mut buf[at..at + (pages * ps) as usize];
+                    let at = at_buf(pos - offset);
+                    let run = &mut buf[at..at + at_buf(pages * ps)];
                     self.read_direct(page, file_off, run, offset, len)?;
                     pos += pages * ps;
                     continue;
                 }
             }
-            let dst = &mut buf[(pos - offset) as usize..(pos - offset + n) as usize];
+            let dst = &mut buf[at_buf(pos - offset)..at_buf(pos - offset + n)];
             match loc {
                 Some(PageLoc::Zero) => dst.fill(0),
                 Some(PageLoc::Stored { chunk, offset: off }) => {
                     let bytes = self.stored_page(page, chunk, off, &mut cur, offset, len)?;
-                    dst.copy_from_slice(&bytes[in_page as usize..(in_page + n) as usize]);
+                    dst.copy_from_slice(&bytes[at_buf(in_page)..at_buf(in_page + n)]);
                 }
                 Some(PageLoc::Base) => match &self.base {
                     Some(base) => {
                         // A base shorter than this image: its last page reads as zero-padded.
                         let in_base = base.len().saturating_sub(pos).min(n);
-                        let (from_base, pad) = dst.split_at_mut(in_base as usize);
+                        let (from_base, pad) = dst.split_at_mut(at_buf(in_base));
                         base.read_at(pos, from_base)?;
                         pad.fill(0);
                     }
@@ -1129,7 +781,9 @@ impl PageSource for ImageSource {
 #[allow(clippy::unwrap_used)] // unwrap is how a test fails
 mod tests {
     use super::*;
-    use crate::image::format;
+    use crate::image::format::{self, Header, HEADER_LEN};
+    use crate::image::open::PageCounts;
+    use crate::image::Codec;
     use crate::image::{pack, pack_diff, PackOptions};
     use std::io::Cursor;
 

@@ -28,7 +28,7 @@ use super::format::{
     self, ChunkEntry, HashAlg, Header, PageHash, PageLoc, FLAG_HAS_BASE, HEADER_LEN, MAX_BASE_NAME,
     MAX_CHUNK_BYTES, MAX_PAGE_SIZE, MIN_PAGE_SIZE, VERSION,
 };
-use super::reader::{ImageSource, Resolved};
+use super::reader::{ImageSource, PageContent};
 use super::{Codec, ImageError};
 use crate::source::{bytes_are_zero, PageSource};
 
@@ -249,10 +249,10 @@ impl<'b, W: Write + Seek> ImageWriter<'b, W> {
             )));
         }
         let p = self.index.len() as u64;
-        let base = self.base.as_ref().map(|b| b.source.resolved(p));
+        let base = self.base.as_ref().map(|b| b.source.page_content(p));
         let loc = if bytes_are_zero(page) {
             match base {
-                Some(Some(Resolved::Zero)) => {
+                Some(Some(PageContent::Zero)) => {
                     self.stats.base_pages += 1;
                     PageLoc::Base
                 }
@@ -264,7 +264,7 @@ impl<'b, W: Write + Seek> ImageWriter<'b, W> {
         } else {
             let full = *blake3::hash(page).as_bytes();
             let unchanged = match base {
-                Some(Some(Resolved::Stored(alg, want))) => {
+                Some(Some(PageContent::Stored(alg, want))) => {
                     self.same_as_base(p, page, &full, alg, want)?
                 }
                 _ => false,

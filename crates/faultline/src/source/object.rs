@@ -35,30 +35,45 @@
 //! `object_store` is async; the source owns a small tokio runtime (two I/O threads) and the
 //! calling thread waits for each fetch, so [`PageSource::read_at`] works from the fault server's
 //! plain worker threads (and from inside another runtime: the fetch runs on the source's own).
+//!
+//! Where things live: this module holds the source, its options and statistics and the fetch of
+//! a block; `store` sets up the S3 store (and the instrumented HTTP client), `error` classifies
+//! failures, `flight` makes concurrent readers of a block share one GET, `permits` bounds the GETs
+//! in flight with demand first, and `cache` is the on-disk block cache. Uploading an object is
+//! [`crate::object_upload`].
 
 use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-use object_store::client::{
-    HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpService, ReqwestConnector,
-};
+use object_store::aws::AmazonS3ConfigKey;
 use object_store::path::Path as ObjectPath;
-use object_store::{
-    BackoffConfig, ClientConfigKey, ClientOptions, GetOptions, ObjectStore, ObjectStoreExt,
-    RetryConfig,
-};
+use object_store::{BackoffConfig, ClientConfigKey, GetOptions, ObjectStore, RetryConfig};
 
 use super::{check_bounds, PageSource, Retry, SourceError};
 
 mod cache;
+pub(crate) mod error;
+mod flight;
+mod permits;
+pub(crate) mod store;
 
-use cache::{block_len, BlockCache, Identity};
+use cache::{block_len, BlockCache, Identity, TempRoot};
+use error::{classify, FetchFailure};
+use flight::{Completion, Flight};
+use permits::{Permit, Permits, Priority};
+use store::{build_store, run, s3_builder, Instrumented, StatusSlot};
+
+/// Moved to [`crate::object_upload::put_object`]; kept here for code that uploads through the
+/// old path.
+#[doc(hidden)]
+pub use crate::object_upload::put_object;
+pub use error::ObjectError;
+pub use store::S3Config;
 
 /// How an [`ObjectSource`] fetches and caches.
 #[derive(Debug, Clone)]
@@ -95,105 +110,6 @@ impl Default for ObjectSourceOptions {
             request_timeout: Duration::from_secs(30),
             pin_etag: true,
         }
-    }
-}
-
-/// Where and how to reach an S3-compatible store. Anything left `None` comes from the usual
-/// `AWS_*` environment variables (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
-/// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_ALLOW_HTTP`, ...), then from
-/// `object_store`'s defaults (AWS itself, region us-east-1, instance credentials).
-#[derive(Debug, Clone, Default)]
-pub struct S3Config {
-    /// Endpoint URL, e.g. `http://127.0.0.1:9000` for a local server (path-style requests).
-    pub endpoint: Option<String>,
-    /// Region.
-    pub region: Option<String>,
-    /// Access key id.
-    pub access_key_id: Option<String>,
-    /// Secret access key.
-    pub secret_access_key: Option<String>,
-    /// Session token.
-    pub session_token: Option<String>,
-    /// Allow plain HTTP. Default: true when `endpoint` starts with `http://`.
-    pub allow_http: Option<bool>,
-}
-
-/// A failure to open an object source.
-#[derive(Debug, thiserror::Error)]
-pub enum ObjectError {
-    /// The URL is not one this source can open.
-    #[error("object URL {url:?}: {why}")]
-    Url {
-        /// The URL.
-        url: String,
-        /// What is wrong with it.
-        why: String,
-    },
-    /// The store could not be configured.
-    #[error("configuring the object store for {url}")]
-    Config {
-        /// The URL.
-        url: String,
-        /// Why.
-        #[source]
-        source: Box<object_store::Error>,
-    },
-    /// The object could not be opened (its HEAD failed).
-    #[error("opening {object}: {what}")]
-    Open {
-        /// The object.
-        object: String,
-        /// What went wrong (the HTTP status when known).
-        what: String,
-        /// Whether trying again may help.
-        retry: Retry,
-        /// The store's error.
-        #[source]
-        source: Box<object_store::Error>,
-    },
-    /// The object could not be stored ([`put_object`]).
-    #[error("storing {object}: {what}")]
-    Put {
-        /// The object.
-        object: String,
-        /// What went wrong.
-        what: String,
-        /// Whether trying again may help.
-        retry: Retry,
-        /// The store's error.
-        #[source]
-        source: Box<object_store::Error>,
-    },
-    /// Bad options.
-    #[error("invalid object source options: {0}")]
-    Options(String),
-    /// The cache directory could not be set up.
-    #[error("setting up the cache directory {path}")]
-    Cache {
-        /// The cache root.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// The I/O runtime could not be started.
-    #[error("starting the object store I/O threads")]
-    Runtime(#[source] io::Error),
-}
-
-impl ObjectError {
-    /// Whether trying again may help (the store was unreachable or answered 5xx).
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            ObjectError::Open {
-                retry: Retry::Retryable,
-                ..
-            } | ObjectError::Put {
-                retry: Retry::Retryable,
-                ..
-            }
-        )
     }
 }
 
@@ -723,10 +639,12 @@ impl PageSource for ObjectSource {
         let bs = sh.block_size;
         let end = offset + len;
         let mut waits: Vec<(u64, Arc<Flight>)> = Vec::new();
+        // Offsets inside `buf` or inside one block's bytes: below their lengths, a usize.
+        let at_buf = |x: u64| usize::try_from(x).expect("inside a buffer in memory");
         for b in offset / bs..end.div_ceil(bs) {
             let (bstart, bend) = sh.block_range(b);
             let (lo, hi) = (offset.max(bstart), end.min(bend));
-            let dst = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
+            let dst = &mut buf[at_buf(lo - offset)..at_buf(hi - offset)];
             // A block found cached but evicted before it could be read is looked up again; a
             // cache that keeps losing it (a limit below the working set) is bypassed.
             let mut attempts = 0;
@@ -765,8 +683,8 @@ impl PageSource for ObjectSource {
             let bytes = f
                 .wait()
                 .map_err(|fail| fail.to_source_error(&sh.name, offset, len))?;
-            buf[(lo - offset) as usize..(hi - offset) as usize]
-                .copy_from_slice(&bytes[(lo - bstart) as usize..(hi - bstart) as usize]);
+            buf[at_buf(lo - offset)..at_buf(hi - offset)]
+                .copy_from_slice(&bytes[at_buf(lo - bstart)..at_buf(hi - bstart)]);
         }
         Ok(())
     }
@@ -849,598 +767,5 @@ impl crate::image::RangeRead for ObjectSource {
             };
             io::Error::new(kind, e)
         })
-    }
-}
-
-/// A failed GET, shared by every reader that waited for it.
-#[derive(Debug)]
-struct FetchFailure {
-    start: u64,
-    end: u64,
-    retry: Retry,
-    what: String,
-    cause: Option<Arc<object_store::Error>>,
-}
-
-impl FetchFailure {
-    fn to_source_error(&self, name: &str, offset: u64, len: u64) -> SourceError {
-        let kind = match self.retry {
-            Retry::Retryable => io::ErrorKind::TimedOut,
-            Retry::Permanent => io::ErrorKind::Other,
-        };
-        SourceError {
-            offset,
-            len,
-            source_name: name.to_string(),
-            what: format!(
-                "ranged GET of bytes {:#x}..{:#x} failed: {}",
-                self.start, self.end, self.what
-            ),
-            retry: self.retry,
-            cause: self
-                .cause
-                .as_ref()
-                .map(|c| io::Error::new(kind, SharedCause(Arc::clone(c)))),
-        }
-    }
-}
-
-/// An `object_store` error shared between waiters, as an `io::Error` payload.
-#[derive(Debug)]
-struct SharedCause(Arc<object_store::Error>);
-
-impl std::fmt::Display for SharedCause {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for SharedCause {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        std::error::Error::source(&*self.0)
-    }
-}
-
-/// Whether an `object_store` error may go away, and a short description (without the error's
-/// own text, which stays the `#[source]`). `status` is the HTTP status seen on the wire, if any.
-fn classify(e: &object_store::Error, status: Option<u16>) -> (Retry, String) {
-    use object_store::Error as E;
-    let described = match e {
-        E::NotFound { .. } => Some((Retry::Permanent, "object not found")),
-        E::PermissionDenied { .. } => Some((Retry::Permanent, "permission denied")),
-        E::Unauthenticated { .. } => Some((Retry::Permanent, "not authenticated")),
-        E::Precondition { .. } => Some((
-            Retry::Permanent,
-            "the object changed since it was opened (its ETag no longer matches)",
-        )),
-        E::NotModified { .. } => Some((Retry::Permanent, "not modified")),
-        E::InvalidPath { .. } => Some((Retry::Permanent, "invalid path")),
-        E::NotSupported { .. } | E::NotImplemented { .. } => {
-            Some((Retry::Permanent, "operation not supported by the store"))
-        }
-        E::UnknownConfigurationKey { .. } => Some((Retry::Permanent, "bad configuration")),
-        E::AlreadyExists { .. } => Some((Retry::Permanent, "already exists")),
-        E::JoinError { .. } => Some((Retry::Retryable, "task failed")),
-        _ => None,
-    };
-    match status.filter(|s| !(200..300).contains(s)) {
-        Some(s) => {
-            let retry = match s {
-                408 | 429 | 500..=599 => Retry::Retryable,
-                _ => Retry::Permanent,
-            };
-            let what = match (s, described) {
-                (416, _) => "range not satisfiable (the object is shorter than it was)".to_string(),
-                (_, Some((_, d))) => d.to_string(),
-                (500..=599, None) => "server error".to_string(),
-                (408 | 429, None) => "throttled or timed out".to_string(),
-                _ => "request refused".to_string(),
-            };
-            (retry, format!("{what} (HTTP {s})"))
-        }
-        None => match described {
-            Some((r, d)) => (r, d.to_string()),
-            None => match http_error_kind(e) {
-                Some(kind) => (Retry::Retryable, format!("network error ({kind:?})")),
-                // Nothing says it is permanent: let the caller retry a few times.
-                None => (Retry::Retryable, "store error".to_string()),
-            },
-        },
-    }
-}
-
-/// The transport error kind in `e`'s source chain, if the failure was a transport one.
-fn http_error_kind(e: &object_store::Error) -> Option<object_store::client::HttpErrorKind> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<HttpError>() {
-            return Some(h.kind());
-        }
-        cur = err.source();
-    }
-    None
-}
-
-/// The S3 store of `url` (`s3://bucket/key`) configured from `s3`, then the `AWS_*` variables,
-/// and the object's path in it.
-fn s3_builder(url: &str, s3: &S3Config) -> Result<(AmazonS3Builder, ObjectPath), ObjectError> {
-    let (bucket, key) = parse_s3_url(url)?;
-    let path = ObjectPath::parse(key).map_err(|e| ObjectError::Url {
-        url: url.to_string(),
-        why: format!("invalid key: {e}"),
-    })?;
-    let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
-    if let Some(e) = &s3.endpoint {
-        b = b.with_endpoint(e);
-    }
-    if let Some(r) = &s3.region {
-        b = b.with_region(r);
-    }
-    if let Some(k) = &s3.access_key_id {
-        b = b.with_access_key_id(k);
-    }
-    if let Some(k) = &s3.secret_access_key {
-        b = b.with_secret_access_key(k);
-    }
-    if let Some(t) = &s3.session_token {
-        b = b.with_token(t);
-    }
-    let http_endpoint = s3
-        .endpoint
-        .as_deref()
-        .is_some_and(|e| e.starts_with("http://"));
-    if let Some(allow) = s3.allow_http.or(http_endpoint.then_some(true)) {
-        b = b.with_allow_http(allow);
-    }
-    Ok((b, path))
-}
-
-/// Build the store configured for `url`, naming it in the error.
-fn build_store(url: &str, b: AmazonS3Builder) -> Result<object_store::aws::AmazonS3, ObjectError> {
-    b.build().map_err(|source| ObjectError::Config {
-        url: url.to_string(),
-        source: Box::new(source),
-    })
-}
-
-/// Store `bytes` as the object at `url` (`s3://bucket/key`), replacing any object there: one
-/// PUT, or a multipart upload of 64 MiB parts for larger objects. Returns the new ETag.
-pub fn put_object(url: &str, s3: &S3Config, bytes: Bytes) -> Result<Option<String>, ObjectError> {
-    let (b, path) = s3_builder(url, s3)?;
-    let store = build_store(url, b)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(ObjectError::Runtime)?;
-    const PART: usize = 64 << 20;
-    let put = rt.block_on(async {
-        if bytes.len() <= PART {
-            return store
-                .put(&path, object_store::PutPayload::from(bytes))
-                .await
-                .map(|r| r.e_tag);
-        }
-        let mut upload = store.put_multipart(&path).await?;
-        for part in bytes.chunks(PART) {
-            upload
-                .put_part(object_store::PutPayload::from(bytes.slice_ref(part)))
-                .await?;
-        }
-        upload.complete().await.map(|r| r.e_tag)
-    });
-    put.map_err(|source| {
-        let (retry, what) = classify(&source, None);
-        ObjectError::Put {
-            object: url.to_string(),
-            what,
-            retry,
-            source: Box::new(source),
-        }
-    })
-}
-
-/// Parse `s3://bucket/key` (`s3a://` too).
-fn parse_s3_url(url: &str) -> Result<(&str, &str), ObjectError> {
-    let bad = |why: &str| ObjectError::Url {
-        url: url.to_string(),
-        why: why.to_string(),
-    };
-    let rest = url
-        .strip_prefix("s3://")
-        .or_else(|| url.strip_prefix("s3a://"))
-        .ok_or_else(|| bad("expected s3://bucket/key"))?;
-    let (bucket, key) = rest
-        .split_once('/')
-        .ok_or_else(|| bad("no key after the bucket"))?;
-    if bucket.is_empty() {
-        return Err(bad("empty bucket name"));
-    }
-    if key.is_empty() {
-        return Err(bad("empty key"));
-    }
-    Ok((bucket, key))
-}
-
-/// Run `fut` on `rt` and wait for it from this (non-async) thread. `None` if it was cancelled.
-fn run<T: Send + 'static>(
-    rt: &tokio::runtime::Runtime,
-    fut: impl std::future::Future<Output = T> + Send + 'static,
-) -> Option<T> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    rt.spawn(async move {
-        let _ = tx.send(fut.await);
-    });
-    rx.recv().ok()
-}
-
-/// One block fetch in progress; readers wait on it.
-#[derive(Debug, Default)]
-struct Flight {
-    result: Mutex<Option<Result<Bytes, Arc<FetchFailure>>>>,
-    done: Condvar,
-}
-
-impl Flight {
-    fn wait(&self) -> Result<Bytes, Arc<FetchFailure>> {
-        let mut r = lock(&self.result);
-        loop {
-            if let Some(r) = r.as_ref() {
-                return r.clone();
-            }
-            r = self.done.wait(r).unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-}
-
-/// Finishes a flight: caches the block, wakes its waiters with the result, removes the flight
-/// from the table (so a read that returns has put its block in the cache, and a reader that
-/// misses the cache finds the flight until then), and finally, off everyone's path, commits a
-/// batch of cached blocks to disk when one is due. If the fetch task is dropped before it
-/// finishes (the runtime shut down), the waiters get an error and the flight is removed all the
-/// same.
-struct Completion {
-    shared: Arc<Shared>,
-    block: u64,
-    flight: Arc<Flight>,
-    woke: bool,
-    removed: bool,
-}
-
-impl Completion {
-    fn new(shared: &Arc<Shared>, block: u64, flight: &Arc<Flight>) -> Completion {
-        Completion {
-            shared: Arc::clone(shared),
-            block,
-            flight: Arc::clone(flight),
-            woke: false,
-            removed: false,
-        }
-    }
-
-    fn wake(&mut self, result: Result<Bytes, Arc<FetchFailure>>) {
-        self.woke = true;
-        *lock(&self.flight.result) = Some(result);
-        self.flight.done.notify_all();
-    }
-
-    /// Blocking file I/O: run it where blocking is allowed.
-    fn settle(mut self, result: Result<Bytes, Arc<FetchFailure>>) {
-        let sh = Arc::clone(&self.shared);
-        let mut commit_due = false;
-        if let Ok(bytes) = &result {
-            match sh.cache.insert(self.block, bytes) {
-                Ok(due) => commit_due = due,
-                Err(e) => {
-                    tracing::warn!(object = %sh.name, block = self.block, error = %e, "cannot write a block to the cache");
-                }
-            }
-        }
-        self.wake(result);
-        self.remove();
-        drop(self);
-        if commit_due {
-            if let Err(e) = sh.cache.commit() {
-                tracing::warn!(object = %sh.name, error = %e, "cannot commit cached blocks; a restart fetches them again");
-            }
-        }
-    }
-
-    fn remove(&mut self) {
-        self.removed = true;
-        lock(&self.shared.flights).remove(&self.block);
-    }
-}
-
-impl Drop for Completion {
-    fn drop(&mut self) {
-        if !self.woke {
-            let (start, end) = self.shared.block_range(self.block);
-            self.wake(Err(Arc::new(FetchFailure {
-                start,
-                end,
-                retry: Retry::Retryable,
-                what: "the fetch was cancelled (the source is shutting down)".into(),
-                cause: None,
-            })));
-        }
-        if !self.removed {
-            self.remove();
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Priority {
-    Demand,
-    Prefetch,
-}
-
-/// A counting semaphore on which demand readers go before prefetch.
-#[derive(Debug)]
-struct Permits {
-    state: Mutex<PermitState>,
-    freed: Condvar,
-}
-
-#[derive(Debug)]
-struct PermitState {
-    free: usize,
-    demand_waiting: usize,
-    /// Everyone waiting, demand and prefetch.
-    waiting: usize,
-}
-
-impl Permits {
-    fn new(n: usize) -> Permits {
-        Permits {
-            state: Mutex::new(PermitState {
-                free: n,
-                demand_waiting: 0,
-                waiting: 0,
-            }),
-            freed: Condvar::new(),
-        }
-    }
-
-    fn acquire(self: &Arc<Self>, p: Priority) -> Permit {
-        let mut st = lock(&self.state);
-        if p == Priority::Demand {
-            st.demand_waiting += 1;
-        }
-        st.waiting += 1;
-        loop {
-            let ready = st.free > 0 && (p == Priority::Demand || st.demand_waiting == 0);
-            if ready {
-                break;
-            }
-            st = self.freed.wait(st).unwrap_or_else(PoisonError::into_inner);
-        }
-        st.free -= 1;
-        st.waiting -= 1;
-        if p == Priority::Demand {
-            st.demand_waiting -= 1;
-        }
-        Permit(Arc::clone(self))
-    }
-}
-
-/// One GET slot, given back when dropped.
-#[derive(Debug)]
-struct Permit(Arc<Permits>);
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        lock(&self.0.state).free += 1;
-        self.0.freed.notify_all();
-    }
-}
-
-/// Where the HTTP client writes the final status of a request (object_store passes a GET's
-/// extensions on to its HTTP request, retries included).
-#[derive(Debug, Clone, Default)]
-struct StatusSlot(Arc<std::sync::atomic::AtomicU16>);
-
-impl StatusSlot {
-    fn get(&self) -> Option<u16> {
-        match self.0.load(Ordering::Relaxed) {
-            0 => None,
-            s => Some(s),
-        }
-    }
-}
-
-/// The reqwest connector, counting requests and recording each response's status.
-#[derive(Debug)]
-struct Instrumented {
-    requests: Arc<AtomicU64>,
-}
-
-impl HttpConnector for Instrumented {
-    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
-        let inner = ReqwestConnector::default().connect(options)?;
-        Ok(HttpClient::new(InstrumentedService {
-            inner,
-            requests: Arc::clone(&self.requests),
-        }))
-    }
-}
-
-#[derive(Debug)]
-struct InstrumentedService {
-    inner: HttpClient,
-    requests: Arc<AtomicU64>,
-}
-
-type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
-
-impl HttpService for InstrumentedService {
-    // The `async_trait` shape of `HttpService::call`, written out.
-    fn call<'s, 'f>(&'s self, req: HttpRequest) -> BoxFuture<'f, Result<HttpResponse, HttpError>>
-    where
-        's: 'f,
-        Self: 'f,
-    {
-        Box::pin(async move {
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            let slot = req.extensions().get::<StatusSlot>().cloned();
-            let r = self.inner.execute(req).await;
-            if let (Some(slot), Ok(resp)) = (slot, &r) {
-                slot.0.store(resp.status().as_u16(), Ordering::Relaxed);
-            }
-            r
-        })
-    }
-}
-
-/// A private cache root under the temporary directory, removed on drop.
-#[derive(Debug)]
-struct TempRoot(PathBuf);
-
-impl TempRoot {
-    fn new() -> io::Result<TempRoot> {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let p =
-            std::env::temp_dir().join(format!("faultline-object-cache-{}-{n}", std::process::id()));
-        if p.exists() {
-            std::fs::remove_dir_all(&p)?;
-        }
-        std::fs::create_dir_all(&p)?;
-        Ok(TempRoot(p))
-    }
-}
-
-impl Drop for TempRoot {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)] // unwrap is how a test fails
-mod tests {
-    use super::*;
-    use object_store::client::HttpErrorKind;
-
-    fn generic(source: Box<dyn std::error::Error + Send + Sync>) -> object_store::Error {
-        object_store::Error::Generic {
-            store: "S3",
-            source,
-        }
-    }
-
-    #[test]
-    fn statuses_decide_retry() {
-        let e = generic("x".into());
-        for (s, want) in [
-            (500, Retry::Retryable),
-            (503, Retry::Retryable),
-            (429, Retry::Retryable),
-            (408, Retry::Retryable),
-            (416, Retry::Permanent),
-            (400, Retry::Permanent),
-            (403, Retry::Permanent),
-        ] {
-            let (r, what) = classify(&e, Some(s));
-            assert_eq!(r, want, "{s}");
-            assert!(what.contains(&format!("HTTP {s}")), "{what}");
-        }
-        assert!(classify(&e, Some(416)).1.contains("range not satisfiable"));
-        // A success status with a failed body read is a transport problem, not the status.
-        let body = generic(Box::new(HttpError::new(
-            HttpErrorKind::Decode,
-            io::Error::other("cut"),
-        )));
-        assert_eq!(classify(&body, Some(206)).0, Retry::Retryable);
-    }
-
-    #[test]
-    fn typed_errors_decide_retry_without_a_status() {
-        let nf = object_store::Error::NotFound {
-            path: "k".into(),
-            source: "x".into(),
-        };
-        assert_eq!(
-            classify(&nf, None),
-            (Retry::Permanent, "object not found".into())
-        );
-        let pd = object_store::Error::PermissionDenied {
-            path: "k".into(),
-            source: "x".into(),
-        };
-        assert_eq!(classify(&pd, None).0, Retry::Permanent);
-        assert!(classify(&nf, Some(404))
-            .1
-            .contains("object not found (HTTP 404)"));
-        let net = generic(Box::new(HttpError::new(
-            HttpErrorKind::Connect,
-            io::Error::other("refused"),
-        )));
-        let (r, what) = classify(&net, None);
-        assert_eq!(r, Retry::Retryable);
-        assert_eq!(what, "network error (Connect)");
-        // Unknown: retryable (a few retries cost little; a wrong "permanent" poisons a page).
-        assert_eq!(classify(&generic("odd".into()), None).0, Retry::Retryable);
-    }
-
-    #[test]
-    fn s3_urls_are_parsed() {
-        assert_eq!(parse_s3_url("s3://b/k/x.img").unwrap(), ("b", "k/x.img"));
-        assert_eq!(parse_s3_url("s3a://b/k").unwrap(), ("b", "k"));
-        for bad in ["http://b/k", "s3://b", "s3:///k", "s3://b/"] {
-            let e = parse_s3_url(bad).unwrap_err();
-            assert!(e.to_string().contains(bad), "{e}");
-        }
-    }
-
-    #[test]
-    fn failures_become_source_errors_naming_object_and_range() {
-        let f = FetchFailure {
-            start: 0x100000,
-            end: 0x200000,
-            retry: Retry::Permanent,
-            what: "object not found (HTTP 404)".into(),
-            cause: Some(Arc::new(object_store::Error::NotFound {
-                path: "k".into(),
-                source: "x".into(),
-            })),
-        };
-        let e = f.to_source_error("s3://b/k", 0x101000, 4096);
-        assert!(!e.is_retryable());
-        let msg = e.to_string();
-        assert!(msg.contains("s3://b/k"), "{msg}");
-        assert!(msg.contains("0x100000..0x200000"), "{msg}");
-        assert!(msg.contains("HTTP 404"), "{msg}");
-        assert!(std::error::Error::source(&e).is_some());
-    }
-
-    #[test]
-    fn demand_goes_before_prefetch() {
-        let p = Arc::new(Permits::new(1));
-        let held = p.acquire(Priority::Demand);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::scope(|s| {
-            let (p1, tx1) = (Arc::clone(&p), tx.clone());
-            s.spawn(move || {
-                let _g = p1.acquire(Priority::Prefetch);
-                tx1.send("prefetch").unwrap();
-            });
-            // Wait until the prefetcher is queued (it cannot get the held slot)...
-            while lock(&p.state).waiting == 0 {
-                std::thread::yield_now();
-            }
-            let (p2, tx2) = (Arc::clone(&p), tx);
-            s.spawn(move || {
-                let _g = p2.acquire(Priority::Demand);
-                tx2.send("demand").unwrap();
-            });
-            // ...and the demand reader too.
-            while lock(&p.state).demand_waiting == 0 {
-                std::thread::yield_now();
-            }
-            drop(held);
-        });
-        let order: Vec<_> = rx.iter().collect();
-        assert_eq!(order, ["demand", "prefetch"]);
     }
 }

@@ -44,6 +44,8 @@ use crate::source::bytes_are_zero;
 const FORMAT: u32 = 2;
 /// Bytes per page for the zero-page bitmap.
 const PAGE: u64 = 4096;
+/// [`PAGE`] as a buffer length.
+const PAGE_BYTES: usize = 4096;
 /// Blocks written between two commits of presence bytes.
 pub(crate) const FLUSH_EVERY: usize = 16;
 
@@ -240,12 +242,24 @@ impl BlockCache {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Bytes of one index record: a presence byte and a bitmap of one block's pages.
+    fn record_len(&self) -> usize {
+        usize::try_from(self.record).expect("one bit per page of a block in memory, and a byte")
+    }
+
     /// Rebuild the in-memory index from the `index` file: every committed block.
     fn load(&mut self, blocks: u64) -> io::Result<()> {
-        let mut index = vec![0u8; (blocks * self.record) as usize];
+        let size = usize::try_from(blocks * self.record).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "the cache index does not fit in memory",
+            )
+        })?;
+        let mut index = vec![0u8; size];
         self.index.read_exact_at(&mut index, 0)?;
+        let record = self.record_len();
         let st = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
-        for (b, rec) in index.chunks_exact(self.record as usize).enumerate() {
+        for (b, rec) in index.chunks_exact(record).enumerate() {
             if rec[0] != 1 {
                 continue;
             }
@@ -337,7 +351,7 @@ impl BlockCache {
         if len > self.limit {
             return Ok(false);
         }
-        let zeros = zero_map(bytes, self.record as usize - 1);
+        let zeros = zero_map(bytes, self.record_len() - 1);
         {
             let mut st = self.lock();
             if st.entries.contains_key(&b) {
@@ -510,7 +524,7 @@ pub(crate) fn block_len(b: u64, block_size: u64, len: u64) -> u64 {
 /// The zero-page bitmap of a block (`bytes` long bitmap; a short last page counts by its bytes).
 fn zero_map(block: &[u8], bytes: usize) -> Vec<u8> {
     let mut map = vec![0u8; bytes];
-    for (i, page) in block.chunks(PAGE as usize).enumerate() {
+    for (i, page) in block.chunks(PAGE_BYTES).enumerate() {
         if bytes_are_zero(page) {
             map[i / 8] |= 1 << (i % 8);
         }
@@ -558,6 +572,30 @@ fn fnv1a(bytes: &[u8]) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+/// A private cache root under the temporary directory, removed on drop.
+#[derive(Debug)]
+pub(super) struct TempRoot(pub(super) PathBuf);
+
+impl TempRoot {
+    pub(super) fn new() -> io::Result<TempRoot> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p =
+            std::env::temp_dir().join(format!("faultline-object-cache-{}-{n}", std::process::id()));
+        if p.exists() {
+            std::fs::remove_dir_all(&p)?;
+        }
+        std::fs::create_dir_all(&p)?;
+        Ok(TempRoot(p))
+    }
+}
+
+impl Drop for TempRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[cfg(test)]

@@ -1,29 +1,27 @@
-//! [`RemoteServer`]: serve any [`PageSource`] over TCP.
+//! The remote page exporter ([`Exporter`]): serve any [`PageSource`] over TCP (`faultline export`).
 
 use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
+use crossbeam_channel::Sender;
 
 use super::dedup::DedupIndex;
-use super::send::{self, Mapped, Part};
 use super::wire::{
-    self, read_frame, Frame, Priority, Welcome, WireError, WireRange, MAX_DATA, MAX_RANGES,
-    MAX_RANGE_LEN, MIN_VERSION, VERSION,
+    self, read_frame, Frame, Priority, Welcome, WireError, WireRange, MAX_RANGES, MAX_RANGE_LEN,
+    MIN_VERSION, VERSION,
 };
 use super::RemoteError;
-use crate::source::{bytes_are_zero, PageSource, Retry};
+use crate::source::PageSource;
 
-/// Options of a [`RemoteServer`].
+/// Options of an [`Exporter`].
 #[derive(Debug, Clone)]
-pub struct RemoteServerOptions {
+pub struct ExporterOptions {
     /// The page size announced to clients (a power of two, 4 KiB ..= 2 MiB).
     pub page_size: u32,
     /// The source id announced to clients (default: a hash of the source's name and length).
@@ -37,9 +35,9 @@ pub struct RemoteServerOptions {
     pub dedup: bool,
 }
 
-impl Default for RemoteServerOptions {
+impl Default for ExporterOptions {
     fn default() -> Self {
-        RemoteServerOptions {
+        ExporterOptions {
             page_size: 4096,
             source_id: None,
             max_connections: 64,
@@ -49,9 +47,9 @@ impl Default for RemoteServerOptions {
     }
 }
 
-/// Counters of a [`RemoteServer`].
+/// Counters of an [`Exporter`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct RemoteServerStats {
+pub struct ExporterStats {
     /// Connections accepted (welcomed).
     pub connections: u64,
     /// Connections open now.
@@ -122,11 +120,11 @@ type Registered = (TcpStream, Option<JoinHandle<()>>);
 struct Shared {
     source: Arc<dyn PageSource>,
     welcome: Welcome,
-    options: RemoteServerOptions,
+    options: ExporterOptions,
     counters: Counters,
     /// Live connections (a clone of each socket, to cut them) and their threads.
     conns: Mutex<HashMap<u64, Registered>>,
-    /// Notified whenever a request arrives (for [`RemoteServer::wait_stats`]).
+    /// Notified whenever a request arrives (for [`Exporter::wait_stats`]).
     changed: Condvar,
     changed_lock: Mutex<()>,
     stop: AtomicBool,
@@ -144,10 +142,10 @@ impl Shared {
         self.changed.notify_all();
     }
 
-    fn stats(&self) -> RemoteServerStats {
+    fn stats(&self) -> ExporterStats {
         let c = &self.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        RemoteServerStats {
+        ExporterStats {
             connections: l(&c.connections),
             live_connections: l(&c.live),
             rejected: l(&c.rejected),
@@ -175,9 +173,9 @@ impl Shared {
 ///
 /// One accept thread, and per connection a reader thread (checks frames, queues requests by
 /// priority) and a writer thread (reads the source, answers demand before background). Dropping
-/// the server (or [`RemoteServer::shutdown`]) stops accepting, cuts every connection and joins
+/// the server (or [`Exporter::shutdown`]) stops accepting, cuts every connection and joins
 /// every thread.
-pub struct RemoteServer {
+pub struct Exporter {
     shared: Arc<Shared>,
     addr: SocketAddr,
     accept: Option<JoinHandle<()>>,
@@ -185,9 +183,9 @@ pub struct RemoteServer {
     wake: UnixStream,
 }
 
-impl std::fmt::Debug for RemoteServer {
+impl std::fmt::Debug for Exporter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RemoteServer")
+        f.debug_struct("Exporter")
             .field("addr", &self.addr)
             .field("source", &self.shared.welcome.name)
             .finish()
@@ -205,22 +203,22 @@ pub fn default_source_id(name: &str, len: u64, page_size: u32) -> u64 {
     h
 }
 
-impl RemoteServer {
+impl Exporter {
     /// Bind `addr` and serve `source` with default options.
     pub fn bind(
         addr: impl ToSocketAddrs,
         source: Arc<dyn PageSource>,
-    ) -> Result<RemoteServer, RemoteError> {
+    ) -> Result<Exporter, RemoteError> {
         let listener = TcpListener::bind(addr).map_err(RemoteError::Bind)?;
-        RemoteServer::start(listener, source, RemoteServerOptions::default())
+        Exporter::start(listener, source, ExporterOptions::default())
     }
 
     /// Serve `source` on an already bound listener.
     pub fn start(
         listener: TcpListener,
         source: Arc<dyn PageSource>,
-        options: RemoteServerOptions,
-    ) -> Result<RemoteServer, RemoteError> {
+        options: ExporterOptions,
+    ) -> Result<Exporter, RemoteError> {
         let ps = options.page_size;
         if !ps.is_power_of_two() || !(wire::MIN_PAGE_SIZE..=wire::MAX_PAGE_SIZE).contains(&ps) {
             return Err(RemoteError::Config(format!(
@@ -270,7 +268,7 @@ impl RemoteServer {
             .name("faultline-export".into())
             .spawn(move || accept_loop(s, listener, wake_rx))
             .map_err(RemoteError::Bind)?;
-        Ok(RemoteServer {
+        Ok(Exporter {
             shared,
             addr,
             accept: Some(accept),
@@ -290,13 +288,13 @@ impl RemoteServer {
     }
 
     /// The counters.
-    pub fn stats(&self) -> RemoteServerStats {
+    pub fn stats(&self) -> ExporterStats {
         self.shared.stats()
     }
 
     /// Wait until `pred` holds for the counters (checked whenever a request arrives or a
     /// connection opens or closes); `false` after `timeout`.
-    pub fn wait_stats(&self, timeout: Duration, pred: impl Fn(&RemoteServerStats) -> bool) -> bool {
+    pub fn wait_stats(&self, timeout: Duration, pred: impl Fn(&ExporterStats) -> bool) -> bool {
         let end = Instant::now() + timeout;
         let mut g = self
             .shared
@@ -367,7 +365,7 @@ impl RemoteServer {
     }
 }
 
-impl Drop for RemoteServer {
+impl Drop for Exporter {
     fn drop(&mut self) {
         if self.accept.is_some() {
             self.stop();
@@ -396,15 +394,15 @@ fn scan_main(shared: &Shared) {
         tracing::info!(
             slots = ix.slots(),
             pages = ix.pages,
-            ms = start.elapsed().as_millis() as u64,
+            ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
             "duplicate-page scan done"
         );
         let _ = shared.dedup.set(ix);
     }
-    shared
-        .counters
-        .dedup_scan_ms
-        .store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    shared.counters.dedup_scan_ms.store(
+        u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
     shared.dedup_done.store(true, Ordering::Release);
     shared.notify();
 }
@@ -623,361 +621,8 @@ fn read_loop(
     }
 }
 
-/// What the writer does next.
-enum Next {
-    Job(Job, Priority),
-    Closed,
-}
-
-fn next_job(demand: &Receiver<Job>, bg: &Receiver<Job>) -> Next {
-    loop {
-        match demand.try_recv() {
-            Ok(j) => return Next::Job(j, Priority::Demand),
-            Err(TryRecvError::Disconnected) => return Next::Closed,
-            Err(TryRecvError::Empty) => {}
-        }
-        match bg.try_recv() {
-            Ok(j) => return Next::Job(j, Priority::Background),
-            Err(TryRecvError::Disconnected) => return Next::Closed,
-            Err(TryRecvError::Empty) => {}
-        }
-        // Wait for either without taking anything, then look again, demand first.
-        let mut sel = Select::new();
-        sel.recv(demand);
-        sel.recv(bg);
-        let _ = sel.ready();
-    }
-}
-
-struct Writer {
-    shared: Arc<Shared>,
-    out: BufWriter<TcpStream>,
-    buf: Vec<u8>,
-    frame: Vec<u8>,
-    /// The connection speaks version 2 (`KEEP`/`SAME`).
-    dedup: bool,
-    /// Slots this connection's client has been sent (`KEEP`).
-    kept: Vec<bool>,
-}
-
-/// A part of a piece's vectored write.
-enum Seg<'a> {
-    /// `heads[a..b]`: frame headers.
-    Head(usize, usize),
-    /// `buf[a..b]`: page bytes.
-    Buf(usize, usize),
-    /// A kept slot's bytes.
-    Kept(&'a [u8]),
-    /// Page bytes in the source's memory.
-    Mapped(Mapped<'a>),
-}
-
-/// How a page of a piece is answered.
-#[derive(Clone, Copy)]
-enum Kind<'a> {
-    Zero,
-    Data,
-    /// Data the source lends a pointer to (sent from its memory, not read into the buffer):
-    /// every page of the run holds the run's pointer, so the run is one kind.
-    Lent(Mapped<'a>),
-    /// A copy of this slot, whose bytes these are.
-    Same(u32, &'a [u8]),
-}
-
-/// Pages of one kind go in one run; copies of one slot are one kind (their bytes are not
-/// compared again).
-impl PartialEq for Kind<'_> {
-    fn eq(&self, other: &Self) -> bool {
-        match (self, other) {
-            (Kind::Same(a, _), Kind::Same(b, _)) => a == b,
-            (Kind::Lent(a), Kind::Lent(b)) => a == b,
-            (Kind::Zero, Kind::Zero) | (Kind::Data, Kind::Data) => true,
-            _ => false,
-        }
-    }
-}
-
-fn write_loop(
-    shared: Arc<Shared>,
-    stream: TcpStream,
-    version: u16,
-    demand: Receiver<Job>,
-    bg: Receiver<Job>,
-) {
-    let sock = stream.try_clone();
-    let mut w = Writer {
-        shared,
-        out: BufWriter::with_capacity(64 << 10, stream),
-        buf: Vec::new(),
-        frame: Vec::new(),
-        dedup: version >= 2,
-        kept: Vec::new(),
-    };
-    let r = (|| -> std::io::Result<()> {
-        loop {
-            if demand.is_empty() && bg.is_empty() {
-                w.out.flush()?;
-            }
-            match next_job(&demand, &bg) {
-                Next::Closed => return w.out.flush(),
-                Next::Job(j, Priority::Demand) => {
-                    if !bg.is_empty() {
-                        add(&w.shared.counters.demand_overtook, 1);
-                    }
-                    w.answer(&j, None)?;
-                    // A waiting thread: send now.
-                    w.out.flush()?;
-                }
-                Next::Job(j, Priority::Background) => w.answer(&j, Some(&demand))?,
-            }
-        }
-    })();
-    if let Err(e) = r {
-        tracing::debug!(error = %e, "remote page connection: write failed");
-        if let Ok(s) = sock {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-impl Writer {
-    /// Answer every range of `j` in order. For a background job, `demand` is checked between
-    /// pieces and served first.
-    fn answer(&mut self, j: &Job, demand: Option<&Receiver<Job>>) -> std::io::Result<()> {
-        let src_len = self.shared.welcome.source_len;
-        let ps = u64::from(self.shared.welcome.page_size);
-        let piece = (1u64 << 20).max(ps).min(u64::from(MAX_DATA));
-        for r in &j.ranges {
-            let len = u64::from(r.len);
-            let end = r.offset.checked_add(len);
-            let bad = match end {
-                _ if len == 0 || r.len > self.shared.welcome.max_range_len => {
-                    Some(format!("range length {len} is out of bounds"))
-                }
-                None => Some("range overflows".to_string()),
-                Some(end) if end > src_len => Some(format!(
-                    "range {:#x}+{len:#x} lies outside the {src_len}-byte source",
-                    r.offset
-                )),
-                Some(end) if r.offset % ps != 0 || (len % ps != 0 && end != src_len) => Some(
-                    format!("range {:#x}+{len:#x} is not page-aligned", r.offset),
-                ),
-                Some(_) => None,
-            };
-            if let Some(message) = bad {
-                self.error(j.id, r.offset, r.len, Retry::Permanent, &message)?;
-                continue;
-            }
-            let mut off = r.offset;
-            let end = r.offset + len;
-            while off < end {
-                if let Some(d) = demand {
-                    while let Ok(dj) = d.try_recv() {
-                        add(&self.shared.counters.demand_overtook, 1);
-                        self.answer(&dj, None)?;
-                        self.out.flush()?;
-                    }
-                }
-                let n = (end - off).min(piece);
-                self.piece(j.id, off, n)?;
-                off += n;
-            }
-        }
-        Ok(())
-    }
-
-    /// Answer `off..off+n` (whole pages, at most one piece): ZERO, DATA and (version 2) SAME
-    /// runs, or an ERROR. Only the pages that go as DATA are read: indexed copies and pages the
-    /// source knows to be zero are answered without reading them.
-    fn piece(&mut self, id: u64, off: u64, n: u64) -> std::io::Result<()> {
-        let ps = u64::from(self.shared.welcome.page_size) as usize;
-        let src = &*self.shared.source;
-        if src.is_zero(off, n) == Some(true) {
-            return self.zero(id, off, n as u32);
-        }
-        let shared = Arc::clone(&self.shared);
-        let index = shared.dedup.get().filter(|_| self.dedup);
-        let first = off / ps as u64;
-        let count = (n as usize).div_ceil(ps);
-        let span = |i: usize| (i * ps, ((i + 1) * ps).min(n as usize));
-        // Pages the source knows hold data need no zero check: when the source lends them (a
-        // memory file's mapping), they are sent from there, not read into `buf` first.
-        let mut known = vec![false; count];
-        let mut kinds: Vec<Kind<'_>> = (0..count)
-            .map(|i| {
-                if let Some((slot, bytes)) = index.and_then(|ix| ix.copy_of(first + i as u64)) {
-                    return Kind::Same(slot, bytes);
-                }
-                let (a, b) = span(i);
-                match src.is_zero(off + a as u64, (b - a) as u64) {
-                    Some(true) => Kind::Zero,
-                    Some(false) => {
-                        known[i] = true;
-                        Kind::Data
-                    }
-                    // Unknown pages are read, and checked for zeros below.
-                    None => Kind::Data,
-                }
-            })
-            .collect();
-        // Read the runs of pages to send (into their place in the piece's buffer).
-        let mut buf = std::mem::take(&mut self.buf);
-        // Grown, never shrunk: zero-filling it again per piece would cost a memset.
-        if buf.len() < n as usize {
-            buf.resize(n as usize, 0);
-        }
-        let mut i = 0;
-        while i < count {
-            if kinds[i] != Kind::Data {
-                i += 1;
-                continue;
-            }
-            let mut k = i + 1;
-            while k < count && kinds[k] == Kind::Data {
-                k += 1;
-            }
-            let (from, _) = span(i);
-            let (_, to) = span(k - 1);
-            if known[i..k].iter().all(|&f| f) {
-                if let Some(m) = Mapped::of(src, off + from as u64, to - from) {
-                    kinds[i..k].fill(Kind::Lent(m));
-                    i = k;
-                    continue;
-                }
-            }
-            if let Err(e) = src.read_at(off + from as u64, &mut buf[from..to]) {
-                self.buf = buf;
-                tracing::warn!(offset = off, len = n, error = %e, "source read failed; answering with an error");
-                let msg = match &e.cause {
-                    Some(c) => format!("{e}: {c}"),
-                    None => e.to_string(),
-                };
-                return self.error(id, off, n as u32, e.retry, &msg);
-            }
-            for (j, kind) in kinds.iter_mut().enumerate().take(k).skip(i) {
-                let (a, b) = span(j);
-                if bytes_are_zero(&buf[a..b]) {
-                    *kind = Kind::Zero;
-                }
-            }
-            i = k;
-        }
-        // The whole piece goes out in one vectored write: frame headers from `heads`, bytes
-        // straight from `buf` and from the kept slots (no copy through the write buffer).
-        let mut heads = std::mem::take(&mut self.frame);
-        heads.clear();
-        let mut segs: Vec<Seg<'_>> = Vec::new();
-        let c = &shared.counters;
-        let mut i = 0;
-        while i < kinds.len() {
-            let mut k = i + 1;
-            while k < kinds.len() && kinds[k] == kinds[i] {
-                k += 1;
-            }
-            let from = i * ps;
-            let to = (k * ps).min(n as usize);
-            let (at, len) = (off + from as u64, (to - from) as u32);
-            let h = heads.len();
-            match kinds[i] {
-                Kind::Zero => {
-                    Frame::Zero {
-                        id,
-                        offset: at,
-                        len,
-                    }
-                    .encode(&mut heads);
-                    segs.push(Seg::Head(h, heads.len()));
-                    add(&c.zero_frames, 1);
-                    add(&c.zero_bytes, u64::from(len));
-                }
-                kind @ (Kind::Data | Kind::Lent(_)) => {
-                    heads.extend_from_slice(&wire::data_head(id, at, len));
-                    segs.push(Seg::Head(h, heads.len()));
-                    segs.push(match kind {
-                        Kind::Lent(m) => Seg::Mapped(m),
-                        _ => Seg::Buf(from, to),
-                    });
-                    add(&c.data_frames, 1);
-                    add(&c.bytes_sent, u64::from(len));
-                }
-                Kind::Same(slot, bytes) => {
-                    let s = slot as usize;
-                    if self.kept.len() <= s {
-                        self.kept.resize(s + 1, false);
-                    }
-                    if !self.kept[s] {
-                        heads.extend_from_slice(&wire::keep_head(slot, bytes.len() as u32));
-                        segs.push(Seg::Head(h, heads.len()));
-                        segs.push(Seg::Kept(bytes));
-                        self.kept[s] = true;
-                        add(&c.keep_frames, 1);
-                        add(&c.bytes_sent, bytes.len() as u64);
-                    }
-                    let h = heads.len();
-                    Frame::Same {
-                        id,
-                        offset: at,
-                        len,
-                        slot,
-                    }
-                    .encode(&mut heads);
-                    segs.push(Seg::Head(h, heads.len()));
-                    add(&c.same_frames, 1);
-                    add(&c.same_bytes, u64::from(len));
-                }
-            }
-            i = k;
-        }
-        let parts: Vec<Part<'_>> = segs
-            .iter()
-            .map(|s| match *s {
-                Seg::Head(a, b) => Part::Bytes(&heads[a..b]),
-                Seg::Buf(a, b) => Part::Bytes(&buf[a..b]),
-                Seg::Mapped(m) => Part::Mapped(m),
-                Seg::Kept(b) => Part::Bytes(b),
-            })
-            .collect();
-        let r = self
-            .out
-            .flush()
-            .and_then(|()| send::write_all(self.out.get_ref().as_fd(), &parts));
-        drop(parts);
-        self.frame = heads;
-        self.buf = buf;
-        r
-    }
-
-    fn zero(&mut self, id: u64, offset: u64, len: u32) -> std::io::Result<()> {
-        self.frame.clear();
-        Frame::Zero { id, offset, len }.encode(&mut self.frame);
-        self.out.write_all(&self.frame)?;
-        add(&self.shared.counters.zero_frames, 1);
-        add(&self.shared.counters.zero_bytes, u64::from(len));
-        Ok(())
-    }
-
-    fn error(
-        &mut self,
-        id: u64,
-        offset: u64,
-        len: u32,
-        retry: Retry,
-        message: &str,
-    ) -> std::io::Result<()> {
-        self.frame.clear();
-        Frame::Error {
-            id,
-            offset,
-            len,
-            retry,
-            message: message.to_string(),
-        }
-        .encode(&mut self.frame);
-        self.out.write_all(&self.frame)?;
-        add(&self.shared.counters.error_frames, 1);
-        Ok(())
-    }
-}
+mod writer;
+use writer::write_loop;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // unwrap is how a test fails
@@ -1025,10 +670,10 @@ mod tests {
     #[test]
     fn the_duplicate_page_scan_runs_at_the_lowest_priority() {
         let source = Arc::new(Slow(MemorySource::new(vec![1u8; 64 << 20])));
-        let server = RemoteServer::start(
+        let server = Exporter::start(
             TcpListener::bind("127.0.0.1:0").unwrap(),
             source,
-            RemoteServerOptions::default(),
+            ExporterOptions::default(),
         )
         .unwrap();
         let until = Instant::now() + Duration::from_secs(10);
