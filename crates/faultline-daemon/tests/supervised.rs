@@ -1,0 +1,60 @@
+//! A supervised daemon through the library API, embedded the way the crate docs say: this test
+//! binary is its own worker program (`main` calls `worker::main_if_worker()` first, and the
+//! supervisor starts `WorkerCommand::current_exe()`). It restores a client through the worker
+//! (every byte checked), kills the worker and restores a second client through its successor,
+//! then shuts down. (`harness = false`: the test needs its own `main`.)
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use faultline_daemon::{DaemonConfig, Supervisor, WorkerCommand};
+
+fn main() {
+    faultline_daemon::worker::main_if_worker();
+    a_supervised_daemon_serves_through_its_worker_and_survives_its_death();
+    println!("test a_supervised_daemon_serves_through_its_worker_and_survives_its_death ... ok");
+}
+
+/// Waits (bounded) until `f` holds.
+fn until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        // A bounded poll of state owned by another process: there is no event to wait on here.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn a_supervised_daemon_serves_through_its_worker_and_survives_its_death() {
+    if !common::capable("a_supervised_daemon_serves_through_its_worker_and_survives_its_death") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mem = dir.path().join("vm.mem");
+    common::write_mem_file(&mem, 128);
+    let socket = dir.path().join("faultline.sock");
+    let config = DaemonConfig::mem_file(&mem);
+    let command = WorkerCommand::current_exe().expect("this test binary");
+    let sup = Supervisor::start(&config, &socket, command).expect("starting the supervisor");
+    let first_worker = sup.worker_pid().expect("a worker runs");
+
+    let a = common::restore(&socket, &mem);
+    assert_eq!(a.pages, 128);
+    assert_eq!(sup.sessions(), 1);
+
+    // The worker dies: its successor takes the session over, and serves new clients.
+    let pid =
+        rustix::process::Pid::from_raw(i32::try_from(first_worker).expect("a pid")).expect("a pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("killing the worker");
+    until("a new worker runs", || {
+        sup.worker_pid().is_some_and(|p| p != first_worker)
+    });
+    let b = common::restore(&socket, &mem);
+    assert_eq!(b.pages, 128);
+    assert_eq!(sup.sessions(), 2, "the first session survived its worker");
+
+    sup.shutdown().expect("a clean stop");
+    assert!(!socket.exists(), "the socket is removed at shutdown");
+    drop((a, b));
+}
