@@ -348,7 +348,7 @@ pub(crate) fn accept_loop(
                 let pause = next_backoff(backoff);
                 backoff = Some(pause);
                 if ctx.log.allow("poll") {
-                    tracing::error!(error = %e, retry_in_ms = pause.as_millis() as u64, "poll on the listening socket failed");
+                    tracing::error!(error = %e, retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX), "poll on the listening socket failed");
                 }
                 continue;
             }
@@ -383,7 +383,7 @@ pub(crate) fn accept_loop(
                 let pause = next_backoff(backoff);
                 backoff = Some(pause);
                 if ctx.log.allow(accept_cause(&e)) {
-                    tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "accept failed; retrying after a pause");
+                    tracing::warn!(error = %e, retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX), "accept failed; retrying after a pause");
                 }
             }
         }

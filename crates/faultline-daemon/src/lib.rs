@@ -17,7 +17,7 @@
 //!   starts; see [`worker`] for the one line a host's `main` needs.
 //!
 //! Modules: [`accept`] (the socket, the accept loop, the handshakes), `sessions` (a client
-//! becomes a session), [`snapshot`] (opening and pinning what is served), `supervisor`,
+//! becomes a session), [`snapshot`] (opening and pinning what is served), [`supervisor`],
 //! [`worker`], `control` (the supervisor–worker messages).
 //!
 //! # Example
@@ -51,7 +51,7 @@ mod daemon;
 mod error;
 mod sessions;
 pub mod snapshot;
-mod supervisor;
+pub mod supervisor;
 pub mod worker;
 
 pub use config::{DaemonConfig, ObjectConfig, OnExit, OnUnservable, ReadaheadPolicy, RemoteConfig};

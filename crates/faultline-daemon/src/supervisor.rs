@@ -267,7 +267,7 @@ fn end_unserved(shared: &Shared, limit: Duration) {
 
 /// A supervised daemon: this process accepts clients and keeps their sessions; a worker process
 /// serves them, and is restarted (its sessions resumed) when it dies. See the [module
-/// docs](self).
+/// docs](crate::supervisor).
 pub struct Supervisor {
     shared: Arc<Shared>,
     term: Arc<AtomicBool>,

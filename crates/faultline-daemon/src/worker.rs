@@ -5,8 +5,8 @@
 //! and resumes every session in it. The worker is a program the supervisor starts with a
 //! [`WorkerCommand`]: by default the running program itself ([`std::env::current_exe`]) with
 //! the single argument [`WORKER_ARG`], its stdin a socket to the supervisor. Everything else (the
-//! [`DaemonConfig`](crate::DaemonConfig), the snapshot's open files, the sessions) arrives on that
-//! socket, so the worker needs no command line of its own.
+//! [`DaemonConfig`], the snapshot's open files, the sessions) arrives on that socket, so the
+//! worker needs no command line of its own.
 //!
 //! A program that embeds a supervised daemon therefore calls [`main_if_worker`] first thing in
 //! `main` (after setting up its logging, which the worker shares):

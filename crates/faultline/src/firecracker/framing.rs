@@ -119,8 +119,8 @@ fn render(value: &Value) -> String {
 /// `page_size_kib`. Unknown fields are ignored, `null` optional fields are absent. Whitespace may
 /// surround the array; anything else after it is an error.
 ///
-/// This is pure and checks only the shape and types; [`validate`] checks the values. Both the
-/// handler and the fuzzer use it.
+/// This is pure and checks only the shape and types; [`validate`](super::validate()) checks
+/// the values. Both the handler and the fuzzer use it.
 pub fn parse_mappings(bytes: &[u8]) -> Result<Vec<GuestRegionUffdMapping>, HandshakeError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|source| HandshakeError::BadJson {
         line: source.line(),

@@ -29,7 +29,7 @@ const FD_ROOM: usize = 8;
 
 /// Receives and validates the handshake on a connected stream socket: reads until one complete
 /// JSON array has arrived, collecting the fds of every read, then checks the message, the fds and
-/// the regions (see the [module docs](self)). Works on blocking and non-blocking sockets alike and
+/// the regions (see the [module docs](super)). Works on blocking and non-blocking sockets alike and
 /// leaves the socket's options unchanged (the deadline is kept with `poll`).
 ///
 /// On error every received fd is closed.
