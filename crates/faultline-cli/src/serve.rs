@@ -284,9 +284,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
             ],
         };
         let supervisor = Supervisor::start(&config, &args.socket, worker)?;
-        term.wait();
-        supervisor.shutdown()?;
-        return Ok(());
+        // The signal stops the supervisor; a supervisor whose main loop fails ends the command
+        // (with its error) without one.
+        let stop = supervisor.stop_handle()?;
+        std::thread::Builder::new()
+            .name("faultline-signals".into())
+            .spawn(move || {
+                term.wait();
+                stop.stop();
+            })?;
+        return Ok(supervisor.wait()?);
     }
     let daemon = Daemon::start(&config, &args.socket)?;
     term.wait();

@@ -57,7 +57,7 @@ pub mod worker;
 pub use config::{DaemonConfig, ObjectConfig, OnExit, OnUnservable, ReadaheadPolicy, RemoteConfig};
 pub use daemon::{Daemon, SESSION_END_LIMIT};
 pub use error::{Context, Error, Result};
-pub use supervisor::Supervisor;
+pub use supervisor::{StopHandle, Supervisor};
 pub use worker::WorkerCommand;
 
 /// reached with about 500 VMs: each session holds a few fds).

@@ -404,6 +404,18 @@ impl Supervisor {
         lock(&self.shared.records).len()
     }
 
+    /// Each live session's id and its latest counters as the worker reported them (every
+    /// 500 ms; `None` before its first report), in id order. The fault server's own metrics
+    /// are the worker's: see [`DaemonConfig::metrics`].
+    pub fn session_stats(&self) -> Vec<(u64, Option<Stats>)> {
+        let mut v: Vec<(u64, Option<Stats>)> = lock(&self.shared.records)
+            .iter()
+            .map(|(&id, r)| (id, r.stats))
+            .collect();
+        v.sort_by_key(|&(id, _)| id);
+        v
+    }
+
     /// The worker process's id, while one runs.
     pub fn worker_pid(&self) -> Option<u32> {
         lock(&self.shared.worker).as_ref().map(|w| w.child.id())
@@ -420,9 +432,28 @@ impl Supervisor {
         self.stop_main()
     }
 
+    /// A handle that stops the supervisor from another thread (a signal handler's thread, say),
+    /// as [`Supervisor::shutdown`] does; [`Supervisor::wait`] then returns.
+    pub fn stop_handle(&self) -> Result<StopHandle> {
+        Ok(StopHandle {
+            term: Arc::clone(&self.term),
+            wake: self.wake.try_clone()?,
+        })
+    }
+
+    /// Block until the supervisor stops: through a [`StopHandle`], or because its main loop
+    /// failed (the error is returned; the daemon no longer supervises anything then).
+    pub fn wait(mut self) -> Result<()> {
+        self.join_main()
+    }
+
     fn stop_main(&mut self) -> Result<()> {
         self.term.store(true, Ordering::Release);
         let _ = std::io::Write::write_all(&mut &self.wake, b"x");
+        self.join_main()
+    }
+
+    fn join_main(&mut self) -> Result<()> {
         match self.main.take().map(JoinHandle::join) {
             None => Ok(()),
             Some(Ok(r)) => r,
@@ -438,6 +469,21 @@ impl Drop for Supervisor {
                 tracing::error!(error = %format!("{e:#}"), "the supervisor stopped with an error");
             }
         }
+    }
+}
+
+/// Stops a [`Supervisor`] from anywhere (see [`Supervisor::stop_handle`]).
+#[derive(Debug)]
+pub struct StopHandle {
+    term: Arc<AtomicBool>,
+    wake: UnixStream,
+}
+
+impl StopHandle {
+    /// Stop the supervisor (stop accepting, stop the worker, remove the socket); returns at once.
+    pub fn stop(&self) {
+        self.term.store(true, Ordering::Release);
+        let _ = std::io::Write::write_all(&mut &self.wake, b"x");
     }
 }
 

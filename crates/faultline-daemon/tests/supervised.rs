@@ -42,6 +42,8 @@ fn a_supervised_daemon_serves_through_its_worker_and_survives_its_death() {
     assert_ne!(second_worker, first_worker, "the dead worker was replaced");
     assert_eq!(b.pages, 128);
     assert_eq!(sup.sessions(), 2, "the first session survived its worker");
+    let ids: Vec<u64> = sup.session_stats().iter().map(|&(id, _)| id).collect();
+    assert_eq!(ids, [1, 2], "each session keeps the supervisor's id");
 
     sup.shutdown().expect("a clean stop");
     assert!(!socket.exists(), "the socket is removed at shutdown");
