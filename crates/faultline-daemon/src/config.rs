@@ -264,3 +264,41 @@ impl Default for ObjectConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A supervisor hands the config to each worker as JSON: every setting arrives unchanged.
+    #[test]
+    fn a_config_reaches_the_worker_unchanged() {
+        let config = DaemonConfig {
+            image_id: Some([0xab; 32]),
+            remote_options: RemoteConfig {
+                stream: true,
+                deadline: Duration::from_millis(1500),
+                cache_bytes: 3 << 20,
+            },
+            workers: Some(3),
+            readahead: ReadaheadPolicy::Fixed,
+            record_ws: Some("/tmp/ws".into()),
+            allow_uid: vec![0, 1000],
+            on_exit: OnExit::Drain,
+            on_unservable: OnUnservable::Kill,
+            fault_deadline: Duration::from_secs(7),
+            ..DaemonConfig::image("s3://bucket/vm.img")
+        };
+        let sent = serde_json::to_vec(&config).expect("json");
+        let got: DaemonConfig = serde_json::from_slice(&sent).expect("json back");
+        assert_eq!(got, config);
+    }
+
+    #[test]
+    fn the_snapshot_is_named_for_logs() {
+        assert_eq!(DaemonConfig::mem_file("/m").snapshot_name(), "/m");
+        assert_eq!(DaemonConfig::image("/i").snapshot_name(), "/i");
+        assert_eq!(DaemonConfig::object("s3://b/k").snapshot_name(), "s3://b/k");
+        assert_eq!(DaemonConfig::remote("h:1").snapshot_name(), "remote h:1");
+        assert_eq!(DaemonConfig::default().snapshot_name(), "");
+    }
+}
