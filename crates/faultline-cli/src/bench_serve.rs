@@ -20,7 +20,8 @@ use faultline::source::{MmapSource, PageSource};
 use faultline_uffd::Uffd;
 use serde::{Deserialize, Serialize};
 
-use crate::serve::{Daemon, LogFormat, ReadaheadFlag, ServeArgs};
+use crate::logging::LogFormat;
+use crate::serve::{start_daemon, ReadaheadFlag, ServeArgs};
 
 #[derive(Debug, Deserialize)]
 struct ClientReport {
@@ -181,7 +182,7 @@ pub fn run(
     threads: usize,
     file: Option<PathBuf>,
 ) -> Result<Vec<ServeRow>> {
-    crate::serve::init_logging_at(LogFormat::Text, "warn");
+    crate::logging::init_logging_at(LogFormat::Text, "warn");
     let dir = tempfile::Builder::new()
         .prefix("faultline-bench-serve")
         .tempdir()?;
@@ -226,7 +227,7 @@ pub fn run(
         worker_hang_limit: 5,
     };
     eprintln!("restoring {clients} client(s) through faultline serve ...");
-    let daemon = Daemon::start(&args)?;
+    let daemon = start_daemon(&args)?;
     let start = Instant::now();
     let reports = run_clients(&args.socket, &mem, clients, threads)?;
     let wall = start.elapsed();
@@ -234,7 +235,7 @@ pub fn run(
         s.wait_closed(Duration::from_secs(10));
     }
     let st = daemon.server().stats();
-    daemon.stop();
+    daemon.shutdown();
     rows.push(row(
         "faultline serve",
         &reports,

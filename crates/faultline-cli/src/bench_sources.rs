@@ -35,7 +35,7 @@ use faultline::{Region, Server, ServerConfig, SessionOptions};
 use faultline_uffd::{Features, Mapping, RegisterMode, Uffd};
 use serde::Serialize;
 
-use crate::bench::BenchArgs;
+use crate::bench_args::BenchArgs;
 
 const PAGE: usize = 4096;
 
@@ -604,7 +604,7 @@ fn upload(
 
 /// Run the comparison and print it.
 pub fn run(args: &BenchArgs) -> Result<SourcesReport> {
-    crate::serve::init_logging_at(crate::serve::LogFormat::Text, "warn");
+    crate::logging::init_logging_at(crate::logging::LogFormat::Text, "warn");
     ensure!(
         args.page_size == 4096,
         "--sources and --remote measure 4 KiB pages only"

@@ -11,7 +11,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -19,7 +18,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
-use crate::serve::{Daemon, LogFormat, ReadaheadFlag, ServeArgs};
+use crate::logging::LogFormat;
+use crate::serve::{start_daemon, ReadaheadFlag, ServeArgs};
 
 /// `faultline demo` flags.
 #[derive(Debug, Clone, Args)]
@@ -195,7 +195,7 @@ fn run_mode(
         .mem_file
         .as_deref()
         .context("the demo serves a memory file")?;
-    let daemon = Daemon::start(args)?;
+    let daemon = start_daemon(args)?;
     let start = Instant::now();
     let reports = run_clients(
         &args.socket,
@@ -213,10 +213,10 @@ fn run_mode(
     }
     let st = daemon.server().stats();
     ensure!(
-        daemon.started.load(Ordering::Relaxed) == n as u64,
+        daemon.started() == n as u64,
         "not every clone got a session"
     );
-    daemon.stop();
+    daemon.shutdown();
     Ok(ModeResult {
         name,
         reports,
@@ -235,7 +235,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Run the demo.
 pub fn run(args: DemoArgs) -> Result<()> {
-    crate::serve::init_logging_at(LogFormat::Text, "warn");
+    crate::logging::init_logging_at(LogFormat::Text, "warn");
     let tmp;
     let dir = match &args.dir {
         Some(d) => {
@@ -275,13 +275,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
     bar.set_message("recording the working set");
     let rec = serve_args(&dir, &mem, Some(ws.clone()), None, false);
     {
-        let daemon = Daemon::start(&rec)?;
+        let daemon = start_daemon(&rec)?;
         run_clients(&rec.socket, &mem, 1, args.ws_pct, true, 0, &bar)?;
         // The working set is written when the session ends (the clone's socket closed).
         for s in daemon.server().sessions() {
             s.wait_closed(Duration::from_secs(10));
         }
-        daemon.stop();
+        daemon.shutdown();
     }
     ensure!(ws.exists(), "the working set was not recorded");
     let modes = [

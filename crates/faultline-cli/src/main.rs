@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_args;
 mod bench_fc;
 mod bench_serve;
 mod bench_sources;
@@ -12,10 +13,10 @@ mod demo;
 #[allow(dead_code)]
 mod fckit;
 mod image;
+mod logging;
 mod object;
 mod remote;
 mod serve;
-mod supervisor;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -37,7 +38,7 @@ enum Command {
     /// Print the kernel's userfaultfd features and ioctls, and how the fd was created.
     Features,
     /// End-to-end benchmark against baselines measured in the same run.
-    Bench(bench::BenchArgs),
+    Bench(bench_args::BenchArgs),
     /// Restore clones of an embedded synthetic snapshot through the handler, every byte verified:
     /// on demand vs working-set prefetch vs eager copy (no files needed).
     Demo(demo::DemoArgs),
@@ -55,7 +56,7 @@ enum Command {
     Client(client::ClientArgs),
     /// The serving half of a supervised `faultline serve` (its stdin is the control socket).
     #[command(hide = true)]
-    ServeWorker(serve::ServeArgs),
+    ServeWorker(serve::WorkerArgs),
 }
 
 fn main() -> Result<()> {
@@ -67,7 +68,7 @@ fn main() -> Result<()> {
         Command::Image(args) => image::run(args),
         Command::Export(args) => remote::run_export(args),
         Command::Serve(args) => serve::run(args),
-        Command::ServeWorker(args) => supervisor::run_worker(args),
+        Command::ServeWorker(args) => serve::run_worker(args),
         Command::Client(args) => {
             let report = client::run(&args)?;
             println!("{}", serde_json::to_string(&report)?);

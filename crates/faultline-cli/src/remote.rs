@@ -1,6 +1,6 @@
-//! `faultline export` (serve a snapshot's pages over TCP) and the client side of
-//! `faultline serve --remote ADDR`: the post-copy path for moving a paused VM's memory to another
-//! host. The protocol is in `docs/remote-protocol.md`; the library side is `faultline::remote`.
+//! `faultline export` (serve a snapshot's pages over TCP) and the `--remote-*` flags of
+//! `faultline serve --remote ADDR` (the daemon opens the source: `faultline_daemon::snapshot`):
+//! the post-copy path for moving a paused VM's memory to another host. The protocol is in `docs/remote-protocol.md`; the library side is `faultline::remote`.
 
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -12,12 +12,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use faultline::remote::{
-    default_source_id, RemoteOptions, RemoteServer, RemoteServerOptions, RemoteSource,
-};
+use faultline::remote::{default_source_id, RemoteServer, RemoteServerOptions};
 use faultline::source::{MmapSource, PageSource};
+use faultline_daemon::RemoteConfig;
 
-use crate::serve::{init_logging, LogFormat};
+use crate::logging::{init_logging, LogFormat};
 
 /// `faultline export` flags.
 #[derive(Debug, Clone, Args)]
@@ -182,53 +181,12 @@ impl Default for RemoteFlags {
 }
 
 impl RemoteFlags {
-    /// The source options these flags ask for.
-    pub fn options(&self) -> RemoteOptions {
-        RemoteOptions {
+    /// The remote source settings these flags ask for.
+    pub fn config(&self) -> RemoteConfig {
+        RemoteConfig {
             stream: self.remote_stream,
             deadline: Duration::from_secs(self.remote_deadline.max(1)),
-            cache_bytes: (self.remote_cache_mib.max(1)) << 20,
-            ..RemoteOptions::default()
+            cache_bytes: self.remote_cache_mib.max(1) << 20,
         }
     }
-
-    /// The same flags on a command line (for the supervised worker).
-    pub fn to_args(&self) -> Vec<String> {
-        let mut v = vec![
-            "--remote-deadline".to_string(),
-            self.remote_deadline.to_string(),
-            "--remote-cache-mib".to_string(),
-            self.remote_cache_mib.to_string(),
-        ];
-        if self.remote_stream {
-            v.push("--remote-stream".into());
-        }
-        v
-    }
-}
-
-/// Connect to the page server at `addr` (waiting up to the deadline for it to come up); with
-/// `expect_id`, only if it serves that source (a supervised worker's sessions started on it).
-pub fn open_remote(
-    addr: &str,
-    flags: &RemoteFlags,
-    expect_id: Option<u64>,
-) -> Result<Arc<dyn PageSource>> {
-    let options = RemoteOptions {
-        expect_source_id: expect_id,
-        ..flags.options()
-    };
-    // The error names the address and what failed.
-    Ok(Arc::new(RemoteSource::connect(addr, options)?))
-}
-
-/// What the page server at `addr` announces: the source's length and id (asked with one hello).
-pub fn remote_source(addr: &str) -> Result<faultline::remote::Welcome> {
-    faultline::remote::probe(addr, Duration::from_secs(5))
-        .with_context(|| format!("asking the remote page server {addr}"))
-}
-
-/// The length of the source served at `addr`.
-pub fn remote_len(addr: &str) -> Result<u64> {
-    Ok(remote_source(addr)?.source_len)
 }

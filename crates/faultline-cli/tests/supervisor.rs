@@ -529,7 +529,7 @@ fn a_session_keeps_its_id_and_counters_across_a_worker_restart() {
     let daemon = serve(
         &socket,
         &["--mem-file", &mem_arg, "--readahead", "off"],
-        "info,faultline::supervisor=debug",
+        "info,faultline_daemon::supervisor=debug",
     );
     let worker = daemon.worker_pid(1);
     // A first session comes and goes: the one under test is the worker's second (a restarted

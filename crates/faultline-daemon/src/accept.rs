@@ -1,0 +1,418 @@
+//! The front door: the listening socket, the accept loop, and each client's handshake.
+//!
+//! Listens on a Unix stream socket; every connection is one Firecracker process restoring a
+//! snapshot (many clones of one snapshot at once is the normal case). The handshake (one JSON
+//! message with the userfaultfd attached) is received and validated on its own thread with a
+//! timeout, so a slow or silent client never holds up anyone else; a bad one is logged with the
+//! problem named and its connection closed. A good one is dispatched (to become a session of the
+//! fault server, in this process or in the supervised worker), which ends when the client
+//! **process** exits (a pidfd, see [`faultline::peer`]), not when its socket hangs up:
+//! Firecracker before v1.12 closes the socket right after the handshake and goes on running the
+//! guest.
+//!
+//! # The front door's limits
+//! - The client's credentials (`SO_PEERCRED`) are vetted against
+//!   [`DaemonConfig::allow_uid`](crate::DaemonConfig::allow_uid) right after `accept`, before a
+//!   byte is read and before any thread is started for it.
+//! - At most [`DaemonConfig::max_handshakes`](crate::DaemonConfig::max_handshakes) handshakes are
+//!   received at once, each on its own thread and each holding at most [`Limits::max_message`]
+//!   bytes: threads and bytes in flight are bounded. A connection over the cap is refused at once.
+//! - An `accept` that fails (out of fds: `EMFILE`, `ENFILE`; out of memory) is retried after a
+//!   pause that doubles from 5 ms to 1 s, instead of at once in a loop; the open-file soft limit
+//!   is raised to the hard limit at start ([`raise_fd_limit`](crate::raise_fd_limit)).
+//! - Refusals and accept errors are logged at most [`faultline::ratelimit::LOG_BURST`] lines per
+//!   cause per second; the rest are counted and reported in one line per cause and second
+//!   ("similar log lines suppressed").
+//! - The session's socket is kept open (by the supervisor) until the session ends, though it no
+//!   longer decides anything: a client that watches it (Firecracker v1.12+ keeps its end open)
+//!   still sees the handler hang up when, and only when, its session is over.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use faultline::firecracker::{self, Limits};
+use faultline::ratelimit::LogLimit;
+use faultline_uffd::{Features, Uffd};
+
+use crate::config::DaemonConfig;
+use crate::error::{bail, Context, Error, Result};
+
+/// A client whose handshake was received and validated.
+pub struct Accepted {
+    /// Its userfaultfd (checked to be one, without `EVENT_FORK`).
+    pub uffd: Uffd,
+    /// Its guest memory regions.
+    pub regions: Vec<firecracker::ValidatedRegion>,
+    /// Who it is.
+    pub peer: firecracker::PeerCred,
+    /// The client process: its exit ends the session. `None` where the kernel cannot name it
+    /// (see [`faultline::peer`]); the session then follows `socket`.
+    pub pidfd: Option<OwnedFd>,
+    /// Its socket, if held here: kept open for the session's life (with a pidfd), or its
+    /// hang-up ends the session (without one).
+    pub socket: Option<OwnedFd>,
+}
+
+/// Why a connection was refused: a short cause (the key of the log's rate limit) and the error.
+pub struct Refusal {
+    /// `uid`, `busy`, `gone`, `pidfd`, `event-fork`, `fds`, `thread`, or a
+    /// [`firecracker::HandshakeError::cause`].
+    pub cause: &'static str,
+    /// What went wrong.
+    pub error: Error,
+}
+
+impl Refusal {
+    fn new(cause: &'static str, error: impl Into<Error>) -> Refusal {
+        Refusal {
+            cause,
+            error: error.into(),
+        }
+    }
+}
+
+impl From<firecracker::HandshakeError> for Refusal {
+    fn from(e: firecracker::HandshakeError) -> Refusal {
+        Refusal::new(e.cause(), e)
+    }
+}
+
+/// Receive, validate and vet the handshake of a client whose credentials (`peer`) were vetted
+/// already and whose process is `pidfd`.
+pub fn accept_client(
+    stream: UnixStream,
+    peer: firecracker::PeerCred,
+    pidfd: Option<OwnedFd>,
+    limits: &Limits,
+) -> Result<Accepted, Refusal> {
+    let hs = firecracker::receive_handshake(&stream, limits)?;
+    let uffd = Uffd::from_received_fd(hs.uffd).map_err(|e| Refusal::new("fds", e))?;
+    if uffd.features().contains(Features::EVENT_FORK) {
+        // Every fork() of the client would hand us the userfaultfd of a child that no pidfd ties
+        // to a process (the kernel names none): a session that could never end. Firecracker
+        // never asks for it.
+        return Err(Refusal::new(
+            "event-fork",
+            Error::msg(format!(
+                "client pid {}'s userfaultfd has EVENT_FORK enabled: the sessions of its forked \
+                 children could not be tied to a process, so they are not served (Firecracker \
+                 never enables EVENT_FORK)",
+                peer.pid
+            )),
+        ));
+    }
+    Ok(Accepted {
+        uffd,
+        regions: hs.mappings,
+        peer,
+        pidfd,
+        socket: Some(OwnedFd::from(stream)),
+    })
+}
+
+/// The window of the log's rate limit.
+pub const LOG_WINDOW: Duration = Duration::from_secs(1);
+
+/// The accept loop's state: the limits a connection is held to, and what is done with a good
+/// handshake (on the handshake's thread).
+pub(crate) struct ConnCtx {
+    limits: Limits,
+    allow_uids: Vec<u32>,
+    max_handshakes: usize,
+    /// Handshakes being received now.
+    in_flight: AtomicUsize,
+    refused: Arc<AtomicU64>,
+    log: LogLimit,
+    #[allow(clippy::type_complexity)]
+    dispatch: Box<dyn Fn(Accepted) + Send + Sync>,
+}
+
+impl ConnCtx {
+    pub(crate) fn new(
+        config: &DaemonConfig,
+        limits: Limits,
+        refused: Arc<AtomicU64>,
+        dispatch: Box<dyn Fn(Accepted) + Send + Sync>,
+    ) -> ConnCtx {
+        ConnCtx {
+            limits,
+            allow_uids: config.allow_uid.clone(),
+            max_handshakes: usize::try_from(config.max_handshakes).unwrap_or(usize::MAX),
+            in_flight: AtomicUsize::new(0),
+            refused,
+            log: LogLimit::with_window(LOG_WINDOW),
+            dispatch,
+        }
+    }
+
+    /// Counts and logs (rate-limited per cause) a refused connection; the caller closes it.
+    fn refuse(&self, r: Refusal) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        if self.log.allow(r.cause) {
+            tracing::warn!(cause = r.cause, error = %format!("{:#}", r.error), "handshake refused; connection closed");
+        }
+    }
+
+    /// A new connection: vetted by its credentials and the cap before anything is read, then
+    /// its handshake received on a thread of its own. Returns `false` when the process is out of
+    /// fds (the client could not be named): the accept loop then pauses as for a failed accept.
+    fn admit(self: &Arc<Self>, stream: UnixStream) -> bool {
+        let peer = match firecracker::peer_cred(&stream) {
+            Ok(p) => p,
+            Err(e) => {
+                self.refuse(e.into());
+                return true;
+            }
+        };
+        if !self.allow_uids.is_empty() && !self.allow_uids.contains(&peer.uid) {
+            self.refuse(Refusal::new(
+                "uid",
+                Error::msg(format!(
+                    "client pid {} runs as uid {}, which --allow-uid does not list",
+                    peer.pid, peer.uid
+                )),
+            ));
+            return true;
+        }
+        // Only this thread adds to `in_flight`, so the check holds until the add.
+        let busy = self.in_flight.load(Ordering::Acquire);
+        if busy >= self.max_handshakes {
+            self.refuse(Refusal::new(
+                "busy",
+                Error::msg(format!(
+                    "client pid {}: {busy} handshakes are in progress, the most --max-handshakes \
+                     allows",
+                    peer.pid
+                )),
+            ));
+            return true;
+        }
+        // Name the client process now, before its pid can be reused (see `faultline::peer`).
+        // Only a kernel that cannot name the client at all leaves its socket as the session's
+        // life line; a client already gone, a reused pid, or a failing call (out of fds) is
+        // refused: it could not be served as promised.
+        let pidfd = match faultline::peer::client_pidfd(&stream, &peer) {
+            Ok(fd) => Some(fd),
+            Err(e @ faultline::peer::PeerError::Unsupported { .. }) => {
+                if self.log.allow("no-pidfd") {
+                    tracing::warn!(pid = peer.pid, error = %e, "the client's session will follow its socket, not its process");
+                }
+                None
+            }
+            Err(e @ faultline::peer::PeerError::Gone { .. }) => {
+                self.refuse(Refusal::new("gone", e));
+                return true;
+            }
+            Err(e) => {
+                let out_of_fds = matches!(&e, faultline::peer::PeerError::Os { source, .. }
+                    if matches!(source.raw_os_error(), Some(n) if n == rustix::io::Errno::MFILE.raw_os_error()
+                        || n == rustix::io::Errno::NFILE.raw_os_error()));
+                self.refuse(Refusal::new("pidfd", e));
+                return !out_of_fds;
+            }
+        };
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let ctx = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("faultline-handshake".into())
+            .spawn(move || {
+                let result = accept_client(stream, peer, pidfd, &ctx.limits);
+                // The slot is free once the handshake is in (a session's set-up is not a
+                // handshake's: it cannot be stalled by the client).
+                ctx.in_flight.fetch_sub(1, Ordering::AcqRel);
+                match result {
+                    Ok(c) => (ctx.dispatch)(c),
+                    Err(r) => ctx.refuse(r),
+                }
+            });
+        if let Err(e) = spawned {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.refuse(Refusal::new(
+                "thread",
+                Error::context("cannot start a handshake thread", e),
+            ));
+            return false;
+        }
+        true
+    }
+}
+
+/// Create the listening socket: mode 0600. What is at `path` already is replaced only if it is a
+/// socket nobody listens on (a daemon that died); a live socket, and anything that is not a
+/// socket (a file, a directory, a symlink — never followed), is an error naming it and left in
+/// place.
+pub(crate) fn bind(path: &Path) -> Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => bail!(
+                "{} is a live socket: another handler is serving it",
+                path.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing the stale socket {}", path.display()))?;
+                tracing::info!(socket = %path.display(), "replaced a stale socket");
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "{} is a socket that cannot be checked for a listener; not replacing it",
+                        path.display()
+                    )
+                })
+            }
+        },
+        Ok(meta) => bail!(
+            "{} exists and is {}, not a socket: refusing to replace it (remove it or choose \
+             another --socket)",
+            path.display(),
+            file_kind(&meta.file_type())
+        ),
+    }
+    // Created 0600 from the start: no window in which others may connect.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let l = UnixListener::bind(path);
+    rustix::process::umask(old);
+    l.with_context(|| format!("binding {}", path.display()))
+}
+
+/// "a regular file", "a symlink", ... for errors.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_file() {
+        "a regular file"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "not a socket"
+    }
+}
+
+/// The first pause after a failed `accept`, and the longest.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
+
+/// The rate-limit cause of an `accept` error.
+fn accept_cause(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(n) if n == rustix::io::Errno::MFILE.raw_os_error() => "accept-emfile",
+        Some(n) if n == rustix::io::Errno::NFILE.raw_os_error() => "accept-enfile",
+        Some(n)
+            if n == rustix::io::Errno::NOMEM.raw_os_error()
+                || n == rustix::io::Errno::NOBUFS.raw_os_error() =>
+        {
+            "accept-nomem"
+        }
+        _ => "accept-other",
+    }
+}
+
+/// Accepts connections until `wake` is readable or `stop` set; each goes to [`ConnCtx::admit`].
+/// A failed `accept` (out of fds, out of memory) is retried after a pause doubling from 5 ms to
+/// 1 s, during which the listener is not polled (its pending connection would wake us at once);
+/// the log's suppressed counts are reported at least once a second.
+pub(crate) fn accept_loop(
+    listener: UnixListener,
+    wake: UnixStream,
+    stop: Arc<AtomicBool>,
+    ctx: Arc<ConnCtx>,
+) {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    if let Err(e) = listener.set_nonblocking(true) {
+        tracing::warn!(error = %e, "cannot make the listening socket non-blocking");
+    }
+    let mut backoff: Option<Duration> = None;
+    while !stop.load(Ordering::Acquire) {
+        let timeout = Timespec::try_from(backoff.unwrap_or(LOG_WINDOW)).ok();
+        let mut fds = [
+            PollFd::new(&wake, PollFlags::IN),
+            PollFd::new(&listener, PollFlags::IN),
+        ];
+        let watched = if backoff.is_some() { 1 } else { 2 };
+        let polled = poll(&mut fds[..watched], timeout.as_ref());
+        ctx.log.flush();
+        match polled {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                let pause = next_backoff(backoff);
+                backoff = Some(pause);
+                if ctx.log.allow("poll") {
+                    tracing::error!(error = %e, retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX), "poll on the listening socket failed");
+                }
+                continue;
+            }
+        }
+        if !fds[0].revents().is_empty() || stop.load(Ordering::Acquire) {
+            return;
+        }
+        if backoff.is_none() && fds[1].revents().is_empty() {
+            continue;
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if let Err(e) = stream.set_nonblocking(false) {
+                    ctx.refuse(Refusal::new("io", e));
+                    continue;
+                }
+                backoff = if ctx.admit(stream) {
+                    None
+                } else {
+                    Some(next_backoff(backoff))
+                };
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                backoff = None;
+            }
+            Err(e) => {
+                let pause = next_backoff(backoff);
+                backoff = Some(pause);
+                if ctx.log.allow(accept_cause(&e)) {
+                    tracing::warn!(error = %e, retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX), "accept failed; retrying after a pause");
+                }
+            }
+        }
+    }
+}
+
+fn next_backoff(now: Option<Duration>) -> Duration {
+    match now {
+        None => ACCEPT_BACKOFF.0,
+        Some(d) => d.saturating_mul(2).min(ACCEPT_BACKOFF.1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_backoff_doubles_to_a_second() {
+        let mut d = None;
+        let mut seen = Vec::new();
+        for _ in 0..12 {
+            let next = next_backoff(d);
+            seen.push(next.as_millis());
+            d = Some(next);
+        }
+        assert_eq!(
+            seen,
+            [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000, 1000]
+        );
+    }
+}
