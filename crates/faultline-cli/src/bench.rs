@@ -20,9 +20,12 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
 use faultline::source::{MmapSource, PageSource};
 use faultline::{Readahead, Region, Server, ServerConfig, SessionOptions, WorkingSet};
-use faultline_testing::baseline::FileMapping;
 use faultline_uffd::{CopyMode, Features, Mapping, MemoryKind, RegisterMode, Uffd};
 use serde::Serialize;
+
+use self::baseline::FileMapping;
+
+pub mod baseline;
 
 /// Access pattern of the touch pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -403,7 +406,7 @@ impl Ctx {
         if self.kind.is_hugetlb() {
             let need = self.size / self.page;
             ensure!(
-                faultline_uffd::reserve_huge_pages(need),
+                crate::hugepages::reserve_huge_pages(need),
                 "cannot reserve {need} huge pages"
             );
         }
@@ -425,8 +428,8 @@ impl Ctx {
         &self,
         m: &Mapping,
         who: &str,
-        handler: impl FnOnce(&AtomicBool) -> faultline_testing::baseline::NaiveStats + Send,
-    ) -> Result<(f64, f64, faultline_testing::baseline::NaiveStats)> {
+        handler: impl FnOnce(&AtomicBool) -> baseline::NaiveStats + Send,
+    ) -> Result<(f64, f64, baseline::NaiveStats)> {
         let stop = AtomicBool::new(false);
         let (r, st) = std::thread::scope(|s| {
             let h = s.spawn(|| handler(&stop));
@@ -527,14 +530,7 @@ impl Ctx {
             let (region, size, page) = (m.addr(), self.size, self.page);
             let src_addr = src_ptr as usize;
             let (first, second, mut st) = self.with_handler(&m, "naive", |stop| {
-                faultline_testing::baseline::naive_faultline(
-                    &uffd,
-                    region,
-                    size,
-                    page,
-                    src_addr as *const u8,
-                    stop,
-                )
+                baseline::naive_faultline(&uffd, region, size, page, src_addr as *const u8, stop)
             })?;
             row.touch_ms.push(first);
             let io = uffd.stats();
@@ -574,14 +570,7 @@ impl Ctx {
             let (region, size, page) = (m.addr(), self.size, self.page);
             let src_addr = src_ptr as usize;
             let (first, second, mut st) = self.with_handler(&m, "crate", |stop| {
-                faultline_testing::baseline::naive_crate(
-                    &uffd,
-                    region,
-                    size,
-                    page,
-                    src_addr as *const u8,
-                    stop,
-                )
+                baseline::naive_crate(&uffd, region, size, page, src_addr as *const u8, stop)
             })?;
             row.touch_ms.push(first);
             self.fill(

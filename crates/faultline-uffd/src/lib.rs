@@ -78,7 +78,7 @@ pub mod uffd;
 pub use error::{CreatePath, Error, RangeError, ResolveError, ResolveErrorKind, ResolveOp};
 pub use event::{decode, DecodeError, Event, EventBuffer, Message};
 pub use flags::{Features, Ioctls, PagefaultFlags, RegisterMode};
-pub use mapping::{reserve_huge_pages, Mapping, MemoryKind, HUGE_PAGE_SIZE, PAGE_SIZE};
+pub use mapping::{Mapping, MemoryKind, HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use pagemap::{PageCategories, PageRun, Pagemap};
 pub use resolve::{ContinueMode, CopyMode, MoveMode, Resolved, WriteprotectMode, ZeropageMode};
 pub use scratch::ScratchPages;

@@ -35,12 +35,14 @@
 pub use faultline_uffd as uffd;
 
 pub mod firecracker;
+#[cfg(feature = "image")]
 pub mod image;
 pub mod inject;
 pub mod peer;
 pub mod policy;
 pub mod ratelimit;
 pub mod region;
+#[cfg(feature = "remote")]
 pub mod remote;
 pub mod server;
 pub mod source;

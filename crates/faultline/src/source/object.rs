@@ -57,8 +57,10 @@ use object_store::{
 use super::{check_bounds, PageSource, Retry, SourceError};
 
 mod cache;
+mod tls;
 
 use cache::{block_len, BlockCache, Identity};
+pub use tls::install_crypto_provider;
 
 /// How an [`ObjectSource`] fetches and caches.
 #[derive(Debug, Clone)]
@@ -329,6 +331,8 @@ impl ObjectSource {
 
     /// Read `path` in `store` (any `object_store` backend: GCS, Azure, HTTP, local, memory...),
     /// named `name` in logs and errors. One HEAD request: the object's length and ETag.
+    /// (An HTTPS store built by the caller needs a rustls crypto provider installed first:
+    /// [`install_crypto_provider`].)
     pub fn open(
         store: Arc<dyn ObjectStore>,
         path: ObjectPath,
@@ -812,6 +816,7 @@ impl PageSource for ObjectSource {
 
 /// An image can live in an object store: [`Image::from_reader`](crate::image::Image::from_reader)
 /// reads its header, tables and chunks through the same blocks and cache.
+#[cfg(feature = "image")]
 impl crate::image::RangeRead for ObjectSource {
     fn flush(&self) -> io::Result<()> {
         self.shared.cache.commit()
@@ -997,6 +1002,7 @@ fn s3_builder(url: &str, s3: &S3Config) -> Result<(AmazonS3Builder, ObjectPath),
 
 /// Build the store configured for `url`, naming it in the error.
 fn build_store(url: &str, b: AmazonS3Builder) -> Result<object_store::aws::AmazonS3, ObjectError> {
+    install_crypto_provider();
     b.build().map_err(|source| ObjectError::Config {
         url: url.to_string(),
         source: Box::new(source),
