@@ -19,11 +19,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use faultline::source::{MmapSource, PageSource};
 use faultline::{Readahead, Region, Server, ServerConfig, SessionOptions, WorkingSet};
-use faultline_testing::baseline::FileMapping;
 use faultline_uffd::{CopyMode, Features, Mapping, MemoryKind, RegisterMode, Uffd};
 use serde::Serialize;
 
 use crate::bench_args::{BenchArgs, Pattern, Placement, ReadaheadArg};
+
+use self::baseline::FileMapping;
+
+pub mod baseline;
 
 /// One measured variant.
 #[derive(Debug, Clone, Serialize)]
@@ -280,7 +283,7 @@ impl Ctx {
         if self.kind.is_hugetlb() {
             let need = self.size / self.page;
             ensure!(
-                faultline_uffd::reserve_huge_pages(need),
+                crate::hugepages::reserve_huge_pages(need),
                 "cannot reserve {need} huge pages"
             );
         }
@@ -302,8 +305,8 @@ impl Ctx {
         &self,
         m: &Mapping,
         who: &str,
-        handler: impl FnOnce(&AtomicBool) -> faultline_testing::baseline::NaiveStats + Send,
-    ) -> Result<(f64, f64, faultline_testing::baseline::NaiveStats)> {
+        handler: impl FnOnce(&AtomicBool) -> baseline::NaiveStats + Send,
+    ) -> Result<(f64, f64, baseline::NaiveStats)> {
         let stop = AtomicBool::new(false);
         let (r, st) = std::thread::scope(|s| {
             let h = s.spawn(|| handler(&stop));
@@ -404,14 +407,7 @@ impl Ctx {
             let (region, size, page) = (m.addr(), self.size, self.page);
             let src_addr = src_ptr as usize;
             let (first, second, mut st) = self.with_handler(&m, "naive", |stop| {
-                faultline_testing::baseline::naive_faultline(
-                    &uffd,
-                    region,
-                    size,
-                    page,
-                    src_addr as *const u8,
-                    stop,
-                )
+                baseline::naive_faultline(&uffd, region, size, page, src_addr as *const u8, stop)
             })?;
             row.touch_ms.push(first);
             let io = uffd.stats();
@@ -451,14 +447,7 @@ impl Ctx {
             let (region, size, page) = (m.addr(), self.size, self.page);
             let src_addr = src_ptr as usize;
             let (first, second, mut st) = self.with_handler(&m, "crate", |stop| {
-                faultline_testing::baseline::naive_crate(
-                    &uffd,
-                    region,
-                    size,
-                    page,
-                    src_addr as *const u8,
-                    stop,
-                )
+                baseline::naive_crate(&uffd, region, size, page, src_addr as *const u8, stop)
             })?;
             row.touch_ms.push(first);
             self.fill(

@@ -137,7 +137,7 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
     let n = (args.regions.max(1) as u64).min(pages);
     if kind.is_hugetlb() {
         ensure!(
-            faultline_uffd::reserve_huge_pages(pages),
+            crate::hugepages::reserve_huge_pages(pages),
             "cannot reserve {pages} huge pages"
         );
     }

@@ -42,7 +42,7 @@
 //!
 //! # Cargo features of `faultline` it needs
 //! Images (`image`), object stores (`object-store`) and remote page servers (`remote`).
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod accept;
 mod config;

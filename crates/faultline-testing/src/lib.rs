@@ -3,8 +3,6 @@
 //! child to observe signals (SIGBUS) without killing the test process.
 #![allow(unsafe_code)]
 
-pub mod baseline;
-
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -38,11 +36,32 @@ pub fn need_huge_pages(test: &str, pages: u64) -> Option<HugePages> {
 
 /// Reserve `pages` 2 MiB huge pages; print a skip line naming `test` when impossible.
 fn reserve_or_skip(test: &str, pages: u64) -> bool {
-    let ok = faultline_uffd::reserve_huge_pages(pages);
+    let ok = reserve_huge_pages(pages);
     if !ok {
         skip(test, &format!("cannot reserve {pages} 2 MiB huge pages"));
     }
     ok
+}
+
+/// Reserve at least `pages` 2 MiB huge pages in `/proc/sys/vm/nr_hugepages`; returns whether they
+/// are available (free). Tests that need hugetlb pages call this (through [`need_huge_pages`])
+/// and skip with a message when false.
+pub fn reserve_huge_pages(pages: u64) -> bool {
+    let free = || -> Option<u64> {
+        let s = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .ok()?;
+        s.trim().parse().ok()
+    };
+    if free().unwrap_or(0) >= pages {
+        return true;
+    }
+    let Ok(cur) = std::fs::read_to_string("/proc/sys/vm/nr_hugepages") else {
+        return false;
+    };
+    let cur: u64 = cur.trim().parse().unwrap_or(0);
+    let want = cur + pages - free().unwrap_or(0).min(pages);
+    let _ = std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string());
+    free().unwrap_or(0) >= pages
 }
 
 /// Whether the kernel offers `features`; prints a skip line when not.

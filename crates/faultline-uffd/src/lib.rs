@@ -85,9 +85,7 @@ pub mod uffd;
 pub use error::{CreatePath, Error, RangeError, ResolveError, ResolveErrorKind, ResolveOp};
 pub use event::{decode, DecodeError, Event, EventBuffer, Message};
 pub use flags::{Features, Ioctls, PagefaultFlags, RegisterMode};
-pub use mapping::{
-    reserve_huge_pages, FileMapping, Mapping, MemoryKind, ScratchPages, HUGE_PAGE_SIZE, PAGE_SIZE,
-};
+pub use mapping::{FileMapping, Mapping, MemoryKind, ScratchPages, HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use pagemap::{PageCategories, PageRun, Pagemap};
 pub use resolve::{ContinueMode, CopyMode, MoveMode, Resolved, WriteprotectMode, ZeropageMode};
 pub use uffd::{ApiInfo, Creation, IoctlStats, Uffd, UffdBuilder, UninitUffd};

@@ -31,6 +31,26 @@
 //! # }
 //! ```
 //!
+//! # Cargo features
+//!
+//! A plain dependency is the lean core: the fault server, the Firecracker handshake, policies,
+//! stats and the zero, memory, file, mmap, layered and failure-injecting sources, on rustix and a
+//! handful of crates (no async runtime, no HTTP or TLS stack, no C build). The rest is opt-in; the
+//! `faultline` command enables all of it.
+//!
+//! | feature | adds | and brings |
+//! |---|---|---|
+//! | `image` | `image`: packed, compressed, content-hashed snapshot images | zstd (a C build), lz4_flex, blake3, xxhash-rust |
+//! | `object-store` | `source::object`: the S3 source and `put_object`; with `image`, images in S3 | object_store, reqwest, rustls on ring; `tokio` |
+//! | `remote` | `remote`: the page exporter and the remote source | crossbeam-channel, rustc-hash, xxhash-rust |
+//! | `tokio` | `uffd::tokio`: the async userfaultfd event stream | tokio |
+//!
+//! Measured when the features came (issue 14, 2-core machine): without features `faultline`
+//! depends on 33 crates, itself included (`cargo tree -e normal`, unique name and version), with
+//! all of them on 151, as many as before, when all of it was always built; a clean debug build
+//! of it took 24 s of CPU without features, 94 s with all of them and 116 s before (aws-lc-rs's C
+//! build is gone). The README has the details.
+//!
 //! This crate forbids `unsafe` code: the raw memory and kernel calls it needs (file mappings lent
 //! to `UFFDIO_COPY`, `writev` from them, `SO_PEERPIDFD`) are safe APIs of `faultline-uffd`.
 #![forbid(unsafe_code)]
@@ -38,13 +58,16 @@
 pub use faultline_uffd as uffd;
 
 pub mod firecracker;
+#[cfg(feature = "image")]
 pub mod image;
 pub mod inject;
+#[cfg(feature = "object-store")]
 pub mod object_upload;
 pub mod peer;
 pub mod policy;
 pub mod ratelimit;
 pub mod region;
+#[cfg(feature = "remote")]
 pub mod remote;
 pub mod server;
 pub mod source;

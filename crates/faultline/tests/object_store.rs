@@ -167,6 +167,8 @@ impl Moto {
     }
 
     fn store(&self) -> Arc<dyn ObjectStore> {
+        // A store built here, not by faultline, needs the one TLS provider installed first.
+        faultline::source::object::install_crypto_provider();
         Arc::new(
             AmazonS3Builder::new()
                 .with_bucket_name(BUCKET)

@@ -23,15 +23,19 @@ mod file;
 mod layered;
 mod memory;
 mod mmap;
+#[cfg(feature = "object-store")]
 pub mod object;
 mod zero;
 
 pub use failure::{Failure, FailureInjecting, FailureStats};
 pub use file::FileSource;
 pub use layered::{LayerError, LayeredSource};
+// For the optional parts (images, the object cache, the remote exporter and its dedup).
+#[cfg(any(feature = "image", feature = "object-store", feature = "remote"))]
 pub(crate) use memory::bytes_are_zero;
 pub use memory::MemorySource;
 pub use mmap::{MmapSource, MmapSourceOptions};
+#[cfg(feature = "object-store")]
 pub use object::{
     put_object, ObjectError, ObjectSource, ObjectSourceOptions, ObjectStats, S3Config,
 };

@@ -61,6 +61,7 @@ pub(crate) mod error;
 mod flight;
 mod permits;
 pub(crate) mod store;
+mod tls;
 
 use cache::{block_len, BlockCache, Identity, TempRoot};
 use error::{classify, FetchFailure};
@@ -74,6 +75,7 @@ use store::{build_store, run, s3_builder, Instrumented, StatusSlot};
 pub use crate::object_upload::put_object;
 pub use error::ObjectError;
 pub use store::S3Config;
+pub use tls::install_crypto_provider;
 
 /// How an [`ObjectSource`] fetches and caches.
 #[derive(Debug, Clone)]
@@ -245,6 +247,8 @@ impl ObjectSource {
 
     /// Read `path` in `store` (any `object_store` backend: GCS, Azure, HTTP, local, memory...),
     /// named `name` in logs and errors. One HEAD request: the object's length and ETag.
+    /// (An HTTPS store built by the caller needs a rustls crypto provider installed first:
+    /// [`install_crypto_provider`].)
     pub fn open(
         store: Arc<dyn ObjectStore>,
         path: ObjectPath,
@@ -730,6 +734,7 @@ impl PageSource for ObjectSource {
 
 /// An image can live in an object store: [`Image::from_reader`](crate::image::Image::from_reader)
 /// reads its header, tables and chunks through the same blocks and cache.
+#[cfg(feature = "image")]
 impl crate::image::RangeRead for ObjectSource {
     fn flush(&self) -> io::Result<()> {
         self.shared.cache.commit()

@@ -76,6 +76,7 @@ pub(crate) fn build_store(
     url: &str,
     b: AmazonS3Builder,
 ) -> Result<object_store::aws::AmazonS3, ObjectError> {
+    super::install_crypto_provider();
     b.build().map_err(|source| ObjectError::Config {
         url: url.to_string(),
         source: Box::new(source),

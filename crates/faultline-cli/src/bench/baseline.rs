@@ -1,9 +1,17 @@
-//! Baseline fault handlers for benchmarks: what the public examples do.
+//! Baseline fault handlers of `faultline bench`: what the public examples do, and the kernel's
+//! own path.
 //!
 //! One thread, one message per `read(2)`, one page-sized `UFFDIO_COPY` per fault from a source
-//! pointer. [`naive_faultline`] runs that loop on `faultline-uffd`; [`naive_crate`] (feature
-//! `userfaultfd-crate`) runs the same loop on the `userfaultfd` crate, the existing Rust binding.
+//! pointer. [`naive_faultline`] runs that loop on `faultline-uffd`; `naive_crate` (feature
+//! `crate-baseline`) runs the same loop on the `userfaultfd` crate, the existing Rust binding.
 //! [`FileMapping`] is the kernel's own path: a file mapping touched from user space.
+//!
+//! Two of these cannot be written without `unsafe`, the only `unsafe` of this binary, allowed
+//! in this module alone: the `userfaultfd` crate's `copy` is an `unsafe fn`, and user space
+//! reading a file mapping needs the mapping made (`mmap`) and read through a raw pointer.
+//! (faultline itself never reads a file mapping from user space: its mmap source hands the
+//! mapping to the kernel and reads files with `pread`.)
+#![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -27,7 +35,7 @@ pub struct NaiveStats {
 /// one message per read, one `page`-byte COPY per fault.
 ///
 /// `src` must point to `len` readable bytes for as long as this runs (the kernel reads it; a bad
-/// pointer fails the copy with EFAULT, which ends the loop with a panic in this test helper).
+/// pointer fails the copy with EFAULT, which ends the loop with a panic in this benchmark).
 pub fn naive_faultline(
     uffd: &Uffd,
     region: u64,
@@ -72,7 +80,7 @@ pub fn naive_faultline(
 }
 
 /// The same loop on the `userfaultfd` crate: returns after `stop` is set.
-#[cfg(feature = "userfaultfd-crate")]
+#[cfg(feature = "crate-baseline")]
 pub fn naive_crate(
     uffd: &userfaultfd::Uffd,
     region: u64,
@@ -81,17 +89,15 @@ pub fn naive_crate(
     src: *const u8,
     stop: &AtomicBool,
 ) -> NaiveStats {
-    use std::os::fd::AsRawFd;
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
     let mut st = NaiveStats::default();
+    let timeout = Timespec {
+        tv_sec: 0,
+        tv_nsec: 5_000_000,
+    };
     while !stop.load(Ordering::Acquire) {
-        let mut pfd = libc::pollfd {
-            fd: uffd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut pfd, 1, 5) };
-        if r <= 0 {
+        let mut pfd = [PollFd::new(uffd, PollFlags::IN)];
+        if !matches!(poll(&mut pfd, Some(&timeout)), Ok(n) if n > 0) {
             continue;
         }
         let Some(ev) = uffd.read_event().expect("read_event") else {
@@ -111,14 +117,16 @@ pub fn naive_crate(
             let r = unsafe {
                 uffd.copy(
                     src.wrapping_add(off).cast(),
-                    dst as *mut libc::c_void,
+                    dst as *mut std::ffi::c_void,
                     page as usize,
                     true,
                 )
             };
             match r {
                 Ok(_) => st.copies += 1,
-                Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
+                Err(userfaultfd::Error::CopyFailed(e))
+                    if e as i32 == rustix::io::Errno::EXIST.raw_os_error() =>
+                {
                     st.eexist += 1
                 }
                 Err(e) => panic!("userfaultfd crate copy: {e}"),
@@ -132,72 +140,34 @@ pub fn naive_crate(
 /// A read-only shared mapping of a file that this process reads itself: the kernel's own
 /// page-cache fault path, the `kernel` baseline of `faultline bench`.
 ///
-/// Only for benchmarks and tests on files nobody truncates: touching a page past a new, shorter
-/// end of the file raises `SIGBUS`. (That is why faultline's `MmapSource` never reads its mapping
-/// from user space, and why this lives here and not in the runtime.)
+/// Only for files nobody truncates: touching a page past a new, shorter end of the file raises
+/// `SIGBUS`. (That is why faultline's `MmapSource` never reads its mapping from user space, and
+/// why this lives in the benchmark and not in the runtime.)
 #[derive(Debug)]
 pub struct FileMapping {
-    addr: std::ptr::NonNull<u8>,
-    len: usize,
+    map: memmap2::Mmap,
 }
-
-// SAFETY: the mapping is read-only and read only with volatile loads through a raw pointer; it is
-// unmapped once, on drop. Sharing or sending the address between threads is no more than sharing
-// the file.
-unsafe impl Send for FileMapping {}
-// SAFETY: see `Send`.
-unsafe impl Sync for FileMapping {}
 
 impl FileMapping {
     /// Map all of `file` (open for reading, not empty) read-only and shared, without populating.
     pub fn map(file: &std::fs::File) -> std::io::Result<FileMapping> {
-        use rustix::mm::{MapFlags, ProtFlags};
-        let len = usize::try_from(file.metadata()?.len())
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        // SAFETY: a fresh mapping chosen by the kernel (no address hint), so nothing of ours is
-        // replaced; it is read only through volatile loads in `touch`, and unmapped on drop.
-        let addr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ,
-                MapFlags::SHARED,
-                file,
-                0,
-            )
-        }?;
-        let addr = std::ptr::NonNull::new(addr.cast::<u8>())
-            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::AddrNotAvailable))?;
-        Ok(FileMapping { addr, len })
-    }
-
-    /// The mapped length.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the mapping is empty (never: an empty file cannot be mapped).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+        // SAFETY: memmap2 asks that the file be neither modified nor truncated while mapped,
+        // because of `Mmap`'s `&[u8]`; that slice is never formed here (the mapping is read only
+        // through volatile loads in `touch`), and the benchmark's memory file is its own, made
+        // for the run and left alone while mapped.
+        let map = unsafe { memmap2::MmapOptions::new().map(file) }?;
+        Ok(FileMapping { map })
     }
 
     /// Read byte `offset` through the mapping (a page fault served by the kernel if the page is
     /// not mapped yet); `None` past the end. `SIGBUS` if the file was truncated below `offset`.
     pub fn touch(&self, offset: usize) -> Option<u8> {
-        if offset >= self.len {
+        if offset >= self.map.len() {
             return None;
         }
-        let byte = self.addr.as_ptr().wrapping_add(offset);
+        let byte = self.map.as_ptr().wrapping_add(offset);
         // SAFETY: `byte` is inside the live, readable mapping (`offset < len`); a volatile load
         // of a `u8` needs no alignment, forms no reference and any byte is a valid `u8`.
         Some(unsafe { byte.read_volatile() })
-    }
-}
-
-impl Drop for FileMapping {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was made by `map` with this address and length and is unmapped
-        // exactly once; no reference into it exists.
-        let _ = unsafe { rustix::mm::munmap(self.addr.as_ptr().cast(), self.len) };
     }
 }
