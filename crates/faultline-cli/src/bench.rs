@@ -675,7 +675,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .iter()
                 .map(|b| match b {
                     crate::bench_args::FcBackend::OnDemand => crate::bench_fc::Which::OnDemand,
-                    crate::bench_args::FcBackend::BackgroundFill => crate::bench_fc::Which::BackgroundFill,
+                    crate::bench_args::FcBackend::BackgroundFill => {
+                        crate::bench_fc::Which::BackgroundFill
+                    }
                     crate::bench_args::FcBackend::Prefetch => crate::bench_fc::Which::Prefetch,
                 })
                 .collect(),

@@ -221,6 +221,7 @@ pub fn run(
         on_exit: crate::serve::OnExit::Abandon,
         no_supervisor: true,
         on_unservable: crate::serve::OnUnservable::Poison,
+        on_refused: crate::serve::OnRefused::Kill,
         fault_deadline: 60,
         simulate_no_poison: false,
         worker_down_limit: 30,

@@ -126,6 +126,13 @@ pub struct ServeArgs {
     /// logged, and no wrong or zero page is ever served.
     #[arg(long, value_enum, default_value_t = OnUnservable::Poison)]
     pub on_unservable: OnUnservable,
+    /// What happens to a client refused after it handed over its userfaultfd (a handshake that
+    /// fails validation, fds lost at the open-file limit, a session the snapshot cannot take):
+    /// `kill` ends it (SIGKILL through its pidfd, logged), since its memory is registered and
+    /// nobody will serve it; `close` only closes its connection (it then waits on its first fault
+    /// for ever: for tests that send handshakes from their own process).
+    #[arg(long, value_enum, default_value_t = OnRefused::Kill)]
+    pub on_refused: OnRefused,
     /// Seconds a fault may stay unresolved (a source retried, a hung read) before it is
     /// unservable.
     #[arg(long, default_value_t = 60)]
@@ -144,7 +151,16 @@ pub struct ServeArgs {
     pub worker_hang_limit: u64,
 }
 
-/// `--on-unservable`.
+/// `--on-refused`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnRefused {
+    /// SIGKILL the client through its pidfd.
+    Kill,
+    /// Only close its connection.
+    Close,
+}
+
+/// What ends a fault that has no right bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OnUnservable {
     /// Poison the page (SIGBUS there); kill the client where the kernel lacks POISON.
@@ -216,6 +232,7 @@ impl ServeArgs {
             allow_uid: self.allow_uid.clone(),
             on_exit: self.on_exit.into(),
             on_unservable: self.on_unservable.into(),
+            end_refused_clients: self.on_refused == OnRefused::Kill,
             fault_deadline: Duration::from_secs(self.fault_deadline),
             simulate_no_poison: self.simulate_no_poison,
             worker_down_limit: Duration::from_secs(self.worker_down_limit),

@@ -95,7 +95,7 @@ fn refused_then_served(
 /// Sends `bytes` with a real userfaultfd and expects a refusal naming `needle`.
 fn case(bytes: &[u8], needle: &str) -> String {
     let (dir, mem) = workdir();
-    let mut daemon = Daemon::start(dir.path(), &mem, &[]);
+    let mut daemon = Daemon::start(dir.path(), &mem, &["--on-refused", "close"]);
     let uffd = uffd();
     let stream = send(&daemon, bytes, &[uffd.as_fd()]);
     refused_then_served(&mut daemon, &mem, stream, needle)
@@ -124,7 +124,7 @@ fn empty_array_is_refused() {
 fn whitespace_then_close_is_refused() {
     // An "empty" message: only a newline (the least a stream can carry fds with), then EOF.
     let (dir, mem) = workdir();
-    let mut daemon = Daemon::start(dir.path(), &mem, &[]);
+    let mut daemon = Daemon::start(dir.path(), &mem, &["--on-refused", "close"]);
     let uffd = uffd();
     let stream = send(&daemon, b"\n", &[uffd.as_fd()]);
     stream
@@ -141,7 +141,7 @@ fn whitespace_then_close_is_refused() {
 #[test]
 fn message_without_fd_is_refused() {
     let (dir, mem) = workdir();
-    let mut daemon = Daemon::start(dir.path(), &mem, &[]);
+    let mut daemon = Daemon::start(dir.path(), &mem, &["--on-refused", "close"]);
     let stream = send(&daemon, &whole_file(), &[]);
     refused_then_served(&mut daemon, &mem, stream, "carried no file descriptor");
 }
@@ -149,7 +149,7 @@ fn message_without_fd_is_refused() {
 #[test]
 fn three_fds_are_refused() {
     let (dir, mem) = workdir();
-    let mut daemon = Daemon::start(dir.path(), &mem, &[]);
+    let mut daemon = Daemon::start(dir.path(), &mem, &["--on-refused", "close"]);
     let (uffd, a, b) = (uffd(), memfd(MEM_LEN), memfd(MEM_LEN));
     let stream = send(
         &daemon,
@@ -162,7 +162,7 @@ fn three_fds_are_refused() {
 #[test]
 fn a_pipe_instead_of_the_userfaultfd_is_refused() {
     let (dir, mem) = workdir();
-    let mut daemon = Daemon::start(dir.path(), &mem, &[]);
+    let mut daemon = Daemon::start(dir.path(), &mem, &["--on-refused", "close"]);
     let (r, _w) = pipe();
     let stream = send(&daemon, &whole_file(), &[r.as_fd()]);
     let e = refused_then_served(&mut daemon, &mem, stream, "is not a userfaultfd");
@@ -182,7 +182,7 @@ fn a_pipe_then_the_userfaultfd_is_refused() {
     // [pipe, uffd]: the handler recognises the userfaultfd in second position (forks that send
     // [memfd, uffd]); the pipe then stands where the guest-memory file goes, and is named.
     let (dir, mem) = workdir();
-    let mut daemon = Daemon::start(dir.path(), &mem, &[]);
+    let mut daemon = Daemon::start(dir.path(), &mem, &["--on-refused", "close"]);
     let (r, _w) = pipe();
     let uffd = uffd();
     let stream = send(&daemon, &whole_file(), &[r.as_fd(), uffd.as_fd()]);
@@ -193,7 +193,7 @@ fn a_pipe_then_the_userfaultfd_is_refused() {
 #[test]
 fn a_pipe_as_the_memory_fd_is_named() {
     let (dir, mem) = workdir();
-    let mut daemon = Daemon::start(dir.path(), &mem, &[]);
+    let mut daemon = Daemon::start(dir.path(), &mem, &["--on-refused", "close"]);
     let (r, _w) = pipe();
     let uffd = uffd();
     let stream = send(&daemon, &whole_file(), &[uffd.as_fd(), r.as_fd()]);
@@ -203,7 +203,7 @@ fn a_pipe_as_the_memory_fd_is_named() {
 #[test]
 fn a_userfaultfd_without_api_handshake_is_refused() {
     let (dir, mem) = workdir();
-    let mut daemon = Daemon::start(dir.path(), &mem, &[]);
+    let mut daemon = Daemon::start(dir.path(), &mem, &["--on-refused", "close"]);
     let raw = Uffd::builder().create_uninit().expect("userfaultfd");
     let stream = send(&daemon, &whole_file(), &[raw.as_fd()]);
     refused_then_served(&mut daemon, &mem, stream, "before its UFFDIO_API handshake");
@@ -337,7 +337,7 @@ fn too_many_regions_are_refused() {
 #[test]
 fn message_over_1_mib_is_refused() {
     let (dir, mem) = workdir();
-    let mut daemon = Daemon::start(dir.path(), &mem, &[]);
+    let mut daemon = Daemon::start(dir.path(), &mem, &["--on-refused", "close"]);
     // About 1.2 MiB of well-formed regions: the handler stops reading at 1 MiB.
     let regions: Vec<GuestRegionUffdMapping> = (0..12_000)
         .map(|i| GuestRegionUffdMapping::new(BASE + i * 2 * 4096, 4096, 0, 4096))
@@ -363,7 +363,7 @@ fn message_over_1_mib_is_refused() {
 #[test]
 fn client_closing_mid_json_is_refused() {
     let (dir, mem) = workdir();
-    let mut daemon = Daemon::start(dir.path(), &mem, &[]);
+    let mut daemon = Daemon::start(dir.path(), &mem, &["--on-refused", "close"]);
     let json = whole_file();
     let half = json.len() / 2;
     let uffd = uffd();
@@ -382,7 +382,11 @@ fn client_closing_mid_json_is_refused() {
 #[test]
 fn silent_client_times_out_while_others_are_served() {
     let (dir, mem) = workdir();
-    let mut daemon = Daemon::start(dir.path(), &mem, &["--handshake-timeout", "1"]);
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &mem,
+        &["--handshake-timeout", "1", "--on-refused", "close"],
+    );
     let silent = UnixStream::connect(daemon.socket()).expect("connect");
     let connected = Instant::now();
     // A good client is served while the silent one holds its connection open.
@@ -423,7 +427,7 @@ fn silent_client_times_out_while_others_are_served() {
 #[test]
 fn userfaultfd_and_memfd_handshake_is_served() {
     let (dir, mem) = workdir();
-    let daemon = Daemon::start(dir.path(), &mem, &[]);
+    let daemon = Daemon::start(dir.path(), &mem, &["--on-refused", "close"]);
     let want = std::fs::read(&mem).expect("reading the memory file");
     for (round, uffd_first) in [true, false].into_iter().enumerate() {
         let socket = daemon.socket().to_owned();
@@ -478,4 +482,67 @@ fn userfaultfd_and_memfd_handshake_is_served() {
     }
     // Nothing was refused but the readiness probe.
     assert_eq!(daemon.log().count(is_refusal), 1, "{}", daemon.log().text());
+}
+
+/// A client refused after it handed over its userfaultfd (here: regions beyond the daemon's
+/// memory file, since its own file is twice as long) has registered memory nobody will serve:
+/// by default the daemon ends it (SIGKILL through its pidfd) and says so, instead of leaving it
+/// asleep on its first fault for ever; the daemon serves the next client. With
+/// `--on-refused close` the same client is only disconnected and still waits when killed here.
+#[test]
+fn a_client_refused_after_handing_over_its_memory_is_ended() {
+    let (dir, mem) = workdir();
+    let bigger = dir.path().join("bigger");
+    common::write_mem_file(&bigger, 2 * MEM_LEN, 4096);
+    let daemon = Daemon::start(dir.path(), &mem, &[]);
+    let out = common::output_within(
+        common::client_command(daemon.socket(), &bigger, &[])
+            .spawn()
+            .expect("spawning a client"),
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(9),
+        "the refused client is killed: {out:?}"
+    );
+    let ended = daemon.log().wait_for("the refused client's end", |l| {
+        fields(l)["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("client ended (SIGKILL)"))
+    });
+    assert!(
+        fields(&ended)["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("past the memory file")),
+        "{ended}"
+    );
+    // Everyone else is still served.
+    let out = common::output_within(
+        common::client_command(daemon.socket(), &mem, &[])
+            .spawn()
+            .expect("spawning a client"),
+        Duration::from_secs(60),
+    );
+    daemon.verified(&out);
+
+    // `--on-refused close`: the refused client is not ended (it waits on its first fault).
+    let (dir2, mem2) = workdir();
+    let keep = Daemon::start(dir2.path(), &mem2, &["--on-refused", "close"]);
+    let mut child = common::client_command(keep.socket(), &bigger, &[])
+        .spawn()
+        .expect("spawning a client");
+    keep.log().wait_for("the refusal", |l| {
+        fields(l)["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("handshake refused"))
+    });
+    // A measurement window, not a synchronisation: it must still be alive after it.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "the client was ended"
+    );
+    child.kill().expect("killing the waiting client");
+    let _ = child.wait();
 }

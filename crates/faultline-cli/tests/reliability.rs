@@ -534,7 +534,7 @@ fn assert_back_to(name: &str, pid: u32, base: Usage, slack_kib: u64) {
 #[test]
 fn a_thousand_client_deaths_leave_nothing_behind() {
     let (dir, mem) = workdir();
-    let daemon = Daemon::start(dir.path(), &mem, &[]);
+    let daemon = Daemon::start(dir.path(), &mem, &["--on-refused", "close"]);
     let supervisor = daemon.pid();
     let worker = daemon.worker_pid(1, DEADLINE);
     let mut deaths = Deaths::new();

@@ -26,6 +26,16 @@
 //! - The session's socket is kept open (by the supervisor) until the session ends, though it no
 //!   longer decides anything: a client that watches it (Firecracker v1.12+ keeps its end open)
 //!   still sees the handler hang up when, and only when, its session is over.
+//!
+//! # A refused client that handed over its memory is ended
+//! Firecracker connects, sends its regions with its userfaultfd and goes on: it never reads an
+//! answer, and its memory is registered. Refused after that (a handshake that fails validation, a
+//! userfaultfd with `EVENT_FORK`, fds the kernel could not deliver because this process is out of
+//! them, a session the fault server or the snapshot cannot take, no worker to serve it), its vCPUs
+//! would wait on their first fault for ever. So such a client is ended explicitly — SIGKILL
+//! through the pidfd taken before its handshake was read — and the end is logged
+//! ([`end_refused_client`]). A connection refused before it handed anything (credentials, the
+//! handshake cap, garbage without a userfaultfd) is only closed.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
@@ -65,6 +75,8 @@ pub struct Refusal {
     pub cause: &'static str,
     /// What went wrong.
     pub error: Error,
+    /// The client had handed over its userfaultfd (its memory is registered): it must be ended.
+    pub handed_uffd: bool,
 }
 
 impl Refusal {
@@ -72,6 +84,14 @@ impl Refusal {
         Refusal {
             cause,
             error: error.into(),
+            handed_uffd: false,
+        }
+    }
+
+    fn after_handover(cause: &'static str, error: impl Into<Error>) -> Refusal {
+        Refusal {
+            handed_uffd: true,
+            ..Refusal::new(cause, error)
         }
     }
 }
@@ -79,6 +99,47 @@ impl Refusal {
 impl From<firecracker::HandshakeError> for Refusal {
     fn from(e: firecracker::HandshakeError) -> Refusal {
         Refusal::new(e.cause(), e)
+    }
+}
+
+impl From<firecracker::Rejected> for Refusal {
+    fn from(r: firecracker::Rejected) -> Refusal {
+        Refusal {
+            handed_uffd: r.handed_uffd,
+            ..Refusal::from(r.error)
+        }
+    }
+}
+
+/// End a client that was refused after it handed over its userfaultfd (see the module docs):
+/// SIGKILL through its pidfd, logged at error level with `why`. Without a pidfd (a kernel that
+/// cannot name processes) the client cannot be ended safely by pid; that is logged too.
+/// Returns whether the client was ended (or had exited already).
+pub fn end_refused_client(pidfd: Option<&OwnedFd>, pid: i32, why: &str) -> bool {
+    let Some(pidfd) = pidfd else {
+        tracing::error!(
+            pid,
+            why,
+            "refused after it handed over its memory, and no pidfd names it: it cannot be ended \
+             and will wait on its first fault"
+        );
+        return false;
+    };
+    match rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::KILL) {
+        Ok(()) => {
+            tracing::error!(
+                pid,
+                why,
+                "client ended (SIGKILL): refused after it handed over its memory, which nobody \
+                 would serve"
+            );
+            true
+        }
+        Err(rustix::io::Errno::SRCH) => true,
+        Err(e) => {
+            tracing::error!(pid, why, error = %e, "cannot end a refused client that handed over its memory");
+            false
+        }
     }
 }
 
@@ -90,13 +151,13 @@ pub fn accept_client(
     pidfd: Option<OwnedFd>,
     limits: &Limits,
 ) -> Result<Accepted, Refusal> {
-    let hs = firecracker::receive_handshake(&stream, limits)?;
-    let uffd = Uffd::from_received_fd(hs.uffd).map_err(|e| Refusal::new("fds", e))?;
+    let hs = firecracker::receive_handshake_or_rejected(&stream, limits)?;
+    let uffd = Uffd::from_received_fd(hs.uffd).map_err(|e| Refusal::after_handover("fds", e))?;
     if uffd.features().contains(Features::EVENT_FORK) {
         // Every fork() of the client would hand us the userfaultfd of a child that no pidfd ties
         // to a process (the kernel names none): a session that could never end. Firecracker
         // never asks for it.
-        return Err(Refusal::new(
+        return Err(Refusal::after_handover(
             "event-fork",
             Error::msg(format!(
                 "client pid {}'s userfaultfd has EVENT_FORK enabled: the sessions of its forked \
@@ -124,6 +185,7 @@ pub(crate) struct ConnCtx {
     limits: Limits,
     allow_uids: Vec<u32>,
     max_handshakes: usize,
+    end_refused: bool,
     /// Handshakes being received now.
     in_flight: AtomicUsize,
     refused: Arc<AtomicU64>,
@@ -143,6 +205,7 @@ impl ConnCtx {
             limits,
             allow_uids: config.allow_uid.clone(),
             max_handshakes: usize::try_from(config.max_handshakes).unwrap_or(usize::MAX),
+            end_refused: config.end_refused_clients,
             in_flight: AtomicUsize::new(0),
             refused,
             log: LogLimit::with_window(LOG_WINDOW),
@@ -221,13 +284,25 @@ impl ConnCtx {
         let spawned = std::thread::Builder::new()
             .name("faultline-handshake".into())
             .spawn(move || {
-                let result = accept_client(stream, peer, pidfd, &ctx.limits);
+                // The pidfd stays here until the handshake is good: a client refused after it
+                // handed over its userfaultfd is ended through it.
+                let result = accept_client(stream, peer, None, &ctx.limits);
                 // The slot is free once the handshake is in (a session's set-up is not a
                 // handshake's: it cannot be stalled by the client).
                 ctx.in_flight.fetch_sub(1, Ordering::AcqRel);
                 match result {
-                    Ok(c) => (ctx.dispatch)(c),
-                    Err(r) => ctx.refuse(r),
+                    Ok(mut c) => {
+                        c.pidfd = pidfd;
+                        (ctx.dispatch)(c)
+                    }
+                    Err(r) => {
+                        let handed = r.handed_uffd;
+                        let why = format!("{}: {:#}", r.cause, r.error);
+                        ctx.refuse(r);
+                        if handed && ctx.end_refused {
+                            end_refused_client(pidfd.as_ref(), peer.pid, &why);
+                        }
+                    }
                 }
             });
         if let Err(e) = spawned {

@@ -67,6 +67,11 @@ pub struct DaemonConfig {
     pub on_exit: OnExit,
     /// What ends a fault that has no right bytes.
     pub on_unservable: OnUnservable,
+    /// End (SIGKILL through its pidfd) a client refused after it handed over its userfaultfd:
+    /// its memory is registered and nobody will serve it (see [`crate::accept`]). `false` only
+    /// closes its connection, leaving it to wait on its first fault (tests that send handshakes
+    /// from their own process).
+    pub end_refused_clients: bool,
     /// How long a fault may stay unresolved before it is unservable (at least a second).
     pub fault_deadline: Duration,
     /// Behave as on a kernel without UFFDIO_POISON (tests of the kill fallback).
@@ -102,6 +107,7 @@ impl Default for DaemonConfig {
             allow_uid: Vec::new(),
             on_exit: OnExit::Abandon,
             on_unservable: OnUnservable::Poison,
+            end_refused_clients: true,
             fault_deadline: Duration::from_secs(60),
             simulate_no_poison: false,
             worker_down_limit: Duration::from_secs(30),
@@ -291,6 +297,7 @@ mod tests {
             allow_uid: vec![0, 1000],
             on_exit: OnExit::Drain,
             on_unservable: OnUnservable::Kill,
+            end_refused_clients: false,
             fault_deadline: Duration::from_secs(7),
             ..DaemonConfig::image("s3://bucket/vm.img")
         };

@@ -29,6 +29,7 @@ pub(crate) struct Core {
     background_fill: bool,
     record: Option<PathBuf>,
     on_unservable: faultline::Unservable,
+    end_refused: bool,
     /// Sessions started so far.
     pub started: Arc<AtomicU64>,
     /// Handshakes refused so far.
@@ -99,6 +100,7 @@ impl Core {
                 || (config.remote.is_some() && config.remote_options.stream),
             record: config.record_ws.clone(),
             on_unservable: config.on_unservable.into(),
+            end_refused: config.end_refused_clients,
             started: Arc::new(AtomicU64::new(0)),
             refused: Arc::new(AtomicU64::new(0)),
         })
@@ -140,6 +142,13 @@ impl Core {
         } else {
             "socket"
         };
+        // Kept until the session is in: a client refused now has handed over its memory and is
+        // ended through it (see `crate::accept`).
+        let ender = c
+            .pidfd
+            .as_ref()
+            .filter(|_| self.end_refused)
+            .and_then(|p| p.try_clone().ok());
         let (pidfd, watch, keep) = match c.pidfd {
             Some(p) => (Some(p), None, c.socket),
             None => (None, c.socket, None),
@@ -195,6 +204,13 @@ impl Core {
             Err(e) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(pid = peer.pid, error = %e, "cannot serve this client; connection closed");
+                if self.end_refused {
+                    crate::accept::end_refused_client(
+                        ender.as_ref(),
+                        peer.pid,
+                        &format!("cannot serve this client: {e}"),
+                    );
+                }
                 Err(e.into())
             }
         }

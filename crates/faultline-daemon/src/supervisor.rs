@@ -314,12 +314,20 @@ impl Supervisor {
             ..Default::default()
         };
         let shared2 = Arc::clone(&shared);
+        let end_refused = args.end_refused_clients;
         let dispatch = Box::new(move |c: Accepted| {
             if shared2.given_up.load(Ordering::Acquire) {
                 tracing::error!(
                     pid = c.peer.pid,
                     "no serve worker can start: client refused; connection closed"
                 );
+                if end_refused {
+                    crate::accept::end_refused_client(
+                        c.pidfd.as_ref(),
+                        c.peer.pid,
+                        "no serve worker can start",
+                    );
+                }
                 return;
             }
             let id = shared2.next_id.fetch_add(1, Ordering::AcqRel);

@@ -37,15 +37,53 @@ pub fn receive_handshake(
     stream: &UnixStream,
     limits: &Limits,
 ) -> Result<Handshake, HandshakeError> {
-    receive_with(stream, limits, RECV_CHUNK).map(|(handshake, _)| handshake)
+    receive_handshake_or_rejected(stream, limits).map_err(|r| r.error)
+}
+
+/// A refused handshake, and whether the client had handed over its userfaultfd first.
+#[derive(Debug)]
+pub struct Rejected {
+    /// Why.
+    pub error: HandshakeError,
+    /// A userfaultfd came with the message, or fds the kernel could not deliver (the control
+    /// message was cut: out of fds here). Such a client has registered its memory and sent its
+    /// only way to have it served: refused, its threads wait on their first fault for ever
+    /// (Firecracker never reads an answer). Whoever refuses it must end it explicitly.
+    pub handed_uffd: bool,
+}
+
+/// [`receive_handshake`], telling whether a refused client had handed over its userfaultfd.
+pub fn receive_handshake_or_rejected(
+    stream: &UnixStream,
+    limits: &Limits,
+) -> Result<Handshake, Rejected> {
+    let mut handed = false;
+    match receive_with_seen(stream, limits, RECV_CHUNK, &mut handed) {
+        Ok((handshake, _)) => Ok(handshake),
+        Err(error) => Err(Rejected {
+            error,
+            handed_uffd: handed,
+        }),
+    }
 }
 
 /// [`receive_handshake`] reading at most `recv_size` bytes per `recvmsg`; also returns how many
 /// `recvmsg` calls it made.
+#[cfg(test)]
 pub(super) fn receive_with(
     stream: &UnixStream,
     limits: &Limits,
     recv_size: usize,
+) -> Result<(Handshake, usize), HandshakeError> {
+    receive_with_seen(stream, limits, recv_size, &mut false)
+}
+
+/// [`receive_with`], setting `handed` once a userfaultfd (or a cut control message) arrived.
+fn receive_with_seen(
+    stream: &UnixStream,
+    limits: &Limits,
+    recv_size: usize,
+    handed: &mut bool,
 ) -> Result<(Handshake, usize), HandshakeError> {
     let peer = peer_cred(stream)?;
     let deadline = Instant::now().checked_add(limits.timeout);
@@ -69,6 +107,12 @@ pub(super) fn receive_with(
             Err(e) => return Err(HandshakeError::io("recvmsg", e)),
         };
         recvs += 1;
+        *handed = *handed
+            || received.truncated
+            || received
+                .fds
+                .iter()
+                .any(|fd| matches!(is_userfaultfd(fd.as_fd()), Some(Ok(())) | None));
         fds.extend(received.fds);
         if received.truncated || fds.len() > 2 {
             return Err(HandshakeError::TooManyFds {
