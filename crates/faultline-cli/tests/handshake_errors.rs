@@ -86,7 +86,11 @@ fn refused_then_served(
     let report = daemon.client(mem, &[]);
     assert_eq!(report["pages"], MEM_LEN / 4096);
     daemon.assert_alive();
-    // The good client's session was the only one: every refused handshake started none.
+    // The good client's session was the only one: every refused handshake started none. (Its
+    // log line may reach us after the client's report: wait for it, then count.)
+    daemon.log().wait_for("the good client's session", |l| {
+        is_message(l, "session started")
+    });
     let started = daemon.log().count(|l| is_message(l, "session started"));
     assert_eq!(started, 1, "{}", daemon.log().text());
     error
