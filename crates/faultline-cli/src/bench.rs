@@ -120,7 +120,7 @@ fn kind_for(page_size: u64) -> Result<MemoryKind> {
 fn generate_file(path: &Path, size: u64, page: u64) -> Result<()> {
     use std::io::Write;
     let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path)?);
-    let mut buf = vec![0u8; page as usize];
+    let mut buf = vec![0u8; usize::try_from(page).expect("4 KiB or 2 MiB (kind_for)")];
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     for p in 0..size / page {
         if (p / 32) % 4 == 3 || p % 97 == 0 {
@@ -154,7 +154,10 @@ fn order(pattern: Pattern, pages: usize, threads: usize, t: usize) -> Vec<usize>
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                v.swap(i, (x % (i as u64 + 1)) as usize);
+                v.swap(
+                    i,
+                    usize::try_from(x % (i as u64 + 1)).expect("at most i, a usize"),
+                );
             }
             v
         }
@@ -165,7 +168,10 @@ fn order(pattern: Pattern, pages: usize, threads: usize, t: usize) -> Vec<usize>
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                v.swap(i, (x % (i as u64 + 1)) as usize);
+                v.swap(
+                    i,
+                    usize::try_from(x % (i as u64 + 1)).expect("at most i, a usize"),
+                );
             }
             v
         }
@@ -227,12 +233,13 @@ fn verify(m: &Mapping, src: &MmapSource, threads: usize) -> Result<()> {
     })
 }
 
-fn percentile(v: &mut [u64], q: f64) -> f64 {
+/// The `pct`-th percentile (the nearest rank, rounding half up) of `v`, in µs from ns.
+fn percentile(v: &mut [u64], pct: usize) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
     v.sort_unstable();
-    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    let i = ((v.len() - 1) * pct.min(100) + 50) / 100;
     v[i] as f64 / 1000.0
 }
 
@@ -287,7 +294,17 @@ impl Ctx {
                 "cannot reserve {need} huge pages"
             );
         }
-        Ok(Mapping::new(self.kind, self.size as usize)?)
+        Ok(Mapping::new(self.kind, self.size_len())?)
+    }
+
+    /// The region's length in memory.
+    fn size_len(&self) -> usize {
+        usize::try_from(self.size).expect("checked to fit usize in run_local")
+    }
+
+    /// The page size in memory.
+    fn page_len(&self) -> usize {
+        usize::try_from(self.page).expect("4 KiB or 2 MiB (kind_for)")
     }
 
     fn uffd(&self) -> Result<Uffd> {
@@ -321,9 +338,9 @@ impl Ctx {
 
     /// Touch, stop the handler, touch again, verify.
     fn passes(&self, m: &Mapping, stop: impl FnOnce()) -> Result<(f64, f64)> {
-        let first = touch(m, self.page as usize, &self.orders);
+        let first = touch(m, self.page_len(), &self.orders);
         stop();
-        let second = touch(m, self.page as usize, &self.orders);
+        let second = touch(m, self.page_len(), &self.orders);
         verify(m, &self.src, self.args.threads.max(2))?;
         Ok((first.as_secs_f64() * 1e3, second.as_secs_f64() * 1e3))
     }
@@ -421,8 +438,8 @@ impl Ctx {
                 io.eexist,
             );
             row.pages_resolved = st.copies;
-            row.p50_us = percentile(&mut st.latencies_ns, 0.5);
-            row.p99_us = percentile(&mut st.latencies_ns, 0.99);
+            row.p50_us = percentile(&mut st.latencies_ns, 50);
+            row.p99_us = percentile(&mut st.latencies_ns, 99);
         }
         Ok(row)
     }
@@ -460,8 +477,8 @@ impl Ctx {
                 st.eexist,
             );
             row.pages_resolved = st.copies;
-            row.p50_us = percentile(&mut st.latencies_ns, 0.5);
-            row.p99_us = percentile(&mut st.latencies_ns, 0.99);
+            row.p50_us = percentile(&mut st.latencies_ns, 50);
+            row.p99_us = percentile(&mut st.latencies_ns, 99);
         }
         Ok(Some(row))
     }
@@ -480,7 +497,7 @@ impl Ctx {
             // never does that (it reads files with pread), so the baseline maps the file itself.
             let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
             let map = FileMapping::map(&file).with_context(|| format!("mapping {path}"))?;
-            let page = self.page as usize;
+            let page = self.page_len();
             let run = |map: &FileMapping| {
                 let start = Instant::now();
                 std::thread::scope(|s| {
@@ -517,15 +534,21 @@ impl Ctx {
             let mut off = 0;
             while off < self.size {
                 let n = chunk.min(self.size - off);
-                let src = (src_ptr + off as usize) as *const u8;
-                match uffd.copy_from_ptr(m.addr() + off, src, n as usize, CopyMode::empty()) {
+                let at = usize::try_from(off).expect("below the size, which fits usize");
+                let src = (src_ptr + at) as *const u8;
+                match uffd.copy_from_ptr(
+                    m.addr() + off,
+                    src,
+                    usize::try_from(n).expect("at most the size, which fits usize"),
+                    CopyMode::empty(),
+                ) {
                     Ok(r) => off += r.bytes(),
                     Err(e) if e.is_already_present() => off += self.page,
                     Err(e) => return Err(e.into()),
                 }
             }
             let first = start.elapsed().as_secs_f64() * 1e3;
-            let second = touch(&m, self.page as usize, &self.orders).as_secs_f64() * 1e3;
+            let second = touch(&m, self.page_len(), &self.orders).as_secs_f64() * 1e3;
             verify(&m, &self.src, self.args.threads.max(2))?;
             row.touch_ms.push(first);
             let io = uffd.stats();
@@ -582,12 +605,12 @@ impl Ctx {
 
     /// Record a working set, then compare on-demand and prefetch replay of it.
     fn working_set(&self, pct: u32) -> Result<WsReport> {
-        let pages = (self.size / self.page) as usize;
+        let pages = self.size_len() / self.page_len();
         let want = (pages * pct.clamp(1, 100) as usize / 100).max(1);
         // A restore-like working set: scattered pages, in a random order.
         let mut set = order(Pattern::Storm, pages, 1, 0);
         set.truncate(want);
-        let page = self.page as usize;
+        let page = self.page_len();
         let src: Arc<dyn PageSource> = self.src.clone();
         let run = |opts: SessionOptions, touch_set: bool| -> Result<(f64, WorkingSet)> {
             let m = self.mapping()?;
@@ -675,7 +698,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .iter()
                 .map(|b| match b {
                     crate::bench_args::FcBackend::OnDemand => crate::bench_fc::Which::OnDemand,
-                    crate::bench_args::FcBackend::BackgroundFill => crate::bench_fc::Which::BackgroundFill,
+                    crate::bench_args::FcBackend::BackgroundFill => {
+                        crate::bench_fc::Which::BackgroundFill
+                    }
                     crate::bench_args::FcBackend::Prefetch => crate::bench_fc::Which::Prefetch,
                 })
                 .collect(),
@@ -727,7 +752,8 @@ pub fn run_local(args: BenchArgs) -> Result<Report> {
         "{} is smaller than --size-mib",
         path.display()
     );
-    let pages = (size / page) as usize;
+    let size_len = usize::try_from(size).context("--size-mib is too large for this machine")?;
+    let pages = size_len / usize::try_from(page).expect("4 KiB or 2 MiB (kind_for)");
     let threads = args.threads.max(1);
     let orders = (0..threads)
         .map(|t| order(args.pattern, pages, threads, t))

@@ -97,7 +97,8 @@ fn unsafe_code_is_confined_to_sys_and_mapping() {
     }
     let main = std::fs::read_to_string(crates.join("faultline-cli/src/main.rs")).expect("main.rs");
     assert!(
-        main.lines().any(|l| l.trim().starts_with("#![deny(unsafe_code)]")),
+        main.lines()
+            .any(|l| l.trim().starts_with("#![deny(unsafe_code)]")),
         "faultline-cli/src/main.rs must deny unsafe code"
     );
 }
