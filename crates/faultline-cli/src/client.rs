@@ -129,10 +129,13 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
         0x20_0000 => MemoryKind::HugetlbPrivate,
         p => bail!("--page-size {p} is not supported"),
     };
+    let page_len = usize::try_from(page).expect("4 KiB or 2 MiB (matched above)");
     ensure!(
         size > 0 && size % page == 0,
         "the memory file's size {size} is not a multiple of {page}"
     );
+    usize::try_from(size)
+        .with_context(|| format!("the memory file's size {size} is too large for this machine"))?;
     let pages = size / page;
     let n = (args.regions.max(1) as u64).min(pages);
     if kind.is_hugetlb() {
@@ -152,7 +155,10 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
     for i in 0..n {
         let region_pages = pages / n + u64::from(i < pages % n);
         let len = region_pages * page;
-        let m = Mapping::new(kind, len as usize)?;
+        let m = Mapping::new(
+            kind,
+            usize::try_from(len).expect("at most the memory file's size, which fits usize"),
+        )?;
         uffd.register(&m, RegisterMode::MISSING)?;
         mappings.push(GuestRegionUffdMapping {
             base_host_virt_addr: m.addr(),
@@ -212,7 +218,7 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
         for m in &maps {
             let mp = m.len() as u64 / page;
             if p < mp {
-                return (m, (p * page) as usize);
+                return (m, usize::try_from(p * page).expect("inside the mapping"));
             }
             p -= mp;
         }
@@ -236,8 +242,8 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
         let ws = working_set_pages(pages, args.ws_pct);
         touch_all(&ws);
         report.working_set_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let mut got = vec![0u8; page as usize];
-        let mut want = vec![0u8; page as usize];
+        let mut got = vec![0u8; page_len];
+        let mut want = vec![0u8; page_len];
         for &p in &ws {
             let (m, off) = locate(p);
             m.read(off, &mut got)?;
@@ -270,18 +276,20 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
     if args.balloon_pct > 0 {
         // Inflate a balloon: drop every k-th page, then check each reads zero (whole pages,
         // possibly 2 MiB ones).
-        let mut got = vec![0u8; page as usize];
+        let mut got = vec![0u8; page_len];
         let every = (100 / args.balloon_pct.clamp(1, 100)) as u64;
         for (i, m) in maps.iter().enumerate() {
             let mp = m.len() as u64 / page;
             for p in (0..mp).filter(|p| (p + i as u64) % every == 0) {
-                m.discard((p * page) as usize, page as usize)?;
+                let at = usize::try_from(p * page).expect("a page of the mapping");
+                m.discard(at, page_len)?;
                 report.ballooned_pages += 1;
             }
             for p in (0..mp).filter(|p| (p + i as u64) % every == 0) {
-                m.read((p * page) as usize, &mut got[..page as usize])?;
+                let at = usize::try_from(p * page).expect("a page of the mapping");
+                m.read(at, &mut got[..page_len])?;
                 ensure!(
-                    got[..page as usize].iter().all(|&b| b == 0),
+                    got[..page_len].iter().all(|&b| b == 0),
                     "ballooned page {p} of region {i} is not zero"
                 );
             }
@@ -299,7 +307,7 @@ pub fn run(args: &ClientArgs) -> Result<ClientReport> {
 /// Read every byte of the guest memory (`maps`, laid out one after the other in the file) and
 /// check it against the snapshot file.
 fn verify_all(maps: &[Mapping], file: &std::fs::File, page: u64) -> Result<()> {
-    let buf_len = (1usize << 20).max(page as usize);
+    let buf_len = (1usize << 20).max(usize::try_from(page).expect("4 KiB or 2 MiB"));
     let mut got = vec![0u8; buf_len];
     let mut want = vec![0u8; buf_len];
     let mut base = 0u64;
@@ -340,8 +348,9 @@ fn hold(on: bool) {
 pub fn working_set_pages(pages: u64, pct: u32) -> Vec<u64> {
     const CLUSTER: u64 = 16;
     let clusters = pages.div_ceil(CLUSTER);
-    let want = ((clusters * u64::from(pct.min(100))) / 100).max(1) as usize;
-    let mut v = Vec::with_capacity(want * CLUSTER as usize);
+    let want = usize::try_from(((clusters * u64::from(pct.min(100))) / 100).max(1))
+        .expect("at most the pages of a memory file whose size fits usize");
+    let mut v = Vec::with_capacity(want * usize::try_from(CLUSTER).expect("16"));
     for c in page_order(Touch::Rand, clusters).into_iter().take(want) {
         v.extend((c * CLUSTER..((c + 1) * CLUSTER).min(pages)).collect::<Vec<_>>());
     }
@@ -356,7 +365,10 @@ fn page_order(touch: Touch, pages: u64) -> Vec<u64> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            v.swap(i, (x % (i as u64 + 1)) as usize);
+            v.swap(
+                i,
+                usize::try_from(x % (i as u64 + 1)).expect("at most i, a usize"),
+            );
         }
     }
     v

@@ -2,10 +2,6 @@
 #![deny(unsafe_code)] // allowed in src/bench/baseline.rs alone (the benchmark's baselines)
 
 mod bench;
-mod bench_args;
-mod bench_fc;
-mod bench_serve;
-mod bench_sources;
 mod client;
 mod demo;
 // Shared with tests/firecracker.rs, which includes it with #[path] and uses parts the bench
@@ -39,7 +35,7 @@ enum Command {
     /// Print the kernel's userfaultfd features and ioctls, and how the fd was created.
     Features,
     /// End-to-end benchmark against baselines measured in the same run.
-    Bench(bench_args::BenchArgs),
+    Bench(bench::args::BenchArgs),
     /// Restore clones of an embedded synthetic snapshot through the handler, every byte verified:
     /// on demand vs working-set prefetch vs eager copy (no files needed).
     Demo(demo::DemoArgs),

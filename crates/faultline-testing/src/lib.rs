@@ -87,7 +87,7 @@ pub fn pattern_byte(seed: u64, page: u64, i: usize) -> u8 {
         .wrapping_add(page.wrapping_mul(0xBF58_476D_1CE4_E5B9))
         .wrapping_add(i as u64 / 8);
     let x = (x ^ (x >> 31)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    let b = (x >> ((i % 8) * 8)) as u8;
+    let b = (x >> ((i % 8) * 8)).to_le_bytes()[0]; // the low byte
     if i == 0 {
         b | 1
     } else {

@@ -63,17 +63,23 @@ pub fn naive_faultline(
             };
             st.faults += 1;
             let dst = address & !(page - 1);
-            let off = (dst - region) as usize;
+            let off = usize::try_from(dst - region).expect("an offset inside the mapped region");
             assert!(
                 dst >= region && dst + page <= region + len,
                 "fault outside the region"
             );
-            match uffd.copy_from_ptr(dst, src.wrapping_add(off), page as usize, CopyMode::empty()) {
+            match uffd.copy_from_ptr(
+                dst,
+                src.wrapping_add(off),
+                usize::try_from(page).expect("a page size"),
+                CopyMode::empty(),
+            ) {
                 Ok(_) => st.copies += 1,
                 Err(e) if e.is_already_present() => st.eexist += 1,
                 Err(e) => panic!("copy: {e}"),
             }
-            st.latencies_ns.push(t.elapsed().as_nanos() as u64);
+            st.latencies_ns
+                .push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
         }
     }
     st
@@ -111,14 +117,14 @@ pub fn naive_crate(
                 dst >= region && dst + page <= region + len,
                 "fault outside the region"
             );
-            let off = (dst - region) as usize;
+            let off = usize::try_from(dst - region).expect("an offset inside the mapped region");
             // SAFETY: `dst` is a page of the registered region (only accessed volatile by the
             // benchmark), `src + off` is readable for `page` bytes (caller's contract).
             let r = unsafe {
                 uffd.copy(
                     src.wrapping_add(off).cast(),
                     dst as *mut std::ffi::c_void,
-                    page as usize,
+                    usize::try_from(page).expect("a page size"),
                     true,
                 )
             };
@@ -131,7 +137,8 @@ pub fn naive_crate(
                 }
                 Err(e) => panic!("userfaultfd crate copy: {e}"),
             }
-            st.latencies_ns.push(t.elapsed().as_nanos() as u64);
+            st.latencies_ns
+                .push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
         }
     }
     st

@@ -789,6 +789,11 @@ mod tests {
 
     const PS: usize = 4096;
 
+    /// A size or offset of a test image, all small.
+    fn us(x: u64) -> usize {
+        usize::try_from(x).expect("a test image's offsets fit usize")
+    }
+
     fn page_of(seed: u64) -> Vec<u8> {
         let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..PS)
@@ -796,7 +801,7 @@ mod tests {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                x as u8
+                x.to_le_bytes()[0]
             })
             .collect()
     }
@@ -809,7 +814,7 @@ mod tests {
         v.extend(page_of(2));
         v.extend(page_of(1));
         v.extend(vec![0u8; PS]);
-        v.extend((0..PS).map(|i| (i / 64) as u8));
+        v.extend((0..PS).map(|i| (i / 64).to_le_bytes()[0]));
         for s in 10..13 {
             v.extend(page_of(s));
         }
@@ -978,14 +983,14 @@ mod tests {
         h.version = 1;
         h.hash_table_offset -= shrink;
         h.base_name_offset -= shrink;
-        let mut tables = img[old.index_offset as usize..old.chunk_table_offset as usize].to_vec();
+        let mut tables = img[us(old.index_offset)..us(old.chunk_table_offset)].to_vec();
         for c in image.chunks() {
             tables.extend_from_slice(&c.encode_v1());
         }
-        tables.extend_from_slice(&img[old.hash_table_offset as usize..]);
+        tables.extend_from_slice(&img[us(old.hash_table_offset)..]);
         h.tables_hash = *blake3::hash(&tables).as_bytes();
         let mut out = h.encode().to_vec();
-        out.extend_from_slice(&img[HEADER_LEN..old.index_offset as usize]);
+        out.extend_from_slice(&img[HEADER_LEN..us(old.index_offset)]);
         out.extend_from_slice(&tables);
         out
     }
@@ -1021,7 +1026,7 @@ mod tests {
             // and exactly the bad one is named.
             let mut bad = img;
             let chunk1 = Image::from_reader(Arc::new(bad.clone())).unwrap().chunks()[1];
-            bad[chunk1.offset as usize + 2 * PS + 7] ^= 1;
+            bad[us(chunk1.offset) + 2 * PS + 7] ^= 1;
             let s = source(bad);
             let e = s.read_at(0, &mut all).unwrap_err();
             assert!(e.what.starts_with("page 6: content hash mismatch"), "{e}");
@@ -1064,7 +1069,7 @@ mod tests {
             // tried), the run's own pages are checked one by one and are fine.
             let mut bad = img;
             let c0 = Image::from_reader(Arc::new(bad.clone())).unwrap().chunks()[0];
-            bad[c0.offset as usize + 5] ^= 1;
+            bad[us(c0.offset) + 5] ^= 1;
             let s = source(bad);
             let mut part = vec![0u8; 3 * PS];
             s.read_at(PS as u64, &mut part).unwrap();
@@ -1124,7 +1129,7 @@ mod tests {
     fn a_corrupt_compressed_chunk_is_a_permanent_error_naming_the_page() {
         // Compressible pages only, two per chunk.
         let raw: Vec<u8> = (0..6 * PS)
-            .map(|i| ((i / 64) ^ (i / PS * 31)) as u8)
+            .map(|i| ((i / 64) ^ (i / PS * 31)).to_le_bytes()[0])
             .collect();
         for codec in [Codec::Zstd, Codec::Lz4] {
             let opts = PackOptions {
@@ -1135,7 +1140,7 @@ mod tests {
             let image = Image::from_reader(Arc::new(img.clone())).unwrap();
             let c = image.chunks()[1];
             assert!(!c.is_raw(), "{codec:?}: {c:?}");
-            let (start, len) = (c.offset as usize, c.stored_len as usize);
+            let (start, len) = (us(c.offset), c.stored_len as usize);
 
             // A broken frame: the codec fails; both pages of the chunk name themselves.
             let mut bad = img.clone();
@@ -1152,7 +1157,7 @@ mod tests {
             // The other chunks are fine.
             for page in [0u64, 1, 4, 5] {
                 s.read_at(page * PS as u64, &mut buf).unwrap();
-                assert_eq!(buf, raw[page as usize * PS..][..PS]);
+                assert_eq!(buf, raw[us(page) * PS..][..PS]);
             }
 
             // Flipped bytes inside the frame: decoding fails or yields other bytes; either way
@@ -1165,7 +1170,7 @@ mod tests {
             let mut failed = 0;
             for page in [2u64, 3] {
                 match s.read_at(page * PS as u64, &mut buf) {
-                    Ok(()) => assert_eq!(buf, raw[page as usize * PS..][..PS], "{codec:?}"),
+                    Ok(()) => assert_eq!(buf, raw[us(page) * PS..][..PS], "{codec:?}"),
                     Err(e) => {
                         assert!(e.what.starts_with(&format!("page {page}: ")), "{e}");
                         failed += 1;
@@ -1234,14 +1239,14 @@ mod tests {
         assert_eq!(image.page_hash(3), Some(xxh(a)));
         // Chunk 0 holds a and b, stored raw: its hash is XXH3-128 of both, then 16 zeros.
         let c0 = image.chunks()[0];
-        let bytes = &img[c0.offset as usize..][..c0.raw_len as usize];
+        let bytes = &img[us(c0.offset)..][..c0.raw_len as usize];
         assert_eq!(bytes, &raw[PS..3 * PS]);
         let mut want = [0u8; 32];
         want[..16].copy_from_slice(&xxh(bytes));
         assert_eq!(c0.hash, Some(want));
         // The same memory with BLAKE3: BLAKE3 hashes, a different image id.
         let b = Image::from_reader(Arc::new(packed(&raw, &opts(HashAlg::Blake3)))).unwrap();
-        assert_eq!(img.len(), b.file_len() as usize);
+        assert_eq!(img.len(), us(b.file_len()));
         assert_eq!(
             b.page_hash(1),
             Some(format::truncate(blake3::hash(a).as_bytes()))
@@ -1290,7 +1295,7 @@ mod tests {
 
     /// A second handle on the same diff bytes (Image is not Clone).
     fn diff_copy(d: &Image) -> Image {
-        let mut bytes = vec![0u8; d.file_len() as usize];
+        let mut bytes = vec![0u8; us(d.file_len())];
         d.reader.read_at(0, &mut bytes).unwrap();
         Image::from_reader(Arc::new(bytes)).unwrap()
     }
@@ -1316,7 +1321,7 @@ mod tests {
         for (cut, needle) in [
             (100, "the header ends at byte 256"),
             (HEADER_LEN + 10, "the chunk data ends at byte"),
-            (h.index_offset as usize + 3, "the page index ends at byte"),
+            (us(h.index_offset) + 3, "the page index ends at byte"),
             (img.len() - 1, "the hash table ends at byte"),
         ] {
             let e = Image::from_reader(Arc::new(img[..cut].to_vec())).unwrap_err();

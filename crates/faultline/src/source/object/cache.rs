@@ -605,6 +605,11 @@ mod tests {
 
     const BS: u64 = 8192;
 
+    /// A test size or offset, all small.
+    fn us(x: u64) -> usize {
+        usize::try_from(x).expect("a test size fits usize")
+    }
+
     /// Block `b`: page 0 pattern bytes, page 1 zero (so the zero map has something to say).
     fn block(b: u64, len: u64) -> Vec<u8> {
         (0..len)
@@ -612,7 +617,7 @@ mod tests {
                 if i >= PAGE {
                     0
                 } else {
-                    (i as u8) ^ (b as u8).wrapping_mul(31) | 1
+                    i.to_le_bytes()[0] ^ b.to_le_bytes()[0].wrapping_mul(31) | 1
                 }
             })
             .collect()
@@ -643,9 +648,9 @@ mod tests {
 
     #[test]
     fn zero_maps_mark_exactly_the_zero_pages() {
-        let mut blk = vec![0u8; 3 * PAGE as usize + 100];
-        blk[PAGE as usize + 4095] = 1; // page 1: one byte at its very end
-        blk[3 * PAGE as usize + 99] = 7; // the short page 3
+        let mut blk = vec![0u8; 3 * us(PAGE) + 100];
+        blk[us(PAGE) + 4095] = 1; // page 1: one byte at its very end
+        blk[3 * us(PAGE) + 99] = 7; // the short page 3
         assert_eq!(zero_map(&blk, 1), [0b0101]);
         assert!(
             bytes_are_zero(&[0; 33])
@@ -732,7 +737,7 @@ mod tests {
         }
         let c = BlockCache::open(root.path(), &id(len), 1 << 20).unwrap();
         assert_eq!(c.usage().blocks, 2);
-        let mut buf = vec![0u8; BS as usize];
+        let mut buf = vec![0u8; us(BS)];
         assert!(c.read(0, 0, &mut buf).unwrap());
         assert_eq!(buf, block(0, BS));
         assert!(c.read(2, 0, &mut buf).unwrap());
@@ -763,7 +768,7 @@ mod tests {
         assert!(!c.insert(FLUSH_EVERY as u64, &block(0, BS)).unwrap());
         // A process killed now never runs Drop: read what is on disk as a new process would.
         let index = std::fs::read(c.dir().join("index")).unwrap();
-        let record = c.record as usize;
+        let record = us(c.record);
         let present: Vec<usize> = (0..64).filter(|&b| index[b * record] == 1).collect();
         assert_eq!(present, (0..FLUSH_EVERY).collect::<Vec<_>>());
         // Evicting a committed block clears its presence byte at once.

@@ -1,5 +1,5 @@
-//! The flags of `faultline bench`, shared by its runners (`bench`, `bench_sources`) so that
-//! neither imports the other's.
+//! The flags of `faultline bench`, shared by its runners (`local`, `serve`, `sources`, `fc`) so
+//! that none imports another's.
 
 use std::path::PathBuf;
 

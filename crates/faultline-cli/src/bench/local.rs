@@ -1,271 +1,22 @@
-//! `faultline bench`: end-to-end fault serving against baselines measured in the same run.
-//!
-//! A region (default 1 GiB) is served from a page-cached file and touched from several threads
-//! (one read per page), then every byte is verified against the file. Variants:
-//! - `faultline`: the runtime's server (with CPU placement free and pinned);
-//! - `naive`: one thread, one message per read, one 4 KiB COPY per fault (the public examples);
-//! - `crate`: the same naive loop on the `userfaultfd` crate (feature `crate-baseline`);
-//! - `kernel`: the kernel's own path, a read-only file mapping of the same file;
-//! - `eager`: the whole file copied in 2 MiB `UFFDIO_COPY`s before any touch: the ceiling of
-//!   COPY-based serving.
-//!
-//! Fault overhead = the first touch pass minus a second pass over the now-present memory.
+//! The in-process variants of `faultline bench` (see [`super`]): the runtime's server, the naive
+//! baselines, the kernel's file mapping and the eager ceiling, on one region, each measured
+//! with the same touch passes.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use faultline::source::{MmapSource, PageSource};
 use faultline::{Readahead, Region, Server, ServerConfig, SessionOptions, WorkingSet};
 use faultline_uffd::{CopyMode, Features, Mapping, MemoryKind, RegisterMode, Uffd};
-use serde::Serialize;
 
-use crate::bench_args::{BenchArgs, Pattern, Placement, ReadaheadArg};
+use super::args::{BenchArgs, Pattern, Placement, ReadaheadArg};
 
-use self::baseline::FileMapping;
+use super::baseline::{self, FileMapping};
 
-pub mod baseline;
-
-/// One measured variant.
-#[derive(Debug, Clone, Serialize)]
-pub struct Row {
-    /// Variant name.
-    pub name: String,
-    /// First-touch pass, each repetition (ms).
-    pub touch_ms: Vec<f64>,
-    /// Present pass (ms, min).
-    pub present_ms: f64,
-    /// Fault overhead (ms, min over repetitions).
-    pub overhead_ms: f64,
-    /// Throughput of the first pass (MiB/s, best).
-    pub mib_s: f64,
-    /// Fault messages.
-    pub faults: u64,
-    /// Resolve ioctls.
-    pub resolves: u64,
-    /// UFFDIO_WAKE calls.
-    pub wakes: u64,
-    /// EEXIST answers.
-    pub eexist: u64,
-    /// Pages resolved successfully (each page once is the ideal).
-    pub pages_resolved: u64,
-    /// Median fault latency (µs).
-    pub p50_us: f64,
-    /// 99th percentile fault latency (µs).
-    pub p99_us: f64,
-    /// Memory the server accounts for itself (bitmaps, buffers, histograms), bytes.
-    pub handler_bytes: Option<u64>,
-    /// Growth of the process's anonymous memory outside the served region while serving (also
-    /// counts glibc's cached thread stacks and arenas), bytes.
-    pub handler_rss_delta: Option<u64>,
-}
-
-impl Row {
-    fn min_ms(&self) -> f64 {
-        self.touch_ms.iter().cloned().fold(f64::INFINITY, f64::min)
-    }
-    fn median_ms(&self) -> f64 {
-        let mut v = self.touch_ms.clone();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    }
-}
-
-/// The whole report.
-#[derive(Debug, Serialize)]
-pub struct Report {
-    /// Kernel release.
-    pub kernel: String,
-    /// Region size (bytes).
-    pub size: u64,
-    /// Page size.
-    pub page_size: u64,
-    /// Pattern.
-    pub pattern: Pattern,
-    /// Touching threads.
-    pub threads: usize,
-    /// Rows.
-    pub rows: Vec<Row>,
-    /// Ratios against baselines.
-    pub ratios: Vec<(String, f64)>,
-    /// Working-set results, if measured.
-    pub working_set: Option<WsReport>,
-}
-
-/// Working-set record/replay results.
-#[derive(Debug, Serialize)]
-pub struct WsReport {
-    /// Pages in the working set.
-    pub pages: usize,
-    /// Time until all were present when served on demand (ms).
-    pub on_demand_ms: f64,
-    /// Time until all were present with prefetch replay (ms).
-    pub prefetch_ms: f64,
-    /// on_demand / prefetch.
-    pub speedup: f64,
-}
-
-fn kind_for(page_size: u64) -> Result<MemoryKind> {
-    match page_size {
-        4096 => Ok(MemoryKind::PrivateAnonymous),
-        0x20_0000 => Ok(MemoryKind::HugetlbPrivate),
-        other => bail!("--page-size {other} is not supported (4096 or 2097152)"),
-    }
-}
-
-/// Deterministic snapshot-like content: a quarter of the pages zero in runs of 32 pages (free
-/// memory), a few isolated zero pages (one in 97), the rest pseudo-random.
-fn generate_file(path: &Path, size: u64, page: u64) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path)?);
-    let mut buf = vec![0u8; page as usize];
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    for p in 0..size / page {
-        if (p / 32) % 4 == 3 || p % 97 == 0 {
-            buf.fill(0);
-        } else {
-            for w in buf.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                w.copy_from_slice(&x.to_le_bytes());
-            }
-        }
-        f.write_all(&buf)?;
-    }
-    f.flush()?;
-    Ok(())
-}
-
-/// Page order for one thread.
-fn order(pattern: Pattern, pages: usize, threads: usize, t: usize) -> Vec<usize> {
-    match pattern {
-        Pattern::Seq => {
-            let per = pages.div_ceil(threads);
-            (t * per..((t + 1) * per).min(pages)).collect()
-        }
-        Pattern::Rand => {
-            let per = pages.div_ceil(threads);
-            let mut v: Vec<usize> = (t * per..((t + 1) * per).min(pages)).collect();
-            let mut x = 0x2545_F491_4F6C_DD1Du64 ^ (t as u64 + 1);
-            for i in (1..v.len()).rev() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                v.swap(i, (x % (i as u64 + 1)) as usize);
-            }
-            v
-        }
-        Pattern::Storm => {
-            let mut v: Vec<usize> = (0..pages).collect();
-            let mut x = 0x1234_5678_9ABC_DEF1u64;
-            for i in (1..v.len()).rev() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                v.swap(i, (x % (i as u64 + 1)) as usize);
-            }
-            v
-        }
-    }
-}
-
-/// Touch every page of `orders` (one read per page) from one thread each; returns the time.
-fn touch(m: &Mapping, page: usize, orders: &[Vec<usize>]) -> Duration {
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for o in orders {
-            s.spawn(move || {
-                let mut acc = 0u8;
-                for &p in o {
-                    acc ^= m.read_u8(p * page).unwrap_or(0);
-                }
-                std::hint::black_box(acc);
-            });
-        }
-    });
-    start.elapsed()
-}
-
-/// Compare every byte of `m` with `src`, in parallel.
-fn verify(m: &Mapping, src: &MmapSource, threads: usize) -> Result<()> {
-    let len = m.len();
-    let chunk = (len / threads.max(1)).next_multiple_of(1 << 20);
-    std::thread::scope(|s| -> Result<()> {
-        let hs: Vec<_> = (0..len.div_ceil(chunk))
-            .map(|i| {
-                s.spawn(move || -> Result<()> {
-                    let mut got = vec![0u8; 1 << 20];
-                    let mut want = vec![0u8; 1 << 20];
-                    let end = ((i + 1) * chunk).min(len);
-                    let mut off = i * chunk;
-                    while off < end {
-                        let n = (end - off).min(got.len());
-                        m.read(off, &mut got[..n])?;
-                        src.read_at(off as u64, &mut want[..n])?;
-                        if got[..n] != want[..n] {
-                            let at = got[..n]
-                                .iter()
-                                .zip(&want[..n])
-                                .position(|(a, b)| a != b)
-                                .unwrap_or(0);
-                            bail!("byte {} differs from the file", off + at);
-                        }
-                        off += n;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for h in hs {
-            h.join()
-                .map_err(|_| anyhow::anyhow!("verifier panicked"))??;
-        }
-        Ok(())
-    })
-}
-
-fn percentile(v: &mut [u64], q: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_unstable();
-    let i = ((v.len() - 1) as f64 * q).round() as usize;
-    v[i] as f64 / 1000.0
-}
-
-/// Anonymous memory of this process outside `[skip_start, skip_end)`, from /proc/self/smaps.
-fn anon_outside(skip_start: u64, skip_end: u64) -> u64 {
-    let Ok(s) = std::fs::read_to_string("/proc/self/smaps") else {
-        return 0;
-    };
-    let mut total = 0;
-    let mut skip = false;
-    for line in s.lines() {
-        if let Some((range, _)) = line.split_once(' ') {
-            if let Some((a, b)) = range.split_once('-') {
-                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                    skip = a < skip_end && skip_start < b;
-                    continue;
-                }
-            }
-        }
-        if let Some(rest) = line.strip_prefix("Anonymous:") {
-            if !skip {
-                total += rest
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or(0)
-                    * 1024;
-            }
-        }
-    }
-    total
-}
+use super::report::{print_report, Report, Row, WsReport};
+use super::workload::{anon_outside, generate_file, kind_for, order, percentile, touch, verify};
 
 struct Ctx {
     args: BenchArgs,
@@ -287,7 +38,17 @@ impl Ctx {
                 "cannot reserve {need} huge pages"
             );
         }
-        Ok(Mapping::new(self.kind, self.size as usize)?)
+        Ok(Mapping::new(self.kind, self.size_len())?)
+    }
+
+    /// The region's length in memory.
+    fn size_len(&self) -> usize {
+        usize::try_from(self.size).expect("checked to fit usize in run_local")
+    }
+
+    /// The page size in memory.
+    fn page_len(&self) -> usize {
+        usize::try_from(self.page).expect("4 KiB or 2 MiB (kind_for)")
     }
 
     fn uffd(&self) -> Result<Uffd> {
@@ -321,9 +82,9 @@ impl Ctx {
 
     /// Touch, stop the handler, touch again, verify.
     fn passes(&self, m: &Mapping, stop: impl FnOnce()) -> Result<(f64, f64)> {
-        let first = touch(m, self.page as usize, &self.orders);
+        let first = touch(m, self.page_len(), &self.orders);
         stop();
-        let second = touch(m, self.page as usize, &self.orders);
+        let second = touch(m, self.page_len(), &self.orders);
         verify(m, &self.src, self.args.threads.max(2))?;
         Ok((first.as_secs_f64() * 1e3, second.as_secs_f64() * 1e3))
     }
@@ -421,8 +182,8 @@ impl Ctx {
                 io.eexist,
             );
             row.pages_resolved = st.copies;
-            row.p50_us = percentile(&mut st.latencies_ns, 0.5);
-            row.p99_us = percentile(&mut st.latencies_ns, 0.99);
+            row.p50_us = percentile(&mut st.latencies_ns, 50);
+            row.p99_us = percentile(&mut st.latencies_ns, 99);
         }
         Ok(row)
     }
@@ -460,8 +221,8 @@ impl Ctx {
                 st.eexist,
             );
             row.pages_resolved = st.copies;
-            row.p50_us = percentile(&mut st.latencies_ns, 0.5);
-            row.p99_us = percentile(&mut st.latencies_ns, 0.99);
+            row.p50_us = percentile(&mut st.latencies_ns, 50);
+            row.p99_us = percentile(&mut st.latencies_ns, 99);
         }
         Ok(Some(row))
     }
@@ -480,7 +241,7 @@ impl Ctx {
             // never does that (it reads files with pread), so the baseline maps the file itself.
             let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
             let map = FileMapping::map(&file).with_context(|| format!("mapping {path}"))?;
-            let page = self.page as usize;
+            let page = self.page_len();
             let run = |map: &FileMapping| {
                 let start = Instant::now();
                 std::thread::scope(|s| {
@@ -517,15 +278,21 @@ impl Ctx {
             let mut off = 0;
             while off < self.size {
                 let n = chunk.min(self.size - off);
-                let src = (src_ptr + off as usize) as *const u8;
-                match uffd.copy_from_ptr(m.addr() + off, src, n as usize, CopyMode::empty()) {
+                let at = usize::try_from(off).expect("below the size, which fits usize");
+                let src = (src_ptr + at) as *const u8;
+                match uffd.copy_from_ptr(
+                    m.addr() + off,
+                    src,
+                    usize::try_from(n).expect("at most the size, which fits usize"),
+                    CopyMode::empty(),
+                ) {
                     Ok(r) => off += r.bytes(),
                     Err(e) if e.is_already_present() => off += self.page,
                     Err(e) => return Err(e.into()),
                 }
             }
             let first = start.elapsed().as_secs_f64() * 1e3;
-            let second = touch(&m, self.page as usize, &self.orders).as_secs_f64() * 1e3;
+            let second = touch(&m, self.page_len(), &self.orders).as_secs_f64() * 1e3;
             verify(&m, &self.src, self.args.threads.max(2))?;
             row.touch_ms.push(first);
             let io = uffd.stats();
@@ -582,12 +349,12 @@ impl Ctx {
 
     /// Record a working set, then compare on-demand and prefetch replay of it.
     fn working_set(&self, pct: u32) -> Result<WsReport> {
-        let pages = (self.size / self.page) as usize;
+        let pages = self.size_len() / self.page_len();
         let want = (pages * pct.clamp(1, 100) as usize / 100).max(1);
         // A restore-like working set: scattered pages, in a random order.
         let mut set = order(Pattern::Storm, pages, 1, 0);
         set.truncate(want);
-        let page = self.page as usize;
+        let page = self.page_len();
         let src: Arc<dyn PageSource> = self.src.clone();
         let run = |opts: SessionOptions, touch_set: bool| -> Result<(f64, WorkingSet)> {
             let m = self.mapping()?;
@@ -653,51 +420,6 @@ impl Ctx {
     }
 }
 
-/// Run the benchmark and print the table (and JSON if asked).
-pub fn run(args: BenchArgs) -> Result<()> {
-    if args.remote || args.sources {
-        return crate::bench_sources::run(&args).map(|_| ());
-    }
-    if args.firecracker {
-        let report = crate::bench_fc::run(&crate::bench_fc::FcBenchArgs {
-            repeat: args.repeat,
-            clones: args.fc_clones.clone(),
-            kit: args.fc_kit.clone(),
-            mem_mib: args.fc_mem_mib,
-            serve_flags: args.fc_serve_flag.clone(),
-            variants: args
-                .fc_variant
-                .iter()
-                .map(|v| v.split_whitespace().map(str::to_string).collect())
-                .collect(),
-            backends: args
-                .fc_backends
-                .iter()
-                .map(|b| match b {
-                    crate::bench_args::FcBackend::OnDemand => crate::bench_fc::Which::OnDemand,
-                    crate::bench_args::FcBackend::BackgroundFill => {
-                        crate::bench_fc::Which::BackgroundFill
-                    }
-                    crate::bench_args::FcBackend::Prefetch => crate::bench_fc::Which::Prefetch,
-                })
-                .collect(),
-        })?;
-        if let Some(p) = &args.json {
-            std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
-        }
-        return Ok(());
-    }
-    if args.serve {
-        let rows =
-            crate::bench_serve::run(args.size_mib, args.clients, args.threads, args.file.clone())?;
-        if let Some(p) = &args.json {
-            std::fs::write(p, serde_json::to_string_pretty(&rows)?)?;
-        }
-        return Ok(());
-    }
-    run_local(args).map(|_| ())
-}
-
 /// The in-process benchmark (see the module doc).
 pub fn run_local(args: BenchArgs) -> Result<Report> {
     let page = args.page_size;
@@ -729,7 +451,8 @@ pub fn run_local(args: BenchArgs) -> Result<Report> {
         "{} is smaller than --size-mib",
         path.display()
     );
-    let pages = (size / page) as usize;
+    let size_len = usize::try_from(size).context("--size-mib is too large for this machine")?;
+    let pages = size_len / usize::try_from(page).expect("4 KiB or 2 MiB (kind_for)");
     let threads = args.threads.max(1);
     let orders = (0..threads)
         .map(|t| order(args.pattern, pages, threads, t))
@@ -856,59 +579,4 @@ pub fn run_local(args: BenchArgs) -> Result<Report> {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(report)
-}
-
-fn print_report(r: &Report) {
-    println!(
-        "\nfaultline bench: {} MiB, {} B pages, pattern {:?}, {} touching threads, kernel {}",
-        r.size >> 20,
-        r.page_size,
-        r.pattern,
-        r.threads,
-        r.kernel
-    );
-    println!(
-        "{:<34} {:>9} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>6} {:>5} {:>7} {:>8} {:>9}",
-        "variant",
-        "min ms",
-        "median",
-        "overhead",
-        "MiB/s",
-        "faults",
-        "resolves",
-        "pages",
-        "EEXIST",
-        "wakes",
-        "p50 µs",
-        "p99 µs",
-        "handler"
-    );
-    for row in &r.rows {
-        println!(
-            "{:<34} {:>9.1} {:>9.1} {:>9.1} {:>7.0} {:>8} {:>8} {:>8} {:>6} {:>5} {:>7.1} {:>8.1} {:>9}",
-            row.name,
-            row.min_ms(),
-            row.median_ms(),
-            row.overhead_ms,
-            row.mib_s,
-            row.faults,
-            row.resolves,
-            row.pages_resolved,
-            row.eexist,
-            row.wakes,
-            row.p50_us,
-            row.p99_us,
-            row.handler_bytes.map(|b| format!("{} KiB", b >> 10)).unwrap_or_else(|| "-".into())
-        );
-    }
-    println!();
-    for (name, v) in &r.ratios {
-        println!("  {name:<62} {v:>8.3}");
-    }
-    if let Some(ws) = &r.working_set {
-        println!(
-            "  working set of {} pages: on demand {:.1} ms, prefetch replay {:.1} ms: {:.2}x faster",
-            ws.pages, ws.on_demand_ms, ws.prefetch_ms, ws.speedup
-        );
-    }
 }

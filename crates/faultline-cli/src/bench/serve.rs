@@ -156,7 +156,7 @@ fn naive_handler(
                     let base = src
                         .ptr_at(r.offset, r.len)
                         .expect("mmap source lends pointers");
-                    let st = crate::bench::baseline::naive_faultline(
+                    let st = super::baseline::naive_faultline(
                         &uffd,
                         r.start,
                         r.len,
