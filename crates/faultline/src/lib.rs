@@ -46,8 +46,8 @@
 //! | `tokio` | `uffd::tokio`: the async userfaultfd event stream | tokio |
 //!
 //! Measured when the features came (issue 14, 2-core machine): without features `faultline`
-//! depends on 33 crates, itself included (`cargo tree -e normal`, unique name and version), with
-//! all of them on 151, as many as before, when all of it was always built; a clean debug build
+//! depends on 32 crates, itself included (`cargo tree -e normal`, unique name and version), with
+//! all of them on 150, about as many as before (151), when all of it was always built; a clean debug build
 //! of it took 24 s of CPU without features, 94 s with all of them and 116 s before (aws-lc-rs's C
 //! build is gone). The README has the details.
 //!
