@@ -254,6 +254,8 @@ struct ServeProc {
     child: Child,
     socket: PathBuf,
     lines: Arc<LogLines>,
+    /// `--no-supervisor`: one process, no worker.
+    single: bool,
 }
 
 /// A daemon's log lines so far, and whether its stderr closed.
@@ -312,6 +314,7 @@ impl ServeProc {
             child,
             socket: socket.to_owned(),
             lines,
+            single: flags.contains(&"--no-supervisor"),
         };
         // Bounded poll: the daemon's readiness is its socket accepting (the probe is logged as
         // a refused handshake, harmlessly).
@@ -365,6 +368,12 @@ impl ServeProc {
     /// The CPU time of the supervisor and its live worker: the processes' clock ticks, and
     /// every live thread's run time.
     fn cpu(&self) -> Result<Cpu> {
+        if self.single {
+            return Ok(Cpu {
+                ticks: proc_stat(self.child.id())?.0,
+                threads: thread_runtimes(self.child.id())?,
+            });
+        }
         let worker = self.wait("the worker's start", |lines| {
             lines.iter().rev().find_map(|l| match message(l) {
                 Some((m, f)) if m == "worker started" => f["worker"].as_u64(),
