@@ -16,7 +16,9 @@
 //!   byte is read and before any thread is started for it.
 //! - At most [`DaemonConfig::max_handshakes`](crate::DaemonConfig::max_handshakes) handshakes are
 //!   received at once, each on its own thread and each holding at most [`Limits::max_message`]
-//!   bytes: threads and bytes in flight are bounded. A connection over the cap is refused at once.
+//!   bytes: threads and bytes in flight are bounded. Over the cap, a connection whose whole
+//!   handshake is already there (Firecracker sends it in one message right after connecting;
+//!   10 ms of grace) is received at once on the accept thread; any other is refused.
 //! - An `accept` that fails (out of fds: `EMFILE`, `ENFILE`; out of memory) is retried after a
 //!   pause that doubles from 5 ms to 1 s, instead of at once in a loop; the open-file soft limit
 //!   is raised to the hard limit at start ([`raise_fd_limit`](crate::raise_fd_limit)).
@@ -176,6 +178,10 @@ pub fn accept_client(
     })
 }
 
+/// At the handshake cap, how long a new connection's message may take to arrive whole before it
+/// is refused (a client connects, then sends at once; one that trickles keeps a slot waiting).
+const AT_CAP_GRACE: Duration = Duration::from_millis(10);
+
 /// The window of the log's rate limit.
 pub const LOG_WINDOW: Duration = Duration::from_secs(1);
 
@@ -213,6 +219,30 @@ impl ConnCtx {
         }
     }
 
+    /// A received handshake becomes a session (dispatched), or is refused; a client refused
+    /// after it handed over its userfaultfd is ended through `pidfd`.
+    fn conclude(
+        &self,
+        result: Result<Accepted, Refusal>,
+        pidfd: Option<OwnedFd>,
+        peer: firecracker::PeerCred,
+    ) {
+        match result {
+            Ok(mut c) => {
+                c.pidfd = pidfd;
+                (self.dispatch)(c)
+            }
+            Err(r) => {
+                let handed = r.handed_uffd;
+                let why = format!("{}: {:#}", r.cause, r.error);
+                self.refuse(r);
+                if handed && self.end_refused {
+                    end_refused_client(pidfd.as_ref(), peer.pid, &why);
+                }
+            }
+        }
+    }
+
     /// Counts and logs (rate-limited per cause) a refused connection; the caller closes it.
     fn refuse(&self, r: Refusal) {
         self.refused.fetch_add(1, Ordering::Relaxed);
@@ -242,9 +272,15 @@ impl ConnCtx {
             ));
             return true;
         }
-        // Only this thread adds to `in_flight`, so the check holds until the add.
+        // Only this thread adds to `in_flight`, so the check holds until the add. At the cap, a
+        // client whose whole handshake already waits (Firecracker sends it in one message right
+        // after connecting) is still taken, here, at once: it costs no wait, and refusing it
+        // would leave its registered memory unserved. Only clients that keep a handshake slot
+        // waiting are refused.
         let busy = self.in_flight.load(Ordering::Acquire);
-        if busy >= self.max_handshakes {
+        let inline = busy >= self.max_handshakes
+            && firecracker::handshake_waiting(&stream, self.limits.max_message, AT_CAP_GRACE);
+        if busy >= self.max_handshakes && !inline {
             self.refuse(Refusal::new(
                 "busy",
                 Error::msg(format!(
@@ -279,6 +315,11 @@ impl ConnCtx {
                 return !out_of_fds;
             }
         };
+        if inline {
+            let result = accept_client(stream, peer, None, &self.limits);
+            self.conclude(result, pidfd, peer);
+            return true;
+        }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let ctx = Arc::clone(self);
         let spawned = std::thread::Builder::new()
@@ -290,20 +331,7 @@ impl ConnCtx {
                 // The slot is free once the handshake is in (a session's set-up is not a
                 // handshake's: it cannot be stalled by the client).
                 ctx.in_flight.fetch_sub(1, Ordering::AcqRel);
-                match result {
-                    Ok(mut c) => {
-                        c.pidfd = pidfd;
-                        (ctx.dispatch)(c)
-                    }
-                    Err(r) => {
-                        let handed = r.handed_uffd;
-                        let why = format!("{}: {:#}", r.cause, r.error);
-                        ctx.refuse(r);
-                        if handed && ctx.end_refused {
-                            end_refused_client(pidfd.as_ref(), peer.pid, &why);
-                        }
-                    }
-                }
+                ctx.conclude(result, pidfd, peer);
             });
         if let Err(e) = spawned {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);

@@ -161,6 +161,29 @@ fn receive_with_seen(
     ))
 }
 
+/// Whether a whole handshake message already waits in `stream`'s receive queue (looked at with
+/// `MSG_PEEK`: nothing is consumed, the fds stay queued). Firecracker sends its message in one
+/// `sendmsg` right after connecting, so its handshake can be received at once without waiting;
+/// a handler at its cap of handshakes in flight can still take it instead of refusing a client
+/// whose memory is already registered.
+///
+/// A message not there yet is waited for up to `grace` (a client connects, then sends).
+pub fn handshake_waiting(stream: &UnixStream, max_message: usize, grace: Duration) -> bool {
+    let mut fds = [PollFd::new(stream, PollFlags::IN)];
+    let grace = Timespec::try_from(grace).ok();
+    if !matches!(poll(&mut fds, grace.as_ref()), Ok(n) if n > 0) {
+        return false;
+    }
+    let mut peek = vec![0u8; max_message.clamp(1, RECV_CHUNK)];
+    match rustix::net::recv(stream, &mut peek, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Ok((n, _)) if n > 0 => {
+            let bytes = peek.get(..n).unwrap_or_default();
+            JsonFramer::new().feed(bytes) != Framing::NeedMore
+        }
+        _ => false,
+    }
+}
+
 /// The credentials of the client at the other end of `stream` (`SO_PEERCRED`), read without
 /// touching the stream's bytes: a server vets the client with them before reading anything.
 pub fn peer_cred(stream: &UnixStream) -> Result<PeerCred, HandshakeError> {

@@ -62,8 +62,8 @@ pub use error::HandshakeError;
 pub use fdpass::send_with_fds;
 pub use framing::{parse_mappings, Framing, JsonFramer};
 pub use handshake::{
-    encode_mappings, peer_cred, receive_handshake, receive_handshake_or_rejected, send_handshake,
-    send_handshake_chunked, Rejected,
+    encode_mappings, handshake_waiting, peer_cred, receive_handshake,
+    receive_handshake_or_rejected, send_handshake, send_handshake_chunked, Rejected,
 };
 pub use validate::validate;
 

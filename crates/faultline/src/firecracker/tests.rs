@@ -923,3 +923,49 @@ proptest! {
         prop_assert_eq!(framer.feed(&json[at..]), Framing::Complete { len: json.len() });
     }
 }
+
+#[test]
+fn a_whole_handshake_waiting_is_seen_without_consuming_it() {
+    let grace = std::time::Duration::from_millis(10);
+    let uffd = uffd();
+    // Nothing sent yet: not waiting (after the grace).
+    let (client, server) = pair();
+    assert!(!handshake_waiting(&server, 1 << 20, grace));
+    // Half a message: not waiting.
+    let whole = encode_mappings(&layout(PAGE_SIZE_4K), JsonShape::Both);
+    send_with_fds(
+        &client,
+        &whole[..whole.len() / 2],
+        &[uffd.as_fd()],
+        usize::MAX,
+    )
+    .unwrap();
+    assert!(!handshake_waiting(&server, 1 << 20, grace));
+    // A whole one: waiting, and looking consumed nothing — the handshake and its fd are received.
+    let (client, server) = pair();
+    send_handshake(
+        &client,
+        &layout(PAGE_SIZE_4K),
+        uffd.as_fd(),
+        None,
+        JsonShape::Both,
+    )
+    .unwrap();
+    assert!(handshake_waiting(&server, 1 << 20, grace));
+    assert!(handshake_waiting(&server, 1 << 20, grace));
+    let handshake = receive_handshake(&server, &limits()).unwrap();
+    assert_is_our_uffd(&handshake, &uffd);
+}
+
+#[test]
+fn a_refused_handshake_says_whether_a_userfaultfd_came_with_it() {
+    let uffd = uffd();
+    let (client, server) = pair();
+    send_with_fds(&client, b"[not json]", &[uffd.as_fd()], usize::MAX).unwrap();
+    let r = receive_handshake_or_rejected(&server, &limits()).unwrap_err();
+    assert!(r.handed_uffd, "{:?}", r.error);
+    let (client, server) = pair();
+    send_with_fds(&client, b"[not json]", &[], usize::MAX).unwrap();
+    let r = receive_handshake_or_rejected(&server, &limits()).unwrap_err();
+    assert!(!r.handed_uffd, "{:?}", r.error);
+}
