@@ -45,6 +45,10 @@ pub(crate) struct InitMsg {
     pub(crate) image_id: Option<[u8; 32]>,
     /// What to serve and how: the worker needs no command line of its own.
     pub(crate) config: DaemonConfig,
+    /// Sessions whose guests run now are handed over next (a restart): the worker serves at
+    /// once and scans the memory file for zero pages in the background.
+    #[serde(default)]
+    pub(crate) resuming: bool,
 }
 
 /// Supervisor → worker, after [`InitMsg`].

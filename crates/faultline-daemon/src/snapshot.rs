@@ -39,6 +39,9 @@ pub struct Handed {
     /// The memory file's modification time (seconds, nanoseconds) when the supervisor opened
     /// it: a file written since (in place: same inode, other bytes) is refused, never served.
     pub modified: Option<(i64, i64)>,
+    /// Serve at once and scan the memory file for zero pages in the background (a restarted
+    /// worker: the guests of its resumed sessions are running and must not wait for the scan).
+    pub background_zero_scan: bool,
 }
 
 /// The snapshot as the supervisor opens it, once, at start: see [`Handed`].
@@ -179,6 +182,7 @@ pub fn open_snapshot_from(
     let (want_len, want_modified) = handed
         .as_ref()
         .map_or((None, None), |h| (h.len, h.modified));
+    let background = handed.as_ref().is_some_and(|h| h.background_zero_scan);
     let src = match handed.and_then(|h| h.files.into_iter().next()) {
         Some((file, name)) => {
             let meta = file
@@ -206,12 +210,15 @@ pub fn open_snapshot_from(
             .open(mem)
             .with_context(|| format!("opening the memory file {}", mem.display()))?,
     };
-    let src = if !config.zero_scan {
-        src
-    } else {
-        src.with_zero_scan()
-            .with_context(|| format!("scanning the memory file {} for zero pages", mem.display()))?
-    };
+    if !config.zero_scan {
+        return Ok(Arc::new(src));
+    }
+    if background {
+        return Ok(src.with_background_zero_scan());
+    }
+    let src = src
+        .with_zero_scan()
+        .with_context(|| format!("scanning the memory file {} for zero pages", mem.display()))?;
     Ok(Arc::new(src))
 }
 

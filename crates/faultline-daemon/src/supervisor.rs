@@ -105,7 +105,12 @@ struct Worker {
 }
 
 /// Start a worker and hand it the snapshot (its first message).
-fn spawn_worker(config: &DaemonConfig, command: &WorkerCommand, pinned: &Pinned) -> Result<Worker> {
+fn spawn_worker(
+    config: &DaemonConfig,
+    command: &WorkerCommand,
+    pinned: &Pinned,
+    resuming: bool,
+) -> Result<Worker> {
     let (ours, theirs) = rustix::net::socketpair(
         AddressFamily::UNIX,
         SocketType::SEQPACKET,
@@ -123,6 +128,7 @@ fn spawn_worker(config: &DaemonConfig, command: &WorkerCommand, pinned: &Pinned)
         remote_id: pinned.remote_id,
         image_id: pinned.image_id,
         config: config.clone(),
+        resuming,
     };
     let fds: Vec<BorrowedFd<'_>> = pinned.files.iter().map(|(f, _)| f.as_fd()).collect();
     // A worker that died already shows as a hang-up on the control socket: handled there.
@@ -302,7 +308,7 @@ impl Supervisor {
         let listener = bind(&socket)?;
         let shared = Arc::new(Shared {
             records: Mutex::new(HashMap::new()),
-            worker: Mutex::new(Some(spawn_worker(args, &command, &pinned)?)),
+            worker: Mutex::new(Some(spawn_worker(args, &command, &pinned, false)?)),
             next_id: AtomicU64::new(1),
             given_up: AtomicBool::new(false),
         });
@@ -559,7 +565,7 @@ impl MainLoop {
                     restarts.next_start = None;
                     let recs = lock(&shared.records);
                     let mut w = lock(&shared.worker);
-                    match spawn_worker(&args, &command, &pinned) {
+                    match spawn_worker(&args, &command, &pinned, !recs.is_empty()) {
                         Ok(nw) => {
                             let mut handed = 0;
                             for (id, r) in recs.iter() {

@@ -111,6 +111,7 @@ fn receive_snapshot(control: BorrowedFd<'_>) -> Result<(Handed, DaemonConfig)> {
         image_id: init.image_id,
         len: Some(init.len),
         modified: init.modified,
+        background_zero_scan: init.resuming,
     };
     Ok((handed, init.config))
 }

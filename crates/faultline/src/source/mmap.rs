@@ -31,6 +31,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use faultline_uffd::FileMapping;
 
@@ -56,7 +57,9 @@ pub struct MmapSource {
     /// The mapped file, for `pread`: every user-space read of the file goes through it.
     file: File,
     name: String,
-    zero: Option<ZeroPages>,
+    /// The zero-page map, once the scan has run (set once: by [`MmapSource::with_zero_scan`],
+    /// or by the thread of [`MmapSource::with_background_zero_scan`] when it ends).
+    zero: OnceLock<ZeroPages>,
 }
 
 /// How to map a file: see [`MmapSource::options`].
@@ -100,7 +103,7 @@ impl MmapSourceOptions {
             map,
             file,
             name: "mmap".to_string(),
-            zero: None,
+            zero: OnceLock::new(),
         })
     }
 }
@@ -132,14 +135,71 @@ impl MmapSource {
     /// `UFFDIO_ZEROPAGE`). Without it `is_zero` answers `None`. Reads every page of the file, with
     /// `pread`s of 1 MiB into one buffer; fails (naming the file and offset) if the file is now
     /// shorter than when it was opened, or on an I/O error.
-    pub fn with_zero_scan(mut self) -> Result<MmapSource, SourceError> {
+    pub fn with_zero_scan(self) -> Result<MmapSource, SourceError> {
+        let zero = self.scan_zero_pages(|| true)?;
+        // A fresh source: nothing set it yet.
+        let _ = self.zero.set(zero);
+        Ok(self)
+    }
+
+    /// [`MmapSource::with_zero_scan`], on a thread of its own: the source serves at once, its
+    /// `is_zero` answering `None` (every page read and copied) until the scan ends and `Some`
+    /// from then on. For a server that must not keep its clients waiting for a scan (a
+    /// restarted worker whose sessions' guests are running); the result is the same bytes,
+    /// with zero pages copied rather than mapped until the scan is done. A failing scan (a file
+    /// truncated under it) is logged and leaves `is_zero` at `None`. The thread holds the source
+    /// only while it reads: it stops when the last other holder drops it.
+    pub fn with_background_zero_scan(self) -> Arc<MmapSource> {
+        let source = Arc::new(self);
+        let weak = Arc::downgrade(&source);
+        let spawned = std::thread::Builder::new()
+            .name("faultline-zeroscan".into())
+            .spawn(move || {
+                let t = std::time::Instant::now();
+                let Some(s) = weak.upgrade() else { return };
+                let name = s.name.clone();
+                drop(s);
+                let scan = weak
+                    .upgrade()
+                    .map(|s| s.scan_zero_pages(|| weak.strong_count() > 1));
+                match (scan, weak.upgrade()) {
+                    (Some(Ok(zero)), Some(s)) => {
+                        let pages = zero.zero_granules();
+                        let _ = s.zero.set(zero);
+                        tracing::info!(source = %name, zero_pages = pages, ms = t.elapsed().as_millis(), "zero scan done");
+                    }
+                    (Some(Err(e)), _) => {
+                        tracing::warn!(source = %name, error = %e, "zero scan failed: zero pages are copied, not mapped");
+                    }
+                    _ => {} // the source was dropped
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the zero scan: zero pages are copied, not mapped");
+        }
+        source
+    }
+
+    /// Read the whole file and build its zero-page map; `go_on()` is asked before each read
+    /// and stops the scan (an error) when false.
+    fn scan_zero_pages(&self, go_on: impl Fn() -> bool) -> Result<ZeroPages, SourceError> {
         let len = self.len();
         let mut chunk = vec![0u8; ZERO_SCAN_CHUNK.min(usize::try_from(len).unwrap_or(usize::MAX))];
         // The bytes of the file at `held.start..held.end` are in `chunk[..held.len()]`.
         let mut held = 0u64..0u64;
-        let zero = ZeroPages::build(len, |offset, granule| {
+        ZeroPages::build(len, |offset, granule| {
             let end = offset + granule; // inside the source: `build` asks for its granules only
             if offset < held.start || end > held.end {
+                if !go_on() {
+                    return Err(SourceError {
+                        offset,
+                        len: granule,
+                        source_name: self.name.clone(),
+                        what: "zero scan stopped: the source is no longer used".into(),
+                        retry: Retry::Permanent,
+                        cause: None,
+                    });
+                }
                 // Granules come in order and a chunk holds whole granules: read the next chunk.
                 let n = chunk
                     .len()
@@ -150,15 +210,13 @@ impl MmapSource {
             let at = usize::try_from(offset - held.start).expect("inside the held chunk");
             let g = usize::try_from(granule).expect("a granule is at most 4 KiB");
             Ok::<bool, SourceError>(bytes_are_zero(&chunk[at..at + g]))
-        })?;
-        self.zero = Some(zero);
-        Ok(self)
+        })
     }
 
     /// How many 4 KiB pages (counting a shorter last page) are all zeros, if
     /// [`MmapSource::with_zero_scan`] was called.
     pub fn zero_pages(&self) -> Option<u64> {
-        self.zero.as_ref().map(ZeroPages::zero_granules)
+        self.zero.get().map(ZeroPages::zero_granules)
     }
 
     /// Fill `buf` from the file at `offset` (already checked against the length) with `pread`,
@@ -223,7 +281,7 @@ impl PageSource for MmapSource {
     }
 
     fn is_zero(&self, offset: u64, len: u64) -> Option<bool> {
-        self.zero.as_ref()?.query(offset, len, |o, l| {
+        self.zero.get()?.query(offset, len, |o, l| {
             let mut page = [0u8; ZERO_GRANULE_BYTES];
             let buf = &mut page[..usize::try_from(l).ok()?];
             self.read_at(o, buf).ok()?;
@@ -348,6 +406,30 @@ mod tests {
         let mut buf = [0u8; 16];
         s.read_at(P as u64, &mut buf).unwrap();
         assert_eq!(buf, [0xee; 16]);
+    }
+
+    #[test]
+    fn a_background_zero_scan_serves_at_once_and_answers_once_done() {
+        let mut data = vec![0u8; 8 * P];
+        data[P + 5] = 1; // page 1 non-zero
+        data[3 * P..4 * P].fill(9); // page 3 non-zero
+        let f = temp_with(&data);
+        let s = MmapSource::open(f.path())
+            .unwrap()
+            .with_background_zero_scan();
+        // Serves the right bytes whether or not the scan is done.
+        let mut page = vec![0u8; P];
+        s.read_at(3 * P as u64, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 9));
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while s.zero_pages().is_none() {
+            assert!(std::time::Instant::now() < end, "the scan never ended");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(s.zero_pages(), Some(6));
+        assert_eq!(s.is_zero(0, P as u64), Some(true));
+        assert_eq!(s.is_zero(P as u64, P as u64), Some(false));
+        assert_eq!(s.is_zero(4 * P as u64, 4 * P as u64), Some(true));
     }
 
     #[test]
