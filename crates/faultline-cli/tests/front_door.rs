@@ -276,12 +276,13 @@ fn accept_backs_off_when_out_of_fds_and_serves_again() {
         .map(|_| UnixStream::connect(daemon.socket()).expect("connecting"))
         .collect();
     // Out of fds: `accept` fails, or succeeds on the last fd and naming the client fails.
-    daemon.log().wait_for("an accept failure", |l| {
+    let out_of_fds = |l: &str| {
         fields(l)["message"]
             .as_str()
-            .is_some_and(|m| m.starts_with("accept failed"))
+            .is_some_and(|m| m.starts_with("accept failed") || m.starts_with("out of fds to name"))
             || fields(l)["cause"] == "pidfd"
-    });
+    };
+    daemon.log().wait_for("an accept failure", out_of_fds);
     let (lines0, cpu0, t0) = (
         daemon.log().lines().len(),
         cpu_ticks(supervisor),
@@ -315,12 +316,19 @@ fn accept_backs_off_when_out_of_fds_and_serves_again() {
     // ended (SIGKILL), never left asleep. A client ended so is tried again, bounded.
     let t = Instant::now();
     let out = loop {
-        let out = common::output_within(
-            common::client_command(daemon.socket(), &mem, &[])
-                .spawn()
-                .expect("spawning a client"),
-            Duration::from_secs(60),
-        );
+        let child = common::client_command(daemon.socket(), &mem, &[])
+            .spawn()
+            .expect("spawning a client");
+        let pid = child.id();
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            common::output_within(child, Duration::from_secs(60))
+        }))
+        .unwrap_or_else(|_| {
+            panic!(
+                "client {pid} did not finish within 60 s; the daemon's log:\n{}",
+                daemon.log().text()
+            )
+        });
         let killed = std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(9);
         if !killed || t.elapsed() > Duration::from_secs(60) {
             break out;
@@ -330,9 +338,12 @@ fn accept_backs_off_when_out_of_fds_and_serves_again() {
     let report = daemon.verified(&out);
     assert_eq!(report["pages"], MEM_LEN / 4096);
     let stuck = refusals_of(daemon.log(), "pidfd")
-        + daemon
-            .log()
-            .count(|l| fields(l)["cause"] == "accept-emfile") as u64;
+        + daemon.log().count(|l| {
+            fields(l)["cause"] == "accept-emfile"
+                || fields(l)["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("out of fds to name"))
+        }) as u64;
     assert!(stuck > 0);
 }
 

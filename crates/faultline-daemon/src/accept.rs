@@ -178,6 +178,17 @@ pub fn accept_client(
     })
 }
 
+/// What became of a new connection in [`ConnCtx::admit`].
+enum Admit {
+    /// Taken or refused.
+    Done,
+    /// Refused for want of a resource (a thread): pause before the next accept.
+    Pause,
+    /// The process is out of fds to name the client with: keep the connection, pause, and try
+    /// it again.
+    Later(UnixStream),
+}
+
 /// At the handshake cap, how long a new connection's message may take to arrive whole before it
 /// is refused (a client connects, then sends at once; one that trickles keeps a slot waiting).
 const AT_CAP_GRACE: Duration = Duration::from_millis(10);
@@ -252,14 +263,16 @@ impl ConnCtx {
     }
 
     /// A new connection: vetted by its credentials and the cap before anything is read, then
-    /// its handshake received on a thread of its own. Returns `false` when the process is out of
-    /// fds (the client could not be named): the accept loop then pauses as for a failed accept.
-    fn admit(self: &Arc<Self>, stream: UnixStream) -> bool {
+    /// its handshake received on a thread of its own. [`Admit::Later`] when the process is out
+    /// of fds to name the client with: the accept loop keeps the connection, pauses as for a
+    /// failed accept and tries it again (a client dropped here would have handed over its memory
+    /// for nothing: it would wait on its first fault for ever).
+    fn admit(self: &Arc<Self>, stream: UnixStream) -> Admit {
         let peer = match firecracker::peer_cred(&stream) {
             Ok(p) => p,
             Err(e) => {
                 self.refuse(e.into());
-                return true;
+                return Admit::Done;
             }
         };
         if !self.allow_uids.is_empty() && !self.allow_uids.contains(&peer.uid) {
@@ -270,7 +283,7 @@ impl ConnCtx {
                     peer.pid, peer.uid
                 )),
             ));
-            return true;
+            return Admit::Done;
         }
         // Only this thread adds to `in_flight`, so the check holds until the add. At the cap, a
         // client whose whole handshake already waits (Firecracker sends it in one message right
@@ -289,7 +302,7 @@ impl ConnCtx {
                     peer.pid
                 )),
             ));
-            return true;
+            return Admit::Done;
         }
         // Name the client process now, before its pid can be reused (see `faultline::peer`).
         // Only a kernel that cannot name the client at all leaves its socket as the session's
@@ -305,20 +318,26 @@ impl ConnCtx {
             }
             Err(e @ faultline::peer::PeerError::Gone { .. }) => {
                 self.refuse(Refusal::new("gone", e));
-                return true;
+                return Admit::Done;
             }
             Err(e) => {
                 let out_of_fds = matches!(&e, faultline::peer::PeerError::Os { source, .. }
                     if matches!(source.raw_os_error(), Some(n) if n == rustix::io::Errno::MFILE.raw_os_error()
                         || n == rustix::io::Errno::NFILE.raw_os_error()));
+                if out_of_fds {
+                    if self.log.allow("pidfd-later") {
+                        tracing::warn!(pid = peer.pid, error = %e, "out of fds to name a client: it is kept and tried again after a pause");
+                    }
+                    return Admit::Later(stream);
+                }
                 self.refuse(Refusal::new("pidfd", e));
-                return !out_of_fds;
+                return Admit::Done;
             }
         };
         if inline {
             let result = accept_client(stream, peer, None, &self.limits);
             self.conclude(result, pidfd, peer);
-            return true;
+            return Admit::Done;
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let ctx = Arc::clone(self);
@@ -339,9 +358,9 @@ impl ConnCtx {
                 "thread",
                 Error::context("cannot start a handshake thread", e),
             ));
-            return false;
+            return Admit::Pause;
         }
-        true
+        Admit::Done
     }
 }
 
@@ -436,6 +455,9 @@ pub(crate) fn accept_loop(
         tracing::warn!(error = %e, "cannot make the listening socket non-blocking");
     }
     let mut backoff: Option<Duration> = None;
+    // A connection kept for want of fds to name its client, and since when: tried again after
+    // each pause, refused once it has waited as long as a handshake may take.
+    let mut pending: Option<(UnixStream, std::time::Instant)> = None;
     while !stop.load(Ordering::Acquire) {
         let timeout = Timespec::try_from(backoff.unwrap_or(LOG_WINDOW)).ok();
         let mut fds = [
@@ -459,6 +481,27 @@ pub(crate) fn accept_loop(
         if !fds[0].revents().is_empty() || stop.load(Ordering::Acquire) {
             return;
         }
+        if let Some((stream, since)) = pending.take() {
+            match ctx.admit(stream) {
+                Admit::Later(stream) if since.elapsed() < ctx.limits.timeout => {
+                    pending = Some((stream, since));
+                    backoff = Some(next_backoff(backoff));
+                }
+                Admit::Later(_) => {
+                    ctx.refuse(Refusal::new(
+                        "pidfd",
+                        Error::msg(format!(
+                            "out of fds to name the client for {} ms: connection closed",
+                            since.elapsed().as_millis()
+                        )),
+                    ));
+                    backoff = Some(next_backoff(backoff));
+                }
+                Admit::Pause => backoff = Some(next_backoff(backoff)),
+                Admit::Done => backoff = None,
+            }
+            continue;
+        }
         if backoff.is_none() && fds[1].revents().is_empty() {
             continue;
         }
@@ -468,10 +511,13 @@ pub(crate) fn accept_loop(
                     ctx.refuse(Refusal::new("io", e));
                     continue;
                 }
-                backoff = if ctx.admit(stream) {
-                    None
-                } else {
-                    Some(next_backoff(backoff))
+                backoff = match ctx.admit(stream) {
+                    Admit::Done => None,
+                    Admit::Pause => Some(next_backoff(backoff)),
+                    Admit::Later(stream) => {
+                        pending = Some((stream, std::time::Instant::now()));
+                        Some(next_backoff(backoff))
+                    }
                 };
             }
             Err(e)
