@@ -43,7 +43,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -203,8 +203,8 @@ pub(crate) struct ConnCtx {
     allow_uids: Vec<u32>,
     max_handshakes: usize,
     end_refused: bool,
-    /// Handshakes being received now.
-    in_flight: AtomicUsize,
+    /// The threads receiving handshakes (those ended are joined by the accept loop).
+    in_flight: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
     refused: Arc<AtomicU64>,
     log: LogLimit,
     #[allow(clippy::type_complexity)]
@@ -223,7 +223,7 @@ impl ConnCtx {
             allow_uids: config.allow_uid.clone(),
             max_handshakes: usize::try_from(config.max_handshakes).unwrap_or(usize::MAX),
             end_refused: config.end_refused_clients,
-            in_flight: AtomicUsize::new(0),
+            in_flight: std::sync::Mutex::new(Vec::new()),
             refused,
             log: LogLimit::with_window(LOG_WINDOW),
             dispatch,
@@ -285,12 +285,30 @@ impl ConnCtx {
             ));
             return Admit::Done;
         }
-        // Only this thread adds to `in_flight`, so the check holds until the add. At the cap, a
+        // Only this thread adds to `in_flight`, so the check holds until the add. The threads
+        // whose handshake is over are joined first: a slot is free only once its thread is gone,
+        // so the threads alive never exceed the cap (counted by a number freed as each thread's
+        // work ended, a flood on a loaded machine was seen with 99 threads for a cap of 64:
+        // threads that had freed their slot but not yet exited). At the cap, a
         // client whose whole handshake already waits (Firecracker sends it in one message right
         // after connecting) is still taken, here, at once: it costs no wait, and refusing it
         // would leave its registered memory unserved. Only clients that keep a handshake slot
         // waiting are refused.
-        let busy = self.in_flight.load(Ordering::Acquire);
+        let busy = {
+            let mut threads = self
+                .in_flight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (ended, live): (Vec<_>, Vec<_>) = threads
+                .drain(..)
+                .partition(std::thread::JoinHandle::is_finished);
+            *threads = live;
+            for t in ended {
+                // It has returned: the join only waits for the thread itself to exit.
+                let _ = t.join();
+            }
+            threads.len()
+        };
         let inline = busy >= self.max_handshakes
             && firecracker::handshake_waiting(&stream, self.limits.max_message, AT_CAP_GRACE);
         if busy >= self.max_handshakes && !inline {
@@ -339,7 +357,6 @@ impl ConnCtx {
             self.conclude(result, pidfd, peer);
             return Admit::Done;
         }
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
         let ctx = Arc::clone(self);
         let spawned = std::thread::Builder::new()
             .name("faultline-handshake".into())
@@ -347,18 +364,21 @@ impl ConnCtx {
                 // The pidfd stays here until the handshake is good: a client refused after it
                 // handed over its userfaultfd is ended through it.
                 let result = accept_client(stream, peer, None, &ctx.limits);
-                // The slot is free once the handshake is in (a session's set-up is not a
-                // handshake's: it cannot be stalled by the client).
-                ctx.in_flight.fetch_sub(1, Ordering::AcqRel);
                 ctx.conclude(result, pidfd, peer);
             });
-        if let Err(e) = spawned {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            self.refuse(Refusal::new(
-                "thread",
-                Error::context("cannot start a handshake thread", e),
-            ));
-            return Admit::Pause;
+        match spawned {
+            Ok(t) => self
+                .in_flight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(t),
+            Err(e) => {
+                self.refuse(Refusal::new(
+                    "thread",
+                    Error::context("cannot start a handshake thread", e),
+                ));
+                return Admit::Pause;
+            }
         }
         Admit::Done
     }
