@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
 use crate::logging::LogFormat;
-use crate::serve::{start_daemon, ReadaheadFlag, ServeArgs};
+use faultline_daemon::{Daemon, DaemonConfig};
 
 /// `faultline demo` flags.
 #[derive(Debug, Clone, Args)]
@@ -95,43 +95,18 @@ struct ModeResult {
     prefetched: u64,
 }
 
-fn serve_args(
-    dir: &Path,
+/// How the demo serves: `faultline serve`'s defaults (the library's), on `mem`.
+fn serve_config(
     mem: &Path,
     record: Option<PathBuf>,
     prefetch: Option<PathBuf>,
     fill: bool,
-) -> ServeArgs {
-    ServeArgs {
-        socket: dir.join("faultline.sock"),
-        mem_file: Some(mem.to_path_buf()),
-        image: None,
-        image_id: None,
-        remote: None,
-        remote_flags: Default::default(),
-        object: Default::default(),
-        workers: None,
-        pin_workers: false,
-        readahead: ReadaheadFlag::Adaptive,
-        readahead_pages: 512,
-        readahead_min_pages: 16,
+) -> DaemonConfig {
+    DaemonConfig {
         record_ws: record,
         prefetch_ws: prefetch,
         background_fill: fill,
-        metrics: None,
-        log_format: LogFormat::Text,
-        handshake_timeout: 5,
-        max_handshakes: 64,
-        no_zero_scan: false,
-        allow_uid: Vec::new(),
-        on_exit: crate::serve::OnExit::Abandon,
-        no_supervisor: true,
-        on_unservable: crate::serve::OnUnservable::Poison,
-        on_refused: crate::serve::OnRefused::Kill,
-        fault_deadline: 60,
-        simulate_no_poison: false,
-        worker_down_limit: 30,
-        worker_hang_limit: 5,
+        ..DaemonConfig::mem_file(mem)
     }
 }
 
@@ -187,19 +162,20 @@ fn run_clients(
 
 fn run_mode(
     name: &'static str,
-    args: &ServeArgs,
+    config: &DaemonConfig,
+    socket: &Path,
     demo: &DemoArgs,
     bar: &ProgressBar,
 ) -> Result<ModeResult> {
     let n = demo.clones;
-    let mem = args
+    let mem = config
         .mem_file
         .as_deref()
         .context("the demo serves a memory file")?;
-    let daemon = start_daemon(args)?;
+    let daemon = Daemon::start(config, socket)?;
     let start = Instant::now();
     let reports = run_clients(
-        &args.socket,
+        socket,
         mem,
         n,
         demo.ws_pct,
@@ -274,10 +250,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message("recording the working set");
-    let rec = serve_args(&dir, &mem, Some(ws.clone()), None, false);
+    let socket = dir.join("faultline.sock");
+    let rec = serve_config(&mem, Some(ws.clone()), None, false);
     {
-        let daemon = start_daemon(&rec)?;
-        run_clients(&rec.socket, &mem, 1, args.ws_pct, true, 0, &bar)?;
+        let daemon = Daemon::start(&rec, &socket)?;
+        run_clients(&socket, &mem, 1, args.ws_pct, true, 0, &bar)?;
         // The working set is written when the session ends (the clone's socket closed).
         for s in daemon.server().sessions() {
             s.wait_closed(Duration::from_secs(10));
@@ -286,17 +263,17 @@ pub fn run(args: DemoArgs) -> Result<()> {
     }
     ensure!(ws.exists(), "the working set was not recorded");
     let modes = [
-        ("on demand", serve_args(&dir, &mem, None, None, false)),
+        ("on demand", serve_config(&mem, None, None, false)),
         (
             "working-set prefetch",
-            serve_args(&dir, &mem, None, Some(ws.clone()), true),
+            serve_config(&mem, None, Some(ws.clone()), true),
         ),
-        ("eager copy", serve_args(&dir, &mem, None, None, true)),
+        ("eager copy", serve_config(&mem, None, None, true)),
     ];
     let mut results = Vec::new();
     for (name, sa) in &modes {
         bar.set_message(format!("restoring: {name}"));
-        results.push(run_mode(name, sa, &args, &bar)?);
+        results.push(run_mode(name, sa, &socket, &args, &bar)?);
     }
     bar.finish_and_clear();
     println!(

@@ -241,12 +241,6 @@ impl ServeArgs {
     }
 }
 
-/// Start the daemon these flags describe in this process (unsupervised): used by `demo` and
-/// `bench --serve`.
-pub fn start_daemon(args: &ServeArgs) -> Result<Daemon> {
-    Ok(Daemon::start(&args.config(), &args.socket)?)
-}
-
 /// `--image-id`: 64 hex digits.
 pub(crate) fn parse_image_id(s: &str) -> Result<[u8; 32], String> {
     let digits = s.trim();

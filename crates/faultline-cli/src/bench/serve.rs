@@ -21,7 +21,7 @@ use faultline_uffd::Uffd;
 use serde::{Deserialize, Serialize};
 
 use crate::logging::LogFormat;
-use crate::serve::{start_daemon, ReadaheadFlag, ServeArgs};
+use faultline_daemon::{Daemon, DaemonConfig};
 
 #[derive(Debug, Deserialize)]
 struct ClientReport {
@@ -196,41 +196,13 @@ pub fn run(
     };
     let mut rows = Vec::new();
     // (1) faultline serve
-    let args = ServeArgs {
-        socket: dir.path().join("faultline.sock"),
-        mem_file: Some(mem.clone()),
-        image: None,
-        image_id: None,
-        remote: None,
-        remote_flags: Default::default(),
-        object: Default::default(),
-        workers: None,
-        pin_workers: false,
-        readahead: ReadaheadFlag::Adaptive,
-        readahead_pages: 512,
-        readahead_min_pages: 16,
-        record_ws: None,
-        prefetch_ws: None,
-        background_fill: false,
-        metrics: None,
-        log_format: LogFormat::Text,
-        handshake_timeout: 5,
-        max_handshakes: 64,
-        no_zero_scan: false,
-        allow_uid: Vec::new(),
-        on_exit: crate::serve::OnExit::Abandon,
-        no_supervisor: true,
-        on_unservable: crate::serve::OnUnservable::Poison,
-        on_refused: crate::serve::OnRefused::Kill,
-        fault_deadline: 60,
-        simulate_no_poison: false,
-        worker_down_limit: 30,
-        worker_hang_limit: 5,
-    };
+    // `faultline serve`'s defaults (the library's), on the generated memory file.
+    let socket = dir.path().join("faultline.sock");
+    let config = DaemonConfig::mem_file(&mem);
     eprintln!("restoring {clients} client(s) through faultline serve ...");
-    let daemon = start_daemon(&args)?;
+    let daemon = Daemon::start(&config, &socket)?;
     let start = Instant::now();
-    let reports = run_clients(&args.socket, &mem, clients, threads)?;
+    let reports = run_clients(&socket, &mem, clients, threads)?;
     let wall = start.elapsed();
     for s in daemon.server().sessions() {
         s.wait_closed(Duration::from_secs(10));
