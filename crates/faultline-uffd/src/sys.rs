@@ -275,9 +275,10 @@ pub(crate) fn adopt_fork_fd(raw: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(raw) }
 }
 
-/// `SO_PEERPIDFD` (asm-generic value; the architectures with their own socket option numbers —
-/// alpha, mips, parisc, sparc — are not listed, and answer `ENOPROTOOPT`).
-#[cfg(any(
+/// `SO_PEERPIDFD` (the asm-generic value), where that is its number: the architectures with
+/// their own socket option numbers (alpha, mips, parisc, sparc) are not listed, and answer
+/// `ENOPROTOOPT`.
+const SO_PEERPIDFD: Option<libc::c_int> = if cfg!(any(
     target_arch = "x86_64",
     target_arch = "x86",
     target_arch = "aarch64",
@@ -286,22 +287,18 @@ pub(crate) fn adopt_fork_fd(raw: RawFd) -> OwnedFd {
     target_arch = "powerpc64",
     target_arch = "s390x",
     target_arch = "loongarch64"
-))]
-const SO_PEERPIDFD: libc::c_int = 77;
+)) {
+    Some(77)
+} else {
+    None
+};
 
 /// `getsockopt(socket, SOL_SOCKET, SO_PEERPIDFD)`: a pidfd (close-on-exec) of the process that
 /// connected the Unix socket (Linux 6.5+). rustix 1.1 has no wrapper for it.
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "powerpc64",
-    target_arch = "s390x",
-    target_arch = "loongarch64"
-))]
 pub(crate) fn peer_pidfd(socket: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    let Some(option) = SO_PEERPIDFD else {
+        return Err(Errno::NOPROTOOPT);
+    };
     let mut fd: libc::c_int = -1;
     let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>())
         .expect("an int's size fits socklen_t");
@@ -311,7 +308,7 @@ pub(crate) fn peer_pidfd(socket: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
         libc::getsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_PEERPIDFD,
+            option,
             std::ptr::addr_of_mut!(fd).cast(),
             &mut len,
         )
@@ -325,21 +322,6 @@ pub(crate) fn peer_pidfd(socket: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
     // SAFETY: on success the kernel installed a new pidfd (close-on-exec) as `fd` in this
     // process's table; nothing else owns it, so it is adopted exactly once here.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// `SO_PEERPIDFD` on an architecture whose number is not known here: not supported.
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "powerpc64",
-    target_arch = "s390x",
-    target_arch = "loongarch64"
-)))]
-pub(crate) fn peer_pidfd(_socket: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
-    Err(Errno::NOPROTOOPT)
 }
 
 /// The most iovecs one `writev` takes (the kernel's `UIO_MAXIOV`).
