@@ -90,6 +90,11 @@ pub struct ServeArgs {
     /// Fill every page in the background once demand is served (implied by --prefetch-ws).
     #[arg(long)]
     pub background_fill: bool,
+    /// With --prefetch-ws: the fill of the pages outside the working set starts once a client
+    /// has gone this many milliseconds without a demand fault (the working set is pushed first
+    /// either way), so that it does not compete with the restored guest's start-up; 0: at once.
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    pub fill_after_quiet_ms: u64,
     /// Serve Prometheus metrics on this TCP address (e.g. 127.0.0.1:9100), path /metrics.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
@@ -226,6 +231,7 @@ impl ServeArgs {
             record_ws: self.record_ws.clone(),
             prefetch_ws: self.prefetch_ws.clone(),
             background_fill: self.background_fill,
+            fill_after_quiet: Duration::from_millis(self.fill_after_quiet_ms),
             metrics: self.metrics.clone(),
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
             max_handshakes: self.max_handshakes,

@@ -55,6 +55,10 @@ pub struct DaemonConfig {
     /// Fill every page in the background once demand is served (implied by `prefetch_ws` and
     /// a streaming remote).
     pub background_fill: bool,
+    /// With `prefetch_ws`: the fill of the pages outside the working set starts once a session
+    /// has gone this long without a demand fault (the working set is pushed first either way),
+    /// so that it does not compete with the restored guest's start-up; zero: at once.
+    pub fill_after_quiet: Duration,
     /// Serve Prometheus metrics on this TCP address, path `/metrics`.
     pub metrics: Option<String>,
     /// How long a client may take to send its handshake (at least a second).
@@ -101,6 +105,7 @@ impl Default for DaemonConfig {
             record_ws: None,
             prefetch_ws: None,
             background_fill: false,
+            fill_after_quiet: Duration::from_millis(500),
             metrics: None,
             handshake_timeout: Duration::from_secs(5),
             max_handshakes: 64,

@@ -27,6 +27,8 @@ pub(crate) struct Core {
     src: Arc<dyn PageSource>,
     prefetch: Option<WorkingSet>,
     background_fill: bool,
+    /// [`DaemonConfig::fill_after_quiet`] for sessions given a working set.
+    fill_after_quiet: Duration,
     record: Option<PathBuf>,
     on_unservable: faultline::Unservable,
     end_refused: bool,
@@ -98,6 +100,11 @@ impl Core {
             background_fill: config.background_fill
                 || config.prefetch_ws.is_some()
                 || (config.remote.is_some() && config.remote_options.stream),
+            fill_after_quiet: if config.prefetch_ws.is_some() {
+                config.fill_after_quiet
+            } else {
+                Duration::ZERO
+            },
             record: config.record_ws.clone(),
             on_unservable: config.on_unservable.into(),
             end_refused: config.end_refused_clients,
@@ -176,6 +183,7 @@ impl Core {
             record_working_set: self.record.is_some(),
             prefetch: self.prefetch.clone(),
             background_fill: self.background_fill,
+            fill_after_quiet: self.fill_after_quiet,
             watch,
             pidfd,
             readahead: None,

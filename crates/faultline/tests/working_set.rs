@@ -214,3 +214,68 @@ fn prefetch_goes_first_then_background_fill_completes_the_rest() {
     assert_eq!(c.session.stats().faults, 0);
     server.shutdown();
 }
+
+/// With `fill_after_quiet`, the working set is pushed at once but the fill of the rest waits
+/// until the session has gone that long without a demand fault; a demand fault starts the wait
+/// again; `fill_all` (a draining server) ends it.
+#[test]
+fn the_fill_waits_for_the_session_to_be_quiet() {
+    const QUIET: Duration = Duration::from_secs(2);
+    let want = content();
+    let source = Arc::new(MemorySource::new(want.as_ref().clone()));
+    let server = Server::start(ServerConfig {
+        workers: 2,
+        ..ServerConfig::default()
+    })
+    .expect("server");
+    let ws = record(&server, &source, &want);
+    let options = |quiet| SessionOptions {
+        prefetch: Some(ws.clone()),
+        background_fill: true,
+        fill_after_quiet: quiet,
+        readahead: Some(Readahead::Off),
+        ..SessionOptions::default()
+    };
+    let c = client(&server, &source, options(QUIET));
+    let t0 = Instant::now();
+    while c.session.stats().prefetch_pages < TOUCHED as u64 {
+        assert!(t0.elapsed() < LIMIT, "the working set is pushed at once");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // A page outside the working set: a demand fault, which starts the quiet wait again.
+    let outside = (0..PAGES)
+        .find(|p| !touch_order().contains(p))
+        .expect("a page outside the working set");
+    let (m, want2) = (Arc::clone(&c.m), Arc::clone(&want));
+    within(LIMIT, move || check(&m, &want2, outside));
+    let touched = Instant::now();
+    std::thread::sleep(Duration::from_millis(200));
+    let st = c.session.stats();
+    assert_eq!(st.faults, 1, "{st:?}");
+    assert_eq!(
+        st.fill_pages, 0,
+        "no fill before the session is quiet: {st:?}"
+    );
+    assert!(c.session.wait_all_present(LIMIT), "the fill completes");
+    assert!(
+        touched.elapsed() >= QUIET - Duration::from_millis(100),
+        "the fill waited for {QUIET:?} without demand: all present after {:?}",
+        touched.elapsed()
+    );
+    let st = c.session.stats();
+    assert_eq!(st.fill_pages, (PAGES - TOUCHED - 1) as u64, "{st:?}");
+    let (m, want2) = (Arc::clone(&c.m), Arc::clone(&want));
+    within(LIMIT, move || (0..PAGES).for_each(|p| check(&m, &want2, p)));
+
+    // A wait longer than the test's limit: only fill_all can end it.
+    let c = client(&server, &source, options(Duration::from_secs(3600)));
+    let t0 = Instant::now();
+    while c.session.stats().prefetch_pages < TOUCHED as u64 {
+        assert!(t0.elapsed() < LIMIT, "the working set is pushed at once");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    server.fill_all();
+    assert!(c.session.wait_all_present(LIMIT), "fill_all ends the wait");
+    assert_eq!(c.session.stats().faults, 0);
+    server.shutdown();
+}

@@ -127,7 +127,8 @@ pub struct BenchArgs {
     pub fc_serve_flag: Vec<String>,
     /// With --firecracker: also measure an on-demand daemon started with these flags (one
     /// quoted list per use, e.g. `--fc-variant "--readahead-min-pages 1"`; repeatable), in the
-    /// same rounds, to compare settings against the default in one run.
+    /// same rounds, to compare settings against the default in one run; `{ws}` stands for the
+    /// working set the run records, e.g. `--fc-variant "--prefetch-ws {ws} --workers 1"`.
     #[arg(long, value_name = "FLAGS", allow_hyphen_values = true)]
     pub fc_variant: Vec<String>,
     /// With --firecracker: the backends to measure besides the File baseline.

@@ -17,7 +17,8 @@
 //! on a PVM host, the guest's emulation too). The handler's fault count comes from its session
 //! summary. Every figure is shown as a ratio to the File backend measured in the same run.
 //!
-//! Backends alternate within every repetition, and 1, 2 and 4 clones are restored at once (each
+//! Backends alternate within every repetition (each repetition starting one backend later, so
+//! that none always comes first or after the same other one), and 1, 2 and 4 clones are restored at once (each
 //! clone its own Firecracker, one daemon serving them all). The daemons start once, before the
 //! first measured round, and a warm-up restore through each runs first (it also brings the
 //! memory file into the page cache for every backend alike).
@@ -84,7 +85,7 @@ impl Which {
             Which::OnDemand => "faultline on demand",
             Which::BackgroundFill => "faultline --background-fill",
             Which::Prefetch => "faultline --prefetch-ws",
-            Which::Variant(_) => "faultline on demand, variant",
+            Which::Variant(_) => "faultline variant",
         }
     }
 
@@ -555,8 +556,13 @@ pub fn run(args: &FcBenchArgs) -> Result<FcReport> {
         (Which::BackgroundFill, vec!["--background-fill"]),
         (Which::Prefetch, vec!["--prefetch-ws", ws_arg]),
     ];
+    // `{ws}` in a variant's flags stands for the working set recorded above.
     for (i, v) in (0..variants).zip(&args.variants) {
-        configs.push((Which::Variant(i), v.iter().map(String::as_str).collect()));
+        let flags = v
+            .iter()
+            .map(|f| if f == "{ws}" { ws_arg } else { f.as_str() })
+            .collect();
+        configs.push((Which::Variant(i), flags));
     }
     for (which, flags) in configs {
         if !which_all.contains(&which) {
@@ -577,7 +583,10 @@ pub fn run(args: &FcBenchArgs) -> Result<FcReport> {
         let mut samples: BTreeMap<Which, Collected> = BTreeMap::new();
         for r in 0..repeat {
             eprintln!("{n} clone(s) at once, round {}/{repeat} ...", r + 1);
-            for &which in &which_all {
+            // Each round starts one backend later: none is always the first after a pause (or
+            // always right after the same other one).
+            let len = which_all.len();
+            for &which in which_all.iter().cycle().skip(r % len).take(len) {
                 let (s, cpu, faults) =
                     round(&kit, dir.path(), &snap, which, daemons.get(&which), n)?;
                 let e = samples.entry(which).or_default();

@@ -149,6 +149,11 @@ pub struct SessionOptions {
     pub prefetch: Option<WorkingSet>,
     /// Fill every remaining page in the background.
     pub background_fill: bool,
+    /// The background fill starts only once the session has gone this long without a demand
+    /// fault (counted from its start; a working set to prefetch is pushed first either way):
+    /// a restored guest's start-up then runs on its working set without the fill beside it.
+    /// Zero (the default): the fill starts at once. [`Server::fill_all`] ends the wait.
+    pub fill_after_quiet: Duration,
     /// A file descriptor whose readiness (readable or hang-up) means the client is gone: a pidfd,
     /// or the client's socket.
     pub watch: Option<OwnedFd>,
@@ -258,6 +263,8 @@ struct Shared {
     buffer_bytes: AtomicU64,
     /// Set when background work may be queued (cleared by a worker that found none).
     bg_hint: AtomicBool,
+    /// When a fill that waits for its session to be quiet may start (the soonest of them).
+    bg_due: Mutex<Option<Instant>>,
     /// Deferred jobs queued over all sessions.
     deferred_jobs: AtomicU64,
     /// What this kernel offers, less [`ServerConfig::missing_features`].
@@ -320,6 +327,7 @@ impl Server {
             rr: AtomicU64::new(0),
             buffer_bytes: AtomicU64::new(0),
             bg_hint: AtomicBool::new(false),
+            bg_due: Mutex::new(None),
             deferred_jobs: AtomicU64::new(0),
         });
         let n = n_workers;
@@ -420,6 +428,7 @@ impl Server {
                     b.fill_cursor = Some((0, 0));
                 }
             }
+            s.0.fill_quiet_ns.store(0, Ordering::Release);
         }
         self.shared.bg_hint.store(true, Ordering::Release);
         self.shared.kick();

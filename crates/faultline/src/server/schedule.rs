@@ -53,16 +53,28 @@ impl Shared {
         if self.bg_hint.load(Ordering::Acquire) {
             return Some(Duration::ZERO);
         }
+        let now = Instant::now();
+        let mut soonest: Option<Duration> = None;
+        {
+            let mut due = lock(&self.bg_due);
+            if let Some(at) = *due {
+                if at <= now {
+                    *due = None;
+                    self.bg_hint.store(true, Ordering::Release);
+                    return Some(Duration::ZERO);
+                }
+                soonest = Some(at - now);
+            }
+        }
         if self.deferred_jobs.load(Ordering::Acquire) == 0 {
-            return None;
+            return soonest;
         }
         let sessions = read(&self.sessions);
-        let mut soonest: Option<Duration> = None;
-        let now = Instant::now();
         for s in sessions.values() {
             {
                 let b = lock(&s.background);
-                if !b.ahead.is_empty() || !b.prefetch.is_empty() || b.fill_cursor.is_some() {
+                let fill = b.fill_cursor.is_some() && s.fill_wait(now).is_zero();
+                if !b.ahead.is_empty() || !b.prefetch.is_empty() || fill {
                     return Some(Duration::ZERO);
                 }
             }
@@ -147,6 +159,8 @@ impl Worker {
         }
         let turn = self.shared.rr.fetch_add(1, Ordering::Relaxed) % sessions.len() as u64;
         let start = usize::try_from(turn).expect("below a usize length");
+        // The soonest a fill that waits for its session to be quiet may start.
+        let mut gated: Option<Duration> = None;
         for k in 0..sessions.len() {
             let s = &sessions[(start + k) % sessions.len()];
             let Some(_busy) = self.shared.enter(s) else {
@@ -154,6 +168,9 @@ impl Worker {
             };
             let jobs = self.next_background_jobs(s);
             if jobs.is_empty() {
+                if let Some(w) = s.gated_fill(Instant::now()) {
+                    gated = Some(gated.map_or(w, |g| g.min(w)));
+                }
                 continue;
             }
             self.shared.bg_hint.store(true, Ordering::Release);
@@ -178,41 +195,69 @@ impl Worker {
             }
             return;
         }
+        // No work now: a worker looks again when the first waiting fill may start.
+        if let Some(w) = gated {
+            let at = Instant::now() + w;
+            let mut due = lock(&self.shared.bg_due);
+            *due = Some(due.map_or(at, |d| d.min(at)));
+        }
     }
 
-    /// Claim the next background work of `s`: a readahead window, else up to 64 runs of the
-    /// recorded working set (in recorded order), else a chunk of background fill.
+    /// Claim the next background work of `s`: a readahead window, else a batch of the recorded
+    /// working set ([`prefetch_batch`]), else a chunk of background fill once the session's
+    /// fill may start ([`Session::fill_wait`]).
     pub(super) fn next_background_jobs(&mut self, s: &Arc<Session>) -> Vec<Job> {
-        match self.next_background_job(s) {
+        let max_io = self.shared.config.max_io as u64;
+        let fill_ready = s.fill_wait(Instant::now()).is_zero();
+        let mut bg = lock(&s.background);
+        let regions = read(&s.regions);
+        match next_background(
+            &mut bg,
+            &regions,
+            s.page_size,
+            max_io,
+            &s.prefetch_inflight,
+            fill_ready,
+        ) {
             Some(j) if j.kind == JobKind::Prefetch => {
-                let mut v = vec![j];
-                while v.len() < 64 {
-                    match self.next_prefetch_job(s) {
-                        Some(j) => v.push(j),
-                        None => break,
-                    }
-                }
-                v
+                prefetch_batch(j, &mut bg, &regions, max_io, &s.prefetch_inflight)
             }
             Some(j) => vec![j],
             None => Vec::new(),
         }
     }
+}
 
-    pub(super) fn next_prefetch_job(&mut self, s: &Arc<Session>) -> Option<Job> {
-        let max_io = self.shared.config.max_io as u64;
-        let mut bg = lock(&s.background);
-        let regions = read(&s.regions);
-        pop_prefetch(&s.prefetch_inflight, &mut bg, &regions, max_io)
+/// Runs of the recorded working set to resolve in one background step: `first` and the runs
+/// that follow it in recorded order while together they stay under `max_io` bytes (at most 64
+/// runs: a scattered set is many one-page runs). A step is bounded in bytes so that a worker is
+/// back at its demand faults within one chunk's copy; each run is claimed when it is taken, so a
+/// fault on a page of a step's last run waits for the whole step (64 runs of `max_io` each held a
+/// worker, and such a fault, for a whole 33 MiB working set).
+pub(super) fn prefetch_batch(
+    first: Job,
+    bg: &mut Background,
+    regions: &RegionMap,
+    max_io: u64,
+    inflight: &AtomicU64,
+) -> Vec<Job> {
+    let bytes_of = |j: &Job| {
+        regions
+            .find(j.addr)
+            .map_or(0, |e| j.pages as u64 * e.region.page_size())
+    };
+    let mut bytes = bytes_of(&first);
+    let mut batch = vec![first];
+    while batch.len() < 64 && bytes < max_io {
+        match pop_prefetch(inflight, bg, regions, max_io) {
+            Some(j) => {
+                bytes += bytes_of(&j);
+                batch.push(j);
+            }
+            None => break,
+        }
     }
-
-    /// Claim the next background run of `s`: readahead windows, then prefetch, then fill.
-    pub(super) fn next_background_job(&mut self, s: &Arc<Session>) -> Option<Job> {
-        let max_io = self.shared.config.max_io as u64;
-        let mut bg = lock(&s.background);
-        let regions = read(&s.regions);
-        next_background(&mut bg, &regions, s.page_size, max_io, &s.prefetch_inflight)
-    }
+    batch
 }
 
 /// Claim the first contiguous run of missing pages of `want` (at most `max_io` bytes).
@@ -297,13 +342,15 @@ pub(super) fn pop_prefetch(
 
 /// The next background run of a session's queues, claimed: readahead windows (the rest of a
 /// window longer than `max_io` stays queued first), then the working set in recorded order,
-/// then background fill from the fill cursor. Pure logic over the page states, unit-tested.
+/// then background fill from the fill cursor if `fill_ready`. Pure logic over the page states,
+/// unit-tested.
 pub(super) fn next_background(
     bg: &mut Background,
     regions: &RegionMap,
     page_size: u64,
     max_io: u64,
     inflight: &AtomicU64,
+    fill_ready: bool,
 ) -> Option<Job> {
     while let Some(a) = bg.ahead.pop_front() {
         if let Some(j) = claim_run(regions, &a, max_io) {
@@ -322,6 +369,9 @@ pub(super) fn next_background(
     }
     if let Some(j) = pop_prefetch(inflight, bg, regions, max_io) {
         return Some(j);
+    }
+    if !fill_ready {
+        return None;
     }
     while let Some((ri, from)) = bg.fill_cursor {
         let Some(e) = regions.entries().get(ri) else {
@@ -413,7 +463,7 @@ mod tests {
         max_io: u64,
         inflight: &AtomicU64,
     ) -> Option<(usize, usize, JobKind)> {
-        next_background(bg, map, PS, max_io, inflight).map(|j| {
+        next_background(bg, map, PS, max_io, inflight, true).map(|j| {
             assert!(j.claimed, "background jobs are claimed when taken");
             let e = &map.entries()[0];
             assert_eq!(j.addr, e.addr_of(j.state_index - e.state_base));
@@ -506,6 +556,53 @@ mod tests {
         assert_eq!(runs, vec![(3, 3), (6, 2), (1, 1)]);
         assert_eq!(inflight.load(Ordering::Acquire), 3);
         assert!(bg.prefetch.is_empty());
+    }
+
+    #[test]
+    fn a_prefetch_step_is_bounded_in_bytes_and_runs() {
+        let map = regions(256);
+        let e = &map.entries()[0];
+        let inflight = AtomicU64::new(0);
+        let batch_of = |bg: &mut Background, max_io: u64| -> Vec<(usize, usize)> {
+            let first = pop_prefetch(&inflight, bg, &map, max_io).expect("a first run");
+            prefetch_batch(first, bg, &map, max_io, &inflight)
+                .iter()
+                .map(|j| (j.state_index - e.state_base, j.pages))
+                .collect()
+        };
+        // One long recorded run: cut to max_io pieces, one piece per step.
+        let long: Vec<u64> = (0..32).collect();
+        let mut bg = queues(Vec::new(), &long, false);
+        assert_eq!(batch_of(&mut bg, 8 * PS), vec![(0, 8)]);
+        assert_eq!(batch_of(&mut bg, 8 * PS), vec![(8, 8)]);
+        // Scattered one-page runs: as many as fit in max_io bytes.
+        let scattered: Vec<u64> = (0..40).map(|p| 64 + 2 * p).collect();
+        let mut bg = queues(Vec::new(), &scattered, false);
+        assert_eq!(batch_of(&mut bg, 3 * PS), vec![(64, 1), (66, 1), (68, 1)]);
+        // ... and never more than 64 runs, however large max_io.
+        let many: Vec<u64> = (0..78).map(|p| 100 + 2 * p).collect();
+        let mut bg = queues(Vec::new(), &many, false);
+        let batch = batch_of(&mut bg, 1 << 30);
+        assert_eq!(batch.len(), 64);
+        assert_eq!(batch[63], (226, 1));
+        assert_eq!(bg.prefetch.len(), 14, "the rest stays queued");
+    }
+
+    #[test]
+    fn a_fill_that_may_not_start_yet_is_left_queued() {
+        let map = regions(8);
+        let mut bg = queues(Vec::new(), &[2], true);
+        let inflight = AtomicU64::new(0);
+        let take = |bg: &mut Background, ready| {
+            next_background(bg, &map, PS, 1 << 20, &inflight, ready).map(|j| (j.kind, j.pages))
+        };
+        // The working set goes whether or not the fill may start.
+        assert_eq!(take(&mut bg, false), Some((JobKind::Prefetch, 1)));
+        assert_eq!(take(&mut bg, false), None);
+        assert_eq!(bg.fill_cursor, Some((0, 0)), "the fill is still to do");
+        assert_eq!(take(&mut bg, true), Some((JobKind::Fill, 2)));
+        assert_eq!(take(&mut bg, true), Some((JobKind::Fill, 5)));
+        assert_eq!(take(&mut bg, true), None);
     }
 
     #[test]

@@ -59,6 +59,36 @@ pub struct Session {
     pub(super) total_pages: AtomicU64,
     pub(super) prefetch_inflight: AtomicU64,
     pub(super) page_size: u64,
+    /// Nanoseconds without a demand fault before the fill may start
+    /// ([`SessionOptions::fill_after_quiet`]); 0 once [`Server::fill_all`] asked for it now.
+    pub(super) fill_quiet_ns: AtomicU64,
+    /// When the last demand fault was read, in nanoseconds after `started`.
+    pub(super) last_demand_ns: AtomicU64,
+}
+
+impl Session {
+    /// How long the session's background fill must still wait: it starts once the session has
+    /// gone [`SessionOptions::fill_after_quiet`] without a demand fault (counted from its start).
+    pub(super) fn fill_wait(&self, now: Instant) -> Duration {
+        let quiet = self.fill_quiet_ns.load(Ordering::Acquire);
+        if quiet == 0 {
+            return Duration::ZERO;
+        }
+        let last = self.started + Duration::from_nanos(self.last_demand_ns.load(Ordering::Acquire));
+        (last + Duration::from_nanos(quiet)).saturating_duration_since(now)
+    }
+
+    /// A demand fault was read now.
+    pub(super) fn note_demand(&self) {
+        let ns = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_demand_ns.fetch_max(ns, Ordering::AcqRel);
+    }
+
+    /// The fill still waits for quiet: how long, if it has pages left to fill.
+    pub(super) fn gated_fill(&self, now: Instant) -> Option<Duration> {
+        let wait = self.fill_wait(now);
+        (!wait.is_zero() && lock(&self.background).fill_cursor.is_some()).then_some(wait)
+    }
 }
 
 impl std::fmt::Debug for Session {
@@ -296,6 +326,10 @@ impl Shared {
             total_pages: AtomicU64::new(total_pages),
             prefetch_inflight: AtomicU64::new(0),
             page_size,
+            fill_quiet_ns: AtomicU64::new(
+                u64::try_from(o.fill_after_quiet.as_nanos()).unwrap_or(u64::MAX),
+            ),
+            last_demand_ns: AtomicU64::new(0),
         });
         if let Some(carried) = &o.carried {
             session.stats.add_stats(carried);

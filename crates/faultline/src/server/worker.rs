@@ -258,6 +258,9 @@ impl Worker {
 
     /// Serve the faults of one batch: claim, coalesce, resolve.
     pub(super) fn serve_faults(&mut self, s: &Arc<Session>, faults: &mut [(u64, Instant)]) {
+        if !faults.is_empty() {
+            s.note_demand();
+        }
         faults.sort_unstable_by_key(|f| f.0);
         let mut runs: Vec<Job> = Vec::new();
         let mut refaults: Vec<Job> = Vec::new();
