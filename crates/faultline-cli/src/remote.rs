@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use faultline::remote::{default_source_id, RemoteServer, RemoteServerOptions};
+use faultline::remote::{default_source_id, Exporter, ExporterOptions};
 use faultline::source::{MmapSource, PageSource};
 use faultline_daemon::RemoteConfig;
 
@@ -100,20 +100,20 @@ fn open_export(args: &ExportArgs) -> Result<(Arc<dyn PageSource>, u64)> {
 }
 
 /// Start exporting as `args` say (in this process): used by `export`, `bench --remote` and tests.
-pub fn start_export(args: &ExportArgs) -> Result<RemoteServer> {
+pub fn start_export(args: &ExportArgs) -> Result<Exporter> {
     let (src, id) = open_export(args)?;
     let listener = std::net::TcpListener::bind(&args.listen)
         .with_context(|| format!("binding {}", args.listen))?;
-    let options = RemoteServerOptions {
+    let options = ExporterOptions {
         page_size: args.page_size,
         source_id: Some(id),
         max_connections: args.max_connections.max(1),
         dedup: !args.no_dedup,
-        ..RemoteServerOptions::default()
+        ..ExporterOptions::default()
     };
     let len = src.len();
     let name = src.name();
-    let server = RemoteServer::start(listener, src, options)?;
+    let server = Exporter::start(listener, src, options)?;
     tracing::info!(
         addr = %server.local_addr(),
         source = %name,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use faultline_daemon::{Daemon, DaemonConfig};
 
-fn main() -> Result<(), faultline_daemon::Error> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Needed only for the supervised mode; harmless otherwise.
     faultline_daemon::worker::main_if_worker();
     let dir = std::env::temp_dir().join(format!("faultline-embed-{}", std::process::id()));

@@ -52,7 +52,7 @@ use faultline::ratelimit::LogLimit;
 use faultline_uffd::{Features, Uffd};
 
 use crate::config::DaemonConfig;
-use crate::error::{bail, Context, Error, Result};
+use crate::error::{chain, Error, Result};
 
 /// A client whose handshake was received and validated.
 pub struct Accepted {
@@ -154,19 +154,22 @@ pub fn accept_client(
     limits: &Limits,
 ) -> Result<Accepted, Refusal> {
     let hs = firecracker::receive_handshake_or_rejected(&stream, limits)?;
-    let uffd = Uffd::from_received_fd(hs.uffd).map_err(|e| Refusal::after_handover("fds", e))?;
+    let uffd = Uffd::from_received_fd(hs.uffd).map_err(|source| {
+        Refusal::after_handover(
+            "fds",
+            Error::ClientUffd {
+                pid: peer.pid,
+                source,
+            },
+        )
+    })?;
     if uffd.features().contains(Features::EVENT_FORK) {
         // Every fork() of the client would hand us the userfaultfd of a child that no pidfd ties
         // to a process (the kernel names none): a session that could never end. Firecracker
         // never asks for it.
         return Err(Refusal::after_handover(
             "event-fork",
-            Error::msg(format!(
-                "client pid {}'s userfaultfd has EVENT_FORK enabled: the sessions of its forked \
-                 children could not be tied to a process, so they are not served (Firecracker \
-                 never enables EVENT_FORK)",
-                peer.pid
-            )),
+            Error::EventFork { pid: peer.pid },
         ));
     }
     Ok(Accepted {
@@ -245,7 +248,7 @@ impl ConnCtx {
             }
             Err(r) => {
                 let handed = r.handed_uffd;
-                let why = format!("{}: {:#}", r.cause, r.error);
+                let why = format!("{}: {}", r.cause, chain(&r.error));
                 self.refuse(r);
                 if handed && self.end_refused {
                     end_refused_client(pidfd.as_ref(), peer.pid, &why);
@@ -258,7 +261,7 @@ impl ConnCtx {
     fn refuse(&self, r: Refusal) {
         self.refused.fetch_add(1, Ordering::Relaxed);
         if self.log.allow(r.cause) {
-            tracing::warn!(cause = r.cause, error = %format!("{:#}", r.error), "handshake refused; connection closed");
+            tracing::warn!(cause = r.cause, error = %chain(&r.error), "handshake refused; connection closed");
         }
     }
 
@@ -278,10 +281,10 @@ impl ConnCtx {
         if !self.allow_uids.is_empty() && !self.allow_uids.contains(&peer.uid) {
             self.refuse(Refusal::new(
                 "uid",
-                Error::msg(format!(
-                    "client pid {} runs as uid {}, which --allow-uid does not list",
-                    peer.pid, peer.uid
-                )),
+                Error::UidNotAllowed {
+                    pid: peer.pid,
+                    uid: peer.uid,
+                },
             ));
             return Admit::Done;
         }
@@ -314,11 +317,10 @@ impl ConnCtx {
         if busy >= self.max_handshakes && !inline {
             self.refuse(Refusal::new(
                 "busy",
-                Error::msg(format!(
-                    "client pid {}: {busy} handshakes are in progress, the most --max-handshakes \
-                     allows",
-                    peer.pid
-                )),
+                Error::HandshakesBusy {
+                    pid: peer.pid,
+                    in_progress: busy,
+                },
             ));
             return Admit::Done;
         }
@@ -334,8 +336,14 @@ impl ConnCtx {
                 }
                 None
             }
-            Err(e @ faultline::peer::PeerError::Gone { .. }) => {
-                self.refuse(Refusal::new("gone", e));
+            Err(source @ faultline::peer::PeerError::Gone { .. }) => {
+                self.refuse(Refusal::new(
+                    "gone",
+                    Error::ClientProcess {
+                        pid: peer.pid,
+                        source,
+                    },
+                ));
                 return Admit::Done;
             }
             Err(e) => {
@@ -348,7 +356,13 @@ impl ConnCtx {
                     }
                     return Admit::Later(stream);
                 }
-                self.refuse(Refusal::new("pidfd", e));
+                self.refuse(Refusal::new(
+                    "pidfd",
+                    Error::ClientProcess {
+                        pid: peer.pid,
+                        source: e,
+                    },
+                ));
                 return Admit::Done;
             }
         };
@@ -375,7 +389,10 @@ impl ConnCtx {
             Err(e) => {
                 self.refuse(Refusal::new(
                     "thread",
-                    Error::context("cannot start a handshake thread", e),
+                    Error::Thread {
+                        name: "handshake",
+                        source: e,
+                    },
                 ));
                 return Admit::Pause;
             }
@@ -391,38 +408,47 @@ impl ConnCtx {
 pub(crate) fn bind(path: &Path) -> Result<UnixListener> {
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+        Err(source) => {
+            return Err(Error::CheckSocket {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
         Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
-            Ok(_) => bail!(
-                "{} is a live socket: another handler is serving it",
-                path.display()
-            ),
+            Ok(_) => {
+                return Err(Error::SocketInUse {
+                    path: path.to_path_buf(),
+                })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                std::fs::remove_file(path)
-                    .with_context(|| format!("removing the stale socket {}", path.display()))?;
+                std::fs::remove_file(path).map_err(|source| Error::RemoveStaleSocket {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
                 tracing::info!(socket = %path.display(), "replaced a stale socket");
             }
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "{} is a socket that cannot be checked for a listener; not replacing it",
-                        path.display()
-                    )
+            Err(source) => {
+                return Err(Error::SocketUncheckable {
+                    path: path.to_path_buf(),
+                    source,
                 })
             }
         },
-        Ok(meta) => bail!(
-            "{} exists and is {}, not a socket: refusing to replace it (remove it or choose \
-             another --socket)",
-            path.display(),
-            file_kind(&meta.file_type())
-        ),
+        Ok(meta) => {
+            return Err(Error::NotASocket {
+                path: path.to_path_buf(),
+                kind: file_kind(&meta.file_type()),
+            })
+        }
     }
     // Created 0600 from the start: no window in which others may connect.
     let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let l = UnixListener::bind(path);
     rustix::process::umask(old);
-    l.with_context(|| format!("binding {}", path.display()))
+    l.map_err(|source| Error::BindSocket {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// "a regular file", "a symlink", ... for errors.
@@ -510,10 +536,9 @@ pub(crate) fn accept_loop(
                 Admit::Later(_) => {
                     ctx.refuse(Refusal::new(
                         "pidfd",
-                        Error::msg(format!(
-                            "out of fds to name the client for {} ms: connection closed",
-                            since.elapsed().as_millis()
-                        )),
+                        Error::OutOfFdsToNameClient {
+                            waited: since.elapsed(),
+                        },
                     ));
                     backoff = Some(next_backoff(backoff));
                 }
@@ -528,7 +553,7 @@ pub(crate) fn accept_loop(
         match listener.accept() {
             Ok((stream, _)) => {
                 if let Err(e) = stream.set_nonblocking(false) {
-                    ctx.refuse(Refusal::new("io", e));
+                    ctx.refuse(Refusal::new("io", Error::ClientSocket { source: e }));
                     continue;
                 }
                 backoff = match ctx.admit(stream) {

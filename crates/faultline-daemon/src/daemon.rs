@@ -12,7 +12,7 @@ use faultline::{Server, SessionHandle, Stats};
 
 use crate::accept::{accept_loop, bind, Accepted, ConnCtx};
 use crate::config::{DaemonConfig, OnExit};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::sessions::{Core, Handover, Hooks};
 
 /// How long a stopping daemon waits for its sessions to finish ending (summaries logged, working
@@ -47,7 +47,10 @@ impl Daemon {
         let started = Arc::clone(&core.started);
         let refused = Arc::clone(&core.refused);
         let stop = Arc::new(AtomicBool::new(false));
-        let (wake_rx, wake) = UnixStream::pair()?;
+        let (wake_rx, wake) = UnixStream::pair().map_err(|source| Error::SocketPair {
+            purpose: "the accept loop's wake-up socket pair",
+            source,
+        })?;
         let dispatch = Box::new(move |c: Accepted| {
             let _ = core.start_session(c, Handover::default(), Hooks::default());
         });
@@ -60,7 +63,11 @@ impl Daemon {
         let stop2 = Arc::clone(&stop);
         let accept = std::thread::Builder::new()
             .name("faultline-accept".into())
-            .spawn(move || accept_loop(listener, wake_rx, stop2, ctx))?;
+            .spawn(move || accept_loop(listener, wake_rx, stop2, ctx))
+            .map_err(|source| Error::Thread {
+                name: "accept loop",
+                source,
+            })?;
         tracing::info!(socket = %socket.display(), snapshot = %config.snapshot_name(), "serving");
         Ok(Daemon {
             server,

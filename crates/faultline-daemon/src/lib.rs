@@ -56,7 +56,7 @@ pub mod worker;
 
 pub use config::{DaemonConfig, ObjectConfig, OnExit, OnUnservable, ReadaheadPolicy, RemoteConfig};
 pub use daemon::{Daemon, SESSION_END_LIMIT};
-pub use error::{Context, Error, Result};
+pub use error::{Error, Result};
 pub use supervisor::{StopHandle, Supervisor};
 pub use worker::WorkerCommand;
 

@@ -16,7 +16,7 @@ use faultline_uffd::MemoryKind;
 
 use crate::accept::Accepted;
 use crate::config::{DaemonConfig, ReadaheadPolicy};
-use crate::error::{Context, Result};
+use crate::error::{Error, Result};
 use crate::snapshot::{from_store, open_snapshot_from, Handed};
 
 /// What serving needs, shared by the in-process daemon and the supervised worker: the fault
@@ -49,10 +49,10 @@ impl Core {
     pub(crate) fn build_from(config: &DaemonConfig, handed: Option<Handed>) -> Result<Core> {
         let src = open_snapshot_from(config, handed)?;
         let prefetch = match &config.prefetch_ws {
-            Some(p) => Some(
-                WorkingSet::load(p)
-                    .with_context(|| format!("reading the working set {}", p.display()))?,
-            ),
+            Some(p) => Some(WorkingSet::load(p).map_err(|source| Error::WorkingSet {
+                path: p.clone(),
+                source,
+            })?),
             None => None,
         };
         let readahead = match config.readahead {
@@ -89,7 +89,8 @@ impl Core {
             server_config.source_attempts = 6;
             server_config.retry_backoff = Duration::from_millis(50);
         }
-        let server = Arc::new(Server::start(server_config)?);
+        let server =
+            Arc::new(Server::start(server_config).map_err(|source| Error::StartServer { source })?);
         if let Some(addr) = &config.metrics {
             serve_metrics(addr, Arc::clone(&server))?;
         }
@@ -219,7 +220,10 @@ impl Core {
                         &format!("cannot serve this client: {e}"),
                     );
                 }
-                Err(e.into())
+                Err(Error::AddSession {
+                    pid: peer.pid,
+                    source: e,
+                })
             }
         }
     }
@@ -275,8 +279,10 @@ pub struct Hooks {
 
 /// A minimal HTTP endpoint with the Prometheus text of the server and its sessions.
 fn serve_metrics(addr: &str, server: Arc<Server>) -> Result<()> {
-    let listener =
-        TcpListener::bind(addr).with_context(|| format!("binding the metrics address {addr}"))?;
+    let listener = TcpListener::bind(addr).map_err(|source| Error::BindMetrics {
+        addr: addr.to_string(),
+        source,
+    })?;
     tracing::info!(addr, "metrics on http://{addr}/metrics");
     std::thread::Builder::new().name("faultline-metrics".into()).spawn(move || {
         for conn in listener.incoming() {
@@ -304,6 +310,6 @@ fn serve_metrics(addr: &str, server: Arc<Server>) -> Result<()> {
                 body.len()
             );
         }
-    })?;
+    }).map_err(|source| Error::Thread { name: "metrics", source })?;
     Ok(())
 }

@@ -13,7 +13,7 @@ use faultline::source::{MmapSource, ObjectSource, ObjectSourceOptions, PageSourc
 use faultline::WorkingSet;
 
 use crate::config::{DaemonConfig, ObjectConfig};
-use crate::error::{bail, Context, Result};
+use crate::error::{Error, Result};
 
 /// What is served: an image (through its hash-verifying source; a diff over its base), raw
 /// memory in an object store, a remote page server, or a memory file (mmapped, zero pages found
@@ -82,38 +82,43 @@ impl Pinned {
             return Ok(pinned);
         }
         if let Some(img) = &config.image {
-            let layers = ImageSource::open_layer_files(img)
-                .with_context(|| format!("opening the image {}", img.display()))?;
+            let layers = ImageSource::open_layer_files(img).map_err(|e| Error::OpenImage {
+                path: img.clone(),
+                source: Box::new(e),
+            })?;
             let readers = layers
                 .iter()
                 .map(|l| Arc::clone(l) as Arc<dyn RangeRead>)
                 .collect();
-            let src = ImageSource::from_layers(readers)
-                .with_context(|| format!("opening the image {}", img.display()))?;
+            let src = ImageSource::from_layers(readers).map_err(|e| Error::OpenImage {
+                path: img.clone(),
+                source: Box::new(e),
+            })?;
             if let Some(id) = &config.image_id {
-                src.check_id(id)?;
+                check_id(&src, id, &img.display().to_string())?;
             }
             pinned.len = src.len();
             pinned.image_id = Some(src.image().id());
             drop(src);
             for l in layers {
                 let name = RangeRead::name(&*l);
-                let file = l
-                    .file()
-                    .try_clone()
-                    .with_context(|| format!("keeping the image {name} open"))?;
+                let file = match l.file().try_clone() {
+                    Ok(f) => f,
+                    Err(source) => return Err(Error::KeepImageOpen { name, source }),
+                };
                 pinned.files.push((file, name));
             }
             return Ok(pinned);
         }
         let Some(mem) = &config.mem_file else {
-            bail!("nothing to serve: give --mem-file or --image");
+            return Err(Error::NothingToServe);
         };
-        let file = std::fs::File::open(mem)
-            .with_context(|| format!("opening the memory file {}", mem.display()))?;
-        let meta = file
-            .metadata()
-            .with_context(|| format!("opening the memory file {}", mem.display()))?;
+        let open_error = |source| Error::OpenMemFile {
+            path: mem.clone(),
+            source,
+        };
+        let file = std::fs::File::open(mem).map_err(open_error)?;
+        let meta = file.metadata().map_err(open_error)?;
         pinned.len = meta.len();
         pinned.modified = Some(modified(&meta));
         pinned.files.push((file, mem.display().to_string()));
@@ -148,36 +153,41 @@ pub fn open_snapshot_from(
             Some(h) => {
                 let mut layers: Vec<Arc<dyn RangeRead>> = Vec::new();
                 for (file, name) in h.files {
-                    let r = faultline::image::FileRange::from_file(file, &name)
-                        .with_context(|| format!("reading the image {name}"))?;
+                    let r = match faultline::image::FileRange::from_file(file, &name) {
+                        Ok(r) => r,
+                        Err(source) => return Err(Error::ReadImageLayer { name, source }),
+                    };
                     layers.push(Arc::new(r));
                 }
-                let src = ImageSource::from_layers(layers)
-                    .with_context(|| format!("opening the image {}", img.display()))?;
+                let src = ImageSource::from_layers(layers).map_err(|e| Error::OpenImage {
+                    path: img.clone(),
+                    source: Box::new(e),
+                })?;
                 // The same open file: its header (and so its id) changes only if it was
                 // rewritten in place; then it is refused, never served.
                 if let Some(id) = &h.image_id {
                     if src.image().id() != *id {
-                        bail!(
-                            "the image {} is no longer the one the supervisor opened (id {}, was {}): refusing to serve it",
-                            img.display(),
-                            faultline::image::hex(&src.image().id()),
-                            faultline::image::hex(id)
-                        );
+                        return Err(Error::ImageChanged {
+                            path: img.clone(),
+                            id: src.image().id(),
+                            was: *id,
+                        });
                     }
                 }
                 src
             }
-            None => ImageSource::open(img)
-                .with_context(|| format!("opening the image {}", img.display()))?,
+            None => ImageSource::open(img).map_err(|e| Error::OpenImage {
+                path: img.clone(),
+                source: Box::new(e),
+            })?,
         };
         if let Some(id) = &config.image_id {
-            src.check_id(id)?;
+            check_id(&src, id, &img.display().to_string())?;
         }
         return Ok(Arc::new(src));
     }
     let Some(mem) = &config.mem_file else {
-        bail!("nothing to serve: give --mem-file or --image");
+        return Err(Error::NothingToServe);
     };
     let (want_len, want_modified) = handed
         .as_ref()
@@ -185,30 +195,29 @@ pub fn open_snapshot_from(
     let background = handed.as_ref().is_some_and(|h| h.background_zero_scan);
     let src = match handed.and_then(|h| h.files.into_iter().next()) {
         Some((file, name)) => {
-            let meta = file
-                .metadata()
-                .with_context(|| format!("reading the memory file {name}"))?;
+            let meta = match file.metadata() {
+                Ok(m) => m,
+                Err(source) => return Err(Error::ReadMemFile { name, source }),
+            };
             let now = meta.len();
             if let Some(want) = want_len.filter(|&w| w != now) {
-                bail!(
-                    "the memory file {name} is now {now} bytes, not the {want} its sessions started on: refusing to serve it"
-                );
+                return Err(Error::MemFileResized { name, now, want });
             }
             if want_modified.is_some_and(|w| w != modified(&meta)) {
-                bail!(
-                    "the memory file {name} was written since its sessions started on it: refusing to serve it"
-                );
+                return Err(Error::MemFileWritten { name });
             }
-            MmapSource::options()
-                .populate(false)
-                .map_file(&file)
-                .with_context(|| format!("mapping the memory file {name}"))?
-                .with_name(name)
+            match MmapSource::options().populate(false).map_file(&file) {
+                Ok(src) => src.with_name(name),
+                Err(source) => return Err(Error::MapMemFile { name, source }),
+            }
         }
         None => MmapSource::options()
             .populate(false)
             .open(mem)
-            .with_context(|| format!("opening the memory file {}", mem.display()))?,
+            .map_err(|source| Error::OpenMemFile {
+                path: mem.clone(),
+                source,
+            })?,
     };
     if !config.zero_scan {
         return Ok(Arc::new(src));
@@ -216,10 +225,19 @@ pub fn open_snapshot_from(
     if background {
         return Ok(src.with_background_zero_scan());
     }
-    let src = src
-        .with_zero_scan()
-        .with_context(|| format!("scanning the memory file {} for zero pages", mem.display()))?;
+    let src = src.with_zero_scan().map_err(|e| Error::ZeroScan {
+        path: mem.clone(),
+        source: Box::new(e),
+    })?;
     Ok(Arc::new(src))
+}
+
+/// [`ImageSource::check_id`] of the image named `image` (a path or a URL).
+fn check_id(src: &ImageSource, id: &[u8; 32], image: &str) -> Result<()> {
+    src.check_id(id).map_err(|e| Error::ImageId {
+        image: image.to_string(),
+        source: Box::new(e),
+    })
 }
 
 /// A file's modification time, to the nanosecond.
@@ -236,7 +254,7 @@ pub(crate) fn from_store(config: &DaemonConfig) -> bool {
 /// `--image-id` names an image: it goes with `--image`; and one snapshot is served.
 fn check_image_id_flag(config: &DaemonConfig) -> Result<()> {
     if config.image_id.is_some() && config.image.is_none() {
-        bail!("--image-id checks the image given with --image; there is none");
+        return Err(Error::ImageIdWithoutImage);
     }
     let given = [
         config.mem_file.is_some(),
@@ -245,9 +263,7 @@ fn check_image_id_flag(config: &DaemonConfig) -> Result<()> {
         config.object.url.is_some(),
     ];
     if given.iter().filter(|&&g| g).count() > 1 {
-        bail!(
-            "serve one snapshot: give only one of --mem-file, --image, --remote and --object-url"
-        );
+        return Err(Error::SeveralSnapshots);
     }
     Ok(())
 }
@@ -265,9 +281,12 @@ pub fn snapshot_len(config: &DaemonConfig) -> Result<u64> {
     match (&config.image, &config.mem_file) {
         (Some(_), _) => Ok(open_snapshot(config)?.len()),
         (None, Some(mem)) => Ok(std::fs::metadata(mem)
-            .with_context(|| format!("opening the memory file {}", mem.display()))?
+            .map_err(|source| Error::OpenMemFile {
+                path: mem.clone(),
+                source,
+            })?
             .len()),
-        (None, None) => bail!("nothing to serve: give --mem-file or --image"),
+        (None, None) => Err(Error::NothingToServe),
     }
 }
 
@@ -282,16 +301,23 @@ pub fn open_remote(
         expect_source_id: expect_id,
         ..config.options()
     };
-    // The error names the address and what failed.
-    Ok(Arc::new(faultline::remote::RemoteSource::connect(
-        addr, options,
-    )?))
+    let src = faultline::remote::RemoteSource::connect(addr, options).map_err(|e| {
+        Error::ConnectRemote {
+            addr: addr.to_string(),
+            source: Box::new(e),
+        }
+    })?;
+    Ok(Arc::new(src))
 }
 
 /// What the page server at `addr` announces: the source's length and id (asked with one hello).
 pub fn remote_source(addr: &str) -> Result<faultline::remote::Welcome> {
-    faultline::remote::probe(addr, std::time::Duration::from_secs(5))
-        .with_context(|| format!("asking the remote page server {addr}"))
+    faultline::remote::probe(addr, std::time::Duration::from_secs(5)).map_err(|e| {
+        Error::ProbeRemote {
+            addr: addr.to_string(),
+            source: Box::new(e),
+        }
+    })
 }
 
 /// The length of the source served at `addr`.
@@ -317,10 +343,9 @@ impl ObjectConfig {
             .checked_mul(1024)
             .filter(|b| *b > 0 && b % 4096 == 0)
         else {
-            bail!(
-                "--object-block-kib {} is not a positive multiple of 4",
-                self.block_kib
-            );
+            return Err(Error::ObjectBlockSize {
+                block_kib: self.block_kib,
+            });
         };
         let s3 = S3Config {
             endpoint: self.endpoint.clone(),
@@ -334,8 +359,10 @@ impl ObjectConfig {
             cache_bytes: self.cache_mib.saturating_mul(1 << 20),
             ..ObjectSourceOptions::default()
         };
-        let src =
-            ObjectSource::open_url(url, &s3, opts).with_context(|| format!("opening {url}"))?;
+        let src = ObjectSource::open_url(url, &s3, opts).map_err(|e| Error::OpenObject {
+            url: url.to_string(),
+            source: Box::new(e),
+        })?;
         tracing::info!(object = url, len = PageSource::len(&src), block_kib = self.block_kib, cache = %src.cache_dir().display(), "object opened");
         Ok(Arc::new(src))
     }
@@ -363,11 +390,13 @@ fn prefetch_detached(
     path: &Path,
     to_store: impl FnOnce(Vec<u64>) -> Vec<u64>,
 ) -> Result<()> {
-    let ws = WorkingSet::load(path)
-        .with_context(|| format!("reading the working set {}", path.display()))?;
+    let ws = WorkingSet::load(path).map_err(|source| Error::WorkingSet {
+        path: path.to_path_buf(),
+        source,
+    })?;
     drop(
         obj.prefetch_in_background(to_store(ws.offsets))
-            .context("starting the working-set prefetch")?,
+            .map_err(|source| Error::StartPrefetch { source })?,
     );
     Ok(())
 }
@@ -383,13 +412,18 @@ pub fn open_image(
     expect_id: Option<&[u8; 32]>,
 ) -> Result<Arc<dyn PageSource>> {
     let obj = flags.open(url)?;
-    let image = Image::from_reader(Arc::clone(&obj) as Arc<dyn RangeRead>)
-        .with_context(|| format!("reading the image {url}"))?;
-    let src = ImageSource::new(image).with_context(|| {
-        format!("{url}: diffs in an object store are not supported yet; serve a full image")
+    let image = Image::from_reader(Arc::clone(&obj) as Arc<dyn RangeRead>).map_err(|e| {
+        Error::ReadObjectImage {
+            url: url.to_string(),
+            source: Box::new(e),
+        }
+    })?;
+    let src = ImageSource::new(image).map_err(|e| Error::ObjectImageDiff {
+        url: url.to_string(),
+        source: Box::new(e),
     })?;
     if let Some(id) = expect_id {
-        src.check_id(id)?;
+        check_id(&src, id, url)?;
     }
     if let Some(p) = prefetch_ws {
         prefetch_detached(&obj, p, |offsets| {
@@ -424,7 +458,12 @@ mod tests {
             block_kib: 6,
             ..ObjectConfig::default()
         };
-        let e = f.open("s3://b/k").err().map(|e| e.to_string());
+        let e = f.open("s3://b/k").err();
+        assert!(
+            matches!(e, Some(Error::ObjectBlockSize { block_kib: 6 })),
+            "{e:?}"
+        );
+        let e = e.map(|e| e.to_string());
         assert!(
             e.as_deref().is_some_and(|e| e.contains("multiple of 4")),
             "{e:?}"
@@ -437,7 +476,9 @@ mod tests {
             remote: Some("127.0.0.1:1".into()),
             ..DaemonConfig::mem_file("/nonexistent")
         };
-        let e = open_snapshot(&c).err().map(|e| e.to_string());
+        let e = open_snapshot(&c).err();
+        assert!(matches!(e, Some(Error::SeveralSnapshots)), "{e:?}");
+        let e = e.map(|e| e.to_string());
         assert!(
             e.as_deref().is_some_and(|e| e.contains("only one")),
             "{e:?}"

@@ -55,7 +55,7 @@ use crate::control::{
     recv_msg, send_msg, InitMsg, RangeSet, Reg, Report, SessionMsg, ToWorker, EXIT_CANNOT_START,
     REMOVED_CHUNK,
 };
-use crate::error::{Context, Error, Result};
+use crate::error::{chain, Error, Result};
 use crate::snapshot::Pinned;
 use crate::worker::WorkerCommand;
 
@@ -116,10 +116,17 @@ fn spawn_worker(
         SocketType::SEQPACKET,
         SocketFlags::CLOEXEC,
         None,
-    )?;
+    )
+    .map_err(|e| Error::SocketPair {
+        purpose: "the worker's control socket pair",
+        source: e.into(),
+    })?;
     let mut cmd = Command::new(&command.program);
     cmd.args(&command.args).stdin(Stdio::from(theirs));
-    let child = cmd.spawn().context("starting the serve worker")?;
+    let child = cmd.spawn().map_err(|source| Error::SpawnWorker {
+        program: command.program.clone(),
+        source,
+    })?;
     tracing::info!(worker = child.id(), "worker started");
     let init = InitMsg {
         len: pinned.len,
@@ -295,13 +302,18 @@ impl Supervisor {
         let args = config;
         let socket = socket.as_ref().to_path_buf();
         let term = Arc::new(AtomicBool::new(false));
-        let (sig_rx, sig_tx) = UnixStream::pair()?;
+        let (sig_rx, sig_tx) = UnixStream::pair().map_err(|source| Error::SocketPair {
+            purpose: "the supervisor's wake-up socket pair",
+            source,
+        })?;
         // Open the snapshot once, here: every worker serves these files and this identity (a bad
         // flag fails at once, too).
         let pinned = Pinned::open(args)?;
         if let Some(p) = &args.prefetch_ws {
-            faultline::WorkingSet::load(p)
-                .with_context(|| format!("reading the working set {}", p.display()))?;
+            faultline::WorkingSet::load(p).map_err(|source| Error::WorkingSet {
+                path: p.clone(),
+                source,
+            })?;
         }
         let down_limit = args.worker_down_limit.max(Duration::from_secs(1));
         let hang_limit = args.worker_hang_limit.max(Duration::from_secs(1));
@@ -379,12 +391,19 @@ impl Supervisor {
             dispatch,
         ));
         let stop = Arc::new(AtomicBool::new(false));
-        let (wake_rx, wake_tx) = UnixStream::pair()?;
+        let (wake_rx, wake_tx) = UnixStream::pair().map_err(|source| Error::SocketPair {
+            purpose: "the accept loop's wake-up socket pair",
+            source,
+        })?;
         let accept = {
             let (stop, ctx) = (Arc::clone(&stop), Arc::clone(&ctx));
             std::thread::Builder::new()
                 .name("faultline-accept".into())
-                .spawn(move || accept_loop(listener, wake_rx, stop, ctx))?
+                .spawn(move || accept_loop(listener, wake_rx, stop, ctx))
+                .map_err(|source| Error::Thread {
+                    name: "accept loop",
+                    source,
+                })?
         };
         tracing::info!(socket = %socket.display(), snapshot = %args.snapshot_name(), "serving (supervised)");
         let main = MainLoop {
@@ -403,7 +422,11 @@ impl Supervisor {
         };
         let main = std::thread::Builder::new()
             .name("faultline-supervisor".into())
-            .spawn(move || main.run())?;
+            .spawn(move || main.run())
+            .map_err(|source| Error::Thread {
+                name: "supervisor",
+                source,
+            })?;
         Ok(Supervisor {
             shared,
             term,
@@ -451,7 +474,10 @@ impl Supervisor {
     pub fn stop_handle(&self) -> Result<StopHandle> {
         Ok(StopHandle {
             term: Arc::clone(&self.term),
-            wake: self.wake.try_clone()?,
+            wake: self.wake.try_clone().map_err(|source| Error::SocketPair {
+                purpose: "a stop handle's copy of the supervisor's wake-up socket",
+                source,
+            })?,
         })
     }
 
@@ -471,7 +497,7 @@ impl Supervisor {
         match self.main.take().map(JoinHandle::join) {
             None => Ok(()),
             Some(Ok(r)) => r,
-            Some(Err(_)) => Err(Error::msg("the supervisor's main loop panicked")),
+            Some(Err(_)) => Err(Error::SupervisorPanicked),
         }
     }
 }
@@ -480,7 +506,7 @@ impl Drop for Supervisor {
     fn drop(&mut self) {
         if self.main.is_some() {
             if let Err(e) = self.stop_main() {
-                tracing::error!(error = %format!("{e:#}"), "the supervisor stopped with an error");
+                tracing::error!(error = %chain(&e), "the supervisor stopped with an error");
             }
         }
     }
@@ -582,7 +608,7 @@ impl MainLoop {
                             *w = Some(nw);
                         }
                         Err(e) => {
-                            tracing::error!(error = %format!("{e:#}"), "cannot start a serve worker");
+                            tracing::error!(error = %chain(&e), "cannot start a serve worker");
                             restarts.failures = restarts.failures.saturating_add(1);
                             restarts.next_start = Some(now + BACKOFF_MAX);
                         }
@@ -639,7 +665,7 @@ impl MainLoop {
             }
             match poll(&mut fds, timeout.as_ref()) {
                 Ok(_) | Err(Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(Error::Poll { source: e.into() }),
             }
             if !fds[0].revents().is_empty() {
                 let _ = (&sig_rx).read(&mut b);
@@ -695,7 +721,10 @@ impl MainLoop {
                     let recs = lock(&shared.records);
                     let mut slot = lock(&shared.worker);
                     let Some(mut w) = slot.take() else { continue };
-                    let status = w.child.wait()?;
+                    let status = w
+                        .child
+                        .wait()
+                        .map_err(|source| Error::ReapWorker { source })?;
                     if term.load(Ordering::Acquire) {
                         break;
                     }

@@ -46,7 +46,7 @@ use crate::control::{
     recv_msg, send_msg, try_send_msg, InitMsg, Report, ToWorker, COUNTERS_EVERY, EXIT_CANNOT_START,
 };
 use crate::daemon::SESSION_END_LIMIT;
-use crate::error::{bail, Context, Result};
+use crate::error::{chain, Error, Result};
 use crate::sessions::{Core, Handover, Hooks};
 use crate::snapshot::Handed;
 
@@ -67,7 +67,7 @@ impl WorkerCommand {
     /// This program again, with [`WORKER_ARG`]: for hosts that call [`main_if_worker`].
     pub fn current_exe() -> Result<WorkerCommand> {
         Ok(WorkerCommand {
-            program: std::env::current_exe().context("finding the running program")?,
+            program: std::env::current_exe().map_err(|source| Error::CurrentExe { source })?,
             args: vec![WORKER_ARG.into()],
         })
     }
@@ -88,7 +88,7 @@ pub fn main_if_worker() {
     match run() {
         Ok(()) => std::process::exit(0),
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "the serve worker failed");
+            tracing::error!(error = %chain(&e), "the serve worker failed");
             std::process::exit(1);
         }
     }
@@ -96,14 +96,16 @@ pub fn main_if_worker() {
 
 /// The worker's first message: the snapshot the supervisor opened.
 fn receive_snapshot(control: BorrowedFd<'_>) -> Result<(Handed, DaemonConfig)> {
-    let (bytes, fds) = recv_msg(control)?.context("the supervisor closed the control socket")?;
-    let init: InitMsg = serde_json::from_slice(&bytes).context("the supervisor's first message")?;
+    let (bytes, fds) = recv_msg(control)
+        .map_err(|source| Error::ControlSocket { source })?
+        .ok_or(Error::SupervisorGone)?;
+    let init: InitMsg =
+        serde_json::from_slice(&bytes).map_err(|source| Error::InitMessage { source })?;
     if init.names.len() != fds.len() {
-        bail!(
-            "the supervisor named {} snapshot files and sent {}",
-            init.names.len(),
-            fds.len()
-        );
+        return Err(Error::InitFiles {
+            names: init.names.len(),
+            fds: fds.len(),
+        });
     }
     let handed = Handed {
         files: fds.into_iter().map(File::from).zip(init.names).collect(),
@@ -123,13 +125,20 @@ fn receive_snapshot(control: BorrowedFd<'_>) -> Result<(Handed, DaemonConfig)> {
 pub fn run() -> Result<()> {
     crate::raise_fd_limit();
     let term = Arc::new(AtomicBool::new(false));
-    let (sig_rx, sig_tx) = UnixStream::pair()?;
+    let (sig_rx, sig_tx) = UnixStream::pair().map_err(|source| Error::SocketPair {
+        purpose: "the signal socket pair",
+        source,
+    })?;
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, Arc::clone(&term))?;
-        signal_hook::low_level::pipe::register(sig, sig_tx.try_clone()?)?;
+        let registered = signal_hook::flag::register(sig, Arc::clone(&term))
+            .and_then(|_| signal_hook::low_level::pipe::register(sig, sig_tx.try_clone()?));
+        registered.map_err(|source| Error::Signals { source })?;
     }
     let stdin = std::io::stdin();
-    let control: OwnedFd = stdin.as_fd().try_clone_to_owned()?;
+    let control: OwnedFd = stdin
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| Error::ControlSocket { source })?;
     let control = Arc::new(control);
     // The snapshot comes from the supervisor (open files, never a path); a worker that cannot
     // serve it says why, once, to the supervisor, which logs it (rate-limited) and backs off.
@@ -138,7 +147,7 @@ pub fn run() -> Result<()> {
     let (core, args) = match built {
         Ok((core, config)) => (Arc::new(core), config),
         Err(e) => {
-            let error = format!("{e:#}");
+            let error = chain(&e);
             if send_msg(
                 control.as_fd(),
                 &Report::CannotStart {
@@ -170,6 +179,10 @@ pub fn run() -> Result<()> {
                     };
                     let _ = try_send_msg(control.as_fd(), &report);
                 }
+            })
+            .map_err(|source| Error::Thread {
+                name: "counters",
+                source,
             })?;
     }
     // Sessions arrive on a thread; the main thread waits for the signal.
@@ -177,7 +190,11 @@ pub fn run() -> Result<()> {
         let (core, control) = (Arc::clone(&core), Arc::clone(&control));
         std::thread::Builder::new()
             .name("faultline-control".into())
-            .spawn(move || control_loop(&core, &control))?;
+            .spawn(move || control_loop(&core, &control))
+            .map_err(|source| Error::Thread {
+                name: "control",
+                source,
+            })?;
     }
     let mut b = [0u8; 16];
     while !term.load(Ordering::Acquire) {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use faultline_daemon::{Daemon, DaemonConfig};
+use faultline_daemon::{Daemon, DaemonConfig, Error};
 
 #[test]
 fn a_daemon_started_through_the_api_serves_a_client_and_shuts_down() {
@@ -51,14 +51,17 @@ fn a_second_daemon_on_a_live_socket_is_refused() {
     let socket = dir.path().join("faultline.sock");
     let config = DaemonConfig::mem_file(&mem);
     let first = Daemon::start(&config, &socket).expect("starting the daemon");
-    let second = Daemon::start(&config, &socket)
-        .err()
-        .map(|e| format!("{e:#}"));
+    let second = Daemon::start(&config, &socket).err();
+    // A caller can tell what failed, and with which path; the message names it too.
     assert!(
-        second
-            .as_deref()
-            .is_some_and(|e| e.contains("is a live socket")),
+        matches!(&second, Some(Error::SocketInUse { path }) if *path == socket),
         "{second:?}"
+    );
+    let text = second.map(|e| e.to_string());
+    assert!(
+        text.as_deref()
+            .is_some_and(|e| e.contains("is a live socket")),
+        "{text:?}"
     );
     first.shutdown();
 }

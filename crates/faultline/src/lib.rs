@@ -41,7 +41,7 @@
 //! | feature | adds | and brings |
 //! |---|---|---|
 //! | `image` | `image`: packed, compressed, content-hashed snapshot images | zstd (a C build), lz4_flex, blake3, xxhash-rust |
-//! | `object-store` | `source::object`: the S3 source and `put_object`; with `image`, images in S3 | object_store, reqwest, rustls on ring; `tokio` |
+//! | `object-store` | `source::object`: the S3 source, and `object_upload::put_object`; with `image`, images in S3 | object_store, reqwest, rustls on ring; `tokio` |
 //! | `remote` | `remote`: the page exporter and the remote source | crossbeam-channel, rustc-hash, xxhash-rust |
 //! | `tokio` | `uffd::tokio`: the async userfaultfd event stream | tokio |
 //!

@@ -62,13 +62,6 @@ pub mod wire;
 
 pub use client::{probe, RemoteOptions, RemoteSource, RemoteStats};
 pub use exporter::{default_source_id, Exporter, ExporterOptions, ExporterStats};
-/// The exporter's names before it was named so (the old `remote::server` module): kept for code
-/// not yet moved to [`Exporter`], [`ExporterOptions`] and [`ExporterStats`].
-#[doc(hidden)]
-pub use exporter::{
-    Exporter as RemoteServer, ExporterOptions as RemoteServerOptions,
-    ExporterStats as RemoteServerStats,
-};
 pub use wire::{Welcome, WireError};
 
 /// Setting up a remote page connection or server failed.

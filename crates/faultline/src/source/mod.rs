@@ -36,9 +36,7 @@ pub(crate) use memory::bytes_are_zero;
 pub use memory::MemorySource;
 pub use mmap::{MmapSource, MmapSourceOptions};
 #[cfg(feature = "object-store")]
-pub use object::{
-    put_object, ObjectError, ObjectSource, ObjectSourceOptions, ObjectStats, S3Config,
-};
+pub use object::{ObjectError, ObjectSource, ObjectSourceOptions, ObjectStats, S3Config};
 pub use zero::ZeroSource;
 
 /// Whether a failed read may succeed if tried again.

@@ -69,10 +69,6 @@ use flight::{Completion, Flight};
 use permits::{Permit, Permits, Priority};
 use store::{build_store, run, s3_builder, Instrumented, StatusSlot};
 
-/// Moved to [`crate::object_upload::put_object`]; kept here for code that uploads through the
-/// old path.
-#[doc(hidden)]
-pub use crate::object_upload::put_object;
 pub use error::ObjectError;
 pub use store::S3Config;
 pub use tls::install_crypto_provider;

@@ -25,8 +25,9 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use faultline::image::{pack, Codec, HashAlg, PackOptions, PackStats};
+use faultline::object_upload::put_object;
 use faultline::remote::RemoteStats;
-use faultline::source::{put_object, MmapSource, PageSource, S3Config};
+use faultline::source::{MmapSource, PageSource, S3Config};
 use serde::Serialize;
 
 use super::args::BenchArgs;

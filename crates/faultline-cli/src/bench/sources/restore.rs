@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use faultline::image::{Codec, HashAlg, Image, ImageSource, RangeRead};
-use faultline::remote::{RemoteOptions, RemoteServer, RemoteSource, RemoteStats};
+use faultline::remote::{Exporter, RemoteOptions, RemoteSource, RemoteStats};
 use faultline::source::{MmapSource, ObjectSource, ObjectSourceOptions, PageSource, S3Config};
 use faultline::{Region, Server, ServerConfig, SessionOptions};
 use faultline_uffd::{Features, Mapping, RegisterMode, Uffd};
@@ -210,7 +210,7 @@ pub(super) fn measure(v: Variant, ctx: &Ctx<'_>) -> Result<Measured> {
             s
         }
         Variant::Demand | Variant::Stream => {
-            exporter = RemoteServer::bind("127.0.0.1:0", ctx.file.clone())?;
+            exporter = Exporter::bind("127.0.0.1:0", ctx.file.clone())?;
             // The exporter indexes repeated pages before the restore (as one on a paused VM's
             // host would): not timed, reported.
             ensure!(

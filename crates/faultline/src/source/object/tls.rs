@@ -9,7 +9,7 @@
 /// already (by this function or by the embedding program, whose choice is kept).
 ///
 /// [`ObjectSource::open_url`](super::ObjectSource::open_url) and
-/// [`put_object`](super::put_object) call this before building their store. A program that
+/// [`put_object`](crate::object_upload::put_object) call this before building their store. A program that
 /// builds an `object_store` S3 store itself (for [`ObjectSource::open`](super::ObjectSource::open))
 /// calls it first.
 pub fn install_crypto_provider() {
