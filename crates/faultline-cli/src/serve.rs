@@ -95,6 +95,12 @@ pub struct ServeArgs {
     /// either way), so that it does not compete with the restored guest's start-up; 0: at once.
     #[arg(long, value_name = "MS", default_value_t = 500)]
     pub fill_after_quiet_ms: u64,
+    /// Workers that do background work (readahead past a fault's first chunk, the working set,
+    /// the fill) at once; the others serve demand faults only (0: every worker). Default: 1 for
+    /// a local snapshot (a restored guest's VMM and vCPUs keep the other CPUs), every worker for
+    /// --remote and object stores (their background work waits on the network).
+    #[arg(long, value_name = "N")]
+    pub background_workers: Option<usize>,
     /// Serve Prometheus metrics on this TCP address (e.g. 127.0.0.1:9100), path /metrics.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
@@ -232,6 +238,7 @@ impl ServeArgs {
             prefetch_ws: self.prefetch_ws.clone(),
             background_fill: self.background_fill,
             fill_after_quiet: Duration::from_millis(self.fill_after_quiet_ms),
+            background_workers: self.background_workers,
             metrics: self.metrics.clone(),
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
             max_handshakes: self.max_handshakes,

@@ -59,6 +59,12 @@ pub struct DaemonConfig {
     /// has gone this long without a demand fault (the working set is pushed first either way),
     /// so that it does not compete with the restored guest's start-up; zero: at once.
     pub fill_after_quiet: Duration,
+    /// Workers that do background work (readahead past a fault's first chunk, the working set,
+    /// the fill) at once; the others serve demand faults only. `None`: one for a local snapshot
+    /// (a memory file or a local image: the work is copying, and a restored guest's VMM thread and
+    /// vCPUs need the other CPUs), every worker for a remote page server or an object store (the
+    /// work is waiting on the network). `Some(0)`: every worker.
+    pub background_workers: Option<usize>,
     /// Serve Prometheus metrics on this TCP address, path `/metrics`.
     pub metrics: Option<String>,
     /// How long a client may take to send its handshake (at least a second).
@@ -106,6 +112,7 @@ impl Default for DaemonConfig {
             prefetch_ws: None,
             background_fill: false,
             fill_after_quiet: Duration::from_millis(500),
+            background_workers: None,
             metrics: None,
             handshake_timeout: Duration::from_secs(5),
             max_handshakes: 64,

@@ -80,6 +80,7 @@ impl Core {
             // remote source's deadline (--remote-deadline) decides when a page is given up.
             server_config.source_attempts = u32::MAX;
         }
+        server_config.background_workers = background_workers(config);
         if let Some(w) = config.workers {
             server_config.workers = w.max(1);
         }
@@ -312,4 +313,44 @@ fn serve_metrics(addr: &str, server: Arc<Server>) -> Result<()> {
         }
     }).map_err(|source| Error::Thread { name: "metrics", source })?;
     Ok(())
+}
+
+/// [`DaemonConfig::background_workers`], resolved: one for a local snapshot, every worker (0)
+/// for a remote page server or an object store, or what was asked for.
+fn background_workers(config: &DaemonConfig) -> usize {
+    let network = config.remote.is_some() || from_store(config);
+    config
+        .background_workers
+        .unwrap_or(if network { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn background_work_takes_one_worker_for_a_local_snapshot_and_all_for_the_network() {
+        let mut config = DaemonConfig::mem_file("/snap/mem");
+        assert_eq!(background_workers(&config), 1, "a memory file");
+        config.background_workers = Some(3);
+        assert_eq!(background_workers(&config), 3, "as asked");
+        let mut config = DaemonConfig::mem_file("/snap/mem");
+        config.mem_file = None;
+        config.remote = Some("127.0.0.1:7000".into());
+        assert_eq!(
+            background_workers(&config),
+            0,
+            "a remote page server: every worker"
+        );
+        let mut config = DaemonConfig::mem_file("/snap/mem");
+        config.mem_file = None;
+        config.image = Some("s3://bucket/mem.img".into());
+        assert_eq!(
+            background_workers(&config),
+            0,
+            "an image in an object store"
+        );
+        config.image = Some("/snap/mem.img".into());
+        assert_eq!(background_workers(&config), 1, "a local image");
+    }
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use faultline::source::MemorySource;
+use faultline::source::{MemorySource, PageSource, SourceError};
 use faultline::{
     Readahead, Region, Server, ServerConfig, SessionHandle, SessionOptions, WorkingSet,
 };
@@ -278,4 +278,112 @@ fn the_fill_waits_for_the_session_to_be_quiet() {
     assert!(c.session.wait_all_present(LIMIT), "fill_all ends the wait");
     assert_eq!(c.session.stats().faults, 0);
     server.shutdown();
+}
+
+/// A memory source whose reads take a while and are counted while they run: how many at once
+/// (at most), apart from the reads of one page a test faults on.
+#[derive(Debug)]
+struct Concurrency {
+    inner: MemorySource,
+    /// The page whose reads are not counted (a demand fault's).
+    demand_page: u64,
+    now: std::sync::atomic::AtomicU64,
+    max: std::sync::atomic::AtomicU64,
+}
+
+impl PageSource for Concurrency {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn name(&self) -> String {
+        "concurrency".into()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let page = PAGE_SIZE as u64;
+        let demand = offset <= self.demand_page * page
+            && self.demand_page * page < offset + buf.len() as u64;
+        if !demand {
+            let n = self.now.fetch_add(1, SeqCst) + 1;
+            self.max.fetch_max(n, SeqCst);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        let r = self.inner.read_at(offset, buf);
+        if !demand {
+            self.now.fetch_sub(1, SeqCst);
+        }
+        r
+    }
+}
+
+/// `background_workers` bounds the workers doing background work at once; the others still
+/// serve demand faults while it runs.
+#[test]
+fn background_work_takes_at_most_its_workers_and_demand_is_served_beside_it() {
+    let want = content();
+    let run = |background_workers: usize| {
+        let source = Arc::new(Concurrency {
+            inner: MemorySource::new(want.as_ref().clone()),
+            demand_page: (PAGES - 1) as u64,
+            now: Default::default(),
+            max: Default::default(),
+        });
+        let server = Server::start(ServerConfig {
+            workers: 3,
+            background_workers,
+            // Many small background steps (each a 5 ms read): workers meet in them.
+            max_io: 4 * PAGE_SIZE,
+            ..ServerConfig::default()
+        })
+        .expect("server");
+        let uffd = Uffd::new(Features::empty()).expect("userfaultfd");
+        let m = Arc::new(Mapping::anonymous(PAGES * PAGE_SIZE).expect("mmap"));
+        uffd.register(&m, RegisterMode::MISSING).expect("register");
+        let region = Region::for_mapping(&m, Arc::clone(&source) as _);
+        let session = server
+            .add_session(
+                uffd,
+                vec![region],
+                SessionOptions {
+                    background_fill: true,
+                    readahead: Some(Readahead::Off),
+                    ..SessionOptions::default()
+                },
+            )
+            .expect("session");
+        // A demand fault on the last page (the fill goes in address order: it is far away).
+        let (m2, want2) = (Arc::clone(&m), Arc::clone(&want));
+        within(LIMIT, move || check(&m2, &want2, PAGES - 1));
+        let filled_by_then = session.stats().fill_pages;
+        assert!(session.wait_all_present(LIMIT), "the fill completes");
+        let (m2, want2) = (Arc::clone(&m), Arc::clone(&want));
+        within(LIMIT, move || {
+            (0..PAGES).for_each(|p| check(&m2, &want2, p))
+        });
+        let st = session.stats();
+        assert_eq!(st.faults, 1, "{st:?}");
+        server.shutdown();
+        (
+            source.max.load(std::sync::atomic::Ordering::SeqCst),
+            filled_by_then,
+            st.fill_pages,
+        )
+    };
+    let (one, filled_by_then, filled) = run(1);
+    assert_eq!(
+        one, 1,
+        "one background read at a time with background_workers 1"
+    );
+    assert_eq!(filled, (PAGES - 1) as u64);
+    // The fill (128 steps of 5 ms each) was not done when the demand fault was: a worker the
+    // fill may not take served it beside the fill, not after it.
+    assert!(
+        filled_by_then < filled,
+        "the demand fault waited for the whole fill ({filled_by_then} of {filled} pages)"
+    );
+    let (all, _, _) = run(0);
+    assert!(
+        all >= 2,
+        "every worker takes background steps with 0 (max {all} at once)"
+    );
 }

@@ -75,6 +75,9 @@ pub struct ServerConfig {
     pub batch: usize,
     /// Largest single resolve in bytes (background chunks and readahead windows are cut to it).
     pub max_io: usize,
+    /// Workers that do background work (readahead beyond a fault's first chunk, working-set
+    /// prefetch, fill) at once, at most; the others serve demand faults only. Zero: all.
+    pub background_workers: usize,
     /// Bytes resolved first for a demand fault, so the faulting thread wakes early; the rest of
     /// the window follows in `max_io` pieces.
     pub first_chunk: usize,
@@ -124,6 +127,7 @@ impl Default for ServerConfig {
             pin_workers: false,
             batch: 64,
             max_io: 1 << 20,
+            background_workers: 0,
             first_chunk: 64 << 10,
             min_zero_run: 8,
             source_attempts: 4,
@@ -265,6 +269,8 @@ struct Shared {
     bg_hint: AtomicBool,
     /// When a fill that waits for its session to be quiet may start (the soonest of them).
     bg_due: Mutex<Option<Instant>>,
+    /// Workers inside a background step now (see [`ServerConfig::background_workers`]).
+    bg_active: AtomicU64,
     /// Deferred jobs queued over all sessions.
     deferred_jobs: AtomicU64,
     /// What this kernel offers, less [`ServerConfig::missing_features`].
@@ -328,6 +334,7 @@ impl Server {
             buffer_bytes: AtomicU64::new(0),
             bg_hint: AtomicBool::new(false),
             bg_due: Mutex::new(None),
+            bg_active: AtomicU64::new(0),
             deferred_jobs: AtomicU64::new(0),
         });
         let n = n_workers;

@@ -49,8 +49,14 @@ pub(super) struct Background {
 }
 
 impl Shared {
+    /// A worker may take a background step now ([`ServerConfig::background_workers`]).
+    pub(super) fn background_slot_free(&self) -> bool {
+        let limit = self.config.background_workers as u64;
+        limit == 0 || self.bg_active.load(Ordering::Acquire) < limit
+    }
+
     pub(super) fn has_background(&self) -> Option<Duration> {
-        if self.bg_hint.load(Ordering::Acquire) {
+        if self.bg_hint.load(Ordering::Acquire) && self.background_slot_free() {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
@@ -149,6 +155,20 @@ impl Worker {
 
     /// One chunk of background work from one session (round robin).
     pub(super) fn background_step(&mut self) {
+        let limit = self.shared.config.background_workers as u64;
+        if limit > 0 {
+            if self.shared.bg_active.fetch_add(1, Ordering::AcqRel) >= limit {
+                self.shared.bg_active.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
+            self.background_step_in_slot();
+            self.shared.bg_active.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            self.background_step_in_slot();
+        }
+    }
+
+    fn background_step_in_slot(&mut self) {
         // Clear the hint before looking: work queued after this point sets it again.
         if !self.shared.bg_hint.swap(false, Ordering::AcqRel) {
             return;
