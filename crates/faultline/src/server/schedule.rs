@@ -75,9 +75,12 @@ impl Shared {
         if self.deferred_jobs.load(Ordering::Acquire) == 0 {
             return soonest;
         }
+        // A worker that may not take a background step now does not spin on queued work: it
+        // waits for its faults, a kick, or its deferred jobs.
+        let slot = self.background_slot_free();
         let sessions = read(&self.sessions);
         for s in sessions.values() {
-            {
+            if slot {
                 let b = lock(&s.background);
                 let fill = b.fill_cursor.is_some() && s.fill_wait(now).is_zero();
                 if !b.ahead.is_empty() || !b.prefetch.is_empty() || fill {
