@@ -164,35 +164,22 @@ impl SessionHandle {
     /// Wait until every page is present (or the session ends, or `timeout` passes); returns
     /// whether every page is present.
     pub fn wait_all_present(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut g = lock(&self.0.ended);
-        loop {
-            if self.all_present() {
-                return true;
-            }
-            let now = Instant::now();
-            if g.is_some() || now >= deadline {
-                return false;
-            }
-            g = match self
-                .0
-                .changed
-                .wait_timeout(g, (deadline - now).min(Duration::from_millis(50)))
-            {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
-        }
+        self.wait_until(timeout, || self.all_present())
     }
 
     /// Wait until the working set given as `prefetch` has been replayed (every recorded page
     /// resolved, by prefetch or by demand) or `timeout` passes; returns whether it was.
     pub fn wait_prefetched(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let done = || {
+        self.wait_until(timeout, || {
             self.0.prefetch_inflight.load(Ordering::Acquire) == 0
                 && lock(&self.0.background).prefetch.is_empty()
-        };
+        })
+    }
+
+    /// Wait until `done()` (asked whenever the session's pages or state change, and every
+    /// 50 ms), the session ends or `timeout` passes; returns whether `done()` held.
+    fn wait_until(&self, timeout: Duration, done: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
         let mut g = lock(&self.0.ended);
         loop {
             if done() {
