@@ -51,8 +51,15 @@ pub(super) struct Background {
 impl Shared {
     /// A worker may take a background step now ([`ServerConfig::background_workers`]).
     pub(super) fn background_slot_free(&self) -> bool {
-        let limit = self.config.background_workers as u64;
-        limit == 0 || self.bg_active.load(Ordering::Acquire) < limit
+        self.bg_active.load(Ordering::Acquire) < self.background_limit()
+    }
+
+    /// Workers that may be in a background step at once (zero in the config: every one).
+    fn background_limit(&self) -> u64 {
+        match self.config.background_workers {
+            0 => u64::MAX,
+            n => n as u64,
+        }
     }
 
     pub(super) fn has_background(&self) -> Option<Duration> {
@@ -158,17 +165,14 @@ impl Worker {
 
     /// One chunk of background work from one session (round robin).
     pub(super) fn background_step(&mut self) {
-        let limit = self.shared.config.background_workers as u64;
-        if limit > 0 {
-            if self.shared.bg_active.fetch_add(1, Ordering::AcqRel) >= limit {
-                self.shared.bg_active.fetch_sub(1, Ordering::AcqRel);
-                return;
-            }
-            self.background_step_in_slot();
-            self.shared.bg_active.fetch_sub(1, Ordering::AcqRel);
-        } else {
-            self.background_step_in_slot();
+        // Take a background slot ([`ServerConfig::background_workers`]) for the step, if any is free.
+        let active = &self.shared.bg_active;
+        if active.fetch_add(1, Ordering::AcqRel) >= self.shared.background_limit() {
+            active.fetch_sub(1, Ordering::AcqRel);
+            return;
         }
+        self.background_step_in_slot();
+        self.shared.bg_active.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn background_step_in_slot(&mut self) {
