@@ -360,16 +360,7 @@ pub fn working_set_pages(pages: u64, pct: u32) -> Vec<u64> {
 fn page_order(touch: Touch, pages: u64) -> Vec<u64> {
     let mut v: Vec<u64> = (0..pages).collect();
     if touch == Touch::Rand {
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        for i in (1..v.len()).rev() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            v.swap(
-                i,
-                usize::try_from(x % (i as u64 + 1)).expect("at most i, a usize"),
-            );
-        }
+        crate::bench::shuffle(&mut v, 0x9E37_79B9_7F4A_7C15u64);
     }
     v
 }

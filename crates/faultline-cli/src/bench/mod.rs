@@ -29,6 +29,8 @@ mod serve;
 mod sources;
 mod workload;
 
+pub(crate) use workload::shuffle;
+
 /// Run the benchmark and print the table (and JSON if asked).
 pub fn run(args: BenchArgs) -> Result<()> {
     if args.remote || args.sources {

@@ -52,32 +52,29 @@ pub(super) fn order(pattern: Pattern, pages: usize, threads: usize, t: usize) ->
         Pattern::Rand => {
             let per = pages.div_ceil(threads);
             let mut v: Vec<usize> = (t * per..((t + 1) * per).min(pages)).collect();
-            let mut x = 0x2545_F491_4F6C_DD1Du64 ^ (t as u64 + 1);
-            for i in (1..v.len()).rev() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                v.swap(
-                    i,
-                    usize::try_from(x % (i as u64 + 1)).expect("at most i, a usize"),
-                );
-            }
+            shuffle(&mut v, 0x2545_F491_4F6C_DD1Du64 ^ (t as u64 + 1));
             v
         }
         Pattern::Storm => {
             let mut v: Vec<usize> = (0..pages).collect();
-            let mut x = 0x1234_5678_9ABC_DEF1u64;
-            for i in (1..v.len()).rev() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                v.swap(
-                    i,
-                    usize::try_from(x % (i as u64 + 1)).expect("at most i, a usize"),
-                );
-            }
+            shuffle(&mut v, 0x1234_5678_9ABC_DEF1u64);
             v
         }
+    }
+}
+
+/// Shuffle `v` in place (Fisher-Yates on a xorshift64 sequence from `seed`): the same order for
+/// the same seed in every run, so that runs compare.
+pub(crate) fn shuffle<T>(v: &mut [T], seed: u64) {
+    let mut x = seed;
+    for i in (1..v.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.swap(
+            i,
+            usize::try_from(x % (i as u64 + 1)).expect("at most i, a usize"),
+        );
     }
 }
 
