@@ -18,8 +18,8 @@
 //! summary. Every figure is shown as a ratio to the File backend measured in the same run.
 //!
 //! Backends alternate within every repetition (each repetition starting one backend later, so
-//! that none always comes first or after the same other one), and 1, 2 and 4 clones are restored at once (each
-//! clone its own Firecracker, one daemon serving them all). The daemons start once, before the
+//! that none always comes first or after the same other one), and 1, 2 and 4 clones are
+//! restored at once (each clone its own Firecracker, one daemon serving them all). The daemons start once, before the
 //! first measured round, and a warm-up restore through each runs first (it also brings the
 //! memory file into the page cache for every backend alike).
 

@@ -165,7 +165,8 @@ impl Worker {
 
     /// One chunk of background work from one session (round robin).
     pub(super) fn background_step(&mut self) {
-        // Take a background slot ([`ServerConfig::background_workers`]) for the step, if any is free.
+        // Take a background slot (`ServerConfig::background_workers`) for the step, if one is
+        // free.
         let active = &self.shared.bg_active;
         if active.fetch_add(1, Ordering::AcqRel) >= self.shared.background_limit() {
             active.fetch_sub(1, Ordering::AcqRel);
