@@ -12,8 +12,10 @@
 //!   re-checks the page table after queueing a waiter, so no waiter can slip between.
 //! - A fault on a `Present` page is resolved again (normally answered EEXIST): a page we believe
 //!   present can have been zapped without us seeing it yet (a REMOVE read, the client's `madvise`
-//!   done and a refault taken before the page states were updated), so resolving again — with the
-//!   zero bit consulted — is always right, and costs one ioctl only for true duplicates.
+//!   done and a refault taken before the page states were updated), or with no event at all (a
+//!   client without `EVENT_REMOVE`). Private memory reads zeros after a zap, so the re-resolve is
+//!   a zero one (shared memory's page cache kept the bytes: it is only mapped) — always right,
+//!   and one ioctl only for true duplicates.
 //! - REMOVE sets the zero bits *before* turning `Present` pages back to `Missing`, so any resolver
 //!   that sees `Missing` also sees the zero bit. The server reads messages and applies REMOVE /
 //!   REMAP under a per-session lock, so a fault caused after such an event is never examined

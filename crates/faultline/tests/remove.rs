@@ -35,9 +35,19 @@ struct Fixture {
 }
 
 fn serve(pages: usize, seed: u64, config: ServerConfig, options: SessionOptions) -> Fixture {
+    serve_with(Features::EVENT_REMOVE, pages, seed, config, options)
+}
+
+fn serve_with(
+    features: Features,
+    pages: usize,
+    seed: u64,
+    config: ServerConfig,
+    options: SessionOptions,
+) -> Fixture {
     let want = content(pages, seed);
     let source = Arc::new(MemorySource::new(want.as_ref().clone()));
-    let uffd = Uffd::new(Features::EVENT_REMOVE).expect("userfaultfd with EVENT_REMOVE");
+    let uffd = Uffd::new(features).expect("userfaultfd");
     let m = Arc::new(Mapping::anonymous(pages * PAGE_SIZE).expect("mmap"));
     uffd.register(&m, RegisterMode::MISSING).expect("register");
     let server = Server::start(config).expect("server");
@@ -330,4 +340,47 @@ fn background_fill_racing_drops_leaves_dropped_pages_zero() {
 #[test]
 fn background_fill_racing_drops_leaves_dropped_pages_zero_two_workers() {
     fill_racing_drops(2, 25);
+}
+
+/// A client whose userfaultfd lacks `EVENT_REMOVE` zaps pages the server made present
+/// (`MADV_DONTNEED`): no event tells the server, the pages simply fault again. Private memory
+/// reads zeros after a zap, so they are served zeros — never the source's older bytes — and the
+/// pages around them keep their bytes.
+#[test]
+fn a_page_zapped_without_a_remove_event_reads_zero_when_touched_again() {
+    let pages = 64;
+    let (zap, n) = (8, 16);
+    let config = ServerConfig {
+        workers: 2,
+        ..ServerConfig::default()
+    };
+    let f = serve_with(
+        Features::empty(),
+        pages,
+        31,
+        config,
+        SessionOptions::default(),
+    );
+    let (m, want) = (Arc::clone(&f.m), Arc::clone(&f.want));
+    let errors = within(LIMIT, move || {
+        let mut errors = Vec::new();
+        for p in 0..pages {
+            errors.extend(check_page(&m, &want, p, false, "first touch").err());
+        }
+        m.discard(zap * PAGE_SIZE, n * PAGE_SIZE)
+            .expect("MADV_DONTNEED");
+        for p in 0..pages {
+            let zapped = (zap..zap + n).contains(&p);
+            errors.extend(check_page(&m, &want, p, zapped, "after the zap").err());
+        }
+        errors
+    });
+    assert!(errors.is_empty(), "{errors:#?}");
+    let st = f.session.stats();
+    assert_eq!(st.events_remove, 0, "{st:?}");
+    assert!(
+        st.present_refaults >= n as u64,
+        "every zapped page faulted again: {st:?}"
+    );
+    f.server.shutdown();
 }

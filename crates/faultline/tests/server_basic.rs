@@ -152,6 +152,61 @@ fn shmem_minor_backing_fills_the_page_cache_then_continues() {
     server.shutdown();
 }
 
+/// Shared memory keeps its bytes in the page cache when the client zaps its mapping
+/// (`MADV_DONTNEED`): the page faults again (MINOR), and the server maps the page cache's bytes —
+/// the client's own writes — instead of writing the source's older bytes over them.
+#[test]
+fn shmem_page_faulting_again_keeps_the_clients_bytes() {
+    if !faultline_testing::need_features(
+        "shmem_minor",
+        Features::MINOR_SHMEM | Features::MISSING_SHMEM,
+    ) {
+        return;
+    }
+    let pages = 64;
+    let src = source(pages, 11);
+    let uffd = Uffd::new(Features::MINOR_SHMEM | Features::MISSING_SHMEM).expect("uffd");
+    let m = Arc::new(Mapping::new(MemoryKind::Shmem, pages * PAGE_SIZE).expect("memfd"));
+    let cache = Arc::new(m.alias().expect("alias"));
+    uffd.register(&m, RegisterMode::MISSING | RegisterMode::MINOR)
+        .expect("register");
+    let server = Server::start(ServerConfig {
+        workers: 2,
+        ..ServerConfig::default()
+    })
+    .expect("server");
+    let region =
+        Region::for_mapping(&m, src.clone()).with_backing(faultline::Backing::Minor { cache });
+    let session = server
+        .add_session(uffd, vec![region], SessionOptions::default())
+        .expect("session");
+    let (m2, src2) = (Arc::clone(&m), src.clone());
+    let mine = vec![0xA5u8; 4 * PAGE_SIZE];
+    let got = faultline_testing::within(Duration::from_secs(30), move || {
+        verify(&m2, &src2, 0..pages);
+        m2.write(8 * PAGE_SIZE, &mine).expect("the client's write");
+        m2.discard(8 * PAGE_SIZE, 4 * PAGE_SIZE)
+            .expect("MADV_DONTNEED");
+        let mut got = vec![0u8; 4 * PAGE_SIZE];
+        m2.read(8 * PAGE_SIZE, &mut got).expect("read");
+        verify(&m2, &src2, 0..8);
+        verify(&m2, &src2, 12..pages);
+        got
+    });
+    assert!(
+        got.iter().all(|&b| b == 0xA5),
+        "pages 8..12 lost the client's bytes after a zap (first byte {:#x})",
+        got[0]
+    );
+    let st = session.stats();
+    assert!(
+        st.present_refaults >= 4,
+        "the zapped pages faulted again: {st:?}"
+    );
+    assert_eq!(st.copy, 0, "{st:?}");
+    server.shutdown();
+}
+
 #[test]
 fn background_fill_makes_everything_present_without_touches() {
     let pages = 2048;

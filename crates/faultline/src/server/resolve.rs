@@ -93,9 +93,22 @@ impl Worker {
                     (limit - p) as u64 * e.region.page_size(),
                 );
                 match ready {
+                    Ok(()) if !j.claimed => {
+                        // A page we made present faults again: it was zapped since (a REMOVE not
+                        // read yet, a MADV_DONTNEED with no REMOVE event) or the message is a
+                        // duplicate. Private memory reads zeros after a zap, never the snapshot's
+                        // older bytes; a duplicate is answered EEXIST either way. Shared memory
+                        // kept its bytes in the page cache: map them, never overwrite them.
+                        let zero = !matches!(e.region.backing, Backing::Minor { .. });
+                        (
+                            limit,
+                            zero,
+                            self.resolve_pages(s, e, p, limit - p, zero, true),
+                        )
+                    }
                     Ok(()) => {
                         let (q, zero) = Self::plan(e, p, end, cap, self.shared.config.min_zero_run);
-                        (q, zero, self.resolve_pages(s, e, p, q - p, zero))
+                        (q, zero, self.resolve_pages(s, e, p, q - p, zero, false))
                     }
                     Err(err) => (limit, false, Err(Step::Source(err))),
                 }
@@ -300,6 +313,8 @@ impl Worker {
 
     /// One resolve ioctl (or a few for a long zero run on hugetlbfs) for pages `p..p+n`.
     /// Returns how many pages were done (partial progress is fine: the caller continues).
+    /// `mapped_only`: shared memory whose page cache already holds the pages' bytes is only
+    /// mapped (`UFFDIO_CONTINUE`), not written.
     pub(super) fn resolve_pages(
         &mut self,
         s: &Arc<Session>,
@@ -307,6 +322,7 @@ impl Worker {
         p: usize,
         n: usize,
         zero: bool,
+        mapped_only: bool,
     ) -> Result<usize, Step> {
         let ps = e.region.page_size();
         let addr = e.addr_of(p);
@@ -324,7 +340,9 @@ impl Worker {
                         "the page cache offset does not fit in memory".into(),
                     )));
                 };
-                let write = if zero {
+                let write = if mapped_only {
+                    Ok(())
+                } else if zero {
                     self.ensure_zeros(size);
                     cache.write(cache_off, &self.zeros[..size])
                 } else {
