@@ -69,6 +69,7 @@ pub mod ratelimit;
 pub mod region;
 #[cfg(feature = "remote")]
 pub mod remote;
+pub mod served;
 pub mod server;
 pub mod source;
 pub mod state;
@@ -77,6 +78,7 @@ mod sync;
 
 pub use policy::{Readahead, WorkingSet};
 pub use region::{Backing, Region, RegionError};
+pub use served::ServedLog;
 pub use server::{
     EndHook, RemoveHook, Server, ServerConfig, ServerError, SessionHandle, SessionOptions,
     Unservable,

@@ -221,6 +221,9 @@ pub struct RegionEntry {
     pub state_base: usize,
     /// Offset of this piece inside its cache mapping (MINOR backing), in bytes.
     pub cache_offset: u64,
+    /// Index in the session's [`ServedLog`](crate::ServedLog) of `states`' first page (the page
+    /// `state_base + i` of this piece is `log_base + state_base + i` there).
+    pub log_base: usize,
 }
 
 impl RegionEntry {
@@ -232,6 +235,7 @@ impl RegionEntry {
             states,
             state_base: 0,
             cache_offset: 0,
+            log_base: 0,
         }
     }
 

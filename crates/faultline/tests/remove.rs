@@ -384,3 +384,71 @@ fn a_page_zapped_without_a_remove_event_reads_zero_when_touched_again() {
     );
     f.server.shutdown();
 }
+
+/// A handler serves pages, marking them in its served log, and dies; the client then zaps some
+/// of them with no handler to see it (as if the dead one had read the REMOVE and never passed it
+/// on). A successor given the same log serves those pages zeros when they fault again, and
+/// serves the pages nobody touched yet their source bytes.
+#[test]
+fn a_successor_serves_zeros_for_pages_zapped_after_its_predecessor_served_them() {
+    let pages = 96;
+    let (touched, zap, n) = (64, 8, 16);
+    let want = content(pages, 41);
+    let source = Arc::new(MemorySource::new(want.as_ref().clone()));
+    let uffd = Uffd::new(Features::empty()).expect("userfaultfd");
+    let m = Arc::new(Mapping::anonymous(pages * PAGE_SIZE).expect("mmap"));
+    uffd.register(&m, RegisterMode::MISSING).expect("register");
+    let keep = uffd.try_clone_fd().expect("dup");
+    let log = faultline::ServedLog::memfd().expect("memfd");
+    let successor_log = faultline::ServedLog::new(log.file().try_clone().expect("dup"));
+
+    let first = Server::start(ServerConfig::default()).expect("server");
+    let options = SessionOptions {
+        served_log: Some(log),
+        readahead: Some(Readahead::Off),
+        ..SessionOptions::default()
+    };
+    let _s = first
+        .add_session(uffd, vec![Region::for_mapping(&m, source.clone())], options)
+        .expect("session");
+    let (m1, w1) = (Arc::clone(&m), Arc::clone(&want));
+    let errors = within(LIMIT, move || {
+        (0..touched)
+            .filter_map(|p| check_page(&m1, &w1, p, false, "first handler").err())
+            .collect::<Vec<_>>()
+    });
+    assert!(errors.is_empty(), "{errors:#?}");
+    first.shutdown();
+    m.discard(zap * PAGE_SIZE, n * PAGE_SIZE)
+        .expect("MADV_DONTNEED");
+
+    let second = Server::start(ServerConfig::default()).expect("server");
+    let options = SessionOptions {
+        served_log: Some(successor_log),
+        resume: true,
+        ..SessionOptions::default()
+    };
+    let uffd = Uffd::from_received_fd(keep).expect("the userfaultfd again");
+    let s = second
+        .add_session(uffd, vec![Region::for_mapping(&m, source)], options)
+        .expect("resumed session");
+    let (m2, w2) = (Arc::clone(&m), Arc::clone(&want));
+    let errors = within(LIMIT, move || {
+        (0..pages)
+            .filter_map(|p| {
+                let zapped = (zap..zap + n).contains(&p);
+                check_page(&m2, &w2, p, zapped, "successor").err()
+            })
+            .collect::<Vec<_>>()
+    });
+    assert!(errors.is_empty(), "{errors:#?}");
+    // Counters are complete once every page is published present (they are added first).
+    assert!(s.wait_all_present(LIMIT));
+    let st = s.stats();
+    assert_eq!(st.events_remove, 0, "{st:?}");
+    assert!(
+        st.zero_pages >= n as u64,
+        "the zapped pages served as zeros: {st:?}"
+    );
+    second.shutdown();
+}

@@ -175,6 +175,11 @@ pub struct SessionOptions {
     /// The session is resumed from a handler that died: wake every thread blocked on the regions
     /// first, so faults whose messages the dead handler read (and never resolved) are taken again.
     pub resume: bool,
+    /// Where to mark the pages made present, one byte per page in the order of the regions
+    /// given (see [`crate::served`]). With `resume`, the pages an earlier handler marked there
+    /// are served as zeros should they fault again: zapped since, possibly by a REMOVE the dead
+    /// handler read and never passed on.
+    pub served_log: Option<crate::ServedLog>,
     /// The session's id, chosen by the caller (a supervisor that hands sessions to a restarted
     /// worker keeps their ids); `None`: the server numbers it. Must not be in use.
     pub id: Option<u64>,
@@ -378,8 +383,13 @@ impl Server {
         options: SessionOptions,
     ) -> Result<SessionHandle, ServerError> {
         let mut map = RegionMap::new();
+        let mut log_base = 0;
         for r in regions {
-            map.insert(RegionEntry::new(r))?;
+            let pages = r.pages();
+            let mut e = RegionEntry::new(r);
+            e.log_base = log_base;
+            log_base += pages;
+            map.insert(e)?;
         }
         self.shared.add(uffd, map, options).map(SessionHandle)
     }
@@ -411,7 +421,9 @@ impl Server {
     pub fn add_region(&self, id: u64, region: Region) -> Result<(), ServerError> {
         let s = self.shared.session(id).ok_or(ServerError::NoSession(id))?;
         let pages = region.pages() as u64;
-        write(&s.regions).insert(RegionEntry::new(region))?;
+        let mut e = RegionEntry::new(region);
+        e.log_base = s.log_pages.fetch_add(e.region.pages(), Ordering::AcqRel);
+        write(&s.regions).insert(e)?;
         s.total_pages.fetch_add(pages, Ordering::AcqRel);
         Ok(())
     }

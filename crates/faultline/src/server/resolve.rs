@@ -151,6 +151,7 @@ impl Worker {
                         }
                         latency_recorded = true;
                     }
+                    self.log_served(s, e, p, done);
                     for i in p..p + done {
                         self.mark_resolved(s, e, i, j);
                     }
@@ -160,9 +161,11 @@ impl Worker {
                     p += done;
                 }
                 Err(Step::Exists) => {
+                    self.log_served(s, e, p, 1);
                     self.mark_resolved(s, e, p, j);
                     p += 1;
                 }
+                Err(Step::Replan) => {}
                 Err(Step::Retry) => return RunEnd::Defer(p - first, false),
                 Err(Step::Gone) => return RunEnd::Gone,
                 Err(Step::GiveBack) => {
@@ -257,6 +260,26 @@ impl Worker {
         }
     }
 
+    /// Mark pages `p..p + n` of `e`, just made present, in the session's served log. After the
+    /// resolve, never before: a handler killed between the two leaves a present page unmarked
+    /// (a successor serving it zeros on a silent zap is all that is lost), where a mark before
+    /// would have a successor serve zeros for a page never made present.
+    fn log_served(&self, s: &Session, e: &RegionEntry, p: usize, n: usize) {
+        let Some(log) = &s.served_log else {
+            return;
+        };
+        if let Err(err) = log.mark(e.log_base + e.state_base + p, n) {
+            if self.shared.logs.allow("served log") {
+                tracing::warn!(
+                    session = s.id,
+                    error = %err,
+                    "marking pages in the served log failed; after a handler restart they would \
+                     be served their snapshot bytes if zapped"
+                );
+            }
+        }
+    }
+
     pub(super) fn mark_resolved(&self, s: &Session, e: &RegionEntry, page: usize, j: &Job) {
         let idx = e.state_base + page;
         // A re-resolve (unclaimed) that found the page missing claims it now to publish it.
@@ -330,6 +353,16 @@ impl Worker {
         // The same length as a buffer size: a run is at most `max_io` bytes, a `usize`.
         let size = n * e.region.kind.page_size();
         let off = e.source_offset_of(p);
+        // Bytes from the source must not land after the client's zap of a page whose REMOVE was
+        // read while this resolve was under way (the kernel lets `madvise` zap as soon as the
+        // event is read, and a COPY issued after that installs the old bytes for good). Data
+        // resolves hold the session's install lock, shared; the reader of events holds it
+        // exclusively until a REMOVE's pages are marked zero. Under it, a page marked since the
+        // plan sends the run back to be planned again (zeros).
+        let _installing = if zero { None } else { s.installing() };
+        if !zero && (p..p + n).any(|i| e.states.is_zero(e.state_base + i)) {
+            return Err(Step::Replan);
+        }
         let result: Result<Resolved, faultline_uffd::ResolveError> = match &e.region.backing {
             Backing::Minor { cache } => {
                 let Ok(cache_off) = usize::try_from(e.cache_offset + p as u64 * ps) else {
@@ -540,6 +573,8 @@ pub(super) enum Step {
     Unservable(ResolveError),
     /// The source failed.
     Source(SourceError),
+    /// A REMOVE read since the run was planned dropped some of its pages: plan it again.
+    Replan,
 }
 
 /// A source error for `len` bytes at page `page` of `e`, permanent.

@@ -3,7 +3,7 @@
 use crate::sync::{lock, read, write};
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,10 @@ pub struct Session {
     pub(super) on_remove: Option<RemoveHook>,
     /// Held while reading messages and applying non-fault events.
     pub(super) read_lock: Mutex<()>,
+    /// Held shared by resolves that install bytes from the source, exclusively by the reader of
+    /// messages until the REMOVEs it read are applied (see `resolve_pages`); only where the
+    /// client asked for REMOVE events.
+    pub(super) install_lock: Option<RwLock<()>>,
     /// Faults at addresses no region covers yet (a REMAP not yet read): retried, never dropped.
     pub(super) orphans: Mutex<Vec<(u64, Instant)>>,
     pub(super) closed: AtomicBool,
@@ -64,9 +68,24 @@ pub struct Session {
     pub(super) fill_quiet_ns: AtomicU64,
     /// When the last demand fault was read, in nanoseconds after `started`.
     pub(super) last_demand_ns: AtomicU64,
+    /// Where the pages made present are marked ([`SessionOptions::served_log`]).
+    pub(super) served_log: Option<crate::ServedLog>,
+    /// Pages of the served log given out to regions so far (the next region's `log_base`).
+    pub(super) log_pages: AtomicUsize,
 }
 
 impl Session {
+    /// The install lock, shared, for a resolve that installs the source's bytes (`None` where
+    /// the client has no REMOVE events).
+    pub(super) fn installing(&self) -> Option<std::sync::RwLockReadGuard<'_, ()>> {
+        self.install_lock.as_ref().map(|l| read(l))
+    }
+
+    /// The install lock, exclusively, for reading messages (see [`Session::installing`]).
+    pub(super) fn reading(&self) -> Option<std::sync::RwLockWriteGuard<'_, ()>> {
+        self.install_lock.as_ref().map(|l| write(l))
+    }
+
     /// How long the session's background fill must still wait: it starts once the session has
     /// gone [`SessionOptions::fill_after_quiet`] without a demand fault (counted from its start).
     pub(super) fn fill_wait(&self, now: Instant) -> Duration {
@@ -274,6 +293,7 @@ impl Shared {
             o.readahead.unwrap_or(self.config.readahead)
         };
         let prefetch: VecDeque<u64> = o.prefetch.map(|w| w.offsets.into()).unwrap_or_default();
+        let removes = uffd.features().contains(Features::EVENT_REMOVE);
         let session = Arc::new(Session {
             id,
             label: if o.label.is_empty() {
@@ -301,6 +321,7 @@ impl Shared {
             on_end: Mutex::new(o.on_end),
             on_remove: o.on_remove,
             read_lock: Mutex::new(()),
+            install_lock: removes.then(|| RwLock::new(())),
             orphans: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             end_reason: Mutex::new(String::new()),
@@ -317,6 +338,8 @@ impl Shared {
                 u64::try_from(o.fill_after_quiet.as_nanos()).unwrap_or(u64::MAX),
             ),
             last_demand_ns: AtomicU64::new(0),
+            served_log: o.served_log,
+            log_pages: AtomicUsize::new(usize::try_from(total_pages).unwrap_or(usize::MAX)),
         });
         if let Some(carried) = &o.carried {
             session.stats.add_stats(carried);
@@ -325,6 +348,7 @@ impl Shared {
             apply_remove(&session, start, end);
         }
         if o.resume {
+            zero_served(&session);
             // Threads asleep on faults the dead handler read are woken to fault again; those
             // whose page is present just go on. One WAKE per region, counted.
             {
@@ -474,5 +498,36 @@ pub(super) fn apply_remove(s: &Session, start: u64, end: u64) {
         let first = usize::try_from((a - rs) / ps).expect("a page index of a region");
         let last = usize::try_from((b - rs).div_ceil(ps)).expect("a page index of a region");
         e.states.remove(e.state_base + first..e.state_base + last);
+    }
+}
+
+/// A resumed session: every page an earlier handler made present (its served log) reads zeros
+/// should it fault again — it was zapped since, maybe by a REMOVE the dead handler read and never
+/// passed on. Pages still present stay as they are (a zero resolve of one answers EEXIST).
+fn zero_served(s: &Session) {
+    let Some(log) = &s.served_log else {
+        return;
+    };
+    let marked = match log.marked() {
+        Ok(m) => m,
+        Err(err) => {
+            tracing::error!(
+                session = s.id,
+                error = %err,
+                "resume: the served log cannot be read; a page zapped while no handler ran may be \
+                 served its snapshot bytes"
+            );
+            return;
+        }
+    };
+    let regions = read(&s.regions);
+    for e in regions.entries() {
+        let (lo, hi) = (e.log_base, e.log_base + e.states.len());
+        for r in &marked {
+            let (a, b) = (r.start.max(lo), r.end.min(hi));
+            if a < b {
+                e.states.remove(a - lo..b - lo);
+            }
+        }
     }
 }

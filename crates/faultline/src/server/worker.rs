@@ -135,6 +135,8 @@ impl Worker {
             // as the message is read, so a fault it causes next must not be looked at by another
             // worker before the page states and regions reflect the event.
             let guard = lock(&s.read_lock);
+            // No resolve installs source bytes while a REMOVE may be read and not yet applied.
+            let installs = s.reading();
             let n = match s.uffd.read_events(&mut self.events) {
                 Ok(n) => n,
                 Err(faultline_uffd::Error::Decode(e)) => {
@@ -145,6 +147,7 @@ impl Worker {
                 }
                 Err(e) => {
                     tracing::error!(session = s.id, error = %e, "reading the userfaultfd failed");
+                    drop(installs);
                     drop(guard);
                     self.shared.close(s, "read failed");
                     return handled;
@@ -206,6 +209,7 @@ impl Worker {
                     .fetch_sub(o.len() as u64, Ordering::AcqRel);
                 faults.extend(o.drain(..));
             }
+            drop(installs);
             drop(guard);
             handled += faults.len();
             self.serve_faults(s, &mut faults);
