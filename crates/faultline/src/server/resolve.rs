@@ -76,6 +76,8 @@ impl Worker {
         let mut p = first;
         let end = first + n;
         let mut latency_recorded = j.fault_read.is_none();
+        let minor = matches!(e.region.backing, Backing::Minor { .. });
+        let removed = |a: usize, b: usize| (a..b).any(|i| e.states.is_zero(e.state_base + i));
         while p < end {
             let cap = if p == first && j.kind == JobKind::Demand {
                 first_pages
@@ -93,19 +95,21 @@ impl Worker {
                     (limit - p) as u64 * e.region.page_size(),
                 );
                 match ready {
-                    Ok(()) if !j.claimed => {
-                        // A page we made present faults again: it was zapped since (a REMOVE not
-                        // read yet, a MADV_DONTNEED with no REMOVE event) or the message is a
-                        // duplicate. Private memory reads zeros after a zap, never the snapshot's
-                        // older bytes; a duplicate is answered EEXIST either way. Shared memory
-                        // kept its bytes in the page cache: map them, never overwrite them.
-                        let zero = !matches!(e.region.backing, Backing::Minor { .. });
-                        (
-                            limit,
-                            zero,
-                            self.resolve_pages(s, e, p, limit - p, zero, true),
-                        )
-                    }
+                    // A page we made present faults again: it was zapped since (a REMOVE not read
+                    // yet, a MADV_DONTNEED with no REMOVE event) or the message is a duplicate.
+                    // Private memory reads zeros after a zap, never the snapshot's older bytes; a
+                    // duplicate is answered EEXIST either way. Shared memory kept its bytes in the
+                    // page cache: map them, never overwrite them (unless REMOVEd: planned below).
+                    Ok(()) if !j.claimed && !minor => (
+                        limit,
+                        true,
+                        self.resolve_pages(s, e, p, limit - p, true, false),
+                    ),
+                    Ok(()) if !j.claimed && !removed(p, limit) => (
+                        limit,
+                        false,
+                        self.resolve_pages(s, e, p, limit - p, false, true),
+                    ),
                     Ok(()) => {
                         let (q, zero) = Self::plan(e, p, end, cap, self.shared.config.min_zero_run);
                         (q, zero, self.resolve_pages(s, e, p, q - p, zero, false))
@@ -360,7 +364,7 @@ impl Worker {
         // exclusively until a REMOVE's pages are marked zero. Under it, a page marked since the
         // plan sends the run back to be planned again (zeros).
         let _installing = if zero { None } else { s.installing() };
-        if !zero && (p..p + n).any(|i| e.states.is_zero(e.state_base + i)) {
+        if !zero && !mapped_only && (p..p + n).any(|i| e.states.is_zero(e.state_base + i)) {
             return Err(Step::Replan);
         }
         let result: Result<Resolved, faultline_uffd::ResolveError> = match &e.region.backing {
