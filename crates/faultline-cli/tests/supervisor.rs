@@ -90,8 +90,14 @@ impl Drop for Proc {
 
 /// `faultline serve --socket <socket> --workers 2 <what>`, accepting.
 fn serve(socket: &Path, what: &[&str], rust_log: &str) -> Proc {
+    serve_with_workers(socket, 2, what, rust_log)
+}
+
+/// `faultline serve --socket <socket> --workers <workers> <what>`, accepting.
+fn serve_with_workers(socket: &Path, workers: usize, what: &[&str], rust_log: &str) -> Proc {
     let socket_arg = socket.display().to_string();
-    let mut args = vec!["serve", "--socket", &socket_arg, "--workers", "2"];
+    let workers = workers.to_string();
+    let mut args = vec!["serve", "--socket", &socket_arg, "--workers", &workers];
     args.extend_from_slice(what);
     let mut p = Proc::spawn(&args, rust_log);
     wait_until("the daemon accepts", || {
@@ -130,7 +136,12 @@ struct Guest {
 
 impl Guest {
     fn connect(socket: &Path, len: u64) -> Guest {
-        let uffd = Uffd::new(Features::EVENT_REMOVE).expect("creating a userfaultfd");
+        Guest::connect_with(socket, len, Features::EVENT_REMOVE)
+    }
+
+    /// A guest whose userfaultfd has `features` (e.g. none: its zaps are seen by nobody).
+    fn connect_with(socket: &Path, len: u64, features: Features) -> Guest {
+        let uffd = Uffd::new(features).expect("creating a userfaultfd");
         let size = usize::try_from(len).expect("fits");
         let map = Mapping::new(MemoryKind::PrivateAnonymous, size).expect("mapping");
         uffd.register(&map, RegisterMode::MISSING)
@@ -447,6 +458,40 @@ fn ten_thousand_removes_survive_a_worker_restart() {
     let resumed = daemon.log.wait_for("the resumed session", is_resume);
     assert_eq!(fields(&resumed)["removed_ranges"], REMOVES, "{resumed}");
     guest.assert_all(&original, &removed);
+}
+
+/// The guest zaps pages the worker served with no REMOVE event for anyone to read (as when a
+/// worker dies between reading a REMOVE and passing it on), then the worker is killed: its
+/// successor serves those pages zeros — the supervisor keeps each session's served log (a memfd)
+/// and hands it on — and every other page the snapshot's bytes. (The successor served the
+/// snapshot's older bytes there before.)
+#[test]
+fn pages_zapped_unseen_read_zero_after_a_worker_restart() {
+    let (dir, mem) = common::workdir();
+    let original = std::fs::read(&mem).expect("reading the memory file");
+    let socket = dir.path().join("fl.sock");
+    let mem_arg = mem.display().to_string();
+    let daemon = serve_with_workers(
+        &socket,
+        1,
+        &["--mem-file", &mem_arg, "--readahead", "off"],
+        "info",
+    );
+    let worker = daemon.worker_pid(1);
+    let guest = Guest::connect_with(&socket, MEM_LEN, Features::empty());
+    let pages = MEM_LEN / 4096;
+    let half = pages / 2;
+    assert!(guest.read(0, half) == original[..usize::try_from(half * 4096).expect("fits")]);
+    // One worker: this fault is read after the pages before it were resolved and marked.
+    let _ = guest.read(pages - 1, pages);
+    let zapped = |p: u64| (100..164).contains(&p);
+    guest
+        .map
+        .discard(100 * 4096, 64 * 4096)
+        .expect("MADV_DONTNEED");
+    signal(worker, Signal::KILL);
+    daemon.log.wait_for("the resumed session", is_resume);
+    guest.assert_all(&original, &zapped);
 }
 
 /// Finding 8: the worker is killed and no successor can start (the memory file was truncated:

@@ -74,6 +74,10 @@ pub(crate) struct SessionMsg {
     /// hang-up then ends the session).
     #[serde(default)]
     pub(crate) pidfd: bool,
+    /// The last fd is the session's served log (a memfd the supervisor keeps: which pages were
+    /// made present, so that a successor serves zeros where they were zapped since).
+    #[serde(default)]
+    pub(crate) served: bool,
 }
 
 /// Worker → supervisor.

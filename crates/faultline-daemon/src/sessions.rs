@@ -195,6 +195,7 @@ impl Core {
             removed: handover.removed,
             id: handover.id,
             carried: handover.carried,
+            served_log: handover.served,
             on_unservable: self.on_unservable,
         };
         match self.server.add_session(c.uffd, regions, opts) {
@@ -264,6 +265,8 @@ pub struct Handover {
     pub removed: Vec<(u64, u64)>,
     /// The session's counters so far (its earlier workers' work).
     pub carried: Option<faultline::Stats>,
+    /// Where the pages made present are marked, kept by the supervisor across workers.
+    pub served: Option<faultline::ServedLog>,
 }
 
 /// A session's end hook: given the session as it ends.

@@ -4,26 +4,29 @@
 //! freeze (Firecracker keeps its own copy of the userfaultfd, so nothing reads zero pages, but
 //! nothing serves them either). So a supervised daemon splits in two:
 //!
-//! - the **supervisor** owns what must survive: the listening socket, the snapshot (opened once
-//!   at start: the open files, never their paths, are handed to every worker, and the source's
+//! - the **supervisor** owns what must survive: the listening socket, the snapshot (opened once at
+//!   start: the open files, never their paths, are handed to every worker, and the source's
 //!   identity is pinned), and for every live session the client's socket, a duplicate of its
-//!   userfaultfd, a pidfd of its process (SO_PEERPIDFD, or opened from SO_PEERCRED's pid), its validated regions, the ranges its balloon removed
-//!   (merged) and its latest counters. It accepts clients, receives and validates their
-//!   handshakes, and hands each session to the worker over a `SOCK_SEQPACKET` socket pair (JSON +
-//!   the userfaultfd and the pidfd; the socket instead where the kernel cannot name the client
-//!   process). The client's socket stays with the supervisor.
-//! - the **worker** (the same program run again, see [`crate::worker`]; the pair on its stdin)
-//!   runs the fault server. Its first message is the snapshot's files; it tells the supervisor when it is ready
-//!   (or why it cannot start), when a session ends, every REMOVE it applies and, every 500 ms,
-//!   each session's counters.
+//!   userfaultfd, a pidfd of its process (SO_PEERPIDFD, or opened from SO_PEERCRED's pid), its
+//!   validated regions, the ranges its balloon removed (merged), its latest counters, and its
+//!   served log (a memfd the worker marks every page it makes present in, see
+//!   [`faultline::served`]). It accepts clients, receives and validates their handshakes, and hands
+//!   each session to the worker over a `SOCK_SEQPACKET` socket pair (JSON + the userfaultfd, the
+//!   pidfd and the served log; the socket instead of the pidfd where the kernel cannot name the
+//!   client process). The client's socket stays with the supervisor.
+//! - the **worker** (the same program run again, see [`crate::worker`]; the pair on its stdin) runs
+//!   the fault server. Its first message is the snapshot's files; it tells the supervisor when it
+//!   is ready (or why it cannot start), when a session ends, every REMOVE it applies and, every 500
+//!   ms, each session's counters.
 //!
 //! When the worker dies (a crash, an OOM kill, SIGKILL), the supervisor starts a new one and hands
-//! it every live session again, marked `resume`, with the session's id and counters: the new
-//! worker applies the recorded REMOVEs (those pages still read zero), then wakes every thread
-//! blocked on each region — faults whose messages the dead worker had read but not resolved fault
-//! again and are served; pages already present stay (a resolve of one answers EEXIST and is
-//! counted, never overwritten). The session keeps its id, and its end summary covers its whole
-//! life.
+//! it every live session again, marked `resume`, with the session's id and counters: the new worker
+//! applies the recorded REMOVEs (those pages still read zero) and the served log (a page made
+//! present before that faults again was zapped since — possibly by a REMOVE the dead worker read
+//! and never passed on — and reads zero too), then wakes every thread blocked on each region —
+//! faults whose messages the dead worker had read but not resolved fault again and are served;
+//! pages already present stay (a resolve of one answers EEXIST and is counted, never overwritten).
+//! The session keeps its id, and its end summary covers its whole life.
 //!
 //! A worker that cannot start (its source refuses it, say) is restarted with backoff (100 ms
 //! doubling to 10 s; at once after a worker that lived 10 s), its cause logged once a minute at
@@ -88,6 +91,8 @@ struct Record {
     peer: PeerCred,
     removed: RangeSet,
     stats: Option<Stats>,
+    /// The session's served log (see [`faultline::served`]), handed to every worker.
+    served: Option<OwnedFd>,
 }
 
 struct Worker {
@@ -168,9 +173,11 @@ fn hand_over(control: BorrowedFd<'_>, id: u64, r: &Record, resume: bool) -> std:
         resume,
         carried: if resume { r.stats } else { None },
         pidfd: r.pidfd.is_some(),
+        served: r.served.is_some(),
     }));
     let mut fds = vec![r.uffd.as_fd()];
     fds.extend(r.pidfd.as_ref().or(r.socket.as_ref()).map(AsFd::as_fd));
+    fds.extend(r.served.as_ref().map(AsFd::as_fd));
     send_msg(control, &msg, &fds)
 }
 
@@ -359,6 +366,21 @@ impl Supervisor {
                     offset: r.offset,
                 })
                 .collect();
+            // Which pages were made present, kept here so that a successor of a dead worker
+            // serves zeros where they were zapped since. Without one (no memory for a memfd),
+            // the session is served all the same, and the gap is logged.
+            let served = match faultline::ServedLog::memfd() {
+                Ok(log) => Some(OwnedFd::from(log.into_file())),
+                Err(e) => {
+                    tracing::warn!(
+                        session = id,
+                        error = %e,
+                        "no served log for this session: after a worker restart, a page zapped \
+                         while no worker ran would be served its snapshot bytes"
+                    );
+                    None
+                }
+            };
             let record = Record {
                 socket: c.socket,
                 uffd: c.uffd.into_fd(),
@@ -367,6 +389,7 @@ impl Supervisor {
                 peer: c.peer,
                 removed: RangeSet::default(),
                 stats: None,
+                served,
             };
             // Hold the records lock while handing over, so a worker restart cannot miss it.
             let mut recs = lock(&shared2.records);

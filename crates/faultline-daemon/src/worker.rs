@@ -238,6 +238,9 @@ fn control_loop(core: &Core, control: &Arc<OwnedFd>) {
         };
         let id = msg.id;
         let removed = removed.remove(&id).unwrap_or_default();
+        let mut fds = fds;
+        let served = if msg.served { fds.pop() } else { None };
+        let served = served.map(|fd| faultline::ServedLog::new(std::fs::File::from(fd)));
         let mut fds = fds.into_iter();
         let (Some(uffd), second) = (fds.next(), fds.next()) else {
             tracing::error!(session = id, "session without its userfaultfd");
@@ -302,6 +305,7 @@ fn control_loop(core: &Core, control: &Arc<OwnedFd>) {
             resume: msg.resume,
             removed,
             carried: msg.carried,
+            served,
         };
         if core.start_session(accepted, handover, hooks).is_err() {
             // From another thread: this one must go on reading, or a supervisor blocked sending

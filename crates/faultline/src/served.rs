@@ -45,6 +45,11 @@ impl ServedLog {
         &self.file
     }
 
+    /// The file, given up.
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
     /// Mark pages `first..first + n`.
     pub fn mark(&self, first: usize, n: usize) -> io::Result<()> {
         let mut at = first;
