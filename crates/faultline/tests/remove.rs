@@ -10,6 +10,7 @@
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
+use faultline::source::failure::{Failure, FailureInjecting};
 use faultline::source::MemorySource;
 use faultline::{Readahead, Region, Server, ServerConfig, SessionHandle, SessionOptions};
 use faultline_testing::{fill_pattern, within};
@@ -451,4 +452,77 @@ fn a_successor_serves_zeros_for_pages_zapped_after_its_predecessor_served_them()
         "the zapped pages served as zeros: {st:?}"
     );
     second.shutdown();
+}
+
+/// A REMOVE read while a resolve of the same page is between its source read and its ioctl: the
+/// kernel lets `madvise` zap as soon as the event is read, so a COPY issued after that would put
+/// the old bytes back for good, after `madvise` returned. The resolve re-checks the page under the
+/// install lock and serves zeros; the reader of the REMOVE did not wait for the slow read.
+#[test]
+fn a_remove_read_during_a_slow_source_read_never_brings_old_bytes_back() {
+    let pages = 16;
+    let page = 5;
+    let want = content(pages, 51);
+    let slow = Duration::from_millis(300);
+    let source = Arc::new(
+        FailureInjecting::new(MemorySource::new(want.as_ref().clone())).with_rule(
+            Failure::HangAt {
+                offset: (page * PAGE_SIZE) as u64,
+                delay: slow,
+            },
+        ),
+    );
+    let uffd = Uffd::new(Features::EVENT_REMOVE).expect("userfaultfd with EVENT_REMOVE");
+    let m = Arc::new(Mapping::anonymous(pages * PAGE_SIZE).expect("mmap"));
+    uffd.register(&m, RegisterMode::MISSING).expect("register");
+    let server = Server::start(ServerConfig {
+        workers: 2,
+        readahead: Readahead::Off,
+        ..ServerConfig::default()
+    })
+    .expect("server");
+    let session = server
+        .add_session(
+            uffd,
+            vec![Region::for_mapping(&m, source.clone())],
+            SessionOptions::default(),
+        )
+        .expect("session");
+    // A thread faults the page: a worker claims it and sits in the slow source read.
+    let m1 = Arc::clone(&m);
+    let first = std::thread::spawn(move || {
+        let mut got = vec![0u8; PAGE_SIZE];
+        m1.read(page * PAGE_SIZE, &mut got).expect("read");
+        got
+    });
+    let deadline = std::time::Instant::now() + LIMIT;
+    while source.stats().slowed == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow source read never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The client drops the page meanwhile; the other worker reads the REMOVE at once.
+    let t = std::time::Instant::now();
+    m.discard(page * PAGE_SIZE, PAGE_SIZE)
+        .expect("MADV_DONTNEED");
+    assert!(
+        t.elapsed() < slow / 2,
+        "madvise waited for the slow source read ({:?})",
+        t.elapsed()
+    );
+    let (m2, w2) = (Arc::clone(&m), Arc::clone(&want));
+    let after = within(LIMIT, move || {
+        check_page(&m2, &w2, page, true, "read after madvise returned")
+    });
+    assert_eq!(after, Ok(()));
+    let got = first.join().expect("the first reader");
+    assert!(
+        got.iter().all(|&b| b == 0) || got[..] == want[page * PAGE_SIZE..(page + 1) * PAGE_SIZE],
+        "the racing read got neither the old bytes nor zeros"
+    );
+    let st = session.stats();
+    assert_eq!(st.events_remove, 1, "{st:?}");
+    server.shutdown();
 }
