@@ -521,7 +521,10 @@ fn zero_served(s: &Session) {
         }
     };
     let regions = read(&s.regions);
-    for e in regions.entries() {
+    // Shared memory served through its page cache keeps its bytes there across a zap: a refault
+    // maps them (never zeros).
+    let private = |e: &&RegionEntry| !matches!(e.region.backing, crate::Backing::Minor { .. });
+    for e in regions.entries().iter().filter(private) {
         let (lo, hi) = (e.log_base, e.log_base + e.states.len());
         for r in &marked {
             let (a, b) = (r.start.max(lo), r.end.min(hi));
