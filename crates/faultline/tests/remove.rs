@@ -526,3 +526,58 @@ fn a_remove_read_during_a_slow_source_read_never_brings_old_bytes_back() {
     assert_eq!(st.events_remove, 1, "{st:?}");
     server.shutdown();
 }
+
+/// The source fails for good on a page while the client drops that page: the page needs none of
+/// the source's bytes any more (it reads zeros), so it is served zeros, not poisoned.
+#[test]
+fn a_page_removed_while_its_source_read_fails_reads_zero_not_sigbus() {
+    let pages = 16;
+    let page = 9;
+    let want = content(pages, 61);
+    let source = Arc::new(
+        FailureInjecting::new(MemorySource::new(want.as_ref().clone()))
+            .with_rule(Failure::Slow(Duration::from_millis(300)))
+            .with_rule(Failure::PermanentAt {
+                offset: (page * PAGE_SIZE) as u64,
+            }),
+    );
+    let uffd = Uffd::new(Features::EVENT_REMOVE).expect("userfaultfd with EVENT_REMOVE");
+    let m = Arc::new(Mapping::anonymous(pages * PAGE_SIZE).expect("mmap"));
+    uffd.register(&m, RegisterMode::MISSING).expect("register");
+    let server = Server::start(ServerConfig {
+        workers: 2,
+        readahead: Readahead::Off,
+        ..ServerConfig::default()
+    })
+    .expect("server");
+    let session = server
+        .add_session(
+            uffd,
+            vec![Region::for_mapping(&m, source.clone())],
+            SessionOptions::default(),
+        )
+        .expect("session");
+    // Without the fix this read gets SIGBUS (the page poisoned) and the test process dies.
+    let (m1, w1) = (Arc::clone(&m), Arc::clone(&want));
+    let first = std::thread::spawn(move || check_page(&m1, &w1, page, true, "the racing read"));
+    let deadline = std::time::Instant::now() + LIMIT;
+    while source.stats().slowed == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow source read never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    m.discard(page * PAGE_SIZE, PAGE_SIZE)
+        .expect("MADV_DONTNEED");
+    let (m2, w2) = (Arc::clone(&m), Arc::clone(&want));
+    let after = within(LIMIT, move || {
+        check_page(&m2, &w2, page, true, "after the drop")
+    });
+    assert_eq!(after, Ok(()));
+    assert_eq!(first.join().expect("the racing read"), Ok(()));
+    let st = session.stats();
+    assert!(st.source_errors >= 1, "the source failed: {st:?}");
+    assert_eq!(st.poisoned_pages, 0, "{st:?}");
+    server.shutdown();
+}

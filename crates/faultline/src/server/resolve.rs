@@ -205,6 +205,11 @@ impl Worker {
                 }
                 Err(Step::Source(err)) => {
                     add(&s.stats.source_errors, 1);
+                    // Pages removed while the source was read need none of its bytes: planned
+                    // again, they are zeros (a zero resolve reads no source, so this ends).
+                    if removed(p, q) {
+                        continue;
+                    }
                     if err.is_retryable() && j.attempts + 1 < self.shared.config.source_attempts {
                         add(&s.stats.source_retries, 1);
                         return RunEnd::Defer(p - first, true);
