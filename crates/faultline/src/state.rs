@@ -25,6 +25,11 @@
 //!   resolver, after publishing the page, wakes the range when it finds the zero bit set (the
 //!   thread then faults again and is served zeros). This is the only `UFFDIO_WAKE` the server
 //!   issues, and only in that race.
+//! - Its resolver must not install the *source's* bytes there, though: `madvise` zaps as soon as
+//!   the REMOVE is read, and a copy issued after the zap would stay. A data resolve checks the zero
+//!   bits again right before its ioctl, holding the session's install lock shared, and the reader
+//!   of messages holds that lock exclusively until the REMOVEs it read set their zero bits; a page
+//!   found removed sends the run back to be planned again, as zeros (`server/resolve.rs`).
 
 #[cfg(faultline_loom)]
 use loom::sync::atomic::{AtomicU64, Ordering};
