@@ -33,6 +33,7 @@ pub struct Counters {
     pub(crate) source_retries: AtomicU64,
     pub(crate) poisoned_pages: AtomicU64,
     pub(crate) events_remove: AtomicU64,
+    pub(crate) removed_in_flight: AtomicU64,
     pub(crate) events_unmap: AtomicU64,
     pub(crate) events_remap: AtomicU64,
     pub(crate) events_fork: AtomicU64,
@@ -67,6 +68,7 @@ impl Default for Counters {
             source_retries: AtomicU64::new(0),
             poisoned_pages: AtomicU64::new(0),
             events_remove: AtomicU64::new(0),
+            removed_in_flight: AtomicU64::new(0),
             events_unmap: AtomicU64::new(0),
             events_remap: AtomicU64::new(0),
             events_fork: AtomicU64::new(0),
@@ -98,7 +100,7 @@ impl Counters {
     }
 
     /// The counters with the same name in `self` and `other`, in pairs.
-    fn pairs<'a>(&'a self, other: &'a Counters) -> [(&'a AtomicU64, &'a AtomicU64); 28] {
+    fn pairs<'a>(&'a self, other: &'a Counters) -> [(&'a AtomicU64, &'a AtomicU64); 29] {
         [
             (&self.faults, &other.faults),
             (&self.duplicate_faults, &other.duplicate_faults),
@@ -122,6 +124,7 @@ impl Counters {
             (&self.source_retries, &other.source_retries),
             (&self.poisoned_pages, &other.poisoned_pages),
             (&self.events_remove, &other.events_remove),
+            (&self.removed_in_flight, &other.removed_in_flight),
             (&self.events_unmap, &other.events_unmap),
             (&self.events_remap, &other.events_remap),
             (&self.events_fork, &other.events_fork),
@@ -175,6 +178,7 @@ impl Counters {
             source_retries: n(s.source_retries),
             poisoned_pages: n(s.poisoned_pages),
             events_remove: n(s.events_remove),
+            removed_in_flight: n(s.removed_in_flight),
             events_unmap: n(s.events_unmap),
             events_remap: n(s.events_remap),
             events_fork: n(s.events_fork),
@@ -220,6 +224,7 @@ impl Counters {
             source_retries: l(&self.source_retries),
             poisoned_pages: l(&self.poisoned_pages),
             events_remove: l(&self.events_remove),
+            removed_in_flight: l(&self.removed_in_flight),
             events_unmap: l(&self.events_unmap),
             events_remap: l(&self.events_remap),
             events_fork: l(&self.events_fork),
@@ -282,6 +287,10 @@ pub struct Stats {
     pub poisoned_pages: u64,
     /// REMOVE events.
     pub events_remove: u64,
+    /// Runs planned again because pages of theirs were removed while they were resolved (found
+    /// under the install lock before the ioctl, or after their source read failed): served zeros
+    /// instead of the source's older bytes.
+    pub removed_in_flight: u64,
     /// UNMAP events.
     pub events_unmap: u64,
     /// REMAP events.

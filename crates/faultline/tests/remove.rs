@@ -524,6 +524,7 @@ fn a_remove_read_during_a_slow_source_read_never_brings_old_bytes_back() {
     );
     let st = session.stats();
     assert_eq!(st.events_remove, 1, "{st:?}");
+    assert_eq!(st.removed_in_flight, 1, "one run planned again: {st:?}");
     server.shutdown();
 }
 
@@ -579,5 +580,6 @@ fn a_page_removed_while_its_source_read_fails_reads_zero_not_sigbus() {
     let st = session.stats();
     assert!(st.source_errors >= 1, "the source failed: {st:?}");
     assert_eq!(st.poisoned_pages, 0, "{st:?}");
+    assert_eq!(st.removed_in_flight, 1, "one run planned again: {st:?}");
     server.shutdown();
 }

@@ -181,7 +181,7 @@ impl Worker {
                     self.mark_resolved(s, e, p, j);
                     p += 1;
                 }
-                Err(Step::Replan) => {}
+                Err(Step::Replan) => add(&s.stats.removed_in_flight, 1),
                 Err(Step::Retry) => return RunEnd::Defer(p - first, false),
                 Err(Step::Gone) => return RunEnd::Gone,
                 Err(Step::GiveBack) => {
@@ -208,6 +208,7 @@ impl Worker {
                     // Pages removed while the source was read need none of its bytes: planned
                     // again, they are zeros (a zero resolve reads no source, so this ends).
                     if removed(p, q) {
+                        add(&s.stats.removed_in_flight, 1);
                         continue;
                     }
                     if err.is_retryable() && j.attempts + 1 < self.shared.config.source_attempts {
