@@ -340,6 +340,8 @@ impl Supervisor {
         };
         let shared2 = Arc::clone(&shared);
         let end_refused = args.end_refused_clients;
+        let served_log_errors =
+            faultline::ratelimit::LogLimit::with_window(crate::accept::LOG_WINDOW);
         let dispatch = Box::new(move |c: Accepted| {
             if shared2.given_up.load(Ordering::Acquire) {
                 tracing::error!(
@@ -372,12 +374,14 @@ impl Supervisor {
             let served = match faultline::ServedLog::memfd() {
                 Ok(log) => Some(OwnedFd::from(log.into_file())),
                 Err(e) => {
-                    tracing::warn!(
-                        session = id,
-                        error = %e,
-                        "no served log for this session: after a worker restart, a page zapped \
-                         while no worker ran would be served its snapshot bytes"
-                    );
+                    if served_log_errors.allow("memfd") {
+                        tracing::warn!(
+                            session = id,
+                            error = %e,
+                            "no served log for this session: after a worker restart, a page \
+                             zapped while no worker ran would be served its snapshot bytes"
+                        );
+                    }
                     None
                 }
             };
