@@ -368,4 +368,59 @@ mod loom_tests {
             assert_eq!(s.get(1), PageState::Present);
         });
     }
+
+    /// The install protocol (see the module docs and `server/resolve.rs`): a resolver that planned
+    /// the source's bytes for a claimed page, a reader that reads a REMOVE of it under the install
+    /// lock, and `madvise`, which zaps the page as soon as the event is read. Whatever the order,
+    /// the source's bytes are never left in place after the zap: they land before it (and are
+    /// zapped) or the resolver, re-checking under the lock, installs zeros.
+    #[test]
+    fn source_bytes_never_land_after_the_zap() {
+        use loom::sync::atomic::{AtomicBool, AtomicU8};
+        use loom::sync::RwLock;
+        const MISSING: u8 = 0;
+        const ZEROS: u8 = 1;
+        const SOURCE: u8 = 2;
+        loom::model(|| {
+            let s = Arc::new(PageStates::new(1));
+            assert!(s.try_claim(0), "the resolver's claim, before its plan");
+            let install = Arc::new(RwLock::new(()));
+            let page = Arc::new(AtomicU8::new(MISSING));
+            let read = Arc::new(AtomicBool::new(false));
+            // The reader: reads the REMOVE (which lets `madvise` go on) and applies it, holding
+            // the install lock exclusively.
+            let reader = {
+                let (s, install, read) = (Arc::clone(&s), Arc::clone(&install), Arc::clone(&read));
+                loom::thread::spawn(move || {
+                    let _reading = install.write().expect("lock");
+                    read.store(true, Ordering::Release);
+                    s.remove(0..1);
+                })
+            };
+            // `madvise`: zaps once the event was read, whenever that is.
+            let zap = {
+                let (page, read) = (Arc::clone(&page), Arc::clone(&read));
+                loom::thread::spawn(move || {
+                    while !read.load(Ordering::Acquire) {
+                        loom::thread::yield_now();
+                    }
+                    page.store(MISSING, Ordering::Release);
+                })
+            };
+            // The resolver planned the source's bytes (the page was not removed then); it
+            // installs under the install lock, re-checking the zero bit there.
+            {
+                let _installing = install.read().expect("lock");
+                let bytes = if s.is_zero(0) { ZEROS } else { SOURCE };
+                page.store(bytes, Ordering::Release);
+            }
+            reader.join().expect("reader");
+            zap.join().expect("madvise");
+            assert_ne!(
+                page.load(Ordering::Acquire),
+                SOURCE,
+                "the source's bytes landed after the zap"
+            );
+        });
+    }
 }
