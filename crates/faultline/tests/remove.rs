@@ -11,7 +11,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
 use faultline::source::failure::{Failure, FailureInjecting};
-use faultline::source::MemorySource;
+use faultline::source::{MemorySource, PageSource};
 use faultline::{Readahead, Region, Server, ServerConfig, SessionHandle, SessionOptions};
 use faultline_testing::{fill_pattern, within};
 use faultline_uffd::{Features, Mapping, RegisterMode, Uffd, PAGE_SIZE};
@@ -48,6 +48,24 @@ fn serve_with(
 ) -> Fixture {
     let want = content(pages, seed);
     let source = Arc::new(MemorySource::new(want.as_ref().clone()));
+    let (server, session, m) = serve_source(features, pages, source, config, options);
+    Fixture {
+        server,
+        session,
+        m,
+        want,
+    }
+}
+
+/// `pages` pages of anonymous memory registered with a userfaultfd of `features`, served from
+/// `source`.
+fn serve_source(
+    features: Features,
+    pages: usize,
+    source: Arc<dyn PageSource>,
+    config: ServerConfig,
+    options: SessionOptions,
+) -> (Server, SessionHandle, Arc<Mapping>) {
     let uffd = Uffd::new(features).expect("userfaultfd");
     let m = Arc::new(Mapping::anonymous(pages * PAGE_SIZE).expect("mmap"));
     uffd.register(&m, RegisterMode::MISSING).expect("register");
@@ -55,11 +73,27 @@ fn serve_with(
     let session = server
         .add_session(uffd, vec![Region::for_mapping(&m, source)], options)
         .expect("session");
-    Fixture {
-        server,
-        session,
-        m,
-        want,
+    (server, session, m)
+}
+
+/// Two workers, no readahead: a fault claims its page alone (the REMOVE-race tests).
+fn two_workers_no_readahead() -> ServerConfig {
+    ServerConfig {
+        workers: 2,
+        readahead: Readahead::Off,
+        ..ServerConfig::default()
+    }
+}
+
+/// Wait (bounded) until a read of `source` is inside its injected delay.
+fn wait_for_a_slow_read(source: &FailureInjecting<MemorySource>) {
+    let deadline = std::time::Instant::now() + LIMIT;
+    while source.stats().slowed == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow source read never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -472,22 +506,13 @@ fn a_remove_read_during_a_slow_source_read_never_brings_old_bytes_back() {
             },
         ),
     );
-    let uffd = Uffd::new(Features::EVENT_REMOVE).expect("userfaultfd with EVENT_REMOVE");
-    let m = Arc::new(Mapping::anonymous(pages * PAGE_SIZE).expect("mmap"));
-    uffd.register(&m, RegisterMode::MISSING).expect("register");
-    let server = Server::start(ServerConfig {
-        workers: 2,
-        readahead: Readahead::Off,
-        ..ServerConfig::default()
-    })
-    .expect("server");
-    let session = server
-        .add_session(
-            uffd,
-            vec![Region::for_mapping(&m, source.clone())],
-            SessionOptions::default(),
-        )
-        .expect("session");
+    let (server, session, m) = serve_source(
+        Features::EVENT_REMOVE,
+        pages,
+        source.clone(),
+        two_workers_no_readahead(),
+        SessionOptions::default(),
+    );
     // A thread faults the page: a worker claims it and sits in the slow source read.
     let m1 = Arc::clone(&m);
     let first = std::thread::spawn(move || {
@@ -495,14 +520,7 @@ fn a_remove_read_during_a_slow_source_read_never_brings_old_bytes_back() {
         m1.read(page * PAGE_SIZE, &mut got).expect("read");
         got
     });
-    let deadline = std::time::Instant::now() + LIMIT;
-    while source.stats().slowed == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slow source read never started"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_a_slow_read(&source);
     // The client drops the page meanwhile; the other worker reads the REMOVE at once.
     let t = std::time::Instant::now();
     m.discard(page * PAGE_SIZE, PAGE_SIZE)
@@ -542,33 +560,17 @@ fn a_page_removed_while_its_source_read_fails_reads_zero_not_sigbus() {
                 offset: (page * PAGE_SIZE) as u64,
             }),
     );
-    let uffd = Uffd::new(Features::EVENT_REMOVE).expect("userfaultfd with EVENT_REMOVE");
-    let m = Arc::new(Mapping::anonymous(pages * PAGE_SIZE).expect("mmap"));
-    uffd.register(&m, RegisterMode::MISSING).expect("register");
-    let server = Server::start(ServerConfig {
-        workers: 2,
-        readahead: Readahead::Off,
-        ..ServerConfig::default()
-    })
-    .expect("server");
-    let session = server
-        .add_session(
-            uffd,
-            vec![Region::for_mapping(&m, source.clone())],
-            SessionOptions::default(),
-        )
-        .expect("session");
+    let (server, session, m) = serve_source(
+        Features::EVENT_REMOVE,
+        pages,
+        source.clone(),
+        two_workers_no_readahead(),
+        SessionOptions::default(),
+    );
     // Without the fix this read gets SIGBUS (the page poisoned) and the test process dies.
     let (m1, w1) = (Arc::clone(&m), Arc::clone(&want));
     let first = std::thread::spawn(move || check_page(&m1, &w1, page, true, "the racing read"));
-    let deadline = std::time::Instant::now() + LIMIT;
-    while source.stats().slowed == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slow source read never started"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_a_slow_read(&source);
     m.discard(page * PAGE_SIZE, PAGE_SIZE)
         .expect("MADV_DONTNEED");
     let (m2, w2) = (Arc::clone(&m), Arc::clone(&want));

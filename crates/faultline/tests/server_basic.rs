@@ -115,17 +115,23 @@ fn no_readahead_one_resolve_per_touched_page() {
     assert!(st.latency_p50_ns > 0);
 }
 
-#[test]
-fn shmem_minor_backing_fills_the_page_cache_then_continues() {
-    if !faultline_testing::need_features(
-        "shmem_minor",
-        Features::MINOR_SHMEM | Features::MISSING_SHMEM,
-    ) {
-        return;
+/// `pages` pages of shmem registered MISSING | MINOR and served through the page cache (MINOR
+/// backing) by two workers; `None` (the test skips, saying why) where the kernel lacks it.
+fn serve_shmem_minor(
+    pages: usize,
+    seed: u64,
+) -> Option<(
+    Server,
+    faultline::SessionHandle,
+    Arc<Mapping>,
+    Arc<MemorySource>,
+)> {
+    let features = Features::MINOR_SHMEM | Features::MISSING_SHMEM;
+    if !faultline_testing::need_features("shmem_minor", features) {
+        return None;
     }
-    let pages = 512;
-    let src = source(pages, 9);
-    let uffd = Uffd::new(Features::MINOR_SHMEM | Features::MISSING_SHMEM).expect("uffd");
+    let src = source(pages, seed);
+    let uffd = Uffd::new(features).expect("uffd");
     let m = Arc::new(Mapping::new(MemoryKind::Shmem, pages * PAGE_SIZE).expect("memfd"));
     let cache = Arc::new(m.alias().expect("alias"));
     uffd.register(&m, RegisterMode::MISSING | RegisterMode::MINOR)
@@ -140,6 +146,15 @@ fn shmem_minor_backing_fills_the_page_cache_then_continues() {
     let session = server
         .add_session(uffd, vec![region], SessionOptions::default())
         .expect("session");
+    Some((server, session, m, src))
+}
+
+#[test]
+fn shmem_minor_backing_fills_the_page_cache_then_continues() {
+    let pages = 512;
+    let Some((server, session, m, src)) = serve_shmem_minor(pages, 9) else {
+        return;
+    };
     let (m2, src2) = (Arc::clone(&m), src.clone());
     faultline_testing::within(Duration::from_secs(30), move || {
         verify(&m2, &src2, 0..pages)
@@ -157,29 +172,10 @@ fn shmem_minor_backing_fills_the_page_cache_then_continues() {
 /// the client's own writes — instead of writing the source's older bytes over them.
 #[test]
 fn shmem_page_faulting_again_keeps_the_clients_bytes() {
-    if !faultline_testing::need_features(
-        "shmem_minor",
-        Features::MINOR_SHMEM | Features::MISSING_SHMEM,
-    ) {
-        return;
-    }
     let pages = 64;
-    let src = source(pages, 11);
-    let uffd = Uffd::new(Features::MINOR_SHMEM | Features::MISSING_SHMEM).expect("uffd");
-    let m = Arc::new(Mapping::new(MemoryKind::Shmem, pages * PAGE_SIZE).expect("memfd"));
-    let cache = Arc::new(m.alias().expect("alias"));
-    uffd.register(&m, RegisterMode::MISSING | RegisterMode::MINOR)
-        .expect("register");
-    let server = Server::start(ServerConfig {
-        workers: 2,
-        ..ServerConfig::default()
-    })
-    .expect("server");
-    let region =
-        Region::for_mapping(&m, src.clone()).with_backing(faultline::Backing::Minor { cache });
-    let session = server
-        .add_session(uffd, vec![region], SessionOptions::default())
-        .expect("session");
+    let Some((server, session, m, src)) = serve_shmem_minor(pages, 11) else {
+        return;
+    };
     let (m2, src2) = (Arc::clone(&m), src.clone());
     let mine = vec![0xA5u8; 4 * PAGE_SIZE];
     let got = faultline_testing::within(Duration::from_secs(30), move || {
