@@ -250,6 +250,14 @@ impl RegionEntry {
         self.region.start + page as u64 * self.region.page_size()
     }
 
+    /// Whether any of these pages of this piece was removed by the client (its zero bit: it must
+    /// read zeros, never the source's bytes).
+    pub fn any_removed(&self, pages: std::ops::Range<usize>) -> bool {
+        pages
+            .into_iter()
+            .any(|p| self.states.is_zero(self.state_base + p))
+    }
+
     /// Source offset of page `page`.
     pub fn source_offset_of(&self, page: usize) -> u64 {
         self.region.source_offset + page as u64 * self.region.page_size()

@@ -37,7 +37,7 @@ pub(super) enum RunEnd {
 
 impl Worker {
     pub(super) fn class(e: &RegionEntry, page: usize) -> PageClass {
-        if e.states.is_zero(e.state_base + page) {
+        if e.any_removed(page..page + 1) {
             PageClass::Removed
         } else if e
             .region
@@ -89,7 +89,6 @@ impl Worker {
         let end = first + n;
         let mut latency_recorded = j.fault_read.is_none();
         let minor = matches!(e.region.backing, Backing::Minor { .. });
-        let removed = |a: usize, b: usize| (a..b).any(|i| e.states.is_zero(e.state_base + i));
         while p < end {
             let cap = if p == first && j.kind == JobKind::Demand {
                 first_pages
@@ -117,7 +116,7 @@ impl Worker {
                         true,
                         self.resolve_pages(s, e, p, limit - p, true, false),
                     ),
-                    Ok(()) if !j.claimed && !removed(p, limit) => (
+                    Ok(()) if !j.claimed && !e.any_removed(p..limit) => (
                         limit,
                         false,
                         self.resolve_pages(s, e, p, limit - p, false, true),
@@ -207,7 +206,7 @@ impl Worker {
                     add(&s.stats.source_errors, 1);
                     // Pages removed while the source was read need none of its bytes: planned
                     // again, they are zeros (a zero resolve reads no source, so this ends).
-                    if removed(p, q) {
+                    if e.any_removed(p..q) {
                         add(&s.stats.removed_in_flight, 1);
                         continue;
                     }
@@ -272,8 +271,7 @@ impl Worker {
         p: usize,
         n: usize,
     ) {
-        let hit = (p..p + n).any(|i| e.states.is_zero(e.state_base + i));
-        if hit {
+        if e.any_removed(p..p + n) {
             let ps = e.region.page_size();
             add(&s.stats.wake, 1);
             if let Err(err) = s.uffd.wake(e.addr_of(p), n as u64 * ps) {
@@ -614,7 +612,7 @@ fn installing<'s>(
     n: usize,
 ) -> Result<Option<std::sync::RwLockReadGuard<'s, ()>>, Step> {
     let guard = s.installing();
-    if (p..p + n).any(|i| e.states.is_zero(e.state_base + i)) {
+    if e.any_removed(p..p + n) {
         return Err(Step::Replan);
     }
     Ok(guard)
