@@ -203,6 +203,56 @@ fn shmem_page_faulting_again_keeps_the_clients_bytes() {
     server.shutdown();
 }
 
+/// A client that punches a hole in its shared memory (`MADV_REMOVE`, no REMOVE event asked for)
+/// dropped those pages' bytes: they read zero, as they would without us. Touched again, they
+/// fault (MISSING: the page cache has nothing there) and are served zeros — never the source's
+/// older bytes, never SIGBUS — while the pages around them keep the client's writes.
+#[test]
+fn shmem_pages_punched_out_without_an_event_read_zero_when_touched_again() {
+    let pages = 64;
+    let Some((server, session, m, src)) = serve_shmem_minor(pages, 13) else {
+        return;
+    };
+    let (m2, src2) = (Arc::clone(&m), src.clone());
+    let (holes, kept) = faultline_testing::within(Duration::from_secs(30), move || {
+        verify(&m2, &src2, 0..pages);
+        // The client writes pages 6..14, then punches 8..12 out of the memfd.
+        m2.write(6 * PAGE_SIZE, &vec![0xA5u8; 8 * PAGE_SIZE])
+            .expect("the client's write");
+        m2.remove(8 * PAGE_SIZE, 4 * PAGE_SIZE)
+            .expect("MADV_REMOVE");
+        let mut holes = vec![0xFFu8; 4 * PAGE_SIZE];
+        m2.read(8 * PAGE_SIZE, &mut holes).expect("read");
+        let mut kept = vec![0u8; 8 * PAGE_SIZE];
+        m2.read(6 * PAGE_SIZE, &mut kept).expect("read");
+        verify(&m2, &src2, 0..6);
+        verify(&m2, &src2, 14..pages);
+        (holes, kept)
+    });
+    if let Some(i) = holes.iter().position(|&b| b != 0) {
+        panic!(
+            "byte {i} of the punched pages 8..12 is {:#x}, not zero",
+            holes[i]
+        );
+    }
+    assert!(
+        kept[..2 * PAGE_SIZE].iter().all(|&b| b == 0xA5)
+            && kept[6 * PAGE_SIZE..].iter().all(|&b| b == 0xA5),
+        "pages 6, 7, 12 and 13 lost the client's bytes"
+    );
+    let st = session.stats();
+    assert!(
+        st.present_refaults >= 1,
+        "the punched pages faulted again: {st:?}"
+    );
+    assert_eq!(
+        (st.poisoned_pages, st.source_errors, st.copy),
+        (0, 0, 0),
+        "{st:?}"
+    );
+    server.shutdown();
+}
+
 #[test]
 fn background_fill_makes_everything_present_without_touches() {
     let pages = 2048;

@@ -413,9 +413,25 @@ impl Worker {
                     )));
                 }
                 add(&s.stats.continue_, 1);
-                self.shared
-                    .injected(ResolveOp::Continue, addr, len)
-                    .and_then(|()| s.uffd.continue_minor(addr, len, ContinueMode::empty()))
+                let map = || {
+                    self.shared
+                        .injected(ResolveOp::Continue, addr, len)
+                        .and_then(|()| s.uffd.continue_minor(addr, len, ContinueMode::empty()))
+                };
+                match map() {
+                    // Nothing in the page cache there (EFAULT): a page we made present was
+                    // punched out of the client's memory (MADV_REMOVE, PUNCH_HOLE) with no REMOVE
+                    // event, and faults again. Its bytes are gone, so it reads zero, as it
+                    // would without us: allocate the holes — `fallocate` leaves pages that exist,
+                    // and the client's bytes in them, alone — and map again.
+                    Err(err) if mapped_only && err.kind == ResolveErrorKind::BadAddress => {
+                        fill_holes(cache, cache_off, size)
+                            .map_err(|why| Step::Source(source_failed(e, p, len, why)))?;
+                        add(&s.stats.continue_, 1);
+                        map()
+                    }
+                    r => r,
+                }
             }
             Backing::Move
                 if !zero
@@ -516,6 +532,21 @@ impl Worker {
             Err(err) => Err(self.classify(s, e, p, err)),
         }
     }
+}
+
+/// Allocate zeroed pages in the holes of `cache`'s memfd over `off..off+len`; pages already
+/// there are left as they are (`fallocate` mode 0, keeping the file's size).
+fn fill_holes(cache: &faultline_uffd::Mapping, off: usize, len: usize) -> Result<(), String> {
+    let fd = cache
+        .fd()
+        .ok_or_else(|| "the page cache mapping has no memfd to allocate in".to_string())?;
+    rustix::fs::fallocate(
+        fd,
+        rustix::fs::FallocateFlags::KEEP_SIZE,
+        off as u64,
+        len as u64,
+    )
+    .map_err(|err| format!("allocating the punched-out pages failed: {err}"))
 }
 
 /// [`Worker::plan`] over any page classes (`class_of(page)`): where the resolve starting at `p`
