@@ -141,6 +141,11 @@ pub struct FcRow {
     pub ratio_cpu: f64,
     /// See `ratio_first_tick`.
     pub ratio_fc_faults: f64,
+    /// Time to the first tick against File's *in the same round* (each round restores every
+    /// backend once, back to back, so a slow minute of the host weighs on both): the median of
+    /// the per-round ratios and a distribution-free 95% confidence interval of that median
+    /// ([`median_ci`]): `[low, median, high]` (NaN bounds below 6 rounds).
+    pub paired_first_tick: [f64; 3],
 }
 
 /// The report.
@@ -165,12 +170,41 @@ struct Collected {
     samples: Vec<Sample>,
     cpu: Vec<f64>,
     faults: Vec<f64>,
+    /// Per round, the median time to the first tick of its clones.
+    round_ticks: Vec<f64>,
 }
 
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The median of `v` and a confidence interval of at least 95% for it that assumes nothing of
+/// the distribution: the order statistics of ranks `k` and `n + 1 - k`, `k` the largest rank
+/// with P(Binomial(n, 1/2) < k) ≤ 2.5% (for 21 samples: the 6th and the 16th). Bounds are NaN
+/// below 6 samples (no such `k`).
+fn median_ci(v: &[f64]) -> [f64; 3] {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let mid = v.get(n / 2).copied().unwrap_or(f64::NAN);
+    // P(X = j) and P(X <= j) for X ~ Binomial(n, 1/2), j counting up.
+    let mut pmf = 0.5f64.powi(i32::try_from(n).unwrap_or(i32::MAX));
+    let mut cdf = 0.0;
+    let mut k = 0;
+    for j in 0..n {
+        cdf += pmf;
+        if cdf > 0.025 {
+            break;
+        }
+        k = j + 1;
+        pmf *= (n - j) as f64 / (j + 1) as f64;
+    }
+    if k == 0 {
+        return [f64::NAN, mid, f64::NAN];
+    }
+    [v[k - 1], mid, v[n - k]]
 }
 
 fn ms(d: Duration) -> f64 {
@@ -590,11 +624,18 @@ pub fn run(args: &FcBenchArgs) -> Result<FcReport> {
                 let (s, cpu, faults) =
                     round(&kit, dir.path(), &snap, which, daemons.get(&which), n)?;
                 let e = samples.entry(which).or_default();
+                e.round_ticks.push(median(
+                    &s.iter().map(|x| x.first_tick_ms).collect::<Vec<_>>(),
+                ));
                 e.samples.extend(s);
                 e.cpu.push(cpu / n as f64);
                 e.faults.push(faults as f64 / n as f64);
             }
         }
+        let base_rounds = samples
+            .get(&Which::File)
+            .map(|c| c.round_ticks.clone())
+            .context("the File baseline's rounds")?;
         let mut clone_rows: Vec<FcRow> = samples
             .into_iter()
             .map(
@@ -604,8 +645,14 @@ pub fn run(args: &FcBenchArgs) -> Result<FcReport> {
                         samples: s,
                         cpu,
                         faults,
+                        round_ticks,
                     },
                 )| {
+                    let per_round: Vec<f64> = round_ticks
+                        .iter()
+                        .zip(&base_rounds)
+                        .map(|(t, b)| t / b)
+                        .collect();
                     let first: Vec<f64> = s.iter().map(|x| x.first_tick_ms).collect();
                     FcRow {
                         backend: which,
@@ -627,6 +674,7 @@ pub fn run(args: &FcBenchArgs) -> Result<FcReport> {
                         ratio_load: 0.0,
                         ratio_cpu: 0.0,
                         ratio_fc_faults: 0.0,
+                        paired_first_tick: median_ci(&per_round),
                     }
                 },
             )
@@ -663,11 +711,12 @@ fn print_table(r: &FcReport) {
     println!(
         "\nfaultline bench --firecracker: a {} MiB guest restored {} time(s) per backend and \
          clone count (working set: {} pages); times from PUT /snapshot/load, medians, \
-         ratios to the File backend of the same clone count",
+         ratios to the File backend of the same clone count; paired: the median of each \
+         round's ratio to File's restore in that round, with its 95% confidence interval",
         r.mem_mib, r.repeat, r.working_set_pages
     );
     println!(
-        "{:<28} {:>6} {:>24} {:>8} {:>9} {:>9} {:>9} {:>9} {:>22}",
+        "{:<28} {:>6} {:>24} {:>8} {:>9} {:>9} {:>9} {:>9} {:>22} {:>24}",
         "backend",
         "clones",
         "first tick min/med/max",
@@ -676,11 +725,12 @@ fn print_table(r: &FcReport) {
         "fc sys",
         "fc flt",
         "uffd flt",
-        "ratio tick/load/cpu/flt"
+        "ratio tick/load/cpu/flt",
+        "paired tick (95% CI)"
     );
     for row in &r.rows {
         println!(
-            "{:<28} {:>6} {:>7.0}/{:>5.0}/{:>5.0} ms {:>5.1} ms {:>6.0} ms {:>6.0} ms {:>9.0} {:>9.0} {:>5.2}/{:>5.2}/{:>4.2}/{:>4.2}",
+            "{:<28} {:>6} {:>7.0}/{:>5.0}/{:>5.0} ms {:>5.1} ms {:>6.0} ms {:>6.0} ms {:>9.0} {:>9.0} {:>5.2}/{:>5.2}/{:>4.2}/{:>4.2} {:>9.3} ({:.3}-{:.3})",
             row.backend.label(),
             row.clones,
             row.first_tick_ms[0],
@@ -695,6 +745,30 @@ fn print_table(r: &FcReport) {
             row.ratio_load,
             row.ratio_cpu,
             row.ratio_fc_faults,
+            row.paired_first_tick[1],
+            row.paired_first_tick[0],
+            row.paired_first_tick[2],
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median_ci;
+
+    #[test]
+    fn the_median_interval_takes_the_binomial_ranks() {
+        // 21 samples: the 6th and 16th smallest (P(Bin(21, 1/2) <= 5) = 1.3%, <= 6: 3.9%).
+        let v: Vec<f64> = (1..=21).rev().map(f64::from).collect();
+        assert_eq!(median_ci(&v), [6.0, 11.0, 16.0]);
+        // 6 samples: min and max (1/64 = 1.6% on each side).
+        let v: Vec<f64> = [3.0, 1.0, 6.0, 2.0, 5.0, 4.0].to_vec();
+        assert_eq!(median_ci(&v), [1.0, 4.0, 6.0]);
+        // 5 samples: no interval of 95% exists (1/32 = 3.1% on each side).
+        let [lo, mid, hi] = median_ci(&[1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert!(lo.is_nan() && hi.is_nan() && mid == 3.0);
+        // 84 samples: ranks 33 and 52 (P(Bin(84, 1/2) <= 32) = 1.9%, <= 33: 3.1%).
+        let v: Vec<f64> = (1..=84).map(f64::from).collect();
+        assert_eq!(median_ci(&v), [33.0, 43.0, 52.0]);
     }
 }
