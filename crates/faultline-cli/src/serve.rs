@@ -75,9 +75,11 @@ pub struct ServeArgs {
     pub readahead_pages: usize,
     /// Adaptive readahead's smallest window, in 4 KiB pages: a fault that continues no
     /// sequential stream is served with the aligned block of this many pages that holds it
-    /// (16: 64 KiB, like the kernel's fault-around; one huge page at least). 1 serves such
-    /// faults one page each.
-    #[arg(long, default_value_t = 16)]
+    /// (64: 256 KiB, beyond the kernel's 64 KiB fault-around: a restored guest's scattered
+    /// touches cluster wider; one huge page at least). 1 serves such faults one page each. Only
+    /// the faulting page's first chunk is served before the thread wakes; the rest of the
+    /// block follows in the background.
+    #[arg(long, default_value_t = 64)]
     pub readahead_min_pages: usize,
     /// Record the order in which each restore first touched pages into FILE (written when the
     /// session ends; readahead is off for recorded sessions so every touch is seen).
