@@ -730,7 +730,7 @@ fn print_table(r: &FcReport) {
     );
     for row in &r.rows {
         println!(
-            "{:<28} {:>6} {:>7.0}/{:>5.0}/{:>5.0} ms {:>5.1} ms {:>6.0} ms {:>6.0} ms {:>9.0} {:>9.0} {:>5.2}/{:>5.2}/{:>4.2}/{:>4.2} {:>9.3} ({:.3}-{:.3})",
+            "{:<28} {:>6} {:>7.0}/{:>5.0}/{:>5.0} ms {:>5.1} ms {:>6.0} ms {:>6.0} ms {:>9.0} {:>9.0} {:>5.2}/{:>5.2}/{:>4.2}/{:>4.2} {:>9.3} {}",
             row.backend.label(),
             row.clones,
             row.first_tick_ms[0],
@@ -746,8 +746,10 @@ fn print_table(r: &FcReport) {
             row.ratio_cpu,
             row.ratio_fc_faults,
             row.paired_first_tick[1],
-            row.paired_first_tick[0],
-            row.paired_first_tick[2],
+            match row.paired_first_tick {
+                [lo, _, hi] if lo.is_finite() && hi.is_finite() => format!("({lo:.3}-{hi:.3})"),
+                _ => "(no interval below 6 rounds)".to_string(),
+            },
         );
     }
 }
