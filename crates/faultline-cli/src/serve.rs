@@ -103,6 +103,13 @@ pub struct ServeArgs {
     /// --remote and object stores (their background work waits on the network).
     #[arg(long, value_name = "N")]
     pub background_workers: Option<usize>,
+    /// Scheduling class of the background fill's copies: `idle` (SCHED_IDLE: they take only CPU
+    /// time the restored guest leaves; a worker a fault waits for is raised at once) or `normal`.
+    /// Readahead and the working set, which the guest is about to touch, always run at normal
+    /// priority. Idle needs a process that may leave SCHED_IDLE again (root or CAP_SYS_NICE);
+    /// elsewhere the fill runs at normal priority, with a warning
+    #[arg(long, value_enum, default_value_t = FillPriority::Idle)]
+    pub fill_priority: FillPriority,
     /// Serve Prometheus metrics on this TCP address (e.g. 127.0.0.1:9100), path /metrics.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
@@ -162,6 +169,15 @@ pub struct ServeArgs {
     /// supervisor takes it for stopped or wedged, kills it and resumes its sessions in a new one.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     pub worker_hang_limit: u64,
+}
+
+/// `--fill-priority`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FillPriority {
+    /// SCHED_IDLE: CPU time nobody else wants.
+    Idle,
+    /// The normal class, like every other worker.
+    Normal,
 }
 
 /// `--on-refused`.
@@ -241,6 +257,7 @@ impl ServeArgs {
             background_fill: self.background_fill,
             fill_after_quiet: Duration::from_millis(self.fill_after_quiet_ms),
             background_workers: self.background_workers,
+            idle_fill: self.fill_priority == FillPriority::Idle,
             metrics: self.metrics.clone(),
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
             max_handshakes: self.max_handshakes,

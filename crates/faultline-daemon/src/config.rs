@@ -66,6 +66,9 @@ pub struct DaemonConfig {
     /// vCPUs need the other CPUs), every worker for a remote page server or an object store (the
     /// work is waiting on the network). `Some(0)`: every worker.
     pub background_workers: Option<usize>,
+    /// Make the background fill's copies in the idle scheduling class (`SCHED_IDLE`): they take
+    /// only CPU time the restored guest leaves (see [`faultline::ServerConfig::idle_fill`]).
+    pub idle_fill: bool,
     /// Serve Prometheus metrics on this TCP address, path `/metrics`.
     pub metrics: Option<String>,
     /// How long a client may take to send its handshake (at least a second).
@@ -114,6 +117,7 @@ impl Default for DaemonConfig {
             background_fill: false,
             fill_after_quiet: Duration::from_millis(500),
             background_workers: None,
+            idle_fill: true,
             metrics: None,
             handshake_timeout: Duration::from_secs(5),
             max_handshakes: 64,

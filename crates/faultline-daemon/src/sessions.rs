@@ -81,6 +81,7 @@ impl Core {
             server_config.source_attempts = u32::MAX;
         }
         server_config.background_workers = background_workers(config);
+        server_config.idle_fill = config.idle_fill;
         if let Some(w) = config.workers {
             server_config.workers = w.max(1);
         }

@@ -5,7 +5,8 @@
 //! whole product, that hold `unsafe` code; `faultline` and `faultline-cli` forbid it. Here are:
 //! - every raw system call and ioctl the crate issues that rustix does not wrap safely (the
 //!   userfaultfd ioctls, `PAGEMAP_SCAN`, `USERFAULTFD_IOC_NEW`, `getsockopt(SO_PEERPIDFD)`,
-//!   `writev` over raw iovecs) and the adoption of fds the kernel installed for us;
+//!   `writev` over raw iovecs, `sched_setscheduler`) and the adoption of fds the kernel installed
+//!   for us;
 //! - the four `unsafe fn`s of the public API, where the caller vouches for an fd or a range:
 //!   [`UninitUffd::from_fd`], [`Uffd::from_initialized_fd`], [`Uffd::register_raw`] and
 //!   [`Uffd::move_pages`]. Their safe siblings ([`Uffd::register_range`],
@@ -322,6 +323,38 @@ pub(crate) fn peer_pidfd(socket: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
     // SAFETY: on success the kernel installed a new pidfd (close-on-exec) as `fd` in this
     // process's table; nothing else owns it, so it is adopted exactly once here.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `sched_setscheduler(tid, policy, {0})` through the raw system call (glibc's wrapper is a
+/// thin one, musl's fails with ENOSYS): the scheduling policy of one thread (`tid` 0: the caller),
+/// for the normal policies (`SCHED_OTHER`, `SCHED_BATCH`, `SCHED_IDLE`), whose priority is 0.
+pub(crate) fn sched_setscheduler(tid: libc::pid_t, policy: libc::c_int) -> Result<(), Errno> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: the call reads one `sched_param` through the pointer, which is valid and borrowed
+    // for the call; it writes no memory of this process.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_sched_setscheduler,
+            libc::c_long::from(tid),
+            libc::c_long::from(policy),
+            std::ptr::addr_of!(param),
+        )
+    };
+    if r != 0 {
+        return Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO));
+    }
+    Ok(())
+}
+
+/// `sched_getscheduler(tid)` through the raw system call: the policy of one thread (`tid` 0: the
+/// caller), `SCHED_RESET_ON_FORK` masked off.
+pub(crate) fn sched_getscheduler(tid: libc::pid_t) -> Result<libc::c_int, Errno> {
+    // SAFETY: the call takes a number and touches no memory of this process.
+    let r = unsafe { libc::syscall(libc::SYS_sched_getscheduler, libc::c_long::from(tid)) };
+    match libc::c_int::try_from(r) {
+        Ok(p) if p >= 0 => Ok(p & !libc::SCHED_RESET_ON_FORK),
+        _ => Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO)),
+    }
 }
 
 /// The most iovecs one `writev` takes (the kernel's `UIO_MAXIOV`).

@@ -14,6 +14,7 @@
 //! it makes the server behave as on a kernel without, say, `UFFDIO_POISON` (before Linux 6.6).
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use faultline_uffd::{ResolveError, ResolveOp};
 use rustix::io::Errno;
@@ -34,6 +35,8 @@ struct Rule {
 #[derive(Debug, Default)]
 pub struct ResolveFaults {
     rules: Mutex<Vec<Rule>>,
+    /// (ioctl, address, how long, times left): calls that pause before they go on.
+    pauses: Mutex<Vec<(ResolveOp, u64, Duration, u32)>>,
     injected: Mutex<Vec<(ResolveOp, Errno, u64)>>,
 }
 
@@ -74,6 +77,30 @@ impl ResolveFaults {
             times,
             at: None,
         })
+    }
+
+    /// The next `times` calls of `op` whose range covers address `at` pause for `pause` right
+    /// before the ioctl (with whatever the call holds: its claims, the install lock), then go on:
+    /// a slow copy, to look at what waits for it.
+    pub fn pause_at(self, op: ResolveOp, at: u64, pause: Duration, times: u32) -> ResolveFaults {
+        crate::sync::lock(&self.pauses).push((op, at, pause, times));
+        self
+    }
+
+    /// Pause if a [`ResolveFaults::pause_at`] rule covers the call `op` on `start..start+len`.
+    pub(crate) fn pause(&self, op: ResolveOp, start: u64, len: u64) {
+        let hit = crate::sync::lock(&self.pauses)
+            .iter_mut()
+            .find(|(o, at, _, times)| {
+                *o == op && *times > 0 && *at >= start && *at < start.saturating_add(len.max(1))
+            })
+            .map(|r| {
+                r.3 -= 1;
+                r.2
+            });
+        if let Some(d) = hit {
+            std::thread::sleep(d);
+        }
     }
 
     fn push(self, rule: Rule) -> ResolveFaults {

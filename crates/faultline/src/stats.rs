@@ -29,6 +29,8 @@ pub struct Counters {
     pub(crate) readahead_pages: AtomicU64,
     pub(crate) prefetch_pages: AtomicU64,
     pub(crate) fill_pages: AtomicU64,
+    pub(crate) fill_idle_copies: AtomicU64,
+    pub(crate) fill_raised: AtomicU64,
     pub(crate) source_errors: AtomicU64,
     pub(crate) source_retries: AtomicU64,
     pub(crate) poisoned_pages: AtomicU64,
@@ -64,6 +66,8 @@ impl Default for Counters {
             readahead_pages: AtomicU64::new(0),
             prefetch_pages: AtomicU64::new(0),
             fill_pages: AtomicU64::new(0),
+            fill_idle_copies: AtomicU64::new(0),
+            fill_raised: AtomicU64::new(0),
             source_errors: AtomicU64::new(0),
             source_retries: AtomicU64::new(0),
             poisoned_pages: AtomicU64::new(0),
@@ -100,7 +104,7 @@ impl Counters {
     }
 
     /// The counters with the same name in `self` and `other`, in pairs.
-    fn pairs<'a>(&'a self, other: &'a Counters) -> [(&'a AtomicU64, &'a AtomicU64); 29] {
+    fn pairs<'a>(&'a self, other: &'a Counters) -> [(&'a AtomicU64, &'a AtomicU64); 31] {
         [
             (&self.faults, &other.faults),
             (&self.duplicate_faults, &other.duplicate_faults),
@@ -120,6 +124,8 @@ impl Counters {
             (&self.readahead_pages, &other.readahead_pages),
             (&self.prefetch_pages, &other.prefetch_pages),
             (&self.fill_pages, &other.fill_pages),
+            (&self.fill_idle_copies, &other.fill_idle_copies),
+            (&self.fill_raised, &other.fill_raised),
             (&self.source_errors, &other.source_errors),
             (&self.source_retries, &other.source_retries),
             (&self.poisoned_pages, &other.poisoned_pages),
@@ -174,6 +180,8 @@ impl Counters {
             readahead_pages: n(s.readahead_pages),
             prefetch_pages: n(s.prefetch_pages),
             fill_pages: n(s.fill_pages),
+            fill_idle_copies: n(s.fill_idle_copies),
+            fill_raised: n(s.fill_raised),
             source_errors: n(s.source_errors),
             source_retries: n(s.source_retries),
             poisoned_pages: n(s.poisoned_pages),
@@ -220,6 +228,8 @@ impl Counters {
             readahead_pages: l(&self.readahead_pages),
             prefetch_pages: l(&self.prefetch_pages),
             fill_pages: l(&self.fill_pages),
+            fill_idle_copies: l(&self.fill_idle_copies),
+            fill_raised: l(&self.fill_raised),
             source_errors: l(&self.source_errors),
             source_retries: l(&self.source_retries),
             poisoned_pages: l(&self.poisoned_pages),
@@ -279,6 +289,12 @@ pub struct Stats {
     pub prefetch_pages: u64,
     /// Pages resolved by background fill.
     pub fill_pages: u64,
+    /// Background fill copies made in the idle scheduling class
+    /// ([`crate::ServerConfig::idle_fill`]).
+    pub fill_idle_copies: u64,
+    /// Workers raised out of the idle class during a fill copy because something waited for
+    /// them (a fault on a page they were copying, the reader of events, the watchdog).
+    pub fill_raised: u64,
     /// Source reads that failed.
     pub source_errors: u64,
     /// Source reads retried.

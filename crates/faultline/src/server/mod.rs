@@ -51,6 +51,7 @@ use crate::ratelimit::LogLimit;
 use crate::region::{Region, RegionEntry, RegionError, RegionMap};
 use crate::stats::{Counters, Stats};
 
+mod idle;
 mod resolve;
 mod schedule;
 mod session;
@@ -78,6 +79,12 @@ pub struct ServerConfig {
     /// Workers that do background work (readahead beyond a fault's first chunk, working-set
     /// prefetch, fill) at once, at most; the others serve demand faults only. Zero: all.
     pub background_workers: usize,
+    /// Make the copies of a background fill in the kernel's idle scheduling class (`SCHED_IDLE`),
+    /// so that they take only CPU time the served threads leave (a worker something waits for is
+    /// raised again at once; see the `idle` module). Ignored, with a warning, where a thread of
+    /// the process cannot come back from that class (no `CAP_SYS_NICE`, `RLIMIT_NICE` 0).
+    /// Readahead and working-set prefetch, which a fault is about to need, keep normal priority.
+    pub idle_fill: bool,
     /// Bytes resolved first for a demand fault, so the faulting thread wakes early; the rest of
     /// the window follows in `max_io` pieces.
     pub first_chunk: usize,
@@ -128,6 +135,7 @@ impl Default for ServerConfig {
             batch: 64,
             max_io: 1 << 20,
             background_workers: 0,
+            idle_fill: true,
             first_chunk: 64 << 10,
             min_zero_run: 8,
             source_attempts: 4,
@@ -284,6 +292,8 @@ struct Shared {
     logs: LogLimit,
     /// What each worker is resolving now, for the watchdog: (session, address, since).
     current: Vec<Mutex<Option<Current>>>,
+    /// Workers lowered to the idle class for a fill copy ([`ServerConfig::idle_fill`]).
+    idle: idle::IdleFill,
 }
 
 /// A running fault server.
@@ -326,6 +336,7 @@ impl Server {
         let n_workers = config.workers.max(1);
         let shared = Arc::new(Shared {
             current: (0..n_workers).map(|_| Mutex::new(None)).collect(),
+            idle: idle::IdleFill::new(config.idle_fill, n_workers),
             kernel_features,
             logs: LogLimit::with_window(Duration::from_secs(10)),
             config,
@@ -538,6 +549,13 @@ impl Shared {
         match &self.config.inject {
             Some(faults) => faults.check(op, start, len),
             None => Ok(()),
+        }
+    }
+
+    /// Pause here if [`ServerConfig::inject`] asks for it (see [`ResolveFaults::pause_at`]).
+    fn pause_injected(&self, op: ResolveOp, start: u64, len: u64) {
+        if let Some(faults) = &self.config.inject {
+            faults.pause(op, start, len);
         }
     }
 

@@ -17,11 +17,12 @@ use super::schedule::{Job, JobKind};
 use super::session::Session;
 use super::unservable::Unserved;
 use super::worker::Worker;
+use super::Shared;
 
 /// The largest resolve while the reader of events may wait for it (a client with REMOVE events:
 /// see `resolve_pages`): it waits for at most one such copy per worker, ~75 µs at 3.4 GiB/s
 /// instead of ~300 µs for `ServerConfig::max_io`'s 1 MiB.
-const INSTALL_MAX: usize = 256 << 10;
+pub(super) const INSTALL_MAX: usize = 256 << 10;
 
 /// What resolving a run of pages came to.
 pub(super) enum RunEnd {
@@ -75,6 +76,7 @@ impl Worker {
         n: usize,
         j: &Job,
     ) -> RunEnd {
+        self.filling = j.kind == JobKind::Fill;
         let ps = e.region.kind.page_size();
         // With the install lock, the reader of events waits for the data resolves in flight: keep
         // each short (see `INSTALL_MAX`).
@@ -280,6 +282,17 @@ impl Worker {
         }
     }
 
+    /// For a fill's data copy, this worker in the idle class until the guard drops (see `idle`):
+    /// only around the ioctl (and the install lock it holds shared), never in a source read.
+    fn lowered<'a>(&self, s: &Session, shared: &'a Shared) -> Option<super::idle::Lowered<'a>> {
+        if !self.filling {
+            return None;
+        }
+        let lowered = shared.idle.lower(self.index, self.tid?)?;
+        add(&s.stats.fill_idle_copies, 1);
+        Some(lowered)
+    }
+
     /// Mark pages `p..p + n` of `e`, just made present, in the session's served log. After the
     /// resolve, never before: a handler killed between the two leaves a present page unmarked
     /// (a successor serving it zeros on a silent zap is all that is lost), where a mark before
@@ -460,7 +473,9 @@ impl Worker {
             }
             Backing::Copy | Backing::Move if zero && !e.region.kind.is_hugetlb() => {
                 add(&s.stats.zeropage, 1);
-                self.shared
+                let shared = Arc::clone(&self.shared);
+                let _lowered = self.lowered(s, &shared);
+                shared
                     .injected(ResolveOp::Zeropage, addr, len)
                     .and_then(|()| s.uffd.zeropage(addr, len, ZeropageMode::empty()))
             }
@@ -473,7 +488,10 @@ impl Worker {
                     self.ensure_zeros(size);
                     s.uffd.copy(addr, &self.zeros[..size], CopyMode::empty())
                 } else if let Some(ptr) = e.region.source.ptr_at(off, len) {
+                    let shared = Arc::clone(&self.shared);
+                    let _lowered = self.lowered(s, &shared);
                     let _installing = installing(s, e, p, n)?;
+                    shared.pause_injected(ResolveOp::Copy, addr, len);
                     s.uffd.copy_from_ptr(addr, ptr, size, CopyMode::empty())
                 } else {
                     self.ensure_buf(size);
@@ -485,7 +503,10 @@ impl Worker {
                     // Whole pages of what was asked, at least one: anything else is a broken
                     // source, and its pages are poisoned rather than filled from a guess.
                     let fits = |n: usize| n > 0 && n <= size && n % e.region.kind.page_size() == 0;
+                    let shared = Arc::clone(&self.shared);
+                    let _lowered = self.lowered(s, &shared);
                     let _installing = installing(s, e, p, n)?;
+                    shared.pause_injected(ResolveOp::Copy, addr, len);
                     match lend {
                         Lend::Lent(l) if fits(l.bytes().len()) => {
                             s.uffd.copy(addr, l.bytes(), CopyMode::empty())

@@ -236,7 +236,14 @@ impl Worker {
     /// fill may start ([`Session::fill_wait`]).
     pub(super) fn next_background_jobs(&mut self, s: &Arc<Session>) -> Vec<Job> {
         let max_io = self.shared.config.max_io as u64;
-        let fill_ready = s.fill_wait(Instant::now()).is_zero();
+        // A fill copying in the idle class holds a background slot while it may be starved:
+        // one resolve per step, so readahead (taken first) waits for one copy at most.
+        let fill_io = if self.shared.idle.enabled() {
+            max_io.min(super::resolve::INSTALL_MAX as u64)
+        } else {
+            max_io
+        };
+        let fill = s.fill_wait(Instant::now()).is_zero().then_some(fill_io);
         let mut bg = lock(&s.background);
         let regions = read(&s.regions);
         match next_background(
@@ -245,7 +252,7 @@ impl Worker {
             s.page_size,
             max_io,
             &s.prefetch_inflight,
-            fill_ready,
+            fill,
         ) {
             Some(j) if j.kind == JobKind::Prefetch => {
                 prefetch_batch(j, &mut bg, &regions, max_io, &s.prefetch_inflight)
@@ -370,15 +377,15 @@ pub(super) fn pop_prefetch(
 
 /// The next background run of a session's queues, claimed: readahead windows (the rest of a
 /// window longer than `max_io` stays queued first), then the working set in recorded order,
-/// then background fill from the fill cursor if `fill_ready`. Pure logic over the page states,
-/// unit-tested.
+/// then background fill from the fill cursor in runs of at most `fill` bytes if the fill may
+/// go on (`Some`). Pure logic over the page states, unit-tested.
 pub(super) fn next_background(
     bg: &mut Background,
     regions: &RegionMap,
     page_size: u64,
     max_io: u64,
     inflight: &AtomicU64,
-    fill_ready: bool,
+    fill: Option<u64>,
 ) -> Option<Job> {
     while let Some(a) = bg.ahead.pop_front() {
         if let Some(j) = claim_run(regions, &a, max_io) {
@@ -398,9 +405,7 @@ pub(super) fn next_background(
     if let Some(j) = pop_prefetch(inflight, bg, regions, max_io) {
         return Some(j);
     }
-    if !fill_ready {
-        return None;
-    }
+    let fill_io = fill?;
     while let Some((ri, from)) = bg.fill_cursor {
         let Some(e) = regions.entries().get(ri) else {
             bg.fill_cursor = None;
@@ -426,7 +431,7 @@ pub(super) fn next_background(
             since: Instant::now(),
             reported: false,
         };
-        match claim_run(regions, &want, max_io) {
+        match claim_run(regions, &want, fill_io) {
             Some(j) => {
                 bg.fill_cursor = Some((ri, p + j.pages));
                 return Some(j);
@@ -491,7 +496,7 @@ mod tests {
         max_io: u64,
         inflight: &AtomicU64,
     ) -> Option<(usize, usize, JobKind)> {
-        next_background(bg, map, PS, max_io, inflight, true).map(|j| {
+        next_background(bg, map, PS, max_io, inflight, Some(max_io)).map(|j| {
             assert!(j.claimed, "background jobs are claimed when taken");
             let e = &map.entries()[0];
             assert_eq!(j.addr, e.addr_of(j.state_index - e.state_base));
@@ -621,8 +626,9 @@ mod tests {
         let map = regions(8);
         let mut bg = queues(Vec::new(), &[2], true);
         let inflight = AtomicU64::new(0);
-        let take = |bg: &mut Background, ready| {
-            next_background(bg, &map, PS, 1 << 20, &inflight, ready).map(|j| (j.kind, j.pages))
+        let take = |bg: &mut Background, ready: bool| {
+            next_background(bg, &map, PS, 1 << 20, &inflight, ready.then_some(1 << 20))
+                .map(|j| (j.kind, j.pages))
         };
         // The working set goes whether or not the fill may start.
         assert_eq!(take(&mut bg, false), Some((JobKind::Prefetch, 1)));

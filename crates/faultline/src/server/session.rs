@@ -81,9 +81,21 @@ impl Session {
         self.install_lock.as_ref().map(|l| read(l))
     }
 
-    /// The install lock, exclusively, for reading messages (see [`Session::installing`]).
-    pub(super) fn reading(&self) -> Option<std::sync::RwLockWriteGuard<'_, ()>> {
-        self.install_lock.as_ref().map(|l| write(l))
+    /// The install lock, exclusively, for reading messages (see [`Session::installing`]). A
+    /// worker lowered to the idle class for a fill copy may hold it shared: raised first, so the
+    /// reader does not wait on CPU time nobody leaves it (see `idle`).
+    pub(super) fn reading(
+        &self,
+        idle: &super::idle::IdleFill,
+    ) -> Option<std::sync::RwLockWriteGuard<'_, ()>> {
+        let l = self.install_lock.as_ref()?;
+        if let Ok(g) = l.try_write() {
+            return Some(g);
+        }
+        if idle.any_lowered() {
+            crate::stats::add(&self.stats.fill_raised, idle.raise_all() as u64);
+        }
+        Some(write(l))
     }
 
     /// How long the session's background fill must still wait: it starts once the session has

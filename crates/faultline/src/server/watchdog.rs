@@ -33,16 +33,27 @@ impl Shared {
     /// [`ServerConfig::fault_deadline`]: super::ServerConfig::fault_deadline
     /// [`Worker::run_job`]: super::worker::Worker::run_job
     pub(super) fn watchdog(&self, stop: &std::sync::mpsc::Receiver<()>) {
-        let tick = (self.config.stuck_after / 4)
-            .clamp(Duration::from_millis(10), Duration::from_millis(250));
+        let tick = Self::watch_tick(self.config.stuck_after);
         while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(tick) {
             self.watch_once(Instant::now());
             self.logs.flush();
         }
     }
 
+    /// The watchdog's period.
+    fn watch_tick(stuck_after: Duration) -> Duration {
+        (stuck_after / 4).clamp(Duration::from_millis(10), Duration::from_millis(250))
+    }
+
     pub(super) fn watch_once(&self, now: Instant) {
+        // A fill copy in the idle class takes ~75 µs of CPU: a worker lowered for a whole tick is
+        // starved by busy CPUs, and something may wait for it unseen (a lock of the kernel's):
+        // raised, as a backstop to the raises of whoever waits.
         let (stuck, deadline) = (self.config.stuck_after, self.config.fault_deadline);
+        if self.idle.any_lowered() {
+            let raised = self.idle.raise_lowered_for(Self::watch_tick(stuck));
+            crate::stats::add(&self.total.fill_raised, raised as u64);
+        }
         for slot in &self.current {
             let mut g = lock(slot);
             let Some(c) = g.as_mut() else { continue };

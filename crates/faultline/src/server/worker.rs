@@ -31,6 +31,10 @@ pub(super) struct Worker {
     pub(super) buf: Vec<u8>,
     pub(super) zeros: Vec<u8>,
     pub(super) scratch: Option<faultline_uffd::ScratchPages>,
+    /// This worker's thread (set when it starts running).
+    pub(super) tid: Option<rustix::thread::Pid>,
+    /// The run being resolved is a background fill's (its copies may go idle: `idle`).
+    pub(super) filling: bool,
 }
 
 impl Worker {
@@ -44,6 +48,8 @@ impl Worker {
             buf: Vec::new(),
             zeros: Vec::new(),
             scratch: None,
+            tid: None,
+            filling: false,
         }
     }
 
@@ -59,6 +65,7 @@ impl Worker {
     }
 
     pub(super) fn run(mut self) {
+        self.tid = Some(rustix::thread::gettid());
         if let Some(cpu) = self.pin {
             let mut set = rustix::thread::CpuSet::new();
             set.set(cpu);
@@ -136,7 +143,7 @@ impl Worker {
             // worker before the page states and regions reflect the event.
             let guard = lock(&s.read_lock);
             // No resolve installs source bytes while a REMOVE may be read and not yet applied.
-            let installs = s.reading();
+            let installs = s.reading(&self.shared.idle);
             let n = match s.uffd.read_events(&mut self.events) {
                 Ok(n) => n,
                 Err(faultline_uffd::Error::Decode(e)) => {
@@ -271,6 +278,9 @@ impl Worker {
         let mut aheads: Vec<Job> = Vec::new();
         let mut orphans: Vec<(u64, Instant)> = Vec::new();
         let mut lost: Vec<(u64, Instant)> = Vec::new();
+        // A fault on a page another worker is resolving: if that is a fill copy in the idle
+        // class, the faulting thread must not wait for CPU time nobody leaves it.
+        let mut in_flight = false;
         {
             let regions = read(&s.regions);
             for &(addr, t) in faults.iter() {
@@ -292,6 +302,7 @@ impl Worker {
                 match e.states.get(idx) {
                     PageState::InFlight => {
                         add(&s.stats.duplicate_faults, 1);
+                        in_flight = true;
                         continue;
                     }
                     PageState::Present => {
@@ -303,6 +314,7 @@ impl Worker {
                 }
                 if !e.states.try_claim(idx) {
                     add(&s.stats.duplicate_faults, 1);
+                    in_flight = true;
                     continue;
                 }
                 if let Some(rec) = &s.recording {
@@ -350,6 +362,10 @@ impl Worker {
                     aheads.push(job(e, from, window.before, JobKind::Readahead, false, None));
                 }
             }
+        }
+        // Readahead queued behind a fill step in the idle class: that step's copy finishes now.
+        if (in_flight || !aheads.is_empty()) && self.shared.idle.any_lowered() {
+            add(&s.stats.fill_raised, self.shared.idle.raise_all() as u64);
         }
         for (addr, t) in lost {
             let why = format!(
