@@ -1,17 +1,23 @@
 //! Background fill copies in the kernel's idle scheduling class ([`ServerConfig::idle_fill`]).
 //!
 //! A fill copies pages nobody has asked for, on the CPUs of the threads it serves. Measured on
-//! the real client (a restored Firecracker guest, 2 host CPUs that its vCPUs keep busy), a fill
-//! at normal priority delays the guest's first tick by 1.5–3% against the File backend; the same
-//! copies in `SCHED_IDLE`, which take only CPU time no other thread wants, do not (docs/firecracker.md).
+//! the real client (a restored Firecracker guest, 2 host CPUs that its vCPUs keep busy; 285
+//! rounds over five runs, paired per round), a fill at normal priority delays the guest's first
+//! tick by 2.3% against the File backend; the same copies in `SCHED_IDLE`, which take only CPU
+//! time no other thread wants, by 0.3% (0.996–1.007): idle against normal 0.976 (0.969–0.983).
+//! See docs/firecracker.md, run U.
 //!
 //! A lowered worker is a priority inversion waiting to happen: a vCPU that faults on a page of
 //! the run it is copying, or the reader of a session's events that needs the install lock it
 //! holds shared, would wait for a thread that gets CPU only when nothing else runs. So a worker
-//! is lowered only around the copy ioctl of a fill run (never while it holds a lock of ours other
-//! than its shared install lock, never in a source read), and whoever would wait for it raises
-//! it first ([`IdleFill::raise_all`]): a demand fault on a page in flight, a reader that cannot
-//! take the install lock at once, and the watchdog on every tick as a backstop.
+//! is lowered only around the resolve ioctl of a fill run (never while it holds a lock of ours
+//! other than its shared install lock, never in a source read), and whoever would wait for it
+//! raises it first ([`IdleFill::raise_all`]): a demand fault on a page in flight or one that
+//! queues readahead (a fill step holds a background slot), a reader that cannot take the install
+//! lock at once, and the watchdog for a worker lowered a whole tick, as a backstop. While fill
+//! copies go idle, a fill step is one copy of at most 256 KiB, so readahead waits for one at most:
+//! with 1 MiB steps and 4 clones on 2 cores, readahead starved behind the fill (318 handler
+//! faults per restore instead of ~45).
 //!
 //! [`ServerConfig::idle_fill`]: super::ServerConfig::idle_fill
 
