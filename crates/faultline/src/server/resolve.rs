@@ -282,8 +282,9 @@ impl Worker {
         }
     }
 
-    /// For a fill's data copy, this worker in the idle class until the guard drops (see `idle`):
-    /// only around the ioctl (and the install lock it holds shared), never in a source read.
+    /// For a fill's resolve (a data copy or a zero run), this worker in the idle class until the
+    /// guard drops (see `idle`): only around the ioctl (and the install lock it holds shared),
+    /// never in a source read.
     fn lowered<'a>(&self, s: &Session, shared: &'a Shared) -> Option<super::idle::Lowered<'a>> {
         if !self.filling {
             return None;
