@@ -39,7 +39,11 @@ fn workers() -> Vec<(Pid, SchedClass)> {
     for t in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
         let t = t.expect("a task");
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with("faultline-w") {
+        // faultline-w0, faultline-w1 (not faultline-watchdog).
+        let worker = comm
+            .strip_prefix("faultline-w")
+            .is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit()));
+        if !worker {
             continue;
         }
         let tid: i32 = t.file_name().to_string_lossy().parse().expect("a tid");
@@ -77,8 +81,9 @@ struct Setup {
     src: Arc<MemorySource>,
 }
 
-/// A client of `PAGES` pattern pages (none zero) filled in the background by 2 workers, the
-/// first copy at the start of the region pausing `pause`.
+/// A client of `PAGES` pattern pages (none zero) served by 2 workers, one of which does
+/// background work (so the fill stays behind its paused first copy, the start of the region,
+/// for `pause`, and the other is free to read faults).
 fn setup(features: Features, idle_fill: bool, pause: Duration) -> Setup {
     let mut bytes = vec![0u8; PAGES * PAGE_SIZE];
     for (p, chunk) in bytes.chunks_mut(PAGE_SIZE).enumerate() {
@@ -92,6 +97,7 @@ fn setup(features: Features, idle_fill: bool, pause: Duration) -> Setup {
     let faults = ResolveFaults::new().pause_at(ResolveOp::Copy, map.addr(), pause, 1);
     let server = Server::start(ServerConfig {
         workers: 2,
+        background_workers: 1,
         idle_fill,
         inject: Some(Arc::new(faults)),
         ..ServerConfig::default()
