@@ -68,6 +68,25 @@ impl ResolveFaults {
         })
     }
 
+    /// Calls of `op` whose range covers address `at`: after `skip` that pass, the next `times`
+    /// fail with `errno`.
+    pub fn fail_at_after(
+        self,
+        op: ResolveOp,
+        at: u64,
+        skip: u32,
+        errno: Errno,
+        times: u32,
+    ) -> ResolveFaults {
+        self.push(Rule {
+            op,
+            errno,
+            skip,
+            times,
+            at: Some(at),
+        })
+    }
+
     /// After `skip` calls of `op` that pass, the next `times` fail with `errno`.
     pub fn fail_after(self, op: ResolveOp, skip: u32, errno: Errno, times: u32) -> ResolveFaults {
         self.push(Rule {

@@ -117,15 +117,23 @@ fn no_readahead_one_resolve_per_touched_page() {
 
 /// `pages` pages of shmem registered MISSING | MINOR and served through the page cache (MINOR
 /// backing) by two workers; `None` (the test skips, saying why) where the kernel lacks it.
-fn serve_shmem_minor(
-    pages: usize,
-    seed: u64,
-) -> Option<(
+type ShmemServed = (
     Server,
     faultline::SessionHandle,
     Arc<Mapping>,
     Arc<MemorySource>,
-)> {
+);
+
+fn serve_shmem_minor(pages: usize, seed: u64) -> Option<ShmemServed> {
+    serve_shmem_minor_with(pages, seed, |_| None)
+}
+
+/// [`serve_shmem_minor`] with resolve failures injected (`faults(address of the region)`).
+fn serve_shmem_minor_with(
+    pages: usize,
+    seed: u64,
+    faults: impl FnOnce(u64) -> Option<faultline::inject::ResolveFaults>,
+) -> Option<ShmemServed> {
     let features = Features::MINOR_SHMEM | Features::MISSING_SHMEM;
     if !faultline_testing::need_features("shmem_minor", features) {
         return None;
@@ -138,6 +146,7 @@ fn serve_shmem_minor(
         .expect("register");
     let server = Server::start(ServerConfig {
         workers: 2,
+        inject: faults(m.addr()).map(Arc::new),
         ..ServerConfig::default()
     })
     .expect("server");
@@ -250,6 +259,45 @@ fn shmem_pages_punched_out_without_an_event_read_zero_when_touched_again() {
         (0, 0, 0),
         "{st:?}"
     );
+    server.shutdown();
+}
+
+/// The page is punched out again while the server allocates and maps it (here: the kernel's
+/// EFAULT for the mapping, injected twice): allocated and mapped again, it reads zero — no
+/// poison, no source error blaming a truncated file.
+#[test]
+fn a_shmem_page_punched_out_again_while_being_mapped_still_reads_zero() {
+    let pages = 64;
+    let page8 = |base: u64| base + 8 * PAGE_SIZE as u64;
+    // The first CONTINUE over page 8 serves it; the next two (the refault's) find no page.
+    let Some((server, session, m, src)) = serve_shmem_minor_with(pages, 17, |base| {
+        Some(faultline::inject::ResolveFaults::new().fail_at_after(
+            faultline_uffd::ResolveOp::Continue,
+            page8(base),
+            1,
+            rustix::io::Errno::FAULT,
+            2,
+        ))
+    }) else {
+        return;
+    };
+    let (m2, src2) = (Arc::clone(&m), src.clone());
+    let page = faultline_testing::within(Duration::from_secs(30), move || {
+        verify(&m2, &src2, 0..pages);
+        m2.remove(8 * PAGE_SIZE, PAGE_SIZE).expect("MADV_REMOVE");
+        let mut page = vec![0xFFu8; PAGE_SIZE];
+        m2.read(8 * PAGE_SIZE, &mut page).expect("read");
+        verify(&m2, &src2, 9..pages);
+        page
+    });
+    assert!(page.iter().all(|&b| b == 0), "page 8 does not read zero");
+    let st = session.stats();
+    assert_eq!(
+        (st.poisoned_pages, st.source_errors, st.copy),
+        (0, 0, 0),
+        "{st:?}"
+    );
+    assert!(st.present_refaults >= 1, "{st:?}");
     server.shutdown();
 }
 

@@ -24,6 +24,10 @@ use super::Shared;
 /// instead of ~300 µs for `ServerConfig::max_io`'s 1 MiB.
 pub(super) const INSTALL_MAX: usize = 256 << 10;
 
+/// How many times a page punched out of a client's shared memory is allocated and mapped again
+/// when it keeps vanishing in between (see `resolve_pages`), before it ends as unservable.
+const HOLE_REFILLS: u32 = 3;
+
 /// What resolving a run of pages came to.
 pub(super) enum RunEnd {
     /// All pages done (resolved, found present or poisoned).
@@ -432,20 +436,36 @@ impl Worker {
                         .injected(ResolveOp::Continue, addr, len)
                         .and_then(|()| s.uffd.continue_minor(addr, len, ContinueMode::empty()))
                 };
-                match map() {
-                    // Nothing in the page cache there (EFAULT): a page we made present was
-                    // punched out of the client's memory (MADV_REMOVE, PUNCH_HOLE) with no REMOVE
-                    // event, and faults again. Its bytes are gone, so it reads zero, as it
-                    // would without us: allocate the holes — `fallocate` leaves pages that exist,
-                    // and the client's bytes in them, alone — and map again.
-                    Err(err) if mapped_only && err.kind == ResolveErrorKind::BadAddress => {
-                        fill_holes(cache, cache_off, size)
-                            .map_err(|why| Step::Source(source_failed(e, p, len, why)))?;
-                        add(&s.stats.continue_, 1);
-                        map()
+                // Nothing in the page cache there (EFAULT): a page we made present was punched
+                // out of the client's memory (MADV_REMOVE, PUNCH_HOLE) with no REMOVE event, and
+                // faults again. Its bytes are gone, so it reads zero, as it would without us:
+                // allocate the holes — `fallocate` leaves pages that exist, and the client's
+                // bytes in them, alone — and map again. A client that punches the page out again
+                // in between gets a few more tries, then an explicit end that says so.
+                let mut mapped = map();
+                let mut refills = 0;
+                while mapped_only
+                    && matches!(&mapped, Err(err) if err.kind == ResolveErrorKind::BadAddress)
+                {
+                    if refills == HOLE_REFILLS {
+                        return Err(Step::Source(source_failed(
+                            e,
+                            p,
+                            len,
+                            format!(
+                                "the client's memory file lost these pages again each of the \
+                                 {HOLE_REFILLS} times they were allocated and mapped (punched \
+                                 out while being served)"
+                            ),
+                        )));
                     }
-                    r => r,
+                    refills += 1;
+                    fill_holes(cache, cache_off, size)
+                        .map_err(|why| Step::Source(source_failed(e, p, len, why)))?;
+                    add(&s.stats.continue_, 1);
+                    mapped = map();
                 }
+                mapped
             }
             Backing::Move
                 if !zero
