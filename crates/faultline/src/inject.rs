@@ -31,12 +31,26 @@ struct Rule {
     at: Option<u64>,
 }
 
+/// One pause rule: calls of `op` whose range covers `at` sleep `pause` first, `times` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pause {
+    op: ResolveOp,
+    at: u64,
+    pause: Duration,
+    times: u32,
+}
+
+/// Whether a call on `start..start+len` covers address `at` (`None`: any address).
+fn covers(at: Option<u64>, start: u64, len: u64) -> bool {
+    at.is_none_or(|a| a >= start && a < start.saturating_add(len.max(1)))
+}
+
 /// Chosen failures of the fault server's resolve ioctls (see the module docs).
 #[derive(Debug, Default)]
 pub struct ResolveFaults {
     rules: Mutex<Vec<Rule>>,
-    /// (ioctl, address, how long, times left): calls that pause before they go on.
-    pauses: Mutex<Vec<(ResolveOp, u64, Duration, u32)>>,
+    /// Calls that pause before they go on ([`ResolveFaults::pause_at`]).
+    pauses: Mutex<Vec<Pause>>,
     injected: Mutex<Vec<(ResolveOp, Errno, u64)>>,
 }
 
@@ -102,7 +116,12 @@ impl ResolveFaults {
     /// before the ioctl (with whatever the call holds: its claims, the install lock), then go on:
     /// a slow copy, to look at what waits for it.
     pub fn pause_at(self, op: ResolveOp, at: u64, pause: Duration, times: u32) -> ResolveFaults {
-        crate::sync::lock(&self.pauses).push((op, at, pause, times));
+        crate::sync::lock(&self.pauses).push(Pause {
+            op,
+            at,
+            pause,
+            times,
+        });
         self
     }
 
@@ -110,12 +129,10 @@ impl ResolveFaults {
     pub(crate) fn pause(&self, op: ResolveOp, start: u64, len: u64) {
         let hit = crate::sync::lock(&self.pauses)
             .iter_mut()
-            .find(|(o, at, _, times)| {
-                *o == op && *times > 0 && *at >= start && *at < start.saturating_add(len.max(1))
-            })
-            .map(|r| {
-                r.3 -= 1;
-                r.2
+            .find(|p| p.op == op && p.times > 0 && covers(Some(p.at), start, len))
+            .map(|p| {
+                p.times -= 1;
+                p.pause
             });
         if let Some(d) = hit {
             std::thread::sleep(d);
@@ -136,9 +153,7 @@ impl ResolveFaults {
     pub(crate) fn check(&self, op: ResolveOp, start: u64, len: u64) -> Result<(), ResolveError> {
         let mut rules = crate::sync::lock(&self.rules);
         let hit = rules.iter_mut().find_map(|r| {
-            let covers =
-                r.at.is_none_or(|a| a >= start && a < start.saturating_add(len.max(1)));
-            if r.op != op || !covers || r.times == 0 {
+            if r.op != op || !covers(r.at, start, len) || r.times == 0 {
                 return None;
             }
             if r.skip > 0 {

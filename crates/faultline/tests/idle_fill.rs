@@ -125,6 +125,38 @@ fn setup(features: Features, idle_fill: bool, pause: Duration) -> Setup {
 }
 
 impl Setup {
+    /// The fill's paused first copy is lowered: one worker in SCHED_IDLE within 200 ms (the
+    /// watchdog raises a worker lowered for a whole tick, 250 ms, so look well before).
+    fn one_worker_goes_idle(&self, when: &str) {
+        assert!(
+            within(Duration::from_millis(200), || idle_workers() == 1),
+            "no worker in SCHED_IDLE {when}: {:?}",
+            workers()
+        );
+    }
+
+    /// A thread touches byte `offset` of the region while the worker is lowered: the worker is
+    /// raised within 500 ms, counted in the session (the watchdog's raises are not), and the
+    /// thread gets the source's byte.
+    fn touching_raises_the_worker(&self, offset: usize, why_not: &str) {
+        let (map, src) = (Arc::clone(&self.map), Arc::clone(&self.src));
+        let toucher = std::thread::spawn(move || {
+            let got = map.read_u8(offset).expect("read");
+            let mut want = [0u8; 1];
+            src.read_at(offset as u64, &mut want).expect("source");
+            (got, want[0])
+        });
+        assert!(
+            within(Duration::from_millis(500), || idle_workers() == 0
+                && self.session.stats().fill_raised >= 1),
+            "{why_not}: {:?}, {:?}",
+            workers(),
+            self.session.stats()
+        );
+        let (got, want) = toucher.join().expect("toucher");
+        assert_eq!(got, want);
+    }
+
     /// Every page present with the source's bytes; then the server is shut down and every
     /// worker is back in the normal class.
     fn finish(self) -> faultline::Stats {
@@ -159,13 +191,7 @@ fn fill_copies_run_in_the_idle_class_and_the_workers_come_back() {
         return;
     }
     let t = setup(Features::empty(), true, Duration::from_millis(600));
-    // The paused copy is lowered; the watchdog raises a worker lowered for a whole tick (250
-    // ms), so look well before.
-    assert!(
-        within(Duration::from_millis(200), || idle_workers() == 1),
-        "no worker in SCHED_IDLE during the fill's first copy: {:?}",
-        workers()
-    );
+    t.one_worker_goes_idle("during the fill's first copy");
     let st = t.finish();
     assert!(st.fill_idle_copies >= 1, "{st:?}");
     assert_eq!(st.fill_pages, PAGES as u64);
@@ -197,30 +223,13 @@ fn a_fault_on_a_page_being_filled_raises_the_filling_worker() {
         return;
     }
     let t = setup(Features::empty(), true, Duration::from_secs(2));
-    assert!(
-        within(Duration::from_millis(200), || idle_workers() == 1),
-        "no worker in SCHED_IDLE: {:?}",
-        workers()
-    );
+    t.one_worker_goes_idle("during the fill's first copy");
     // Page 1 is in the paused run (pages 0..64: a fill copying in the idle class copies 256 KiB
     // per step).
-    let (map, src) = (Arc::clone(&t.map), Arc::clone(&t.src));
-    let toucher = std::thread::spawn(move || {
-        let got = map.read_u8(PAGE_SIZE + 5).expect("read");
-        let mut want = [0u8; 1];
-        src.read_at(PAGE_SIZE as u64 + 5, &mut want)
-            .expect("source");
-        (got, want[0])
-    });
-    assert!(
-        within(Duration::from_millis(500), || idle_workers() == 0
-            && t.session.stats().fill_raised >= 1),
-        "the worker copying the faulting page was not raised: {:?}, {:?}",
-        workers(),
-        t.session.stats()
+    t.touching_raises_the_worker(
+        PAGE_SIZE + 5,
+        "the worker copying the faulting page was not raised",
     );
-    let (got, want) = toucher.join().expect("toucher");
-    assert_eq!(got, want);
     let st = t.finish();
     assert!(st.duplicate_faults >= 1, "{st:?}");
     assert!(st.fill_raised >= 1);
@@ -239,30 +248,13 @@ fn the_reader_raises_a_filling_worker_that_holds_the_install_lock() {
         return;
     }
     let t = setup(Features::EVENT_REMOVE, true, Duration::from_secs(2));
-    assert!(
-        within(Duration::from_millis(200), || idle_workers() == 1),
-        "no worker in SCHED_IDLE: {:?}",
-        workers()
-    );
+    t.one_worker_goes_idle("during the fill's first copy");
     // The last page: outside the paused run (256 KiB with the install lock), so only the
     // reader's wait can raise the worker before the watchdog does.
-    let last = (PAGES - 1) * PAGE_SIZE;
-    let (map, src) = (Arc::clone(&t.map), Arc::clone(&t.src));
-    let toucher = std::thread::spawn(move || {
-        let got = map.read_u8(last).expect("read");
-        let mut want = [0u8; 1];
-        src.read_at(last as u64, &mut want).expect("source");
-        (got, want[0])
-    });
-    assert!(
-        within(Duration::from_millis(500), || idle_workers() == 0
-            && t.session.stats().fill_raised >= 1),
-        "the reader waited on a worker in the idle class: {:?}, {:?}",
-        workers(),
-        t.session.stats()
+    t.touching_raises_the_worker(
+        (PAGES - 1) * PAGE_SIZE,
+        "the reader waited on a worker in the idle class",
     );
-    let (got, want) = toucher.join().expect("toucher");
-    assert_eq!(got, want);
     let st = t.finish();
     assert!(st.fill_raised >= 1);
 }
@@ -278,11 +270,7 @@ fn the_watchdog_raises_a_worker_lowered_for_a_whole_tick() {
     }
     let t = setup(Features::empty(), true, Duration::from_secs(2));
     let lowered = Instant::now();
-    assert!(
-        within(Duration::from_millis(200), || idle_workers() == 1),
-        "no worker in SCHED_IDLE: {:?}",
-        workers()
-    );
+    t.one_worker_goes_idle("during the fill's first copy");
     assert!(
         within(Duration::from_millis(1500), || idle_workers() == 0),
         "the watchdog left a worker in SCHED_IDLE for {:?}: {:?}",

@@ -17,7 +17,6 @@ use super::schedule::{Job, JobKind};
 use super::session::Session;
 use super::unservable::Unserved;
 use super::worker::Worker;
-use super::Shared;
 
 /// The largest resolve while the reader of events may wait for it (a client with REMOVE events:
 /// see `resolve_pages`): it waits for at most one such copy per worker, ~75 µs at 3.4 GiB/s
@@ -289,11 +288,11 @@ impl Worker {
     /// For a fill's resolve (a data copy or a zero run), this worker in the idle class until the
     /// guard drops (see `idle`): only around the ioctl (and the install lock it holds shared),
     /// never in a source read.
-    fn lowered<'a>(&self, s: &Session, shared: &'a Shared) -> Option<super::idle::Lowered<'a>> {
+    fn lowered(&self, s: &Session) -> Option<super::idle::Lowered<'_>> {
         if !self.filling {
             return None;
         }
-        let lowered = shared.idle.lower(self.index, self.tid?)?;
+        let lowered = self.shared.idle.lower(self.index, self.tid?)?;
         add(&s.stats.fill_idle_copies, 1);
         Some(lowered)
     }
@@ -494,9 +493,8 @@ impl Worker {
             }
             Backing::Copy | Backing::Move if zero && !e.region.kind.is_hugetlb() => {
                 add(&s.stats.zeropage, 1);
-                let shared = Arc::clone(&self.shared);
-                let _lowered = self.lowered(s, &shared);
-                shared
+                let _lowered = self.lowered(s);
+                self.shared
                     .injected(ResolveOp::Zeropage, addr, len)
                     .and_then(|()| s.uffd.zeropage(addr, len, ZeropageMode::empty()))
             }
@@ -509,10 +507,9 @@ impl Worker {
                     self.ensure_zeros(size);
                     s.uffd.copy(addr, &self.zeros[..size], CopyMode::empty())
                 } else if let Some(ptr) = e.region.source.ptr_at(off, len) {
-                    let shared = Arc::clone(&self.shared);
-                    let _lowered = self.lowered(s, &shared);
+                    let _lowered = self.lowered(s);
                     let _installing = installing(s, e, p, n)?;
-                    shared.pause_injected(ResolveOp::Copy, addr, len);
+                    self.shared.pause_injected(ResolveOp::Copy, addr, len);
                     s.uffd.copy_from_ptr(addr, ptr, size, CopyMode::empty())
                 } else {
                     self.ensure_buf(size);
@@ -524,10 +521,9 @@ impl Worker {
                     // Whole pages of what was asked, at least one: anything else is a broken
                     // source, and its pages are poisoned rather than filled from a guess.
                     let fits = |n: usize| n > 0 && n <= size && n % e.region.kind.page_size() == 0;
-                    let shared = Arc::clone(&self.shared);
-                    let _lowered = self.lowered(s, &shared);
+                    let _lowered = self.lowered(s);
                     let _installing = installing(s, e, p, n)?;
-                    shared.pause_injected(ResolveOp::Copy, addr, len);
+                    self.shared.pause_injected(ResolveOp::Copy, addr, len);
                     match lend {
                         Lend::Lent(l) if fits(l.bytes().len()) => {
                             s.uffd.copy(addr, l.bytes(), CopyMode::empty())
